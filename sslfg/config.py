@@ -1,0 +1,265 @@
+"""Typed configuration: YAML recipes with `_base_` inheritance and dotted `key=value` overrides, loaded
+into the dataclass schema of `sslfg.schema`. Unknown keys and wrong types are errors naming the key."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import os
+import re
+import reprlib
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+_CLI = "command line"
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key and where it was set."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: only true/false are booleans (`mixed_precision: no` stays the
+    string 'no') and `1e-4` is a float, not a string."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also quotes strings `_Loader` would read as floats (e.g. '1e5')."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_FLOAT, _EXP_FLOAT, list("-+0123456789"))
+_Dumper.add_implicit_resolver(_FLOAT, _EXP_FLOAT, list("-+0123456789"))
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str], schema: type[T]) -> T:
+    """Schema defaults, then the YAML file at `path` (after its `_base_` files), then `overrides`."""
+    data: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # dotted key -> the file (or CLI) that set it last
+    if path is not None:
+        _read(Path(path), [], data, sources)
+    for item in overrides:
+        _merge(data, _parse_override(item), _CLI, sources)
+    return _Converter(schema, sources).build(schema, data, "")
+
+
+def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str, str]) -> None:
+    """Merge the file at `path` into `data`, its `_base_` files first; `chain` holds the including files."""
+    name = os.path.normpath(path)
+    if path.resolve() in [p.resolve() for p in chain]:
+        raise ConfigError("`_base_` cycle: " + " -> ".join(os.path.normpath(p) for p in [*chain, path]))
+    where = f" (a `_base_` of {os.path.normpath(chain[-1])})" if chain else ""
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {name}{where}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {name}: {exc}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: the top level must be a mapping of keys, got {_describe(raw)}")
+    bases = raw.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"_base_: expected a path or a list of paths, got {_describe(bases)} (in {name})")
+    for base in bases:
+        _read(path.parent / base, [*chain, path], data, sources)
+    _merge(data, raw, name, sources)
+
+
+def _merge(dst: dict[str, Any], src: dict, source: str, sources: dict[str, str], prefix: str = "") -> None:
+    """Deep-merge `src` into `dst` (mappings update, other values replace), noting each key's source."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        sources[dotted] = source
+        if not isinstance(value, dict):
+            dst[key] = value
+            continue
+        if not isinstance(dst.get(key), dict):
+            dst[key] = {}
+        _merge(dst[key], value, source, sources, dotted + ".")
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """`a.b=value` -> {'a': {'b': value}}, the value parsed as YAML ('' when empty)."""
+    key, sep, text = item.partition("=")
+    if not sep or not all(key.split(".")):
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=10 (in {_CLI})")
+    try:
+        value = yaml.load(text, Loader=_Loader) if text else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse {text!r} as YAML (in {_CLI}): {exc}") from None
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+class _Converter:
+    """Builds the typed dataclass tree from merged plain data."""
+
+    def __init__(self, schema: type, sources: dict[str, str]) -> None:
+        self.sources = sources
+        self.keys = list(_keys(schema, ""))
+
+    def error(self, key: str, message: str, hint: str = "") -> ConfigError:
+        path = key.split("[")[0]
+        while path and path not in self.sources:
+            path = path.rpartition(".")[0]
+        return ConfigError(f"{message} (in {self.sources[path]}){hint}" if path else message + hint)
+
+    def unknown(self, key: str, prefix: str, names: list[str]) -> ConfigError:
+        candidates = [k for k in self.keys if not prefix.startswith(k + ".")]  # never the section itself
+        close = difflib.get_close_matches(key, candidates, n=1)
+        if close:
+            return self.error(key, f"unknown key '{key}'", f"; did you mean '{close[0]}'?")
+        section = f" in '{prefix[:-1]}'" if prefix else ""
+        return self.error(key, f"unknown key '{key}'", f"; valid keys{section}: {', '.join(names)}")
+
+    def mismatch(self, key: str, tp: Any, value: Any) -> ConfigError:
+        return self.error(key, f"{key}: expected {_name(tp)}, got {_describe(value)}")
+
+    def build(self, cls: type, data: dict[str, Any], prefix: str, base: Any = None) -> Any:
+        """An instance of dataclass `cls` from `data`; unset fields come from `base` or the defaults."""
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        for name in data:
+            if name not in names:
+                raise self.unknown(f"{prefix}{name}", prefix, names)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields:
+            key, tp = prefix + f.name, hints[f.name]
+            default = getattr(base, f.name) if base is not None else _default(f)
+            if f.name in data:
+                values[f.name] = self.convert(data[f.name], tp, key, default)
+            elif default is dataclasses.MISSING:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"missing required key '{key}': set it in the config or as {key}=VALUE")
+                values[f.name] = self.build(tp, {}, key + ".")
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+    def convert(self, value: Any, tp: Any, key: str, default: Any = None) -> Any:
+        """`value` checked against (and converted to) type `tp`."""
+        origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+        if tp is Any:
+            return value
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise self.mismatch(key, tp, value)
+            return self.build(tp, value, key + ".", default if isinstance(default, tp) else None)
+        if origin in (typing.Union, types.UnionType):
+            options = [arg for arg in args if arg is not type(None)]
+            if value is None and type(None) in args:
+                return None
+            if len(options) == 1:
+                return self.convert(value, options[0], key, default)
+            for option in options:
+                with contextlib.suppress(ConfigError):
+                    return self.convert(value, option, key, default)
+            raise self.mismatch(key, tp, value)
+        if origin is Literal:
+            if any(value == arg and type(value) is type(arg) for arg in args):
+                return value
+            options = ", ".join(map(repr, args))
+            raise self.error(key, f"{key}: expected one of {options}, got {_describe(value)}")
+        if origin in (list, tuple):
+            if not isinstance(value, list | tuple):
+                raise self.mismatch(key, tp, value)
+            item_types = (args[0] if args else Any,) * len(value)
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    message = f"{key}: expected {len(args)} items ({_name(tp)}), got {len(value)}"
+                    raise self.error(key, message)
+                item_types = args
+            items = zip(value, item_types, strict=True)
+            return origin(self.convert(item, t, f"{key}[{i}]") for i, (item, t) in enumerate(items))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise self.mismatch(key, tp, value)
+            return value
+        if tp in _SCALARS:
+            if isinstance(value, _SCALARS[tp]) and (tp is bool or not isinstance(value, bool)):
+                return tp(value)
+            raise self.mismatch(key, tp, value)
+        raise TypeError(f"{key}: type {tp!r} is not supported by sslfg.config")
+
+
+def _keys(cls: type, prefix: str) -> Iterator[str]:
+    """Every valid dotted key of dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name
+        for sub in (hints[f.name], *typing.get_args(hints[f.name])):
+            if dataclasses.is_dataclass(sub):
+                yield from _keys(sub, f"{prefix}{f.name}.")
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _describe(value: Any) -> str:
+    kind = {dict: "mapping", list: "list", type(None): "null"}.get(type(value), type(value).__name__)
+    return kind if value is None else f"{kind} {reprlib.repr(value)}"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """`cfg` (a dataclass) as nested plain dicts and lists, ready for YAML or JSON."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write `cfg` as YAML, atomically; `load_config(path, [], type(cfg))` gives it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = to_dict(cfg)
+    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[str | None, list[str]]:
+    """`--config PATH` and `key=value` overrides from `argv` (None: sys.argv), for `load_config`."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="example:\n  %(prog)s --config configs/pretrain/cub.yaml train.epochs=10 model.keep_ratio=0.5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML")
+    args = parser.parse_intermixed_args(argv)
+    return args.config, list(args.overrides)

@@ -1,0 +1,29 @@
+"""The run directory: created and checked before any training time is spent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sslfg.config import ConfigError
+from sslfg.engine.checkpoint import checkpoint_dirs
+
+
+def prepare_run_dir(output_dir: str, resume: str) -> Path:
+    """Creates `output_dir`, proves it writable, and refuses to start a fresh run on top of an
+    existing run's checkpoints (which would be lost). Every process calls it, so an error
+    stops all of them, not only the main one."""
+    run_dir = Path(output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot write to '{run_dir}' ({e.strerror}); choose another output_dir") from e
+    if not resume and checkpoint_dirs(run_dir):
+        raise ConfigError(
+            f"output_dir: '{run_dir}' already holds checkpoints; continue that run with `resume=auto` "
+            f"or choose another output_dir"
+        )
+    return run_dir

@@ -1,0 +1,39 @@
+"""MoCo v3 InfoNCE with keys gathered from every process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather_keys(k: Tensor) -> Tensor:
+    """Concatenates (B, D) from all processes in rank order, (W·B, D); no gradient."""
+    _, world = _rank_and_world()
+    if world == 1:
+        return k
+    out = [torch.empty_like(k) for _ in range(world)]
+    dist.all_gather(out, k.contiguous())
+    return torch.cat(out)
+
+
+def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
+    """ctr(q, k) of METHODS §1: cross-entropy of q·Kᵀ/T against the matching key, × 2T.
+
+    q (B, D) carries the gradient; k (B, D) is a target. Row i of this process matches column
+    i + B·rank of the gathered keys.
+    """
+    rank, _ = _rank_and_world()
+    q = F.normalize(q.float(), dim=1)
+    keys = gather_keys(F.normalize(k.float(), dim=1))
+    logits = q @ keys.T / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    return F.cross_entropy(logits, labels) * (2 * temperature)

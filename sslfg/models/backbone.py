@@ -1,0 +1,132 @@
+"""timm Vision Transformer: creation, token access, attention read-out and export.
+
+Every method in sslfg uses a plain timm `VisionTransformer`; this module is the only place that
+knows its internals (`patch_embed`, `_pos_embed`, `blocks`, `norm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from sslfg.config import ConfigError
+
+BACKBONE_WEIGHTS = "backbone.safetensors"
+BACKBONE_META = "backbone.json"
+
+
+def timm_kwargs(img_size: int, patch_size: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments that define a backbone's geometry (recorded in backbone.json)."""
+    kwargs: dict[str, Any] = {"img_size": img_size, **(extra or {})}
+    if patch_size:
+        kwargs["patch_size"] = patch_size
+    return kwargs
+
+
+def create_vit(
+    name: str, kwargs: dict[str, Any], weights: str = "", drop_path_rate: float = 0.0
+) -> VisionTransformer:
+    """A timm ViT without classifier, from scratch or from a local weights file.
+
+    `weights` is a safetensors file or a torch state dict (loaded with weights_only=True by timm);
+    position embeddings are resampled by timm when the image or patch size differs.
+    """
+    if weights and not Path(weights).is_file():
+        raise ConfigError(f"model.weights: no such file '{weights}'")
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=bool(weights),
+            pretrained_cfg_overlay={"file": str(weights)} if weights else None,
+            num_classes=0,
+            drop_path_rate=drop_path_rate,
+            **kwargs,
+        )
+    except RuntimeError as e:  # size mismatch of a weights file
+        raise ConfigError(f"model.weights: '{weights}' does not fit {name} {kwargs}: {e}") from e
+    if not isinstance(model, VisionTransformer) or model.cls_token is None:
+        raise ConfigError(f"model.name: '{name}' is not a timm VisionTransformer with a class token")
+    return model
+
+
+def grid_size(vit: VisionTransformer) -> int:
+    """G, the side of the (square) patch grid."""
+    rows, cols = vit.patch_embed.grid_size
+    if rows != cols:
+        raise ValueError(f"sslfg needs a square patch grid, got {rows}x{cols}")
+    return rows
+
+
+@contextlib.contextmanager
+def cls_attention(vit: VisionTransformer) -> Iterator[list[Tensor]]:
+    """Collects each block's head-averaged CLS-to-patch attention (B, N) during a forward.
+
+    timm's fused attention never materialises the probabilities, so inside this context the
+    blocks run the explicit path and a hook on `attn_drop` (the identity in eval mode, and the
+    place the softmax output passes through) reads them. Only the momentum encoder uses it.
+    """
+    maps: list[Tensor] = []
+    start = vit.num_prefix_tokens
+
+    def hook(_module: torch.nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+        maps.append(inputs[0][:, :, 0, start:].float().mean(dim=1))
+
+    fused = [blk.attn.fused_attn for blk in vit.blocks]
+    handles = [blk.attn.attn_drop.register_forward_hook(hook) for blk in vit.blocks]
+    for blk in vit.blocks:
+        blk.attn.fused_attn = False
+    try:
+        yield maps
+    finally:
+        for blk, was_fused, handle in zip(vit.blocks, fused, handles):
+            blk.attn.fused_attn = was_fused
+            handle.remove()
+
+
+def forward_tokens(
+    vit: VisionTransformer, x: Tensor, keep_idx: Tensor | None = None
+) -> Tensor:
+    """All output tokens after the final norm, (B, prefix + N, D).
+
+    keep_idx (B, K): feed only these patch tokens (with their position embeddings) to the
+    blocks; the output then has prefix + K tokens.
+    """
+    x = vit._pos_embed(vit.patch_embed(x))
+    if keep_idx is not None:
+        start = vit.num_prefix_tokens
+        patches = x[:, start:].gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :start], patches], dim=1)
+    x = vit.norm_pre(vit.patch_drop(x))
+    return vit.norm(vit.blocks(x))
+
+
+def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], run_dir: Path) -> Path:
+    """Writes backbone.safetensors + backbone.json so that `load_backbone(run_dir)` rebuilds it."""
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    tmp = run_dir / f".{BACKBONE_WEIGHTS}.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(run_dir / BACKBONE_WEIGHTS)
+    meta_tmp = run_dir / f".{BACKBONE_META}.tmp"
+    meta_tmp.write_text(json.dumps({"name": name, "kwargs": kwargs}, indent=2))
+    meta_tmp.replace(run_dir / BACKBONE_META)
+    return run_dir / BACKBONE_WEIGHTS
+
+
+def load_backbone(run_dir: str | Path) -> VisionTransformer:
+    """The trained backbone of a run directory, as a timm model (no classifier), in eval mode."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / BACKBONE_META
+    if not meta_path.is_file():
+        raise ConfigError(f"{meta_path} not found: is '{run_dir}' a finished sslfg run directory?")
+    meta = json.loads(meta_path.read_text())
+    return create_vit(meta["name"], meta["kwargs"], weights=str(run_dir / BACKBONE_WEIGHTS)).eval()

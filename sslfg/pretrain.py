@@ -1,0 +1,121 @@
+"""LoDisc / MoCo v3 pretraining: builds everything from a PretrainConfig and runs the loop.
+
+Called by `train_ssl.py`; importable so that studies and tests run it in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from sslfg.config import save_config
+from sslfg.data.datasets import build_dataset
+from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed
+from sslfg.data.transforms import TwoViewTransform, denormalize
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
+from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
+from sslfg.engine.metrics import MetricsLog
+from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.schedules import cosine_schedule
+from sslfg.figures import save_mask_figure
+from sslfg.models.backbone import export_backbone
+from sslfg.models.lodisc import LoDisc
+from sslfg.schema import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_schedules(cfg: PretrainConfig, total_steps: int, global_batch: int, per_epoch: int) -> dict:
+    """lr (scaled by global batch / 256, warmup + cosine), weight decay and EMA momentum per step."""
+    t = cfg.train
+    lr = t.base_lr * global_batch / 256
+    wd_end = t.weight_decay if t.weight_decay_end < 0 else t.weight_decay_end
+    return {
+        "lr": cosine_schedule(lr, t.min_lr, total_steps, warmup_steps=round(t.warmup_epochs * per_epoch)),
+        "weight_decay": cosine_schedule(t.weight_decay, wd_end, total_steps),
+        "momentum": cosine_schedule(t.momentum, 1.0, total_steps),
+    }
+
+
+@torch.no_grad()
+def mask_figure(model: LoDisc, dataset, cfg: PretrainConfig, path: Path, title: str) -> None:
+    """The two views of a few fixed training images and the patches the local branch keeps."""
+    n = min(cfg.train.figure_samples, len(dataset))
+    seeded = SeededDataset(dataset)
+    indices = torch.linspace(0, len(dataset) - 1, n).long().tolist()
+    views = [seeded[(i, sample_seed(cfg.seed, -1, i))][0] for i in indices]
+    device = next(model.parameters()).device
+    v1, v2 = (torch.stack([v[j] for v in views]).to(device) for j in (0, 1))
+    keep = model.kept_patches(torch.cat([v1, v2])).chunk(2)
+    v1, v2 = (denormalize(v, cfg.data.mean, cfg.data.std).cpu() for v in (v1, v2))
+    save_mask_figure(v1, v2, keep[0].cpu(), keep[1].cpu(), model.patch_size, path, title)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Runs (or resumes) a pretraining run; returns its run directory."""
+    t = cfg.train
+    accelerator = make_accelerator(t.mixed_precision, t.grad_accum_steps)
+    run_dir = prepare_run_dir(cfg.output_dir, cfg.resume)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.seed)
+
+    transform = TwoViewTransform(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std)
+    dataset = build_dataset(cfg.data, cfg.data.train_split, transform)
+    sampler = EpochBatchSampler(len(dataset), t.batch_size, accelerator.process_index, accelerator.num_processes,
+                                cfg.seed, multiple_of=t.grad_accum_steps)
+    loader = DataLoader(
+        SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator(),  # the loader never draws from the global RNG: resume stays exact
+    )
+
+    model = LoDisc(cfg.model, cfg.data.image_size)
+    per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
+    global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
+    schedules = build_schedules(cfg, t.epochs * per_epoch, global_batch, per_epoch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=float(schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    lodisc: LoDisc = accelerator.unwrap_model(model)
+
+    start = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    if resume_from:
+        log.info("resuming from %s (step %d)", resume_from, start)
+    metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=start if resume_from else None)
+    if accelerator.is_main_process and start == 0 and t.figure_samples > 0:
+        mask_figure(lodisc, dataset, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
+
+    def compute_loss(batch):
+        (x1, x2), _ = batch
+        out = model(x1.to(accelerator.device, non_blocking=True), x2.to(accelerator.device, non_blocking=True))
+        out.pop("keep_idx", None)
+        return out
+
+    state = LoopState(schedules=schedules, start_step=start)
+    step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics, compute_loss,
+                    after_step=lambda s: lodisc.update_momentum(float(schedules["momentum"][s])))
+    metrics.close()
+
+    if accelerator.is_main_process:
+        export_backbone(lodisc.encoder, cfg.model.name, lodisc.timm_kwargs, run_dir)
+        if t.figure_samples > 0:
+            mask_figure(lodisc, dataset, cfg, run_dir / "figures" / "masks_end.png", f"kept patches, step {step}")
+        summary = {
+            "step": step, "total_steps": int(len(schedules["lr"])), "epochs": t.epochs,
+            "global_batch": global_batch, "num_processes": accelerator.num_processes,
+            "init": cfg.model.weights or "scratch", "seconds": round(state.seconds, 2),
+            "images_per_second": round(state.images_seen / max(state.seconds, 1e-9), 1),
+            "checkpoint": str(checkpoint_dirs(run_dir)[-1]),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir

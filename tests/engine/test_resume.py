@@ -1,0 +1,68 @@
+"""Exact resume: k steps + resume + k steps equals 2k steps in one go, bitwise on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sslfg.config import ConfigError
+from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.pretrain import pretrain
+from tests.conftest import tiny_config
+
+
+def final_state(run: Path) -> tuple[dict, dict, list[dict]]:
+    ckpt = checkpoint_dirs(run)[-1]
+    model = load_file(str(ckpt / "model.safetensors"))
+    optim = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return model, optim, metrics
+
+
+def assert_same_optimizer(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    for sa, sb in zip(a["state"].values(), b["state"].values()):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_interrupted_mid_epoch_run_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:
+    straight = pretrain(tiny_config(tiny_data, tmp_path / "straight"))  # 3 steps per epoch, 6 in all
+    # Stop mid-epoch at step 2, with loader workers this time: augmentations must not depend on them.
+    cfg = tiny_config(tiny_data, tmp_path / "resumed", max_steps=2)
+    cfg.data.num_workers = 2
+    resumed = pretrain(cfg)
+    assert [p.name for p in checkpoint_dirs(resumed)] == ["step_00000002"]
+    with (resumed / "metrics.jsonl").open("a") as f:  # what an interrupted run might have logged past it
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+    cfg.resume, cfg.train.max_steps = "auto", 0
+    pretrain(cfg)
+
+    model_a, optim_a, metrics_a = final_state(straight)
+    model_b, optim_b, metrics_b = final_state(resumed)
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a), "weights (incl. EMA encoder) differ"
+    assert any(k.startswith("momentum_encoder.") for k in model_a)
+    assert_same_optimizer(optim_a, optim_b)
+    assert metrics_a == metrics_b and [m["step"] for m in metrics_a] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
+    pretrain(tiny_config(tiny_data, tmp_path / "run", max_steps=2))
+    with pytest.raises(ConfigError, match="resume=auto"):
+        pretrain(tiny_config(tiny_data, tmp_path / "run", max_steps=2))
+
+
+def test_resume_ignores_half_written_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    run = pretrain(tiny_config(tiny_data, tmp_path / "run", max_steps=2))
+    broken = run / "checkpoints" / ".tmp-step_00000004"  # a save killed before its rename
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"]
+    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=4)
+    cfg.resume = "auto"
+    pretrain(cfg)
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002", "step_00000004"]

@@ -1,0 +1,177 @@
+"""LoDisc pieces against formulas written out here (METHODS §1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sslfg.losses import contrastive_loss
+from sslfg.models.backbone import cls_attention, forward_tokens
+from sslfg.models.lodisc import LoDisc, keep_indices, location_score, num_kept, zero_fill
+from sslfg.schema import ModelConfig
+from tests.conftest import TINY_MODEL
+
+
+def tiny_lodisc(**overrides: object) -> LoDisc:
+    torch.manual_seed(0)
+    return LoDisc(ModelConfig(**{**TINY_MODEL, "predictor_dropout": 0.0, **overrides}), image_size=16).train()
+
+
+@pytest.mark.parametrize("n, ratio", [(196, 0.30), (49, 0.30), (16, 0.5), (100, 0.29), (10, 1.0)])
+def test_keep_indices_match_product_of_attention_maps(n: int, ratio: float) -> None:
+    torch.manual_seed(n)
+    attn = torch.rand(4, 3, n).softmax(-1)  # (L, B, N)
+    product = attn.prod(0)  # the reference: element-wise product over all layers
+    k = math.floor(ratio * n + 1e-9)
+    expected = product.topk(k, dim=1).indices.sort(dim=1).values
+    got = keep_indices(attn, ratio)
+    assert got.shape == (3, k) and torch.equal(got, expected)
+    assert num_kept(196, 0.30) == 58
+
+
+def test_location_score_survives_underflow() -> None:
+    # 12 layers of attention around 1e-5: the product underflows to 0 in float32, the log-sum ranks.
+    attn = torch.full((12, 1, 5), 1e-5)
+    attn[:, 0, 3] = 2e-5
+    assert attn.prod(0).max() == 0
+    assert location_score(attn).argmax().item() == 3
+    assert keep_indices(attn, 0.2).tolist() == [[3]]
+
+
+def test_zero_fill_keeps_selected_patches_only() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    keep = torch.tensor([[0, 3], [1, 2]])  # 2x2 grid of 4-pixel patches
+    out = zero_fill(x, keep, patch_size=4)
+    for b in range(2):
+        for p in range(4):
+            r, c = divmod(p, 2)
+            patch = out[b, :, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4]
+            ref = x[b, :, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4] if p in keep[b] else torch.zeros_like(patch)
+            assert torch.equal(patch, ref)
+
+
+def test_cls_attention_equals_explicit_softmax_and_restores_fused() -> None:
+    vit = tiny_lodisc().encoder.eval()
+    x = torch.randn(2, 3, 16, 16)
+    captured: list[torch.Tensor] = []
+    block0 = vit.blocks[0]
+    block0.norm1.register_forward_hook(lambda m, i, o: captured.append(o))
+    with cls_attention(vit) as maps:
+        out_attn = forward_tokens(vit, x)
+    attn = block0.attn
+    b, n, d = captured[0].shape
+    qkv = attn.qkv(captured[0]).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+    probs = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
+    assert len(maps) == len(vit.blocks) and maps[0].shape == (2, 16)
+    torch.testing.assert_close(maps[0], probs[:, :, 0, 1:].mean(1), rtol=1e-5, atol=1e-6)
+    assert all(blk.attn.fused_attn == attn.fused_attn for blk in vit.blocks)
+    torch.testing.assert_close(out_attn, forward_tokens(vit, x), rtol=1e-5, atol=1e-5)  # same model either path
+
+
+def test_drop_tokens_with_every_patch_equals_full_forward() -> None:
+    vit = tiny_lodisc().encoder.eval()
+    x = torch.randn(2, 3, 16, 16)
+    all_idx = torch.arange(16).expand(2, -1)
+    torch.testing.assert_close(forward_tokens(vit, x, keep_idx=all_idx), forward_tokens(vit, x))
+    keep = torch.tensor([[0, 5, 9], [2, 3, 15]])
+    assert forward_tokens(vit, x, keep_idx=keep).shape == (2, 4, 32)
+
+
+def reference_ctr(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
+    """-1/B Σ_i log( exp(q̂_i·k̂_i/T) / Σ_j exp(q̂_i·k̂_j/T) ) × 2T, with plain loops."""
+    qn = [qi / qi.norm() for qi in q.double()]
+    kn = [ki / ki.norm() for ki in k.double()]
+    total = 0.0
+    for i, qi in enumerate(qn):
+        logits = [float(qi @ kj) / t for kj in kn]
+        total -= logits[i] - math.log(sum(math.exp(v) for v in logits))
+    return torch.tensor(total / len(qn) * 2 * t, dtype=torch.float64)
+
+
+def test_contrastive_loss_matches_formula() -> None:
+    torch.manual_seed(1)
+    q, k = torch.randn(5, 7), torch.randn(5, 7)
+    torch.testing.assert_close(contrastive_loss(q, k, 0.2).double(), reference_ctr(q, k, 0.2), rtol=1e-5, atol=1e-6)
+
+
+def test_lodisc_loss_is_global_plus_weighted_local() -> None:
+    model = tiny_lodisc(local_weight=0.7)
+    x1, x2 = torch.randn(2, 4, 3, 16, 16)
+    torch.manual_seed(3)
+    out = model(x1, x2)
+    # Recompute every term from the parts, as METHODS §1 writes it.
+    with torch.no_grad():
+        q1 = model.predictor(model.projector(forward_tokens(model.encoder, x1)[:, 0]))
+        q2 = model.predictor(model.projector(forward_tokens(model.encoder, x2)[:, 0]))
+        k1 = model.momentum_projector(forward_tokens(model.momentum_encoder, x1)[:, 0])
+        k2 = model.momentum_projector(forward_tokens(model.momentum_encoder, x2)[:, 0])
+        keep1, keep2 = model.kept_patches(x1), model.kept_patches(x2)
+        km1 = model.momentum_projector(forward_tokens(model.momentum_encoder, zero_fill(x1, keep1, 4))[:, 0])
+        km2 = model.momentum_projector(forward_tokens(model.momentum_encoder, zero_fill(x2, keep2, 4))[:, 0])
+    g = reference_ctr(q1, k2, 0.2) + reference_ctr(q2, k1, 0.2)
+    loc = reference_ctr(q1, km2, 0.2) + reference_ctr(q2, km1, 0.2)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["loss_global"].double(), g, **tol)
+    torch.testing.assert_close(out["loss_local"].double(), loc, **tol)
+    torch.testing.assert_close(out["loss"].double(), g + 0.7 * loc, **tol)
+    assert torch.equal(out["keep_idx"], torch.cat([keep1, keep2])) and out["keep_idx"].shape == (8, 4)
+
+
+def test_local_weight_zero_is_moco_v3() -> None:
+    model = tiny_lodisc(local_weight=0.0)
+    x1, x2 = torch.randn(2, 4, 3, 16, 16)
+    out = model(x1, x2)
+    assert set(out) == {"loss", "loss_global"} and torch.equal(out["loss"], out["loss_global"])
+    with torch.no_grad():
+        q1 = model.predictor(model.projector(forward_tokens(model.encoder, x1)[:, 0]))
+        q2 = model.predictor(model.projector(forward_tokens(model.encoder, x2)[:, 0]))
+        k1 = model.momentum_projector(forward_tokens(model.momentum_encoder, x1)[:, 0])
+        k2 = model.momentum_projector(forward_tokens(model.momentum_encoder, x2)[:, 0])
+    ref = reference_ctr(q1, k2, 0.2) + reference_ctr(q2, k1, 0.2)
+    torch.testing.assert_close(out["loss"].double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_drop_tokens_local_view_uses_only_kept_tokens() -> None:
+    model = tiny_lodisc(local_view="drop_tokens")
+    x1, x2 = torch.randn(2, 4, 3, 16, 16)
+    out = model(x1, x2)
+    with torch.no_grad():
+        q1 = model.predictor(model.projector(forward_tokens(model.encoder, x1)[:, 0]))
+        q2 = model.predictor(model.projector(forward_tokens(model.encoder, x2)[:, 0]))
+        km1, km2 = (model.momentum_projector(forward_tokens(model.momentum_encoder, x, keep_idx=model.kept_patches(x))[:, 0])
+                    for x in (x1, x2))
+    ref = reference_ctr(q1, km2, 0.2) + reference_ctr(q2, km1, 0.2)
+    torch.testing.assert_close(out["loss_local"].double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_reach_online_but_not_momentum_branch() -> None:
+    model = tiny_lodisc()
+    x1, x2 = torch.randn(2, 4, 3, 16, 16)
+    model(x1, x2)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters() if p.requires_grad)
+    assert all(p.grad is None and not p.requires_grad for p in model.momentum_parameters())
+
+
+def test_ema_update_formula_and_predictor_untouched() -> None:
+    model = tiny_lodisc()
+    with torch.no_grad():
+        for p in [*model.encoder.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p))
+    before_m = [p.clone() for p in model.momentum_parameters()]
+    online = [p.clone() for p in [*model.encoder.parameters(), *model.projector.parameters()]]
+    predictor = [p.clone() for p in model.predictor.parameters()]
+    model.update_momentum(0.9)
+    for pm, b, p in zip(model.momentum_parameters(), before_m, online):
+        torch.testing.assert_close(pm, 0.9 * b + 0.1 * p)
+    assert all(torch.equal(a, b) for a, b in zip(model.predictor.parameters(), predictor))
+
+
+def test_projector_shapes_follow_moco_v3() -> None:
+    model = tiny_lodisc()
+    linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 64), (64, 64), (64, 32)]
+    assert not model.projector[-1].affine  # final BN without affine
+    assert any(isinstance(m, torch.nn.Dropout) for m in tiny_lodisc(predictor_dropout=0.2).predictor)
+    assert isinstance(tiny_lodisc(use_projector=False).projector, torch.nn.Identity)

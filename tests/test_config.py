@@ -1,0 +1,280 @@
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from sslfg.config import ConfigError, load_config, parse_cli, save_config, to_dict
+from sslfg.schema import PretrainConfig
+
+
+@dataclass
+class Inner:
+    ratio: float = 0.5
+    mode: Literal["a", "b"] = "a"
+    flag: bool = False
+
+
+@dataclass
+class Small:
+    name: str = "x"
+    count: int = 1
+    inner: Inner = field(default_factory=lambda: Inner(ratio=0.25))
+    pair: tuple[float, float] = (0.0, 1.0)
+    many: tuple[float, ...] = ()
+    ids: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    maybe: int | None = None
+    anything: Any = None
+
+
+@dataclass
+class NeedsPath:
+    path: str
+    depth: int = 1
+
+
+@dataclass
+class Outer:
+    sub: NeedsPath
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def error(path: str | Path | None, overrides: list[str], schema: type = Small) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, schema)
+    return str(info.value)
+
+
+def test_defaults_without_a_file() -> None:
+    assert load_config(None, [], PretrainConfig) == PretrainConfig()
+    assert load_config(None, [], Small).inner == Inner(ratio=0.25)
+
+
+def test_deep_merge_through_two_levels_of_base(tmp_path: Path) -> None:
+    write(tmp_path / "root.yaml", "name: root\ncount: 3\ninner: {ratio: 0.1, mode: b}\nextra: {k: 1, j: 2}\n")
+    write(tmp_path / "mid.yaml", "_base_: root.yaml\ninner: {flag: true}\nextra: {j: 5}\n")
+    child = write(tmp_path / "child.yaml", "_base_: mid.yaml\ninner:\n  ratio: 0.7\ncount: 4\n")
+    cfg = load_config(child, [], Small)
+    assert cfg.name == "root" and cfg.count == 4
+    assert cfg.inner == Inner(ratio=0.7, mode="b", flag=True)
+    assert cfg.extra == {"k": 1, "j": 5}
+
+
+def test_list_of_bases_merges_in_order_then_the_file(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "name: a\ncount: 1\nmaybe: 1\n")
+    write(tmp_path / "b.yaml", "count: 2\nmaybe: 2\n")
+    cfg = load_config(write(tmp_path / "c.yaml", "_base_: [a.yaml, b.yaml]\nmaybe: 3\n"), [], Small)
+    assert (cfg.name, cfg.count, cfg.maybe) == ("a", 2, 3)
+
+
+def test_base_paths_relative_to_including_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "configs/datasets/cub.yaml", "data: {root: /data/cub, num_classes: 200}\n")
+    recipe = write(tmp_path / "configs/pretrain/sub/r.yaml", "_base_: ../../datasets/cub.yaml\nseed: 3\n")
+    monkeypatch.chdir(write(tmp_path / "elsewhere/x", "").parent)
+    cfg = load_config(recipe, [], PretrainConfig)
+    assert (cfg.data.root, cfg.data.num_classes, cfg.seed) == ("/data/cub", 200, 3)
+
+
+def test_base_cycle_shows_the_chain(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    b = write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    assert f"{a} -> {b} -> {a}" in error(a, [])
+
+
+def test_shared_base_is_not_a_cycle(tmp_path: Path) -> None:
+    write(tmp_path / "common.yaml", "count: 7\n")
+    write(tmp_path / "a.yaml", "_base_: common.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: common.yaml\nname: b\n")
+    cfg = load_config(write(tmp_path / "top.yaml", "_base_: [a.yaml, b.yaml]\n"), [], Small)
+    assert (cfg.count, cfg.name) == (7, "b")
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    assert str(tmp_path / "nope.yaml") in error(tmp_path / "nope.yaml", [])
+    child = write(tmp_path / "child.yaml", "_base_: gone.yaml\n")
+    message = error(child, [])
+    assert str(tmp_path / "gone.yaml") in message and str(child) in message
+    assert "top level must be a mapping" in error(write(tmp_path / "list.yaml", "- 1\n- 2\n"), [])
+    assert str(tmp_path / "bad.yaml") in error(write(tmp_path / "bad.yaml", "a: [1\n"), [])
+    assert "_base_" in error(write(tmp_path / "b.yaml", "_base_: 3\n"), [])
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path / "e.yaml", ""), [], Small) == Small()
+
+
+def test_unknown_key_in_yaml_suggests_the_nearest(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.yaml", "model:\n  keep_ratoi: 0.5\n")
+    assert error(path, [], PretrainConfig) == (
+        f"unknown key 'model.keep_ratoi' (in {path}); did you mean 'model.keep_ratio'?"
+    )
+
+
+def test_unknown_key_in_override(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.yaml", "seed: 1\n")
+    assert error(path, ["train.epoch=3"], PretrainConfig) == (
+        "unknown key 'train.epoch' (in command line); did you mean 'train.epochs'?"
+    )
+    assert "did you mean 'model.keep_ratio'" in error(None, ["keep_ratio=0.5"], PretrainConfig)
+
+
+def test_unknown_key_without_close_match_lists_the_section() -> None:
+    assert error(None, ["inner.zzzzzz=1"]) == (
+        "unknown key 'inner.zzzzzz' (in command line); valid keys in 'inner': ratio, mode, flag"
+    )
+
+
+def test_wrong_type_names_key_and_source(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.yaml", "model: {keep_ratio: abc}\nseed: 2\n")
+    assert error(path, [], PretrainConfig) == f"model.keep_ratio: expected float, got str 'abc' (in {path})"
+    assert error(path, ["model.keep_ratio=0.1", "seed=x"], PretrainConfig) == (
+        "seed: expected int, got str 'x' (in command line)"
+    )
+    assert error(None, ["name=12"]) == "name: expected str, got int 12 (in command line)"
+    assert error(None, ["count=1.5"]) == "count: expected int, got float 1.5 (in command line)"
+    assert error(None, ["count=true"]) == "count: expected int, got bool True (in command line)"
+
+
+def test_mapping_for_scalar_and_scalar_for_section() -> None:
+    assert error(None, ["count={a: 1}"]).startswith("count: expected int, got mapping")
+    assert error(None, ["inner=3"]) == "inner: expected a mapping of keys, got int 3 (in command line)"
+    assert error(None, ["extra=3"]).startswith("extra: expected dict[str, Any], got int 3")
+
+
+def test_literal_lists_the_options() -> None:
+    assert error(None, ["train.mixed_precision=fp32"], PretrainConfig) == (
+        "train.mixed_precision: expected one of 'no', 'fp16', 'bf16', got str 'fp32' (in command line)"
+    )
+    assert load_config(None, ["train.mixed_precision=no"], PretrainConfig).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("value", ["1", "0", "yes", "'true'", "on"])
+def test_bool_accepts_only_true_and_false(value: str) -> None:
+    assert "inner.flag: expected bool" in error(None, [f"inner.flag={value}"])
+
+
+def test_bool_values() -> None:
+    assert load_config(None, ["inner.flag=true"], Small).inner.flag is True
+    assert load_config(None, ["inner.flag=False"], Small).inner.flag is False
+
+
+def test_tuples() -> None:
+    cfg = load_config(None, ["pair=[1, 2.5]", "many=[1, 2, 3]"], Small)
+    assert cfg.pair == (1.0, 2.5) and isinstance(cfg.pair[0], float)
+    assert cfg.many == (1.0, 2.0, 3.0)
+    expected = "pair: expected 2 items (tuple[float, float]), got 3 (in command line)"
+    assert error(None, ["pair=[1, 2, 3]"]) == expected
+    assert error(None, ["many=[1, x]"]) == "many[1]: expected float, got str 'x' (in command line)"
+    assert error(None, ["pair=0.5"]).startswith("pair: expected tuple[float, float], got float 0.5")
+
+
+def test_int_becomes_float_and_exponents_are_floats() -> None:
+    cfg = load_config(None, ["train.base_lr=1e-4", "train.min_lr=2.5E3"], PretrainConfig)
+    assert (cfg.train.base_lr, cfg.train.min_lr) == (1e-4, 2500.0)
+    ratio = load_config(None, ["inner.ratio=1"], Small).inner.ratio
+    assert ratio == 1.0 and isinstance(ratio, float)
+
+
+def test_list_dict_optional_any() -> None:
+    cfg = load_config(None, ["ids=[1, 2]", "extra={a: {b: [1]}}", "maybe=4", "anything={x: 1}"], Small)
+    assert (cfg.ids, cfg.extra, cfg.maybe, cfg.anything) == ([1, 2], {"a": {"b": [1]}}, 4, {"x": 1})
+    assert load_config(None, ["maybe=null"], Small).maybe is None
+    assert error(None, ["ids=[1, a]"]) == "ids[1]: expected int, got str 'a' (in command line)"
+    assert error(None, ["maybe=x"]) == "maybe: expected int, got str 'x' (in command line)"
+
+
+def test_override_into_a_dict_field_merges() -> None:
+    cfg = load_config(None, ["model.kwargs={embed_dim: 192}", "model.kwargs.depth=4"], PretrainConfig)
+    assert cfg.model.kwargs == {"embed_dim": 192, "depth": 4}
+
+
+def test_unset_fields_keep_the_default_factory_values() -> None:
+    cfg = load_config(None, ["inner.mode=b"], Small)
+    assert cfg.inner == Inner(ratio=0.25, mode="b")
+
+
+def test_missing_required_key() -> None:
+    assert error(None, [], Outer).startswith("missing required key 'sub.path'")
+    assert load_config(None, ["sub.path=/x"], Outer) == Outer(NeedsPath("/x"))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("output_dir=runs/a=b", "runs/a=b"),
+        ("output_dir=runs/x", "runs/x"),
+        ("output_dir=", ""),
+        ("output_dir='12'", "12"),
+        ("output_dir=no", "no"),
+    ],
+)
+def test_override_strings(override: str, expected: str) -> None:
+    assert load_config(None, [override], PretrainConfig).output_dir == expected
+
+
+def test_override_values_are_yaml() -> None:
+    cfg = load_config(None, ["pair=[0.1,0.2]", "inner.flag=true", "maybe=null", "count=7"], Small)
+    assert (cfg.pair, cfg.inner.flag, cfg.maybe, cfg.count) == ((0.1, 0.2), True, None, 7)
+
+
+@pytest.mark.parametrize("override", ["seed", "=3", "model..name=x"])
+def test_malformed_override(override: str) -> None:
+    assert "must look like key=value" in error(None, [override], PretrainConfig)
+
+
+def test_overrides_apply_after_the_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.yaml", "seed: 1\ntrain: {epochs: 5}\n")
+    cfg = load_config(path, ["seed=2"], PretrainConfig)
+    assert (cfg.seed, cfg.train.epochs) == (2, 5)
+
+
+def test_to_dict_is_plain() -> None:
+    d = to_dict(Small(pair=(1.0, 2.0), many=(3.0,)))
+    assert d["pair"] == [1.0, 2.0] and d["many"] == [3.0]
+    assert d["inner"] == {"ratio": 0.25, "mode": "a", "flag": False}
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "output_dir=runs/a=b",
+            "resume=yes",
+            "data.root='1e5'",
+            "data.mean=[0.5, 0.25, 0.125]",
+            "model.kwargs={depth: 6, dims: [1, 2]}",
+            "model.use_projector=false",
+            "train.base_lr=1.5e-7",
+            "train.mixed_precision=no",
+        ],
+        PretrainConfig,
+    )
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    save_config(cfg, path)  # overwrites in place
+    assert load_config(path, [], PretrainConfig) == cfg
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+    text = path.read_text()
+    assert text.startswith("output_dir:") and "mean: [0.5, 0.25, 0.125]" in text
+
+
+def test_parse_cli() -> None:
+    assert parse_cli(["--config", "c.yaml", "a=1", "b.c=x=y"], "d") == ("c.yaml", ["a=1", "b.c=x=y"])
+    assert parse_cli(["a=1", "--config", "c.yaml", "b=2"], "d") == ("c.yaml", ["a=1", "b=2"])
+    assert parse_cli([], "d") == (None, [])
+
+
+def test_parse_cli_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_cli(["-h"], "Pretrain a ViT.")
+    out = capsys.readouterr().out
+    assert "Pretrain a ViT." in out and re.search(r"example:\n .* --config \S+\.yaml \S+=\S+", out)
