@@ -76,7 +76,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     weight_decay: float = 0.1
     weight_decay_end: float = -1.0  # <0: constant weight decay
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.999)  # torch AdamW defaults, as MoCo v3
     momentum: float = 0.99  # EMA m0, cosine to 1
     clip_grad: float = 0.0  # 0: no clipping
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

@@ -1,0 +1,97 @@
+"""Image decoding: every file a dataset lists becomes an 8-bit RGB PIL image, or a DataError.
+
+Decoding is strict: `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is left at its default (False), so a
+truncated JPEG raises instead of silently training on a half-grey picture.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+# 16-bit and 32-bit integer greyscale modes; they hold more than 8 bits and need rescaling,
+# because PIL's own convert("L") clips everything above 255 to white.
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# What a corrupt file can raise while PIL identifies or decodes it.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class DataError(ValueError):
+    """A problem with the user's data (path, csv, image file); the message says what to fix."""
+
+
+def has_image_extension(path: str) -> bool:
+    """True if `path` ends with one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image file; returns a new mode "RGB" (8 bits per channel) image.
+
+    The format is detected from the content, not the extension (a PNG named .jpg loads).
+    Conversions to RGB:
+    - L, 1 (bilevel), CMYK, YCbCr, palette P without transparency: PIL's standard conversion;
+      grey is replicated to three channels.
+    - Transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour): composited onto
+      black, i.e. the colour is multiplied by alpha, so fully transparent pixels are black
+      whatever colour the file stores under them.
+    - 16-bit greyscale (I;16, I;16B, ...) and 32-bit integer I: treated as 16-bit values,
+      clipped to 0..65535 and scaled linearly to 0..255 (65535 -> 255, 32768 -> 128).
+    - Float F: PIL's conversion (values clipped to 0..255).
+    - Animated GIF / multi-page TIFF: the first frame.
+
+    Raises:
+        DataError: the file is missing, empty, truncated, not an image, or too large for PIL's
+            decompression-bomb guard; the message names the path.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(img)
+    except _DECODE_ERRORS as err:
+        raise _load_error(path, err) from err
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded image of any PIL mode to a new RGB image (see `load_image`)."""
+    mode = img.mode
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:  # a transparent colour (tRNS)
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size)  # black
+        out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return out
+    if mode in _WIDE_INT_MODES:
+        values = np.asarray(img).astype(np.int64).clip(0, 65535)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # rounded, exact at 0 and 65535
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")  # a copy for RGB: the caller closes the file-backed original
+
+
+def _load_error(path: str, err: BaseException) -> DataError:
+    """The DataError for a file that could not be decoded, with the most specific reason."""
+    if not os.path.exists(path):
+        return DataError(f"image file not found: {path}. Check the path (and the dataset root).")
+    if os.path.isdir(path):
+        return DataError(f"expected an image file but found a folder: {path}")
+    if isinstance(err, PermissionError):
+        return DataError(f"no permission to read image file {path}. Fix the file's permissions.")
+    if os.path.getsize(path) == 0:
+        return DataError(f"image file is empty (0 bytes): {path}. Re-copy or re-download it.")
+    if isinstance(err, Image.DecompressionBombError):
+        return DataError(
+            f"image is too large for PIL's decompression-bomb limit: {path} ({err}). Resize it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
+        )
+    return DataError(
+        f"cannot decode image file {path}: {type(err).__name__}: {err}. The file is truncated, corrupt or "
+        "not an image; re-encode or re-download it, or remove it from the dataset."
+    )

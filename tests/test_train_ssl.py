@@ -1,0 +1,96 @@
+"""End to end through the command line: outputs, exported backbone, EMA cadence, user errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import train_ssl
+from sslfg import load_backbone
+from sslfg.cli import run_cli
+from sslfg.config import save_config
+from sslfg.models.backbone import forward_tokens
+from sslfg.models.lodisc import LoDisc
+from sslfg.pretrain import pretrain
+from tests.conftest import tiny_config
+
+
+def test_run_directory_and_backbone_export(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=3)
+    save_config(cfg, tmp_path / "recipe.yaml")
+    assert run_cli(train_ssl.main, ["--config", str(tmp_path / "recipe.yaml")]) == 0
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "backbone.safetensors", "backbone.json", "summary.json",
+                 "figures/masks_start.png", "figures/masks_end.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "loss_global", "loss_local", "lr", "weight_decay", "momentum"} <= records[-1].keys()
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["keep_ratio"] == 0.3
+
+    # The documented timm call rebuilds the trained encoder exactly.
+    meta = json.loads((run / "backbone.json").read_text())
+    vit = timm.create_model(meta["name"], pretrained=True, num_classes=0,
+                            pretrained_cfg_overlay=dict(file=str(run / "backbone.safetensors")), **meta["kwargs"]).eval()
+    trained = LoDisc(cfg.model, 16)
+    trained.load_state_dict(load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors")))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = forward_tokens(trained.encoder.eval(), x)[:, 0]
+        torch.testing.assert_close(vit(x), expected)
+        torch.testing.assert_close(load_backbone(run)(x), expected)
+
+
+def test_ema_runs_once_per_optimizer_step_with_accumulation(tiny_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+    forwards: list[int] = []
+    original_update, original_forward = LoDisc.update_momentum, LoDisc.forward
+    monkeypatch.setattr(LoDisc, "update_momentum", lambda self, m: (calls.append(m), original_update(self, m)))
+    monkeypatch.setattr(LoDisc, "forward", lambda self, a, b: (forwards.append(1), original_forward(self, a, b))[1])
+    cfg = tiny_config(tiny_data, tmp_path / "run", batch_size=4, grad_accum_steps=2, max_steps=3, figure_samples=0)
+    pretrain(cfg)
+    assert len(forwards) == 6 and len(calls) == 3
+    assert calls[0] == 0.99 and calls[0] < calls[1] < calls[2] < 1  # the momentum schedule, step by step
+
+
+def test_mocov3_baseline_has_no_local_branch(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=2, figure_samples=0)
+    cfg.model.local_weight = 0.0
+    run = pretrain(cfg)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_local" not in record and record["loss"] == record["loss_global"]
+
+
+def test_bad_config_key_names_it_and_suggests(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(train_ssl.main, ["model.keep_ratoi=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "model.keep_ratoi" in err and "model.keep_ratio" in err and "Traceback" not in err
+
+
+def test_missing_and_corrupt_images_name_the_culprit(tiny_data: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    cfg = tiny_config(data, tmp_path / "run", max_steps=1, figure_samples=0)
+    save_config(cfg, tmp_path / "recipe.yaml")
+    victim = sorted((data / "images" / "train").rglob("*.png"))[5]
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated PNG
+    assert run_cli(train_ssl.main, ["--config", str(tmp_path / "recipe.yaml")]) == 2
+    assert victim.name in capsys.readouterr().err
+
+    victim.unlink()
+    assert run_cli(train_ssl.main, ["--config", str(tmp_path / "recipe.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "train.csv" in err
+
+
+def test_no_data_root_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(train_ssl.main, [f"output_dir={tmp_path}/run"]) == 2
+    assert "data.root" in capsys.readouterr().err
