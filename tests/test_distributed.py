@@ -42,10 +42,11 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_data: Path, tmp_
     launch(overrides(tiny_data, tmp_path / "two", 4), processes=2)
     runs = [tmp_path / "one", tmp_path / "two"]
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-    assert [s["num_processes"] for s in summaries] == [1, 2] and summaries[0]["global_batch"] == summaries[1]["global_batch"]
+    assert [s["num_processes"] for s in summaries] == [1, 2]
+    assert summaries[0]["global_batch"] == summaries[1]["global_batch"]
     metrics = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
     assert len(metrics[0]) == len(metrics[1]) == 6
-    for a, b in zip(*metrics):
+    for a, b in zip(*metrics, strict=True):
         assert a["lr"] == b["lr"] and a["momentum"] == b["momentum"]
         for key in ("loss", "loss_global", "loss_local"):
             assert abs(a[key] - b[key]) < 1e-4 * abs(a[key]), (key, a, b)

@@ -36,8 +36,10 @@ def test_run_directory_and_backbone_export(tiny_data: Path, tmp_path: Path) -> N
 
     # The documented timm call rebuilds the trained encoder exactly.
     meta = json.loads((run / "backbone.json").read_text())
-    vit = timm.create_model(meta["name"], pretrained=True, num_classes=0,
-                            pretrained_cfg_overlay=dict(file=str(run / "backbone.safetensors")), **meta["kwargs"]).eval()
+    overlay = dict(file=str(run / "backbone.safetensors"))
+    kwargs = meta["kwargs"]
+    vit = timm.create_model(meta["name"], pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs)
+    vit.eval()
     trained = LoDisc(cfg.model, 16)
     trained.load_state_dict(load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors")))
     x = torch.randn(2, 3, 16, 16)

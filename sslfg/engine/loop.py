@@ -80,7 +80,7 @@ def run_loop(
                 out = compute_loss(batch)
                 names = sorted(out)
                 values = accelerator.reduce(torch.stack([out[k].detach().float() for k in names]), "mean")
-                values = dict(zip(names, values.tolist()))
+                values = dict(zip(names, values.tolist(), strict=True))
                 if not math.isfinite(values["loss"]):
                     last = checkpoint_dirs(run_dir)
                     raise NonFiniteLossError(

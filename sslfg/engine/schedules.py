@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+def cosine_schedule(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> np.ndarray:
     """Linear warmup from `warmup_start` to `base` over `warmup_steps`, then a half cosine from
     `base` to `final` over the remaining steps; float64, length `total_steps`."""
     if total_steps <= 0:

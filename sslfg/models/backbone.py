@@ -87,7 +87,7 @@ def cls_attention(vit: VisionTransformer) -> Iterator[list[Tensor]]:
     try:
         yield maps
     finally:
-        for blk, was_fused, handle in zip(vit.blocks, fused, handles):
+        for blk, was_fused, handle in zip(vit.blocks, fused, handles, strict=True):
             blk.attn.fused_attn = was_fused
             handle.remove()
 

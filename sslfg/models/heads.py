@@ -47,7 +47,9 @@ def _all_reduce_(t: Tensor) -> Tensor:
     return t
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool, dropout: float = 0.0) -> nn.Sequential:
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool, dropout: float = 0.0
+) -> nn.Sequential:
     """MoCo v3's `_build_mlp`: Linear(no bias) → BN → ReLU [→ Dropout] per hidden layer, then
     Linear(no bias) and, if `last_bn`, a non-affine BN."""
     layers: list[nn.Module] = []

@@ -25,7 +25,7 @@ def final_state(run: Path) -> tuple[dict, dict, list[dict]]:
 
 def assert_same_optimizer(a: dict, b: dict) -> None:
     assert a["param_groups"] == b["param_groups"]
-    for sa, sb in zip(a["state"].values(), b["state"].values()):
+    for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

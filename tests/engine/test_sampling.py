@@ -12,7 +12,7 @@ def test_two_processes_split_each_global_batch_of_one_process() -> None:
     r0 = list(EpochBatchSampler(50, 4, rank=0, world_size=2, seed=3))
     r1 = list(EpochBatchSampler(50, 4, rank=1, world_size=2, seed=3))
     assert len(one) == len(r0) == len(r1) == 6  # 50 // 8, incomplete global batch dropped
-    for a, b, c in zip(one, r0, r1):
+    for a, b, c in zip(one, r0, r1, strict=True):
         assert a == b + c
 
 

@@ -140,8 +140,8 @@ def test_drop_tokens_local_view_uses_only_kept_tokens() -> None:
     with torch.no_grad():
         q1 = model.predictor(model.projector(forward_tokens(model.encoder, x1)[:, 0]))
         q2 = model.predictor(model.projector(forward_tokens(model.encoder, x2)[:, 0]))
-        km1, km2 = (model.momentum_projector(forward_tokens(model.momentum_encoder, x, keep_idx=model.kept_patches(x))[:, 0])
-                    for x in (x1, x2))
+        enc, proj = model.momentum_encoder, model.momentum_projector
+        km1, km2 = (proj(forward_tokens(enc, x, keep_idx=model.kept_patches(x))[:, 0]) for x in (x1, x2))
     ref = reference_ctr(q1, km2, 0.2) + reference_ctr(q2, km1, 0.2)
     torch.testing.assert_close(out["loss_local"].double(), ref, rtol=1e-4, atol=1e-5)
 
@@ -163,9 +163,9 @@ def test_ema_update_formula_and_predictor_untouched() -> None:
     online = [p.clone() for p in [*model.encoder.parameters(), *model.projector.parameters()]]
     predictor = [p.clone() for p in model.predictor.parameters()]
     model.update_momentum(0.9)
-    for pm, b, p in zip(model.momentum_parameters(), before_m, online):
+    for pm, b, p in zip(model.momentum_parameters(), before_m, online, strict=True):
         torch.testing.assert_close(pm, 0.9 * b + 0.1 * p)
-    assert all(torch.equal(a, b) for a, b in zip(model.predictor.parameters(), predictor))
+    assert all(torch.equal(a, b) for a, b in zip(model.predictor.parameters(), predictor, strict=True))
 
 
 def test_projector_shapes_follow_moco_v3() -> None:
