@@ -28,8 +28,10 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 
 def sample_config() -> PretrainConfig:
-    """The demo recipe (configs/pretrain/sample.yaml), resolved like train_ssl.py does."""
-    return load_config(SAMPLE_CONFIG, [], PretrainConfig)
+    """The demo recipe (configs/pretrain/sample.yaml) as train_ssl.py loads it, data.root made absolute."""
+    cfg = load_config(SAMPLE_CONFIG, [], PretrainConfig)
+    cfg.data.root = str(ROOT / cfg.data.root)
+    return cfg
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,7 +51,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(cfg: ModelConfig, image_size: int, device: torch.device, seed: int = 0) -> tuple[LoDisc, torch.optim.Optimizer]:
+def build(
+    cfg: ModelConfig, image_size: int, device: torch.device, seed: int = 0
+) -> tuple[LoDisc, torch.optim.Optimizer]:
     """A LoDisc model in training mode and an AdamW over its trainable parameters; same seed, same weights."""
     torch.manual_seed(seed)
     model = LoDisc(cfg, image_size).to(device).train()
@@ -60,7 +64,9 @@ def build_variants(
     cfg: ModelConfig, image_size: int, device: torch.device
 ) -> dict[str, tuple[LoDisc, torch.optim.Optimizer]]:
     """One (model, optimizer) per entry of VARIANTS, all with the same initial weights."""
-    return {name: build(dataclasses.replace(cfg, **overrides), image_size, device) for name, overrides in VARIANTS.items()}
+    return {
+        name: build(dataclasses.replace(cfg, **overrides), image_size, device) for name, overrides in VARIANTS.items()
+    }
 
 
 def train_step(model: LoDisc, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor, amp: str) -> None:

@@ -47,12 +47,16 @@ _Loader.add_implicit_resolver(_FLOAT, _EXP_FLOAT, list("-+0123456789"))
 _Dumper.add_implicit_resolver(_FLOAT, _EXP_FLOAT, list("-+0123456789"))
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str], schema: type[T]) -> T:
-    """Schema defaults, then the YAML file at `path` (after its `_base_` files), then `overrides`."""
+def load_config(
+    path: str | Path | Sequence[str | Path] | None, overrides: Sequence[str], schema: type[T]
+) -> T:
+    """Schema defaults, then the YAML file(s) at `path` in order (each after its `_base_` files),
+    then `overrides`."""
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}  # dotted key -> the file (or CLI) that set it last
-    if path is not None:
-        _read(Path(path), [], data, sources)
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    for item in paths:
+        _read(Path(item), [], data, sources)
     for item in overrides:
         _merge(data, _parse_override(item), _CLI, sources)
     return _Converter(schema, sources).build(schema, data, "")

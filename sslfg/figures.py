@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
+
+from sslfg.data.images import load_image
 
 DIM = 0.2  # brightness of the patches the local branch drops
 
@@ -41,4 +44,50 @@ def save_mask_figure(view1: Tensor, view2: Tensor, keep1: Tensor, keep2: Tensor,
             sheet.paste(_to_pil(images[row], scale), (pad + col * (side + pad), head + pad + row * (side + pad)))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
+    return path
+
+
+def save_neighbour_grid(query_paths: list[str], neighbour_paths: list[list[str]], same_class: list[list[bool]],
+                        path: Path, side: int = 96) -> Path:
+    """One row per query: the query image, then its nearest training images with a green
+    (same class) or red (other class) border."""
+    border, pad = max(2, side // 24), 6
+    columns = 1 + max(len(row) for row in neighbour_paths)
+    sheet = Image.new("RGB", (columns * (side + pad) + pad, len(query_paths) * (side + pad) + pad), "white")
+    for r, (query, row, same) in enumerate(zip(query_paths, neighbour_paths, same_class, strict=True)):
+        y = pad + r * (side + pad)
+        sheet.paste(load_image(query).resize((side, side)), (pad, y))
+        for c, (neighbour, ok) in enumerate(zip(row, same, strict=True)):
+            thumb = load_image(neighbour).resize((side - 2 * border, side - 2 * border))
+            framed = ImageOps.expand(thumb, border=border, fill=(0, 170, 0) if ok else (210, 0, 0))
+            sheet.paste(framed, (pad + (c + 1) * (side + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def save_embedding_map(features: Tensor, labels: Tensor, class_names: list[str], path: Path, seed: int = 0,
+                       max_points: int = 5000) -> Path:
+    """t-SNE (scikit-learn) of the features, coloured by class; at most `max_points` points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    keep = rng.permutation(len(features))[:max_points]
+    x, y = features[keep].numpy(), labels[keep].numpy()
+    xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, (len(x) - 1) / 3)).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=120)
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab20" if y.max() < 20 else "nipy_spectral", s=4)
+    if len(class_names) <= 20:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=scatter.cmap(scatter.norm(c))) for c in np.unique(y)]
+        ax.legend(handles, [class_names[c] for c in np.unique(y)], fontsize=7, loc="best", markerscale=1.5)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(f"t-SNE of {len(x)} test features")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
     return path

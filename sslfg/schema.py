@@ -97,3 +97,57 @@ class PretrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FeatureConfig:
+    """Frozen features (METHODS §4): what is pooled and how it is computed and cached."""
+
+    kind: Literal["cls", "mean", "lastn"] = "cls"  # final CLS; mean of patch tokens; last n blocks' CLS
+    last_n: int = 4
+    batch_size: int = 256  # per process
+    crop_ratio: float = 0.875  # eval transform: resize to size/crop_ratio, centre crop
+    cache: bool = True
+
+
+@dataclass
+class KnnConfig:
+    """kNN classifier (DINO protocol) and leave-one-out retrieval (LoDisc protocol)."""
+
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # 1-NN is always reported
+    temperature: float = 0.07
+    backend: Literal["faiss", "torch"] = "faiss"
+    retrieval: bool = True
+    figures: bool = True
+
+
+@dataclass
+class LinearConfig:
+    """Linear probe on the frozen backbone (LoDisc recipe)."""
+
+    mode: Literal["fast", "full"] = "fast"  # fast: cached features, lr sweep; full: augmented images
+    epochs: int = 100
+    batch_size: int = 256
+    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    lr: float = 0.5  # full mode: base lr, scaled by batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # held out of the train split when the dataset has no val split
+    resume: str = ""  # full mode: "" | "auto" | path to a checkpoint directory (as the pretraining `resume`)
+
+
+@dataclass
+class EvalConfig:
+    """Everything `eval.knn` and `eval.linear` read."""
+
+    checkpoint: str = ""  # an sslfg run directory or a weights file
+    random_init: bool = False  # the floor: the checkpoint's (or model's) architecture, random weights
+    model: str = ""  # timm name; needed for a weights file or a random init without a run directory
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = ""  # default: <run>/eval, or runs/eval/<model>-<init>
+    output: str = ""  # also write the metrics JSON here
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)

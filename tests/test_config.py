@@ -278,3 +278,10 @@ def test_parse_cli_help_shows_an_example(capsys: pytest.CaptureFixture[str]) -> 
         parse_cli(["-h"], "Pretrain a ViT.")
     out = capsys.readouterr().out
     assert "Pretrain a ViT." in out and re.search(r"example:\n .* --config \S+\.yaml \S+=\S+", out)
+
+
+def test_several_files_merge_in_order(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("seed: 1\noutput_dir: runs/a\n")
+    (tmp_path / "b.yaml").write_text("seed: 2\n")
+    cfg = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"], [], PretrainConfig)
+    assert (cfg.seed, cfg.output_dir) == (2, "runs/a")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import train_ssl
 from sslfg import load_backbone
 from sslfg.cli import run_cli
-from sslfg.config import save_config
+from sslfg.config import ConfigError, save_config
 from sslfg.models.backbone import forward_tokens
 from sslfg.models.lodisc import LoDisc
 from sslfg.pretrain import pretrain
@@ -107,3 +107,18 @@ def test_mixed_precision_bf16_runs_and_changes_numerics(tiny_data: Path, tmp_pat
     # local branch may change where attention scores nearly tie, so its loss is not compared).
     difference = abs(runs["bf16"]["loss_global"] - runs["no"]["loss_global"])
     assert 1e-6 < difference < 0.05 * runs["no"]["loss_global"]
+
+
+def test_init_from_local_weights_file(tiny_data: Path, tmp_path: Path) -> None:
+    first = pretrain(tiny_config(tiny_data, tmp_path / "first", max_steps=1, figure_samples=0))
+    cfg = tiny_config(tiny_data, tmp_path / "second", max_steps=1, figure_samples=0)
+    cfg.model.weights = str(first / "backbone.safetensors")
+    model = LoDisc(cfg.model, 16)
+    exported = load_file(str(first / "backbone.safetensors"))
+    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in exported.items())
+    assert all(torch.equal(model.momentum_encoder.state_dict()[k], v) for k, v in exported.items())
+    run = pretrain(cfg)
+    assert json.loads((run / "summary.json").read_text())["init"] == cfg.model.weights
+    cfg.model.weights = str(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="model.weights"):
+        LoDisc(cfg.model, 16)

@@ -1,0 +1,79 @@
+"""kNN classification (DINO protocol) and leave-one-out retrieval (LoDisc protocol) on frozen features.
+
+    python -m eval.knn --checkpoint runs/lodisc_cub --dataset configs/datasets/cub.yaml
+    python -m eval.knn --checkpoint weights/vit_s16.safetensors --model vit_small_patch16_224 --dataset ...
+    python -m eval.knn --random-init --checkpoint runs/lodisc_cub --dataset ...   # the floor, same architecture
+    accelerate launch --multi_gpu --num_processes 2 -m eval.knn --checkpoint ...   # same numbers
+
+Bank = data.train_split, queries = data.test_split; retrieval runs over the test split.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sslfg.cli import run_cli
+from sslfg.config import load_config
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.evaluation import build_backbone, format_table, output_dir, parse_eval_cli, record, split_features, write_metrics
+from sslfg.figures import save_embedding_map, save_neighbour_grid
+from sslfg.knn import knn_classify, knn_evaluate, retrieval_metrics
+from sslfg.schema import EvalConfig
+
+__all__ = ["knn_classify", "retrieval_metrics", "main"]
+
+GRID_QUERIES, GRID_NEIGHBOURS = 8, 5
+
+
+def neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds, path: Path, seed: int) -> None:
+    """A few test queries with their nearest training images."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(queries), generator=g)[:GRID_QUERIES]
+    sims = F.normalize(queries[picks], dim=1) @ F.normalize(bank, dim=1).T
+    nearest = sims.topk(min(GRID_NEIGHBOURS, len(bank)), dim=1).indices
+    save_neighbour_grid(
+        [query_ds.paths[i] for i in picks.tolist()],
+        [[bank_ds.paths[j] for j in row] for row in nearest.tolist()],
+        [[bool(bank_labels[j] == query_labels[i]) for j in row] for i, row in zip(picks.tolist(), nearest.tolist(),
+                                                                                   strict=True)],
+        path,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = load_config(*parse_eval_cli(argv, __doc__), EvalConfig)
+    accelerator = make_accelerator()
+    vit, info = build_backbone(cfg)
+    out = output_dir(cfg, info)
+    bank, bank_labels, bank_ds = split_features(cfg, vit, accelerator, cfg.data.train_split, out)
+    queries, query_labels, query_ds = split_features(cfg, vit, accelerator, cfg.data.test_split, out)
+    result: dict = {}
+    if accelerator.is_main_process:
+        k = cfg.knn
+        metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=k.ks, temperature=k.temperature,
+                               backend=k.backend)
+        if k.retrieval:
+            metrics |= {f"retrieval.{name}": v for name, v in retrieval_metrics(queries, query_labels).items()}
+        protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
+                    "ks": k.ks, "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
+                    "backend": k.backend, "bank_size": len(bank), "queries": len(queries)}
+        result = record(cfg, info, protocol, metrics)
+        path = write_metrics(out, "knn", result, cfg.output)
+        if k.figures:
+            neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,
+                             out / "figures" / "knn_neighbours.png", cfg.seed)
+            save_embedding_map(queries, query_labels, query_ds.classes or [str(c) for c in range(query_ds.num_classes)],
+                               out / "figures" / "tsne_test.png", cfg.seed)
+        print(format_table(metrics))
+        print(f"metrics: {path}")
+    accelerator.wait_for_everyone()
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

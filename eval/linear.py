@@ -1,0 +1,47 @@
+"""Linear probe on frozen features: fast lr sweep on cached features, or the full LoDisc recipe (METHODS §4).
+
+    python -m eval.linear --checkpoint runs/lodisc_cub --dataset configs/datasets/cub.yaml
+    python -m eval.linear --checkpoint runs/lodisc_cub --dataset ... linear.mode=full
+    python -m eval.linear --checkpoint runs/lodisc_cub --dataset ... linear.mode=full linear.resume=auto
+    python -m eval.linear --random-init --checkpoint runs/lodisc_cub --dataset ...   # the floor
+    accelerate launch --multi_gpu --num_processes 2 -m eval.linear --checkpoint ... linear.mode=full
+
+fast (default): one head per lr in linear.lrs trained at once on cached features; the lr is chosen on
+`train` + data.val_split when the dataset has both, else on linear.val_fraction held out of
+data.train_split; that lr is retrained on data.train_split and reported on data.test_split.
+full: augmented images through the frozen backbone at linear.lr, no sweep; checkpoints every epoch
+in <output_dir>/linear_full.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from sslfg.cli import run_cli
+from sslfg.config import load_config
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.evaluation import build_backbone, format_table, output_dir, parse_eval_cli, record, write_metrics
+from sslfg.linear import run_fast_probe, run_full_probe
+from sslfg.schema import EvalConfig
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg = load_config(*parse_eval_cli(argv, __doc__), EvalConfig)
+    accelerator = make_accelerator()
+    vit, info = build_backbone(cfg)
+    out = output_dir(cfg, info)
+    probe = run_fast_probe if cfg.linear.mode == "fast" else run_full_probe
+    metrics, protocol = probe(cfg, vit, accelerator, out)
+    result: dict = {}
+    if accelerator.is_main_process:
+        result = record(cfg, info, protocol, metrics)
+        path = write_metrics(out, "linear", result, cfg.output)
+        print(format_table(metrics))
+        print(f"metrics: {path}")
+    accelerator.wait_for_everyone()
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

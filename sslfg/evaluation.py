@@ -1,0 +1,112 @@
+"""What the frozen-feature evaluations share: command line, backbone, splits, features, metrics file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from sslfg.config import ConfigError
+from sslfg.data.datasets import build_dataset
+from sslfg.data.transforms import eval_transform
+from sslfg.features import cached_features
+from sslfg.models.backbone import BACKBONE_META, BACKBONE_WEIGHTS, create_vit
+from sslfg.schema import EvalConfig
+
+
+def parse_eval_cli(argv: Sequence[str] | None, description: str) -> tuple[list[str], list[str]]:
+    """Flags of the eval commands → (config files, key=value overrides) for `load_config`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
+    parser.add_argument("--dataset", metavar="PATH", help="dataset recipe, e.g. configs/datasets/cub.yaml")
+    parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory or weights file")
+    parser.add_argument("--model", metavar="NAME", help="timm model name (weights file or --random-init)")
+    parser.add_argument("--random-init", action="store_true", help="random weights: the floor")
+    parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)
+    flags = {"checkpoint": args.checkpoint, "model": args.model, "output": args.output}
+    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    overrides += ["random_init=true"] if args.random_init else []
+    return [p for p in (args.config, args.dataset) if p], overrides + list(args.overrides)
+
+
+def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
+    """The frozen backbone at the dataset's image size, and what to record about it."""
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt is not None and (ckpt / BACKBONE_META).is_file():
+        meta = json.loads((ckpt / BACKBONE_META).read_text())
+        name, kwargs, weights = meta["name"], meta["kwargs"], ckpt / BACKBONE_WEIGHTS
+    elif ckpt is not None and ckpt.is_file():
+        if not cfg.model:
+            raise ConfigError(f"model: a weights file ({ckpt}) needs --model, the timm name it was saved from")
+        name, kwargs, weights = cfg.model, cfg.model_kwargs, ckpt
+    elif ckpt is not None:
+        raise ConfigError(f"checkpoint: '{ckpt}' is neither an sslfg run directory (no {BACKBONE_META}) nor a file")
+    elif cfg.random_init and cfg.model:
+        name, kwargs, weights = cfg.model, cfg.model_kwargs, None
+    else:
+        raise ConfigError("checkpoint: give --checkpoint (run directory or weights file), or --random-init --model NAME")
+    kwargs = {**kwargs, "img_size": cfg.data.image_size}
+    torch.manual_seed(cfg.seed)
+    vit = create_vit(name, kwargs, weights="" if cfg.random_init or weights is None else str(weights))
+    init = "random" if cfg.random_init else str(weights)
+    return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init}
+
+
+def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
+    """`output_dir`, else <run>/eval for a run directory, else runs/eval/<model>-<init>."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt is not None and ckpt.is_dir():
+        return ckpt / ("eval-random" if cfg.random_init else "eval")
+    return Path("runs/eval") / f"{info['backbone']}-{'random' if cfg.random_init else ckpt.stem}"
+
+
+def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, split: str,
+                   out_dir: Path) -> tuple[Tensor, Tensor, Any]:
+    """Features, labels and the dataset of one split, through the feature cache."""
+    transform = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.features.crop_ratio)
+    dataset = build_dataset(cfg.data, split, transform)
+    f = cfg.features
+    features, labels = cached_features(
+        vit, dataset, split, out_dir / "features" if f.cache else None, accelerator, f.batch_size,
+        cfg.data.num_workers, f.kind, f.last_n,
+    )
+    return features, labels, dataset
+
+
+def record(cfg: EvalConfig, info: dict[str, Any], protocol: dict[str, Any], metrics: dict[str, float]) -> dict:
+    """The flat metrics object: metric keys (values in [0, 1]) plus what produced them."""
+    return {
+        "dataset": cfg.data.root, "format": cfg.data.format, "image_size": cfg.data.image_size,
+        "feature": cfg.features.kind, "seed": cfg.seed, **info,
+        **{f"protocol.{k}": v for k, v in protocol.items()}, **metrics,
+    }
+
+
+def write_metrics(out_dir: Path, name: str, data: dict, extra: str = "") -> Path:
+    """Writes <out_dir>/<name>.json (and `extra` when set) atomically."""
+    text = json.dumps(data, indent=2, default=str)
+    targets = [out_dir / f"{name}.json"] + ([Path(extra)] if extra else [])
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return targets[0]
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Metric keys as a two-column markdown table, values in %."""
+    rows = [f"| {key} | {100 * value:.2f} |" for key, value in metrics.items()]
+    return "\n".join(["| metric | % |", "|---|---|", *rows])

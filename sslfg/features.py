@@ -1,0 +1,99 @@
+"""Frozen-feature extraction shared by every evaluation: batched, sharded over processes, cached.
+
+Features are cached on disk under a key that hashes the backbone's actual weights, the dataset's
+file list and labels, the split, the eval transform and the feature type, so a changed
+checkpoint or dataset never reuses stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sslfg.models.backbone import forward_tokens
+
+FeatureKind = Literal["cls", "mean", "lastn"]
+
+
+def pool_features(vit: VisionTransformer, x: Tensor, kind: FeatureKind = "cls", last_n: int = 4) -> Tensor:
+    """(B, 3, H, W) → (B, D) for "cls" (final CLS after the final norm) and "mean" (mean of the
+    final patch tokens), (B, last_n·D) for "lastn" (CLS of the last n blocks, each normalised)."""
+    if kind == "lastn":
+        layers = vit.get_intermediate_layers(x, n=last_n, return_prefix_tokens=True, norm=True)
+        return torch.cat([prefix[:, 0] for _, prefix in layers], dim=1)
+    tokens = forward_tokens(vit, x)
+    return tokens[:, 0] if kind == "cls" else tokens[:, vit.num_prefix_tokens :].mean(dim=1)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of the state dict, in order: identifies the weights, not the file."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(weights: str, dataset: object, split: str, transform: object, kind: str, last_n: int) -> str:
+    """Hash of everything the features depend on. `dataset` needs `paths` and `labels`."""
+    h = hashlib.sha256()
+    spec = {"weights": weights, "split": split, "transform": repr(transform), "kind": kind,
+            "last_n": last_n if kind == "lastn" else 0}
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    h.update(json.dumps([list(map(str, dataset.paths)), list(map(int, dataset.labels))]).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def extract_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
+                     batch_size: int = 256, num_workers: int = 4, kind: FeatureKind = "cls", last_n: int = 4,
+                     desc: str = "features") -> tuple[Tensor, Tensor]:
+    """Features (N, D') float32 and labels (N,) int64 on the CPU, in dataset order, on every process.
+
+    Each process embeds its shard; `gather_for_metrics` reassembles them and drops the samples
+    accelerate repeats to even out the last batch, so no sample is counted twice.
+    """
+    loader = accelerator.prepare_data_loader(
+        DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                   pin_memory=accelerator.device.type == "cuda")
+    )
+    vit = vit.to(accelerator.device).eval()
+    features, labels = [], []
+    for images, targets in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True):
+        with accelerator.autocast():
+            f = pool_features(vit, images, kind, last_n).float()
+        f, targets = accelerator.gather_for_metrics((f.contiguous(), targets.to(accelerator.device)))
+        features.append(f.cpu())
+        labels.append(targets.cpu().long())
+    return torch.cat(features), torch.cat(labels)
+
+
+def cached_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, split: str, cache_dir: Path | None,
+                    accelerator: Accelerator, batch_size: int = 256, num_workers: int = 4,
+                    kind: FeatureKind = "cls", last_n: int = 4) -> tuple[Tensor, Tensor]:
+    """`extract_features`, read from / written to `cache_dir` (None: no cache)."""
+    if cache_dir is None:
+        return extract_features(vit, dataset, accelerator, batch_size, num_workers, kind, last_n, desc=split)
+    key = cache_key(weights_digest(vit), dataset, split, getattr(dataset, "transform", None), kind, last_n)
+    path = Path(cache_dir) / f"{split}-{key}.safetensors"
+    if path.is_file():
+        stored = load_file(str(path))
+        return stored["features"], stored["labels"]
+    features, labels = extract_features(vit, dataset, accelerator, batch_size, num_workers, kind, last_n, desc=split)
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp))
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    return features, labels

@@ -1,0 +1,293 @@
+"""kNN classifier (DINO protocol) and leave-one-out retrieval (LoDisc protocol) on frozen features.
+
+Every function L2-normalises the features it is given (in float32), so the similarity is always
+cosine whether or not the caller normalised them; normalising twice changes nothing that matters.
+Search is exact in both backends:
+
+- "faiss": `faiss.IndexFlatIP` on float32, moved to every GPU faiss sees (faiss-gpu build) with
+  `index_cpu_to_all_gpus`; otherwise on the CPU. Results come back on the queries' device.
+- "torch": `queries @ bank.T` + `topk` on the bank's device (GPU when the features are there).
+
+Queries go through the search `chunk_size` at a time, so the memory a search adds beyond the
+features is bounded: one normalised float32 copy of the bank (faiss: plus the index's own copy while
+it is built, then only the index), plus for "torch" a chunk_size x N float32 similarity block
+(512 x 500k bank = 1.0 GB) and for "faiss" its internal 4096 x 1024 blocks; the results are
+Q x k similarities and indices. A 500k x 384 bank (768 MB) therefore searches in well under 4 GB.
+
+Class ids may be any non-negative integers, with gaps or classes missing from a split
+({3, 17, 42}): they are mapped to contiguous indices in sorted order internally and predictions
+are returned as the original ids. Ties in the vote go to the lowest class id on both backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["faiss", "torch"]
+Neighbours = tuple[torch.Tensor, torch.Tensor]  # similarities (Q, k) float32, bank indices (Q, k) int64
+BACKENDS: tuple[str, ...] = ("faiss", "torch")
+CHUNK_SIZE = 512  # queries per search block: 512 x 500k similarities = 1.0 GB for the torch backend
+RETRIEVAL_CHUNK_SIZE = 256  # queries per full-ranking block: ~50 bytes x 256 x N (320 MB at N = 25k)
+
+
+def _check_features(x: torch.Tensor, name: str, finite: bool = True) -> None:
+    if x.ndim != 2 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a float (N, D) tensor of features, got {x.dtype} of shape {tuple(x.shape)}")
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf; check the feature extraction (e.g. fp16 overflow)")
+
+
+def _check_labels(labels: torch.Tensor, n: int, name: str) -> None:
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f"{name} must be a 1-D tensor with one label per feature row ({n}), got shape "
+                         f"{tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class ids, got {labels.dtype}")
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"{name} holds a negative class id ({int(labels.min())}); class ids must be >= 0")
+
+
+def _check_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: str, chunk_size: int) -> None:
+    _check_features(bank, "bank")
+    _check_features(queries, "queries")
+    if len(bank) == 0:
+        raise ValueError("the bank is empty: the kNN classifier needs at least one training feature")
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"bank features have dimension {bank.shape[1]} but queries have {queries.shape[1]}; "
+                         "extract both with the same backbone and feature kind")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kNN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int) -> Neighbours:
+    bank_n = F.normalize(bank.float(), dim=1)
+    sims, idx = [], []
+    for start in range(0, len(queries), chunk_size):
+        q = F.normalize(queries[start : start + chunk_size].to(bank.device).float(), dim=1)
+        s, i = (q @ bank_n.T).topk(k, dim=1)  # sorted, most similar first
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def _search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int) -> Neighbours:
+    index = faiss.IndexFlatIP(bank.shape[1])
+    index.add(F.normalize(bank.float(), dim=1).cpu().numpy())  # the index keeps its own copy; ours is freed here
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    sims, idx = [], []
+    for start in range(0, len(queries), chunk_size):
+        q = F.normalize(queries[start : start + chunk_size].float(), dim=1).cpu().numpy()
+        s, i = index.search(q, k)  # sorted, most similar first
+        sims.append(s)
+        idx.append(i)
+    return torch.from_numpy(np.concatenate(sims)), torch.from_numpy(np.concatenate(idx))
+
+
+@torch.no_grad()
+def knn_search(
+    bank: torch.Tensor, queries: torch.Tensor, k: int, backend: Backend = "faiss", chunk_size: int = CHUNK_SIZE
+) -> Neighbours:
+    """Exact cosine top-k of each query in the bank.
+
+    bank (N, D) and queries (Q, D) are float features, normalised here. k is clamped to N (k > N
+    means "every bank item"). Returns similarities (Q, k') float32 and bank indices (Q, k') int64,
+    most similar first, with k' = min(k, N), on the queries' device. Equal similarities may come in
+    a different order on the two backends (measure zero on real features; exact duplicates in the
+    bank are the case where it shows).
+    """
+    _check_search(bank, queries, k, backend, chunk_size)
+    k = min(k, len(bank))
+    if len(queries) == 0:
+        return queries.new_zeros(0, k, dtype=torch.float32), queries.new_zeros(0, k, dtype=torch.long)
+    sims, idx = (_search_faiss if backend == "faiss" else _search_torch)(bank, queries, k, chunk_size)
+    return sims.to(queries.device), idx.to(queries.device)
+
+
+def weighted_votes(
+    sims: torch.Tensor, neighbour_classes: torch.Tensor, num_classes: int, temperature: float
+) -> torch.Tensor:
+    """Class votes (Q, C): each neighbour adds exp(sim / T) to its class.
+
+    sims (Q, k) float and neighbour_classes (Q, k) int64 in [0, C). Each row is scaled by
+    exp(-max_sim / T), a positive per-query constant, so small temperatures cannot overflow; the
+    ranking of classes (argmax, top-5) is that of the plain exp(sim / T) votes.
+    """
+    weights = ((sims - sims.amax(dim=1, keepdim=True)) / temperature).exp()
+    votes = torch.zeros(len(sims), num_classes, dtype=weights.dtype, device=weights.device)
+    return votes.scatter_add_(1, neighbour_classes, weights)
+
+
+def _class_index(bank_labels: torch.Tensor, num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bank labels as contiguous indices (N,), original id of each index (C,), ascending)."""
+    if num_classes is None:
+        classes, contiguous = torch.unique(bank_labels, sorted=True, return_inverse=True)
+        return contiguous, classes
+    if int(bank_labels.max()) >= num_classes:
+        raise ValueError(f"bank_labels holds class id {int(bank_labels.max())} but num_classes is {num_classes}")
+    return bank_labels.long(), torch.arange(num_classes, device=bank_labels.device)
+
+
+def _check_classify(bank: torch.Tensor, bank_labels: torch.Tensor, temperature: float) -> None:
+    _check_features(bank, "bank", finite=False)  # knn_search checks the values
+    _check_labels(bank_labels, len(bank), "bank_labels")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+@torch.no_grad()
+def knn_scores(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    backend: Backend = "faiss",
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vote matrix of the weighted kNN classifier.
+
+    bank (N, D), bank_labels (N,) int, queries (Q, D). Returns votes (Q, C) (see `weighted_votes`)
+    and classes (C,) int64, the original class id of each column: the sorted ids present in the
+    bank, or 0..num_classes-1 when num_classes is given. Holds Q x C floats: for many queries and
+    classes prefer `knn_classify` / `knn_evaluate`, which vote chunk by chunk.
+    """
+    _check_classify(bank, bank_labels, temperature)
+    sims, idx = knn_search(bank, queries, k, backend, chunk_size)
+    contiguous, classes = _class_index(bank_labels.to(idx.device), num_classes)
+    return weighted_votes(sims, contiguous[idx], len(classes), temperature), classes.long()
+
+
+@torch.no_grad()
+def knn_classify(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    backend: Backend = "faiss",
+    chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """Predicted class id (Q,) int64 of each query: argmax of the exp(sim / T) votes of its k nearest
+    bank items (cosine), ties to the lowest class id. bank (N, D), bank_labels (N,), queries (Q, D);
+    k is clamped to N. Returns original class ids, on the queries' device."""
+    _check_classify(bank, bank_labels, temperature)
+    sims, idx = knn_search(bank, queries, k, backend, chunk_size)
+    contiguous, classes = _class_index(bank_labels.to(idx.device), num_classes)
+    preds = [
+        weighted_votes(sims[s : s + chunk_size], contiguous[idx[s : s + chunk_size]], len(classes), temperature)
+        .argmax(dim=1)  # first maximum: the lowest class id among tied votes
+        for s in range(0, len(sims), chunk_size)
+    ]
+    return classes[torch.cat(preds)].long() if preds else classes.new_zeros(0).long()
+
+
+@torch.no_grad()
+def knn_evaluate(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    backend: Backend = "faiss",
+    chunk_size: int = CHUNK_SIZE,
+) -> dict[str, float]:
+    """kNN accuracies of the queries against the bank, DINO protocol.
+
+    bank (N, D), bank_labels (N,), queries (Q, D), query_labels (Q,). One search for max(ks)
+    neighbours serves every k (each k uses the first k of them) and the 1-NN. Returns a flat dict
+    of fractions in [0, 1]: "knn.k{k}.top1" and "knn.k{k}.top5" for each k in ks (keys use the
+    requested k; the search clamps k to N) and "knn.k1.top1", the nearest neighbour's label.
+
+    top-1: the prediction of `knn_classify` is the query's label. top-5: the query's label got a
+    vote (one of the k neighbours has it) and fewer than 5 classes rank before it, ranking by votes
+    and then by lower class id. A query whose class is absent from the bank counts as a miss.
+    """
+    _check_classify(bank, bank_labels, temperature)
+    _check_labels(query_labels, len(queries), "query_labels")
+    if len(queries) == 0:
+        raise ValueError("no queries: accuracy needs at least one query")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"every k must be >= 1, got ks={list(ks)}")
+    sims, idx = knn_search(bank, queries, max([1, *ks]), backend, chunk_size)
+    contiguous, classes = _class_index(bank_labels.to(idx.device), None)
+    labels = query_labels.to(idx.device)
+    pos = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
+    target = torch.where(classes[pos] == labels, pos, -1)  # -1: a class the bank lacks
+    neighbours = contiguous[idx]  # (Q, k_max)
+    hits = {f"knn.k{k}.{m}": 0 for k in ks for m in ("top1", "top5")}
+    ids = torch.arange(len(classes), device=idx.device)
+    for s in range(0, len(queries), chunk_size):
+        t = target[s : s + chunk_size, None]
+        for k in ks:
+            nb = neighbours[s : s + chunk_size, :k]
+            votes = weighted_votes(sims[s : s + chunk_size, :k], nb, len(classes), temperature)
+            own = votes.gather(1, t.clamp(min=0))
+            rank = (votes > own).sum(1) + ((votes == own) & (ids < t)).sum(1)
+            voted = (nb == t).any(1)
+            hits[f"knn.k{k}.top1"] += int((voted & (rank == 0)).sum())
+            hits[f"knn.k{k}.top5"] += int((voted & (rank < 5)).sum())
+    hits["knn.k1.top1"] = int((neighbours[:, 0] == target).sum())  # also when 1 in ks: the same number
+    return {key: n / len(queries) for key, n in hits.items()}
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    features: torch.Tensor, labels: torch.Tensor, chunk_size: int = RETRIEVAL_CHUNK_SIZE
+) -> dict[str, float]:
+    """Leave-one-out retrieval over one set (LoDisc protocol): every item queries all the others.
+
+    features (N, D) float, normalised here; labels (N,) int. Each query's own row is removed by
+    index, so exact duplicates of it stay in its ranking. The ranking is by cosine similarity, ties
+    in index order (a stable sort), computed in full on the features' device, chunk_size queries at
+    a time (about 50 x chunk_size x N bytes; the work is O(N^2 log N), fine for test sets of
+    tens of thousands).
+
+    Returns fractions in [0, 1]:
+    - "top1": the nearest other item has the query's label;
+    - "top5": one of the 5 nearest other items has it;
+    - "mAP": mean over queries of the average precision of the full ranking of the N - 1 others
+      (mean of precision@r over the ranks r of same-label items). Queries whose class has no other
+      item have no AP and are left out of the mAP (they still count as misses in top1/top5);
+      NaN when no query has a same-label item.
+    """
+    _check_features(features, "features")
+    _check_labels(labels, len(features), "labels")
+    n = len(features)
+    if n < 2:
+        raise ValueError(f"leave-one-out retrieval needs at least 2 items, got {n}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    x = F.normalize(features.float(), dim=1)
+    labels = labels.to(x.device)
+    ranks = torch.arange(1, n, device=x.device, dtype=torch.float64)  # 1-based ranks of the N - 1 others
+    top1 = top5 = ap_count = 0
+    ap_sum = 0.0
+    for start in range(0, n, chunk_size):
+        q = torch.arange(start, min(start + chunk_size, n), device=x.device)
+        sims = x[q] @ x.T
+        sims[torch.arange(len(q), device=x.device), q] = -torch.inf  # self sorts last (others are >= -1)
+        order = sims.sort(dim=1, descending=True, stable=True).indices[:, :-1]
+        relevant = labels[order] == labels[q, None]  # (chunk, N - 1)
+        top1 += int(relevant[:, 0].sum())
+        top5 += int(relevant[:, :5].any(dim=1).sum())
+        found = relevant.cumsum(dim=1)
+        n_rel = found[:, -1]
+        has = n_rel > 0
+        precision_sum = (found / ranks * relevant).sum(dim=1)
+        ap_sum += float((precision_sum[has] / n_rel[has]).sum())
+        ap_count += int(has.sum())
+    return {"top1": top1 / n, "top5": top5 / n, "mAP": ap_sum / ap_count if ap_count else float("nan")}

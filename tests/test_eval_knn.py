@@ -1,0 +1,100 @@
+"""eval.knn end to end: metrics file, figures, floor, distributed equality, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from eval import knn
+from sslfg.cli import run_cli
+from sslfg.pretrain import pretrain
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]
+
+
+def data_args(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.image_size=16", "data.num_workers=0", "data.train_split=train",
+            "features.batch_size=5", "knn.ks=[3, 5]"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pretrain(tiny_config(tiny_data, tmp_path_factory.mktemp("run") / "run", max_steps=2, figure_samples=0))
+
+
+def test_knn_on_a_run_directory(tiny_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy.json"
+    assert run_cli(knn.main, ["--checkpoint", str(tiny_run), "--output", str(out), *data_args(tiny_data)]) == 0
+    result = json.loads((tiny_run / "eval" / "knn.json").read_text())
+    assert result == json.loads(out.read_text())
+    for key in ("knn.k3.top1", "knn.k5.top5", "knn.k1.top1", "retrieval.top1", "retrieval.top5", "retrieval.mAP"):
+        assert 0 <= result[key] <= 1, key
+    assert result["protocol.temperature"] == 0.07 and result["protocol.bank_split"] == "train"
+    assert result["backbone"] == "vit_tiny_patch16_224" and result["init"].endswith("backbone.safetensors")
+    assert (tiny_run / "eval" / "figures" / "knn_neighbours.png").is_file()
+    assert (tiny_run / "eval" / "figures" / "tsne_test.png").is_file()
+
+
+def test_random_init_floor_and_weights_file(tiny_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    args = [*data_args(tiny_data), "knn.figures=false", "knn.retrieval=false"]
+    floor = knn.main(["--checkpoint", str(tiny_run), "--random-init", *args])
+    assert floor["init"] == "random" and (tiny_run / "eval-random" / "knn.json").is_file()
+    weights = knn.main(["--checkpoint", str(tiny_run / "backbone.safetensors"), "--model", "vit_tiny_patch16_224",
+                        f"output_dir={tmp_path / 'file'}", *TINY, *args])
+    trained = knn.main(["--checkpoint", str(tiny_run), f"output_dir={tmp_path / 'run'}", *args])
+    # The same backbone through its run directory or its weights file gives the same numbers.
+    assert weights["knn.k3.top1"] == trained["knn.k3.top1"] and weights["knn.k5.top5"] == trained["knn.k5.top5"]
+
+
+def test_user_errors_are_one_line(tiny_data: Path, tiny_run: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(knn.main, ["--checkpoint", str(tiny_run), *data_args(tiny_data), "data.test_split=nosuch"]) == 2
+    assert "nosuch.csv" in capsys.readouterr().err
+    empty = tmp_path / "data"
+    empty.mkdir()
+    (empty / "test.csv").write_text("class_id,dir\n")
+    (empty / "images").mkdir()
+    args = ["--checkpoint", str(tiny_run), f"output_dir={tmp_path}", *data_args(empty), "data.train_split=test"]
+    assert run_cli(knn.main, args) == 2
+    assert "test.csv" in capsys.readouterr().err
+    wrong = tmp_path / "wide.safetensors"  # a backbone of another width
+    state = {k: torch.zeros(*v.shape[:-1], v.shape[-1] * 2) if v.ndim else v
+             for k, v in load_file(str(tiny_run / "backbone.safetensors")).items()}
+    save_file(state, str(wrong))
+    assert run_cli(knn.main, ["--checkpoint", str(wrong), "--model", "vit_tiny_patch16_224", *TINY,
+                              f"output_dir={tmp_path}", *data_args(tiny_data)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert run_cli(knn.main, [*data_args(tiny_data)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_same_features_and_numbers(tiny_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        args = ["--checkpoint", str(tiny_run), f"output_dir={out}", "knn.figures=false", *data_args(tiny_data)]
+        launcher = [sys.executable] if n == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        done = subprocess.run([*launcher, "-m", "eval.knn", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[n] = json.loads((out / "knn.json").read_text())
+        results[n]["features"] = {p.name: load_file(str(p)) for p in sorted((out / "features").iterdir())}
+    one, two = results[1].pop("features"), results[2].pop("features")
+    assert one.keys() == two.keys() and len(one) == 2  # train (24 images) and test (8), batch 5
+    for name in one:
+        assert torch.equal(one[name]["labels"], two[name]["labels"])
+        torch.testing.assert_close(one[name]["features"], two[name]["features"], rtol=1e-5, atol=1e-5)
+    metric_keys = [k for k in results[1] if k.startswith(("knn.", "retrieval."))]
+    assert {k: results[1][k] for k in metric_keys} == {k: results[2][k] for k in metric_keys}

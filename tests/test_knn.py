@@ -1,0 +1,221 @@
+"""kNN classifier and retrieval metrics against plain-Python loop references on tiny data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sslfg.knn import knn_classify, knn_evaluate, knn_scores, knn_search, retrieval_metrics
+
+BACKENDS = ["faiss", "torch"]
+T = 0.07
+
+
+def rows(x: torch.Tensor) -> list[list[float]]:
+    """L2-normalised rows as float64 Python lists."""
+    out = []
+    for row in x.double().tolist():
+        norm = math.sqrt(sum(v * v for v in row))
+        out.append([v / norm for v in row])
+    return out
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def ref_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int) -> list[list[int]]:
+    """For each query the classes that got a vote, ranked by votes (sum of exp(sim/T)) then lower id."""
+    b, labels = rows(bank), bank_labels.tolist()
+    ranked = []
+    for q in rows(queries):
+        sims = [dot(q, v) for v in b]
+        nearest = sorted(range(len(b)), key=lambda j: -sims[j])[:k]
+        votes: dict[int, float] = {}
+        for j in nearest:
+            votes[labels[j]] = votes.get(labels[j], 0.0) + math.exp(sims[j] / T)
+        ranked.append(sorted(votes, key=lambda c: (-votes[c], c)))
+    return ranked
+
+
+def ref_retrieval(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    x, y = rows(features), labels.tolist()
+    top1 = top5 = 0
+    aps = []
+    for i, q in enumerate(x):
+        others = sorted((j for j in range(len(x)) if j != i), key=lambda j: (-dot(q, x[j]), j))
+        rel = [y[j] == y[i] for j in others]
+        top1 += rel[0]
+        top5 += any(rel[:5])
+        found, precisions = 0, []
+        for r, hit in enumerate(rel, start=1):
+            if hit:
+                found += 1
+                precisions.append(found / r)
+        if precisions:
+            aps.append(sum(precisions) / len(precisions))
+    return {"top1": top1 / len(x), "top5": top5 / len(x), "mAP": sum(aps) / len(aps)}
+
+
+def accuracy(hits: torch.Tensor) -> float:
+    return hits.sum().item() / len(hits)
+
+
+def data(n_bank: int, n_queries: int, dim: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_bank, dim, generator=g), torch.randint(0, classes, (n_bank,), generator=g),
+            torch.randn(n_queries, dim, generator=g), torch.randint(0, classes, (n_queries,), generator=g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classify_and_evaluate_match_loop_reference(backend: str) -> None:
+    bank, bank_labels, queries, query_labels = data(30, 10, 8, 8)
+    ks = (1, 3, 7, 30)
+    metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, backend=backend)
+    assert set(metrics) == {f"knn.k{k}.top{t}" for k in ks for t in (1, 5)} | {"knn.k1.top1"}
+    for k in ks:
+        ranked = ref_knn(bank, bank_labels, queries, k)
+        preds = knn_classify(bank, bank_labels, queries, k, backend=backend)
+        assert preds.dtype == torch.int64
+        assert preds.tolist() == [r[0] for r in ranked]
+        truth = query_labels.tolist()
+        assert metrics[f"knn.k{k}.top1"] == sum(r[0] == t for r, t in zip(ranked, truth, strict=True)) / 10
+        assert metrics[f"knn.k{k}.top5"] == sum(t in r[:5] for r, t in zip(ranked, truth, strict=True)) / 10
+        assert metrics[f"knn.k{k}.top1"] == accuracy(preds == query_labels)
+    nearest = knn_search(bank, queries, 1, backend)[1][:, 0]
+    assert metrics["knn.k1.top1"] == accuracy(bank_labels[nearest] == query_labels)
+    assert 0 < metrics["knn.k30.top5"] < 1  # the top-5 rule is exercised, not trivially met
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_ties_go_to_the_lower_class_id(backend: str) -> None:
+    # Six bank items e0 + e_i, all at exactly the same cosine to the query e0; higher ids come first.
+    bank = torch.zeros(6, 7)
+    bank[:, 0] = 1
+    bank[torch.arange(6), torch.arange(1, 7)] = 1
+    bank_labels = torch.tensor([60, 50, 40, 30, 20, 10])
+    query = torch.zeros(1, 7)
+    query[0, 0] = 1
+    votes, classes = knn_scores(bank, bank_labels, query, 6, backend=backend)
+    assert classes.tolist() == [10, 20, 30, 40, 50, 60]
+    assert torch.all(votes == votes[0, 0])
+    assert knn_classify(bank, bank_labels, query, 6, backend=backend).tolist() == [10]
+    assert knn_classify(bank, bank_labels, query, 6, num_classes=61, backend=backend).tolist() == [10]
+    for label, top1, top5 in ((10, 1.0, 1.0), (50, 0.0, 1.0), (60, 0.0, 0.0)):
+        m = knn_evaluate(bank, bank_labels, query, torch.tensor([label]), ks=(6,), backend=backend)
+        assert (m["knn.k6.top1"], m["knn.k6.top5"]) == (top1, top5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_missing_class_ids(backend: str) -> None:
+    bank, bank_idx, queries, query_idx = data(30, 10, 8, 3, seed=1)
+    ids = torch.tensor([3, 17, 42])
+    bank_labels, query_labels = ids[bank_idx], ids[query_idx]
+    query_labels[:3] = 99  # a class the bank lacks: always a miss
+    ranked = ref_knn(bank, bank_labels, queries, 5)
+    preds = knn_classify(bank, bank_labels, queries, 5, backend=backend)
+    assert preds.tolist() == [r[0] for r in ranked]
+    assert torch.equal(knn_classify(bank, bank_labels, queries, 5, num_classes=43, backend=backend), preds)
+    assert knn_scores(bank, bank_labels, queries, 5, backend=backend)[1].tolist() == [3, 17, 42]
+    m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(5,), backend=backend)
+    assert m["knn.k5.top1"] == accuracy(preds == query_labels)
+    assert m["knn.k5.top5"] == sum(t in r for r, t in zip(ranked, query_labels.tolist(), strict=True)) / 10 < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_temperature_does_not_overflow(backend: str) -> None:
+    bank, bank_labels, queries, _ = data(30, 10, 8, 4)
+    nearest = knn_search(bank, queries, 1, backend)[1][:, 0]
+    preds = knn_classify(bank, bank_labels, queries, 10, temperature=1e-4, backend=backend)
+    assert torch.equal(preds, bank_labels[nearest])  # exp(1/T) alone would be inf
+
+
+def test_faiss_and_torch_agree_on_random_data() -> None:
+    bank, bank_labels, queries, query_labels = data(2000, 500, 32, 20, seed=2)
+    ks = (5, 20, 100, 200)
+    faiss_m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, backend="faiss")
+    torch_m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, backend="torch")
+    assert faiss_m == torch_m
+    for k in (1, 20):
+        assert torch.equal(knn_classify(bank, bank_labels, queries, k, backend="faiss"),
+                           knn_classify(bank, bank_labels, queries, k, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunking_changes_nothing(backend: str) -> None:
+    bank, bank_labels, queries, query_labels = data(40, 25, 8, 5, seed=3)
+    assert torch.equal(knn_classify(bank, bank_labels, queries, 10, backend=backend, chunk_size=4),
+                       knn_classify(bank, bank_labels, queries, 10, backend=backend))
+    assert (knn_evaluate(bank, bank_labels, queries, query_labels, ks=(3, 10), backend=backend, chunk_size=7)
+            == knn_evaluate(bank, bank_labels, queries, query_labels, ks=(3, 10), backend=backend))
+
+
+def test_retrieval_matches_loop_reference() -> None:
+    features, labels, _, _ = data(24, 0, 8, 4, seed=4)
+    labels[5] = 7  # a singleton class: no AP, a miss in top1/top5
+    features[1] = features[0]  # an exact duplicate of the same class: dropped by index, stays the other's top-1
+    labels[1] = labels[0]
+    ref = ref_retrieval(features, labels)
+    for chunk_size in (5, 256):
+        got = retrieval_metrics(features, labels, chunk_size=chunk_size)
+        assert got.keys() == ref.keys()
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], abs=1e-6)
+    assert retrieval_metrics(features[:2], labels[:2])["top1"] == 1.0  # the duplicate pair finds each other
+
+
+def test_retrieval_without_same_class_pairs_has_nan_map() -> None:
+    m = retrieval_metrics(torch.randn(4, 3), torch.arange(4))
+    assert m["top1"] == m["top5"] == 0.0 and math.isnan(m["mAP"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_larger_than_bank_is_clamped(backend: str) -> None:
+    bank, bank_labels, queries, query_labels = data(12, 5, 8, 3)
+    sims, idx = knn_search(bank, queries, 50, backend)
+    assert sims.shape == idx.shape == (5, 12)
+    assert torch.equal(knn_classify(bank, bank_labels, queries, 50, backend=backend),
+                       knn_classify(bank, bank_labels, queries, 12, backend=backend))
+    m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(12, 200), backend=backend)
+    assert m["knn.k200.top1"] == m["knn.k12.top1"]
+    assert knn_classify(bank, bank_labels, queries[:0], 5, backend=backend).shape == (0,)
+
+
+BANK, LABELS, QUERIES = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.randn(3, 4)
+NAN_BANK = BANK.clone()
+NAN_BANK[2, 1] = math.nan
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: knn_classify(BANK, LABELS, torch.randn(3, 5), 2), "dimension 4 but queries have 5"),
+        (lambda: knn_classify(BANK[:0], LABELS[:0], QUERIES, 2), "bank is empty"),
+        (lambda: knn_classify(BANK, LABELS, QUERIES, 0), "k must be >= 1"),
+        (lambda: knn_classify(BANK, LABELS, QUERIES, 2, backend="annoy"), "unknown kNN backend"),
+        (lambda: knn_classify(BANK, LABELS[:5], QUERIES, 2), "one label per feature row"),
+        (lambda: knn_classify(BANK, LABELS.float(), QUERIES, 2), "integer class ids"),
+        (lambda: knn_classify(BANK, LABELS - 1, QUERIES, 2), "negative class id"),
+        (lambda: knn_classify(NAN_BANK, LABELS, QUERIES, 2), "NaN or inf"),
+        (lambda: knn_classify(BANK, LABELS, QUERIES, 2, num_classes=2), "num_classes is 2"),
+        (lambda: knn_classify(BANK, LABELS, QUERIES, 2, temperature=0), "temperature must be > 0"),
+        (lambda: knn_classify(BANK[0], LABELS, QUERIES, 2), r"\(N, D\)"),
+        (lambda: knn_evaluate(BANK, LABELS, QUERIES[:0], LABELS[:0]), "no queries"),
+        (lambda: knn_evaluate(BANK, LABELS, QUERIES, LABELS[:3], ks=(0,)), "every k must be >= 1"),
+        (lambda: retrieval_metrics(BANK[:1], LABELS[:1]), "at least 2 items"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_torch_backend_on_gpu_matches_cpu() -> None:
+    bank, bank_labels, queries, query_labels = data(500, 100, 16, 10)
+    cpu = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(10, 50), backend="torch")
+    on_gpu = [x.cuda() for x in (bank, bank_labels, queries, query_labels)]
+    assert knn_evaluate(*on_gpu, ks=(10, 50), backend="torch") == cpu
+    assert retrieval_metrics(*on_gpu[2:]) == pytest.approx(retrieval_metrics(queries, query_labels))
