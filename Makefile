@@ -1,4 +1,5 @@
-# make demo: venv + install + sample data + LoDisc pretraining on it; make test: the test suite.
+# make demo: venv + install + sample data + LoDisc pretraining + kNN of it and of the random-init floor.
+# make test: the test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,9 @@ data: setup
 
 demo: data
 	$(BIN)/python train_ssl.py --config configs/pretrain/sample.yaml output_dir=$(DEMO_RUN) resume=auto
-	@echo "results: $(DEMO_RUN)/ (summary.json, metrics.jsonl, figures/masks_*.png, backbone.safetensors)"
+	$(BIN)/python -m eval.knn --checkpoint $(DEMO_RUN) --dataset configs/datasets/sample.yaml
+	$(BIN)/python -m eval.knn --checkpoint $(DEMO_RUN) --dataset configs/datasets/sample.yaml --random-init knn.figures=false
+	@echo "results: $(DEMO_RUN)/ (summary.json, metrics.jsonl, figures/, eval/knn.json, eval-random/knn.json)"
 
 test: setup
 	$(BIN)/python -m pytest -q

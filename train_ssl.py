@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from sslfg.cli import run_cli
-from sslfg.config import load_config, parse_cli
+from sslfg.cli import parse_cli, run_cli
+from sslfg.config import load_config
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 

@@ -10,11 +10,13 @@ so kNN accuracy is far from trivial. Peak memory is the rise of the process's re
 the call: the peak (VmHWM, the same number as ru_maxrss) is reset to the current RSS through
 /proc/self/clear_refs just before the call, so the data, the imports and what other variants
 allocated do not count. It covers numpy, torch and faiss allocations alike (tracemalloc sees only
-Python/numpy ones). Seconds are the median over --repeats calls; each call includes everything the
-variant needs from raw features (normalising, index build, search, voting).
+Python/numpy ones). A timed call includes everything the variant needs from raw features
+(normalising, index build, search, voting) and follows an untimed warm-up on a slice of the data. With
+--rounds R every variant runs R times in alternating order (ABC CBA ...); tables give the median
+(min–max) over rounds, ratios are medians of per-round ratios.
 
     python bench/knn.py                                        # 100k x 384 bank, 10k queries, k = 200
-    python bench/knn.py --bank 20000 --queries 2000 --repeats 3
+    python bench/knn.py --bank 20000 --queries 2000 --rounds 3
     python bench/knn.py --variants faiss --ivf --bank 500000 --queries 10000 --nprobe 8 16 32
 
 Agreement is the fraction of queries whose predicted label equals the exact faiss prediction.
@@ -26,7 +28,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import markdown_table
+from common import markdown_table, median_spread, paired_ratios
 
 from sslfg.knn import CHUNK_SIZE, knn_classify, weighted_votes
 
@@ -67,14 +68,13 @@ def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
-def measured(fn: Callable[[], object], repeats: int) -> tuple[object, list[float], float]:
-    """(last result, seconds per call, peak RSS rise in MiB over all calls)."""
+def measured(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(result, seconds, peak RSS rise during the call in MiB)."""
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    base, seconds = rss_kib("VmRSS"), []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        out = fn()
-        seconds.append(time.perf_counter() - tic)
+    base = rss_kib("VmRSS")
+    tic = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - tic
     return out, seconds, (rss_kib("VmHWM") - base) / 1024
 
 
@@ -92,7 +92,7 @@ def sklearn_predict(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Ten
     return clf.fit(bank.numpy(), labels.numpy()).predict(queries.numpy())
 
 
-def ivf(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+def ivf(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, args: argparse.Namespace) -> dict:
     """Build an IndexIVFFlat (inner product, nlist ~ 4 sqrt(N)) once, then search at each nprobe."""
     nlist = args.nlist or round(4 * math.sqrt(len(bank)))
     bank_n, queries_n = F.normalize(bank, dim=1).numpy(), F.normalize(queries, dim=1).numpy()
@@ -105,41 +105,39 @@ def ivf(bank: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, args: a
         index.add(bank_n)
         return index
 
-    index, build_s, build_mib = measured(build, 1)
+    def predict(q: np.ndarray) -> torch.Tensor:
+        sims, idx = (torch.from_numpy(a) for a in index.search(q, args.k))
+        sims[idx < 0] = -torch.inf  # fewer than k found in the probed lists: those slots get no vote
+        return weighted_votes(sims, labels[idx.clamp(min=0)], args.classes, args.temperature).argmax(dim=1)
+
+    index, build_s, build_mib = measured(build)
     rows = []
     for nprobe in args.nprobe:
         index.nprobe = nprobe
-
-        def predict() -> torch.Tensor:
-            sims, idx = (torch.from_numpy(a) for a in index.search(queries_n, args.k))
-            sims[idx < 0] = -torch.inf  # fewer than k found in the probed lists: those slots get no vote
-            votes = weighted_votes(sims, labels[idx.clamp(min=0)], args.classes, args.temperature)
-            return votes.argmax(dim=1)
-
-        preds, seconds, mib = measured(predict, args.repeats)
-        rows.append({"nlist": nlist, "nprobe": nprobe, "build_s": build_s[0], "build_mib": build_mib,
-                     "seconds": seconds, "mib": mib, "preds": preds.tolist()})
-    return rows
+        predict(queries_n[:64])  # warm-up
+        preds, seconds, mib = measured(lambda: predict(queries_n))  # noqa: B023 (called at once)
+        rows.append({"nprobe": nprobe, "seconds": seconds, "mib": max(mib, build_mib), "preds": preds.tolist()})
+    return {"nlist": nlist, "build_s": build_s, "rows": rows}
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Run one variant and print its result as JSON."""
+def worker(args: argparse.Namespace) -> dict:
+    """Run one variant: an untimed warm-up on a small slice (thread pools, lazy imports), then the timed call."""
     bank, bank_labels, queries, query_labels = synthetic(args)
     k, t = args.k, args.temperature
     if args.worker == "ivf":
-        print(json.dumps({"ivf": ivf(bank, bank_labels, queries, args), "labels": query_labels.tolist()}))
-        return
+        return ivf(bank, bank_labels, queries, args) | {"labels": query_labels.tolist()}
     if args.worker == "matmul":
         bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
-    fns: dict[str, Callable[[], object]] = {
-        "matmul": lambda: floor(bank, queries, k),
-        "faiss": lambda: knn_classify(bank, bank_labels, queries, k, t, backend="faiss"),
-        "torch": lambda: knn_classify(bank, bank_labels, queries, k, t, backend="torch"),
-        "sklearn": lambda: sklearn_predict(bank, bank_labels, queries, k, t),
-    }
-    out, seconds, mib = measured(fns[args.worker], args.repeats)
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object] = {
+        "matmul": lambda b, y, q: floor(b, q, k),
+        "faiss": lambda b, y, q: knn_classify(b, y, q, k, t, backend="faiss"),
+        "torch": lambda b, y, q: knn_classify(b, y, q, k, t, backend="torch"),
+        "sklearn": lambda b, y, q: sklearn_predict(b, y, q, k, t),
+    }[args.worker]
+    fn(bank[:1000], bank_labels[:1000], queries[:64])  # small, so that it leaves no freed heap to reuse
+    out, seconds, mib = measured(lambda: fn(bank, bank_labels, queries))
     preds = None if args.worker == "matmul" else np.asarray(out).tolist()
-    print(json.dumps({"seconds": seconds, "mib": mib, "preds": preds, "labels": query_labels.tolist()}))
+    return {"seconds": seconds, "mib": mib, "preds": preds, "labels": query_labels.tolist()}
 
 
 def spawn(name: str, argv: list[str]) -> dict:
@@ -157,38 +155,45 @@ def agreement(a: list[int], b: list[int]) -> float:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     if args.worker:
-        worker(args)
+        print(json.dumps(worker(args)))
         return
     base_argv = [a for a in argv if a != "--ivf"]
     print(f"bank {args.bank} x {args.dim}, {args.queries} queries, {args.classes} classes, k = {args.k}, "
           f"T = {args.temperature}, noise {args.noise}, chunk {CHUNK_SIZE}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
-          f"median of {args.repeats}")
-    results = {name: spawn(name, base_argv) for name in dict.fromkeys([*args.variants, "faiss"])}  # faiss: reference
-    exact = results["faiss"]
-    labels = exact["labels"]
-    median = {name: statistics.median(r["seconds"]) for name, r in results.items()}
+          f"{args.rounds} round(s)")
+    names = [*dict.fromkeys([*args.variants, "faiss"]), *(["ivf"] if args.ivf else [])]  # faiss: the reference
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(args.rounds):  # one fresh process per variant and round, order ABC CBA ...
+        for name in names if r % 2 == 0 else reversed(names):
+            runs[name].append(spawn(name, base_argv))
+    exact, labels = runs["faiss"][0]["preds"], runs["faiss"][0]["labels"]
+    times = {name: [run["seconds"] for run in runs[name]] for name in runs if name != "ivf"}
     rows = []
-    for name in [v for v in EXACT if v in results]:
-        r = results[name]
-        rows.append([NAMES[name], f"{median[name]:.2f}",
-                     f"{median[name] / median['matmul']:.2f}" if "matmul" in median else "–",
-                     f"{median[name] / median['faiss']:.2f}",
-                     "–" if r["preds"] is None else f"{agreement(r['preds'], exact['preds']):.4f}",
-                     "–" if r["preds"] is None else f"{agreement(r['preds'], labels):.3f}", f"{r['mib']:.0f}"])
+    for name in [v for v in EXACT if v in runs]:
+        preds = runs[name][0]["preds"]
+        rows.append([NAMES[name], median_spread(times[name]),
+                     median_spread(paired_ratios(times, name, "matmul")) if "matmul" in times else "–",
+                     median_spread(paired_ratios(times, name, "faiss")),
+                     "–" if preds is None else f"{agreement(preds, exact):.4f}",
+                     "–" if preds is None else f"{agreement(preds, labels):.3f}",
+                     f"{max(run['mib'] for run in runs[name]):.0f}"])
     print(markdown_table(["variant", "seconds", "/ matmul floor", "/ faiss", "agreement with faiss", "accuracy",
                           "peak MiB"], rows))
     if args.ivf:
+        times["build"] = [run["build_s"] for run in runs["ivf"]]
+        print(f"\nIndexIVFFlat, nlist {runs['ivf'][0]['nlist']}: build (k-means + add) "
+              f"{median_spread(times['build'])} s; exact faiss {median_spread(times['faiss'])} s")
         rows = []
-        for r in spawn("ivf", base_argv)["ivf"]:
-            search = statistics.median(r["seconds"])
-            rows.append([r["nlist"], r["nprobe"], f"{r['build_s']:.2f}", f"{search:.2f}",
-                         f"{median['faiss'] / search:.1f}", f"{median['faiss'] / (r['build_s'] + search):.2f}",
-                         f"{agreement(r['preds'], exact['preds']):.4f}", f"{agreement(r['preds'], labels):.3f}",
-                         f"{max(r['build_mib'], r['mib']):.0f}"])
-        print(f"\nexact faiss: {median['faiss']:.2f} s")
-        print(markdown_table(["nlist", "nprobe", "build s", "search s", "speed-up (search)",
-                              "speed-up (build + search)", "agreement with exact", "accuracy", "peak MiB"], rows))
+        for i, nprobe in enumerate(args.nprobe):
+            times["search"] = [run["rows"][i]["seconds"] for run in runs["ivf"]]
+            times["total"] = [b + s for b, s in zip(times["build"], times["search"], strict=True)]
+            preds = runs["ivf"][0]["rows"][i]["preds"]
+            rows.append([nprobe, median_spread(times["search"]), median_spread(paired_ratios(times, "faiss", "search")),
+                         median_spread(paired_ratios(times, "faiss", "total")), f"{agreement(preds, exact):.4f}",
+                         f"{agreement(preds, labels):.3f}", f"{max(run['rows'][i]['mib'] for run in runs['ivf']):.0f}"])
+        print(markdown_table(["nprobe", "search s", "speed-up (search)", "speed-up (build + search)",
+                              "agreement with exact", "accuracy", "peak MiB"], rows))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -200,7 +205,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--noise", type=float, default=4.0, help="noise norm around each class centre (norm 1)")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", choices=EXACT, default=list(EXACT), help="exact faiss always runs")
     p.add_argument("--ivf", action="store_true", help="also time an approximate IndexIVFFlat")

@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sslfg.cli import run_cli
-from sslfg.config import load_config
-from sslfg.engine.accelerator import make_accelerator
-from sslfg.evaluation import build_backbone, format_table, output_dir, parse_eval_cli, record, split_features, write_metrics
+from sslfg.cli import run_cli, run_evaluation
+from sslfg.evaluation import split_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
 from sslfg.knn import knn_classify, knn_evaluate, retrieval_metrics
 from sslfg.schema import EvalConfig
@@ -45,34 +43,30 @@ def neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds
     )
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = load_config(*parse_eval_cli(argv, __doc__), EvalConfig)
-    accelerator = make_accelerator()
-    vit, info = build_backbone(cfg)
-    out = output_dir(cfg, info)
+def evaluate(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] | None:
+    """Features of bank and queries on every process; kNN, retrieval and figures on the main one."""
     bank, bank_labels, bank_ds = split_features(cfg, vit, accelerator, cfg.data.train_split, out)
     queries, query_labels, query_ds = split_features(cfg, vit, accelerator, cfg.data.test_split, out)
-    result: dict = {}
-    if accelerator.is_main_process:
-        k = cfg.knn
-        metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=k.ks, temperature=k.temperature,
-                               backend=k.backend)
-        if k.retrieval:
-            metrics |= {f"retrieval.{name}": v for name, v in retrieval_metrics(queries, query_labels).items()}
-        protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
-                    "ks": k.ks, "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
-                    "backend": k.backend, "bank_size": len(bank), "queries": len(queries)}
-        result = record(cfg, info, protocol, metrics)
-        path = write_metrics(out, "knn", result, cfg.output)
-        if k.figures:
-            neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,
-                             out / "figures" / "knn_neighbours.png", cfg.seed)
-            save_embedding_map(queries, query_labels, query_ds.classes or [str(c) for c in range(query_ds.num_classes)],
-                               out / "figures" / "tsne_test.png", cfg.seed)
-        print(format_table(metrics))
-        print(f"metrics: {path}")
-    accelerator.wait_for_everyone()
-    return result
+    if not accelerator.is_main_process:
+        return None
+    k = cfg.knn
+    metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=k.ks, temperature=k.temperature,
+                           backend=k.backend)
+    if k.retrieval:
+        metrics |= {f"retrieval.{name}": v for name, v in retrieval_metrics(queries, query_labels).items()}
+    protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
+                "ks": k.ks, "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
+                "backend": k.backend, "bank_size": len(bank), "queries": len(queries)}
+    if k.figures:
+        neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,
+                         out / "figures" / "knn_neighbours.png", cfg.seed)
+        names = query_ds.classes or [str(c) for c in range(query_ds.num_classes)]
+        save_embedding_map(queries, query_labels, names, out / "figures" / "tsne_test.png", cfg.seed)
+    return metrics, protocol
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run_evaluation(argv, __doc__, "knn", evaluate)
 
 
 if __name__ == "__main__":

@@ -18,29 +18,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from sslfg.cli import run_cli
-from sslfg.config import load_config
-from sslfg.engine.accelerator import make_accelerator
-from sslfg.evaluation import build_backbone, format_table, output_dir, parse_eval_cli, record, write_metrics
+from sslfg.cli import run_cli, run_evaluation
 from sslfg.linear import run_fast_probe, run_full_probe
-from sslfg.schema import EvalConfig
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = load_config(*parse_eval_cli(argv, __doc__), EvalConfig)
-    accelerator = make_accelerator()
-    vit, info = build_backbone(cfg)
-    out = output_dir(cfg, info)
-    probe = run_fast_probe if cfg.linear.mode == "fast" else run_full_probe
-    metrics, protocol = probe(cfg, vit, accelerator, out)
-    result: dict = {}
-    if accelerator.is_main_process:
-        result = record(cfg, info, protocol, metrics)
-        path = write_metrics(out, "linear", result, cfg.output)
-        print(format_table(metrics))
-        print(f"metrics: {path}")
-    accelerator.wait_for_everyone()
-    return result
+    return run_evaluation(argv, __doc__, "linear", lambda cfg, vit, accelerator, out: (
+        run_fast_probe if cfg.linear.mode == "fast" else run_full_probe)(cfg, vit, accelerator, out))
 
 
 if __name__ == "__main__":

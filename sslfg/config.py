@@ -3,7 +3,6 @@ into the dataclass schema of `sslfg.schema`. Unknown keys and wrong types are er
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -255,15 +254,3 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
-
-def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[str | None, list[str]]:
-    """`--config PATH` and `key=value` overrides from `argv` (None: sys.argv), for `load_config`."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog="example:\n  %(prog)s --config configs/pretrain/cub.yaml train.epochs=10 model.keep_ratio=0.5",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML")
-    args = parser.parse_intermixed_args(argv)
-    return args.config, list(args.overrides)

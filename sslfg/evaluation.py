@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +18,6 @@ from sslfg.data.transforms import eval_transform
 from sslfg.features import cached_features
 from sslfg.models.backbone import BACKBONE_META, BACKBONE_WEIGHTS, create_vit
 from sslfg.schema import EvalConfig
-
-
-def parse_eval_cli(argv: Sequence[str] | None, description: str) -> tuple[list[str], list[str]]:
-    """Flags of the eval commands → (config files, key=value overrides) for `load_config`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
-    parser.add_argument("--dataset", metavar="PATH", help="dataset recipe, e.g. configs/datasets/cub.yaml")
-    parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory or weights file")
-    parser.add_argument("--model", metavar="NAME", help="timm model name (weights file or --random-init)")
-    parser.add_argument("--random-init", action="store_true", help="random weights: the floor")
-    parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON here")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
-    flags = {"checkpoint": args.checkpoint, "model": args.model, "output": args.output}
-    overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    overrides += ["random_init=true"] if args.random_init else []
-    return [p for p in (args.config, args.dataset) if p], overrides + list(args.overrides)
 
 
 def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
@@ -54,7 +35,7 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     elif cfg.random_init and cfg.model:
         name, kwargs, weights = cfg.model, cfg.model_kwargs, None
     else:
-        raise ConfigError("checkpoint: give --checkpoint (run directory or weights file), or --random-init --model NAME")
+        raise ConfigError("checkpoint: give --checkpoint (run dir or weights file), or --random-init --model NAME")
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
     torch.manual_seed(cfg.seed)
     vit = create_vit(name, kwargs, weights="" if cfg.random_init or weights is None else str(weights))
@@ -105,8 +86,3 @@ def write_metrics(out_dir: Path, name: str, data: dict, extra: str = "") -> Path
         tmp.replace(path)
     return targets[0]
 
-
-def format_table(metrics: dict[str, float]) -> str:
-    """Metric keys as a two-column markdown table, values in %."""
-    rows = [f"| {key} | {100 * value:.2f} |" for key, value in metrics.items()]
-    return "\n".join(["| metric | % |", "|---|---|", *rows])

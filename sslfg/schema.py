@@ -128,6 +128,7 @@ class LinearConfig:
     mode: Literal["fast", "full"] = "fast"  # fast: cached features, lr sweep; full: augmented images
     epochs: int = 100
     batch_size: int = 256
+    # fast mode: base lrs swept at once, each scaled by batch / 256 like `lr`
     lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     lr: float = 0.5  # full mode: base lr, scaled by batch / 256
     momentum: float = 0.9

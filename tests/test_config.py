@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 import pytest
 
-from sslfg.config import ConfigError, load_config, parse_cli, save_config, to_dict
+from sslfg.cli import parse_cli
+from sslfg.config import ConfigError, load_config, save_config, to_dict
 from sslfg.schema import PretrainConfig
 
 

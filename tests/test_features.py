@@ -16,7 +16,8 @@ from sslfg.schema import DataConfig
 
 def tiny_vit(seed: int = 0):
     torch.manual_seed(seed)
-    return create_vit("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)).eval()
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
+    return create_vit("vit_tiny_patch16_224", kwargs).eval()
 
 
 def test_pool_kinds() -> None:
