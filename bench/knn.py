@@ -5,21 +5,25 @@ pre-normalised features as the floor. Optionally (--ivf) an approximate faiss IV
 the exact search.
 
 Each variant runs alone in a fresh subprocess on the same synthetic data (same seed): C class
-centres on the unit sphere, each feature its class centre plus Gaussian noise of norm ~ --noise,
-so kNN accuracy is far from trivial. Peak memory is the rise of the process's resident set during
-the call: the peak (VmHWM, the same number as ru_maxrss) is reset to the current RSS through
-/proc/self/clear_refs just before the call, so the data, the imports and what other variants
-allocated do not count. It covers numpy, torch and faiss allocations alike (tracemalloc sees only
-Python/numpy ones). A timed call includes everything the variant needs from raw features
-(normalising, index build, search, voting) and follows an untimed warm-up on a slice of the data. With
---rounds R every variant runs R times in alternating order (ABC CBA ...); tables give the median
-(min–max) over rounds, ratios are medians of per-round ratios.
+centres on the unit sphere, each feature its class centre plus Gaussian noise of norm ~ --noise
+(in a random --intrinsic-dimensional subspace, or all of --dim), so kNN accuracy is not trivial.
+
+Peak memory is the rise of the process's resident set during the call: the peak (VmHWM, the
+number ru_maxrss reports) is reset to the current RSS through /proc/self/clear_refs just before the
+call, so the data, the imports and the warm-up do not count. It covers numpy, torch and faiss
+allocations alike (tracemalloc would see only Python/numpy ones). A timed call includes everything
+the variant needs from raw features (normalising, index build, search, voting) and follows an
+untimed warm-up on a small slice of the data. With --rounds R every variant runs R times in
+alternating order (ABC CBA ...); tables give the median (min–max) over rounds, ratios are medians
+of per-round ratios.
 
     python bench/knn.py                                        # 100k x 384 bank, 10k queries, k = 200
     python bench/knn.py --bank 20000 --queries 2000 --rounds 3
     python bench/knn.py --variants faiss --ivf --bank 500000 --queries 10000 --nprobe 8 16 32
 
-Agreement is the fraction of queries whose predicted label equals the exact faiss prediction.
+Agreement is the fraction of queries whose predicted label equals the exact faiss prediction;
+accuracy is against the synthetic labels. scikit-learn is optional (`pip install scikit-learn`);
+without it pass `--variants matmul faiss torch`.
 """
 
 from __future__ import annotations
@@ -48,17 +52,21 @@ NAMES = {"matmul": "bare matmul + topk (floor)", "faiss": "sslfg faiss (IndexFla
 
 
 def synthetic(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """bank (N, D), bank labels (N,), queries (Q, D), query labels (Q,); written block by block so
-    that making them needs no more memory than they take."""
+    """bank (N, D), bank labels (N,), queries (Q, D), query labels (Q,): each feature is its class
+    centre (unit norm) plus Gaussian noise of norm ~ args.noise in a random args.intrinsic-dimensional
+    subspace shared by all classes (all D dimensions when 0). Written block by block so that making
+    them needs no more memory than they take."""
     g = torch.Generator().manual_seed(args.seed)
     centres = F.normalize(torch.randn(args.classes, args.dim, generator=g), dim=1)
+    rank = args.intrinsic or args.dim
+    basis = torch.linalg.qr(torch.randn(args.dim, rank, generator=g)).Q.T * (args.noise / math.sqrt(rank))  # (r, D)
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, args.classes, (n,), generator=g)
         x = torch.empty(n, args.dim)
         for s in range(0, n, 65536):
-            noise = torch.randn(len(x[s : s + 65536]), args.dim, generator=g)
-            x[s : s + 65536] = centres[labels[s : s + 65536]] + noise * (args.noise / math.sqrt(args.dim))
+            y = labels[s : s + 65536]
+            x[s : s + 65536] = centres[y] + torch.randn(len(y), rank, generator=g) @ basis
         return x, labels
 
     return *draw(args.bank), *draw(args.queries)
@@ -159,7 +167,8 @@ def main(argv: list[str]) -> None:
         return
     base_argv = [a for a in argv if a != "--ivf"]
     print(f"bank {args.bank} x {args.dim}, {args.queries} queries, {args.classes} classes, k = {args.k}, "
-          f"T = {args.temperature}, noise {args.noise}, chunk {CHUNK_SIZE}; torch {torch.__version__} "
+          f"T = {args.temperature}, noise {args.noise} in {args.intrinsic or args.dim} dims, chunk {CHUNK_SIZE}; "
+          f"torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
           f"{args.rounds} round(s)")
     names = [*dict.fromkeys([*args.variants, "faiss"]), *(["ivf"] if args.ivf else [])]  # faiss: the reference
@@ -205,6 +214,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--noise", type=float, default=4.0, help="noise norm around each class centre (norm 1)")
+    p.add_argument("--intrinsic", type=int, default=0, help="dimension of the noise subspace; 0: all of --dim")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", choices=EXACT, default=list(EXACT), help="exact faiss always runs")

@@ -112,7 +112,7 @@ def test_exact_ties_go_to_the_lower_class_id(backend: str) -> None:
 def test_non_contiguous_and_missing_class_ids(backend: str) -> None:
     bank, bank_idx, queries, query_idx = data(30, 10, 8, 3, seed=1)
     ids = torch.tensor([3, 17, 42])
-    bank_labels, query_labels = ids[bank_idx], ids[query_idx]
+    bank_labels, query_labels = ids[bank_idx], ids[query_idx].int()  # mixed int dtypes are fine
     query_labels[:3] = 99  # a class the bank lacks: always a miss
     ranked = ref_knn(bank, bank_labels, queries, 5)
     preds = knn_classify(bank, bank_labels, queries, 5, backend=backend)
