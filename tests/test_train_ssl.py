@@ -11,6 +11,7 @@ import timm
 import torch
 import yaml
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_ssl
 from sslfg import load_backbone
@@ -30,6 +31,10 @@ def test_run_directory_and_backbone_export(tiny_data: Path, tmp_path: Path) -> N
     for name in ("config.yaml", "metrics.jsonl", "backbone.safetensors", "backbone.json", "summary.json",
                  "figures/masks_start.png", "figures/masks_end.png"):
         assert (run / name).is_file(), name
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert {"loss", "loss_global", "loss_local", "lr"} <= set(board.Tags()["scalars"])
+    assert [e.step for e in board.Scalars("loss")] == [1, 2, 3]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "loss_global", "loss_local", "lr", "weight_decay", "momentum"} <= records[-1].keys()
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["keep_ratio"] == 0.3

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from safetensors.torch import save_file
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from torch import Tensor
 
 from sslfg.config import ConfigError
@@ -93,20 +94,44 @@ def cls_attention(vit: VisionTransformer) -> Iterator[list[Tensor]]:
 
 
 def forward_tokens(
-    vit: VisionTransformer, x: Tensor, keep_idx: Tensor | None = None
+    vit: VisionTransformer, x: Tensor, keep_idx: Tensor | None = None, cls_token: Tensor | None = None
 ) -> Tensor:
     """All output tokens after the final norm, (B, prefix + N, D).
 
     keep_idx (B, K): feed only these patch tokens (with their position embeddings) to the
     blocks; the output then has prefix + K tokens.
+    cls_token (1, 1, D): use this class token instead of `vit.cls_token` (GLSim's crop token);
+    the CLS slot still gets its position embedding where timm adds one.
     """
     x = vit._pos_embed(vit.patch_embed(x))
+    if cls_token is not None:
+        # timm reads vit.cls_token inside _pos_embed: swap in the other token by its difference
+        # (vit.cls_token then gets no gradient from this pass), which position dropout would break.
+        if vit.training and vit.pos_drop.p > 0:
+            raise ValueError("forward_tokens(cls_token=...) needs a backbone without position dropout")
+        x = torch.cat([x[:, :1] + (cls_token - vit.cls_token), x[:, 1:]], dim=1)
     if keep_idx is not None:
         start = vit.num_prefix_tokens
         patches = x[:, start:].gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :start], patches], dim=1)
     x = vit.norm_pre(vit.patch_drop(x))
     return vit.norm(vit.blocks(x))
+
+
+def new_block(vit: VisionTransformer, num_heads: int | None = None) -> Block:
+    """A randomly initialised transformer block of the backbone's kind (width, heads, MLP ratio,
+    qkv bias, norm layer), initialised like a timm ViT; `num_heads` overrides the head count."""
+    ref = vit.blocks[0]
+    dim = vit.embed_dim
+    block = Block(
+        dim,
+        num_heads or ref.attn.num_heads,
+        mlp_ratio=ref.mlp.fc1.out_features / dim,
+        qkv_bias=ref.attn.qkv.bias is not None,
+        norm_layer=partial(type(ref.norm1), eps=ref.norm1.eps),
+    )
+    block.apply(init_weights_vit_timm)
+    return block
 
 
 def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], run_dir: Path) -> Path:
