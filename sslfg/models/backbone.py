@@ -108,7 +108,7 @@ def forward_tokens(
         # timm reads vit.cls_token inside _pos_embed: swap in the other token by its difference
         # (vit.cls_token then gets no gradient from this pass), which position dropout would break.
         if vit.training and vit.pos_drop.p > 0:
-            raise ValueError("forward_tokens(cls_token=...) needs a backbone without position dropout")
+            raise ValueError("a replaced class token (GLSim) needs pos_drop_rate 0: remove it from model.kwargs")
         x = torch.cat([x[:, :1] + (cls_token - vit.cls_token), x[:, 1:]], dim=1)
     if keep_idx is not None:
         start = vit.num_prefix_tokens

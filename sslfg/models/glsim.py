@@ -1,0 +1,157 @@
+"""GLSim: global-local similarity crops for fine-tuning (METHODS §2), and the plain ViT baseline.
+
+Both classifiers share one forward contract: `model(x)` gives logits (B, C);
+`model(x, return_crops=True)` gives a dict with "logits" and, for GLSim, "boxes" and "crops".
+Train either with `classification_loss` (cross-entropy, label smoothing 0.1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from sslfg.models.backbone import forward_tokens, grid_size, new_block
+
+BoxMode = Literal["inclusive", "reference"]
+BOX_MODES = ("inclusive", "reference")
+LABEL_SMOOTHING = 0.1
+
+
+def check_gls_args(num_patches: int, k: int, box: str) -> None:
+    """Raises a ValueError naming the bad GLSim setting."""
+    if box not in BOX_MODES:
+        raise ValueError(f"GLSim box must be one of {BOX_MODES}, got '{box}'")
+    if not 1 <= k <= num_patches:
+        raise ValueError(f"GLSim k must be between 1 and the number of patches ({num_patches}), got {k}")
+
+
+def gls_scores(tokens: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """sim_j = cos(CLS, patch_j), (B, N), from encoder tokens (B, prefix + N, D), CLS first.
+
+    Normalise + batched dot product: about 10× faster than a broadcasting F.cosine_similarity.
+    Float32, so that the top-k does not depend on bf16 rounding.
+    """
+    x = F.normalize(tokens.float(), dim=-1)
+    return torch.einsum("bd,bnd->bn", x[:, 0], x[:, num_prefix_tokens:])
+
+
+def gls_boxes(
+    tokens: Tensor, patch_size: int, k: int, box: BoxMode = "inclusive", num_prefix_tokens: int = 1
+) -> Tensor:
+    """Pixel boxes (y0, x0, y1, x1), end-exclusive, int64 (B, 4), around the k patches most similar to CLS.
+
+    tokens (B, prefix + N, D) with CLS first and N = G² patches in row-major order.
+    "inclusive": the box covers the whole selected patches, y1 = (max r + 1)·P.
+    "reference": y1 = max r·P as the reference code, which drops the last selected row and column
+    and is empty when they coincide (k = 1); `at_least` grows such a box for cropping.
+    """
+    scores = gls_scores(tokens, num_prefix_tokens)
+    n = scores.shape[1]
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"GLSim needs a square patch grid, got {n} patch tokens")
+    check_gls_args(n, k, box)
+    idx = scores.topk(k, dim=1).indices
+    rows, cols = idx // g, idx % g
+    end = 1 if box == "inclusive" else 0
+    return torch.stack([rows.amin(1), cols.amin(1), rows.amax(1) + end, cols.amax(1) + end], dim=1) * patch_size
+
+
+def at_least(boxes: Tensor, extent: int) -> Tensor:
+    """Boxes (B, 4) whose far edges are moved so that each side spans at least `extent` pixels.
+
+    The reference crop does this (one patch) before cropping; a box from gls_boxes starts at least
+    one patch before the far image edge, so the result stays inside the image.
+    """
+    y0, x0, y1, x1 = boxes.unbind(1)
+    return torch.stack([y0, x0, torch.maximum(y1, y0 + extent), torch.maximum(x1, x0 + extent)], dim=1)
+
+
+def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Each image cropped to its box (y0, x0, y1, x1) and resized bilinearly to (size, size): (B, C, size, size).
+
+    One roi_align call for the whole batch. aligned=True: box edges are pixel edges (pixel i spans
+    [i, i + 1)), and sampling_ratio=1 takes one bilinear sample per output pixel: F.interpolate(bilinear,
+    align_corners=False) of the crop, except that samples within half a pixel outside the box read
+    the neighbouring image pixels where interpolate repeats the crop's edge. GLSim always enlarges
+    (the box is inside the image, size the image size), where adaptive sampling would also take one.
+    """
+    b = images.shape[0]
+    y0, x0, y1, x1 = boxes.to(images.device, torch.float32).unbind(1)
+    batch_idx = torch.arange(b, device=images.device, dtype=torch.float32)
+    # float32: bf16 holds integers (pixel coordinates, batch indices) exactly only up to 256
+    rois = torch.stack([batch_idx, x0, y0, x1, y1], dim=1)
+    crops = roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    return crops.to(images.dtype)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy with label smoothing 0.1, the loss of both GLSim and the plain ViT fine-tune."""
+    return F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
+
+
+def zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """Linear layer with zero weights and bias: every logit is 0 at initialisation."""
+    head = nn.Linear(in_features, out_features)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class GLSim(nn.Module):
+    """A timm ViT (built by create_vit, no classifier) with GLSim's crop branch, aggregator and head.
+
+    forward: X = f(x); boxes around the top-k GLS patches; crops of x resized to x's size; Xc = f(crops)
+    with the crop CLS token; aggregator block + LayerNorm over [X[:, 0], Xc[:, 0]]; head on token 0.
+    Gradients flow through both encoder passes; the box selection itself is not differentiable.
+    """
+
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        num_classes: int,
+        k: int = 8,
+        box: BoxMode = "inclusive",
+        aggregator_heads: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_gls_args(grid_size(vit) ** 2, k, box)
+        self.encoder = vit
+        self.k = k
+        self.box = box
+        self.crop_cls_token = nn.Parameter(vit.cls_token.detach().clone())
+        self.aggregator = new_block(vit, aggregator_heads)
+        self.norm = nn.LayerNorm(vit.embed_dim, eps=1e-6)  # timm ViT's final-norm epsilon
+        self.head = zero_linear(vit.embed_dim, num_classes)
+
+    def forward(self, x: Tensor, return_crops: bool = False) -> Tensor | dict[str, Tensor]:
+        """x (B, 3, S, S) → logits (B, C), or {"logits", "boxes" (B, 4) int64, "crops" (B, 3, S, S)}."""
+        size = x.shape[-1]
+        patch_size = size // grid_size(self.encoder)
+        tokens = forward_tokens(self.encoder, x)
+        boxes = gls_boxes(tokens.detach(), patch_size, self.k, self.box, self.encoder.num_prefix_tokens)
+        crops = crop_and_resize(x, at_least(boxes, patch_size), size)
+        crop_tokens = forward_tokens(self.encoder, crops, cls_token=self.crop_cls_token)
+        z = self.norm(self.aggregator(torch.stack([tokens[:, 0], crop_tokens[:, 0]], dim=1)))
+        logits = self.head(z[:, 0])
+        return {"logits": logits, "boxes": boxes, "crops": crops} if return_crops else logits
+
+
+class ViTClassifier(nn.Module):
+    """The plain ViT fine-tune baseline: zero-initialised Linear on the CLS token after the final norm."""
+
+    def __init__(self, vit: VisionTransformer, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = vit
+        self.head = zero_linear(vit.embed_dim, num_classes)
+
+    def forward(self, x: Tensor, return_crops: bool = False) -> Tensor | dict[str, Tensor]:
+        """x (B, 3, H, W) → logits (B, C), or {"logits"} (a plain ViT makes no crops)."""
+        logits = self.head(forward_tokens(self.encoder, x)[:, 0])
+        return {"logits": logits} if return_crops else logits
