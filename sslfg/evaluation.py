@@ -16,30 +16,19 @@ from sslfg.config import ConfigError
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.features import cached_features
-from sslfg.models.backbone import BACKBONE_META, BACKBONE_WEIGHTS, create_vit
+from sslfg.models.backbone import backbone_source, create_vit
 from sslfg.schema import EvalConfig
 
 
 def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     """The frozen backbone at the dataset's image size, and what to record about it."""
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
-    if ckpt is not None and (ckpt / BACKBONE_META).is_file():
-        meta = json.loads((ckpt / BACKBONE_META).read_text())
-        name, kwargs, weights = meta["name"], meta["kwargs"], ckpt / BACKBONE_WEIGHTS
-    elif ckpt is not None and ckpt.is_file():
-        if not cfg.model:
-            raise ConfigError(f"model: a weights file ({ckpt}) needs --model, the timm name it was saved from")
-        name, kwargs, weights = cfg.model, cfg.model_kwargs, ckpt
-    elif ckpt is not None:
-        raise ConfigError(f"checkpoint: '{ckpt}' is neither an sslfg run directory (no {BACKBONE_META}) nor a file")
-    elif cfg.random_init and cfg.model:
-        name, kwargs, weights = cfg.model, cfg.model_kwargs, None
-    else:
+    if not cfg.checkpoint and not (cfg.random_init and cfg.model):
         raise ConfigError("checkpoint: give --checkpoint (run dir or weights file), or --random-init --model NAME")
+    name, kwargs, weights = backbone_source(cfg.checkpoint, cfg.model, cfg.model_kwargs, key="checkpoint")
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
     torch.manual_seed(cfg.seed)
-    vit = create_vit(name, kwargs, weights="" if cfg.random_init or weights is None else str(weights))
-    init = "random" if cfg.random_init else str(weights)
+    vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights)
+    init = "random" if cfg.random_init else weights
     return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init}
 
 

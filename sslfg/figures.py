@@ -91,3 +91,36 @@ def save_embedding_map(features: Tensor, labels: Tensor, class_names: list[str],
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_crop_figure(images: Tensor, boxes: Tensor, crops: Tensor, scores: Tensor, top_k: int, path: Path) -> Path:
+    """One row per image: the image with its GLS box, the crop the second pass sees, and the
+    global-local similarity of every patch (red = high) with the top-k patches outlined.
+
+    images (B, 3, H, W) and crops (B, 3, S, S) in [0, 1]; boxes (B, 4) as (y0, x0, y1, x1); scores (B, N).
+    """
+    b, _, h, _ = images.shape
+    g = int(scores.shape[1] ** 0.5)
+    scale = max(1, 128 // h)
+    low, high = scores.amin(1, keepdim=True), scores.amax(1, keepdim=True)
+    heat = (scores - low) / (high - low + 1e-8)
+    heat = heat.view(b, 1, g, g).repeat_interleave(h // g, 2).repeat_interleave(h // g, 3)
+    overlay = 0.4 * images + 0.6 * torch.cat([heat, torch.zeros_like(heat), 1 - heat], dim=1)
+    top = scores.topk(top_k, dim=1).indices
+    side, pad = h * scale, 4
+    sheet = Image.new("RGB", (3 * (side + pad) + pad, b * (side + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row in range(b):
+        y = pad + row * (side + pad)
+        for col, picture in enumerate((images[row], crops[row], overlay[row])):
+            sheet.paste(_to_pil(picture, scale).resize((side, side), Image.NEAREST), (pad + col * (side + pad), y))
+        y0, x0, y1, x1 = (int(v) * scale for v in boxes[row])
+        draw.rectangle([pad + x0, y + y0, pad + x1 - 1, y + y1 - 1], outline=(0, 200, 0), width=2)
+        cell = side // g
+        for idx in top[row].tolist():
+            r, c = divmod(idx, g)
+            left = pad + 2 * (side + pad) + c * cell
+            draw.rectangle([left, y + r * cell, left + cell - 1, y + (r + 1) * cell - 1], outline="white")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

@@ -32,12 +32,11 @@ from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from sslfg.config import ConfigError, save_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed
-from sslfg.data.transforms import INTERPOLATION
+from sslfg.data.transforms import crop_flip_transform
 from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog
@@ -271,17 +270,6 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     return {"linear.top1": result.top1, "linear.top5": result.top5}, protocol
 
 
-def probe_transform(data: DataConfig) -> v2.Compose:
-    """LoDisc's linear-probe augmentation: RandomResizedCrop(S, scale 0.08–1) and horizontal flip,
-    then float in [0, 1] and Normalize: PIL image → (3, S, S) float32. Random draws come from torch's
-    RNG, so SeededDataset makes them a function of (seed, epoch, index)."""
-    return v2.Compose([
-        v2.RandomResizedCrop(data.image_size, interpolation=INTERPOLATION),
-        v2.RandomHorizontalFlip(),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data.mean), list(data.std)),
-    ])
-
-
 def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator,
                    out: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """Full mode: trains (or resumes, `linear.resume`) one head on augmented images of
@@ -293,7 +281,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     # The backbone is frozen, so the head applied to cached eval features is the eval pass; extracting them
     # first also fails fast on a bad test split.
     test_x, test_y, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
-    dataset = build_dataset(d, d.train_split, probe_transform(d))
+    dataset = build_dataset(d, d.train_split, crop_flip_transform(d.image_size, d.mean, d.std))
     world = accelerator.num_processes
     if len(dataset) < lin.batch_size * world:
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "

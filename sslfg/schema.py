@@ -64,13 +64,24 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation, schedules and checkpoints of the training loop."""
+class LoopConfig:
+    """What the shared training loop reads: length, batching, precision, clipping, checkpoints."""
 
     epochs: int = 100
     max_steps: int = 0  # >0 stops after this many optimizer steps; schedules still follow `epochs`
     batch_size: int = 256  # per process
     grad_accum_steps: int = 1
+    clip_grad: float = 0.0  # 0: no clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = 500  # optimizer steps
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Pretraining: the loop plus AdamW, its schedules and the EMA momentum (METHODS §1)."""
+
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
@@ -78,11 +89,6 @@ class TrainConfig:
     weight_decay_end: float = -1.0  # <0: constant weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # torch AdamW defaults, as MoCo v3
     momentum: float = 0.99  # EMA m0, cosine to 1
-    clip_grad: float = 0.0  # 0: no clipping
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    checkpoint_every: int = 500  # optimizer steps
-    keep_checkpoints: int = 2
-    log_every: int = 10
     figure_samples: int = 6  # training images in the mask figure; 0 disables it
 
 
@@ -152,3 +158,58 @@ class EvalConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+
+
+@dataclass
+class FinetuneModelConfig:
+    """The classifier on the backbone: GLSim (METHODS §2) or the plain ViT CLS head."""
+
+    head: Literal["glsim", "vit"] = "glsim"
+    name: str = "vit_base_patch16_224"  # timm name, used when `init` is a weights file or empty (scratch)
+    patch_size: int = 0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_path_rate: float = 0.1
+    top_k: int = 8  # GLS patches that define the crop (16 for Stanford Dogs)
+    crop_box: Literal["inclusive", "reference"] = "inclusive"  # reference: the original code's box
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class FinetuneAugmentConfig:
+    """GLSim's fine-tuning augmentations: Resize(resize_ratio·S) + RandomCrop(S) for training,
+    + CenterCrop(S) for testing."""
+
+    resize_ratio: float = 1.34
+    trivial_augment: bool = True
+    random_erasing: float = 0.3
+    flip: bool = True
+
+
+@dataclass
+class FinetuneTrainConfig(LoopConfig):
+    """Fine-tuning: the loop plus SGD Nesterov, warmup steps then cosine (GLSim recipe)."""
+
+    epochs: int = 50
+    batch_size: int = 8
+    clip_grad: float = 1.0
+    lr: float = 0.01
+    min_lr: float = 1e-5
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    sgd_momentum: float = 0.9
+    nesterov: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `eval.finetune` reads."""
+
+    output_dir: str = "runs/finetune"
+    seed: int = 0
+    resume: str = ""  # "" | "auto" | path to a checkpoint directory
+    init: str = ""  # an sslfg run directory, a weights file (with model.name), or "" for scratch
+    eval_only: bool = False  # evaluate the newest checkpoint (or `resume`) on the test split
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)

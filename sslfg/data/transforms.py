@@ -1,9 +1,10 @@
-"""Image transforms: the two-view SSL augmentation (METHODS §1) and the evaluation transform.
+"""Image transforms: the two-view SSL augmentation (METHODS §1), the fine-tuning recipe (§2), the
+linear-probe augmentation and the evaluation transform.
 
 Every random choice comes from torch's global RNG (torchvision.transforms.v2 draws with
-torch.rand / torch.randint / Tensor.uniform_, never with Python's `random`), so seeding torch per
-sample (`torch.random.fork_rng` + `torch.manual_seed`) reproduces the augmentations exactly on
-resume. Resampling is bilinear, as in MoCo v3 and LoDisc (torchvision's default); PIL resizing
+torch.rand / torch.randint / Tensor.uniform_, never with Python's `random`), so seeding torch's
+CPU generator per sample (`sslfg.data.sampling.SeededDataset`) reproduces the augmentations
+exactly on resume. Resampling is bilinear, as in MoCo v3 and LoDisc (torchvision's default); PIL resizing
 antialiases.
 """
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from sslfg.schema import AugmentConfig
+from sslfg.schema import AugmentConfig, FinetuneAugmentConfig
 
 INTERPOLATION = InterpolationMode.BILINEAR
 
@@ -127,6 +128,32 @@ def eval_transform(
             *_to_normalized_tensor(mean, std),
         ]
     )
+
+
+def finetune_transforms(
+    image_size: int, aug: FinetuneAugmentConfig, mean: Sequence[float], std: Sequence[float]
+) -> tuple[v2.Compose, v2.Compose]:
+    """GLSim's fine-tuning pair (train, test): both resize to a square of resize_ratio·S; train
+    then takes a RandomCrop(S), flip, TrivialAugmentWide and, after Normalize, RandomErasing;
+    test takes the CenterCrop(S)."""
+    side = round(aug.resize_ratio * image_size)
+    train: list[v2.Transform] = [v2.Resize((side, side), interpolation=INTERPOLATION), v2.RandomCrop(image_size)]
+    if aug.flip:
+        train.append(v2.RandomHorizontalFlip())
+    if aug.trivial_augment:
+        train.append(v2.TrivialAugmentWide(interpolation=INTERPOLATION))
+    train += _to_normalized_tensor(mean, std)
+    if aug.random_erasing > 0:
+        train.append(v2.RandomErasing(p=aug.random_erasing))
+    test = [v2.Resize((side, side), interpolation=INTERPOLATION), v2.CenterCrop(image_size),
+            *_to_normalized_tensor(mean, std)]
+    return v2.Compose(train), v2.Compose(test)
+
+
+def crop_flip_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """LoDisc's linear-probe augmentation: RandomResizedCrop(S, scale 0.08–1) and a horizontal flip."""
+    return v2.Compose([v2.RandomResizedCrop(image_size, interpolation=INTERPOLATION), v2.RandomHorizontalFlip(),
+                       *_to_normalized_tensor(mean, std)])
 
 
 def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:

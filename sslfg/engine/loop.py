@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sslfg.data.sampling import EpochBatchSampler
 from sslfg.engine.checkpoint import checkpoint_dirs, save_checkpoint
 from sslfg.engine.metrics import MetricsLog
-from sslfg.schema import TrainConfig
+from sslfg.schema import LoopConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,7 +50,7 @@ def run_loop(
     optimizer: torch.optim.Optimizer,
     loader: Iterable[Any],
     sampler: EpochBatchSampler,
-    train: TrainConfig,
+    train: LoopConfig,
     state: LoopState,
     run_dir: Path,
     log: MetricsLog,

@@ -147,6 +147,21 @@ def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], r
     return run_dir / BACKBONE_WEIGHTS
 
 
+def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "init") -> tuple[str, dict[str, Any], str]:
+    """(timm name, kwargs, weights file) for an sslfg run directory (from its backbone.json), a
+    weights file (needs `name`), or "" (`name` from scratch: weights ""). `key` names the setting
+    in error messages."""
+    source = Path(path) if path else None
+    if source is not None and (source / BACKBONE_META).is_file():
+        meta = json.loads((source / BACKBONE_META).read_text())
+        return meta["name"], meta["kwargs"], str(source / BACKBONE_WEIGHTS)
+    if source is not None and not source.is_file():
+        raise ConfigError(f"{key}: '{source}' is neither an sslfg run directory (no {BACKBONE_META}) nor a file")
+    if not name:
+        raise ConfigError(f"{key}: a weights file or a scratch model needs the timm name it was saved from (model)")
+    return name, kwargs, str(source or "")
+
+
 def load_backbone(run_dir: str | Path) -> VisionTransformer:
     """The trained backbone of a run directory, as a timm model (no classifier), in eval mode."""
     run_dir = Path(run_dir)

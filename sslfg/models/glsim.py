@@ -91,9 +91,9 @@ def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return crops.to(images.dtype)
 
 
-def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy with label smoothing 0.1, the loss of both GLSim and the plain ViT fine-tune."""
-    return F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
+def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = LABEL_SMOOTHING) -> Tensor:
+    """Cross-entropy with label smoothing (0.1), the loss of both GLSim and the plain ViT fine-tune."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
 def zero_linear(in_features: int, out_features: int) -> nn.Linear:

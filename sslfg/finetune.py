@@ -1,0 +1,158 @@
+"""Fine-tuning with the GLSim head or the plain ViT head (METHODS §2) on the shared training loop.
+
+Called by `eval/finetune.py`; importable so that studies and tests run it in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sslfg.config import ConfigError, save_config
+from sslfg.data.datasets import build_dataset
+from sslfg.data.sampling import EpochBatchSampler, SeededDataset
+from sslfg.data.transforms import denormalize, finetune_transforms
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
+from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
+from sslfg.engine.metrics import MetricsLog
+from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.schedules import cosine_schedule
+from sslfg.figures import save_crop_figure
+from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, timm_kwargs
+from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
+from sslfg.schema import FinetuneConfig
+
+THROUGHPUT_BATCHES = (1, 64)
+
+
+def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """GLSim or ViTClassifier on the backbone named by `init`, and what to record about it."""
+    m = cfg.model
+    name, kwargs, weights = backbone_source(cfg.init, m.name, timm_kwargs(cfg.data.image_size, m.patch_size, m.kwargs))
+    kwargs = {**kwargs, "img_size": cfg.data.image_size}
+    vit = create_vit(name, kwargs, weights, m.drop_path_rate)
+    model = GLSim(vit, num_classes, k=m.top_k, box=m.crop_box) if m.head == "glsim" else ViTClassifier(vit, num_classes)
+    return model, {"backbone": name, "backbone_kwargs": kwargs, "init": weights or "scratch", "head": m.head}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, accelerator: Accelerator, batch_size: int, num_workers: int) -> dict:
+    """Test top-1, top-5, per-class and mean per-class accuracy (in [0, 1]) over every process."""
+    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = model(images).float()
+        logits, labels = accelerator.gather_for_metrics((logits.contiguous(), labels.to(logits.device)))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    model.train(was_training)
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    correct = logits.argmax(1) == labels
+    per_class = {int(c): correct[labels == c].float().mean().item() for c in labels.unique()}
+    return {
+        "top1": correct.float().mean().item(),
+        "top5": (top5 == labels[:, None]).any(1).float().mean().item(),
+        "mean_per_class": sum(per_class.values()) / len(per_class),
+        "per_class": per_class,
+    }
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, image_size: int, device: torch.device, batch: int, repeats: int = 3) -> float:
+    """Inference images/s at a batch size, on random images, after one warm-up pass."""
+    model.eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch * repeats / (time.perf_counter() - tic)
+
+
+@torch.no_grad()
+def crop_figure(model: GLSim, dataset, cfg: FinetuneConfig, device: torch.device, path: Path, n: int = 6) -> None:
+    """Test images with the GLS box, the crop the second pass sees, and the patch-similarity heat map."""
+    model.eval()
+    indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
+    images = torch.stack([dataset[i][0] for i in indices]).to(device)
+    out = model(images, return_crops=True)
+    scores = gls_scores(forward_tokens(model.encoder, images), model.encoder.num_prefix_tokens)
+    show = [denormalize(t, cfg.data.mean, cfg.data.std).cpu() for t in (images, out["crops"])]
+    save_crop_figure(show[0], out["boxes"].cpu(), show[1], scores.cpu(), cfg.model.top_k, path)
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Trains (or resumes, or with `eval_only` only tests) a classifier; returns the run directory."""
+    t = cfg.train
+    accelerator = make_accelerator(t.mixed_precision, t.grad_accum_steps)
+    resume = cfg.resume or ("auto" if cfg.eval_only else "")
+    run_dir = prepare_run_dir(cfg.output_dir, resume)
+    resume_from = resolve_resume(resume, run_dir)
+    if cfg.eval_only and resume_from is None:
+        raise ConfigError(f"eval_only: no checkpoint in {run_dir / 'checkpoints'}; train first or set resume=PATH")
+    if accelerator.is_main_process and not cfg.eval_only:
+        save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.seed)
+
+    train_tf, test_tf = finetune_transforms(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std)
+    train_ds = build_dataset(cfg.data, cfg.data.train_split, train_tf)
+    test_ds = build_dataset(cfg.data, cfg.data.test_split, test_tf)
+    num_classes = cfg.data.num_classes or max(train_ds.num_classes, test_ds.num_classes)
+    model, info = build_classifier(cfg, num_classes)
+    sampler = EpochBatchSampler(len(train_ds), t.batch_size, accelerator.process_index, accelerator.num_processes,
+                                cfg.seed, multiple_of=t.grad_accum_steps)
+    loader = DataLoader(SeededDataset(train_ds), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+                        generator=torch.Generator())
+    total = t.epochs * steps_per_epoch(sampler, t.grad_accum_steps)
+    schedules = {"lr": cosine_schedule(t.lr, t.min_lr, total, warmup_steps=t.warmup_steps),
+                 "weight_decay": cosine_schedule(t.weight_decay, t.weight_decay, total)}
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.sgd_momentum, nesterov=t.nesterov,
+                                weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = load_checkpoint(accelerator, resume_from) if resume_from else 0
+
+    if not cfg.eval_only:
+        log = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step if resume_from else None)
+
+        def compute_loss(batch):
+            images, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)
+            return {"loss": classification_loss(model(images), labels, cfg.model.label_smoothing)}
+
+        state = LoopState(schedules=schedules, start_step=step)
+        step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, log, compute_loss)
+        log.close()
+
+    result = evaluate(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
+    if accelerator.is_main_process:
+        net = accelerator.unwrap_model(model)
+        speed = {f"images_per_second.batch{b}": round(throughput(net, cfg.data.image_size, accelerator.device, b), 1)
+                 for b in THROUGHPUT_BATCHES}
+        record = {"dataset": cfg.data.root, "train_split": cfg.data.train_split, "test_split": cfg.data.test_split,
+                  "seed": cfg.seed, "step": step, "epochs": t.epochs, "num_classes": num_classes, **info,
+                  **{f"test.{k}": v for k, v in result.items()}, **speed}
+        name = f"eval_step_{step:08d}.json" if cfg.eval_only else "metrics.json"
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(run_dir / name)
+        if isinstance(net, GLSim):
+            crop_figure(net, test_ds, cfg, accelerator.device, run_dir / "figures" / "gls_crops.png")
+    accelerator.wait_for_everyone()
+    return run_dir
