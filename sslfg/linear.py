@@ -37,14 +37,14 @@ from sslfg.config import ConfigError, save_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed
 from sslfg.data.transforms import crop_flip_transform
-from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
+from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.rundir import prepare_run_dir
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation import split_features
 from sslfg.features import pool_features
-from sslfg.schema import DataConfig, EvalConfig, LinearConfig, TrainConfig
+from sslfg.schema import DataConfig, EvalConfig, LinearConfig, LoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +287,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "
                           f"({lin.batch_size} × {world} processes); lower linear.batch_size")
     run_dir = out / FULL_RUN_DIR
-    if not lin.resume and checkpoint_dirs(run_dir):
-        raise ConfigError(f"linear.resume: '{run_dir}' already holds a full-mode run; continue it with "
-                          f"linear.resume=auto, or choose another output_dir")
-    prepare_run_dir(str(run_dir), lin.resume)
+    prepare_run_dir(str(run_dir), lin.resume, resume_key="linear.resume")
     resume_from = resolve_resume(lin.resume, run_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
@@ -302,8 +299,8 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         generator=torch.Generator(),  # the loader never draws from the global RNG: resume stays exact
     )
     per_epoch, total = sampler.batches_per_epoch, lin.epochs * sampler.batches_per_epoch
-    train = TrainConfig(epochs=lin.epochs, batch_size=lin.batch_size, base_lr=lin.lr, weight_decay=lin.weight_decay,
-                        checkpoint_every=per_epoch, log_every=min(10, per_epoch))
+    train = LoopConfig(epochs=lin.epochs, batch_size=lin.batch_size, checkpoint_every=per_epoch,
+                       log_every=min(10, per_epoch))
     lr = lin.lr * lin.batch_size * world / 256
     schedules = {"lr": cosine_schedule(lr, 0.0, total), "weight_decay": np.full(total, lin.weight_decay)}
     head = LinearHeads(test_x.shape[1], max(dataset.num_classes, test_ds.num_classes), 1, cfg.seed)

@@ -85,5 +85,9 @@ def test_init_from_pretraining_run_and_plain_vit_head(tiny_data: Path, tmp_path:
     cfg.model.head = "vit"
     model, _ = build_classifier(cfg, 3)
     assert isinstance(model, ViTClassifier)
+    cfg.init, cfg.model.name = str(run / "backbone.safetensors"), "vit_tiny_patch16_224"  # a weights file
+    model, info = build_classifier(cfg, 3)
+    assert info["init"] == cfg.init
+    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in exported.items())
     cfg.train.epochs = 1
     assert json.loads((finetune(cfg) / "metrics.json").read_text())["head"] == "vit"

@@ -9,7 +9,7 @@ from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
 
 
-def prepare_run_dir(output_dir: str, resume: str) -> Path:
+def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume") -> Path:
     """Creates `output_dir`, proves it writable, and refuses to start a fresh run on top of an
     existing run's checkpoints (which would be lost). Every process calls it, so an error
     stops all of them, not only the main one."""
@@ -23,7 +23,7 @@ def prepare_run_dir(output_dir: str, resume: str) -> Path:
         raise ConfigError(f"output_dir: cannot write to '{run_dir}' ({e.strerror}); choose another output_dir") from e
     if not resume and checkpoint_dirs(run_dir):
         raise ConfigError(
-            f"output_dir: '{run_dir}' already holds checkpoints; continue that run with `resume=auto` "
+            f"output_dir: '{run_dir}' already holds checkpoints; continue that run with `{resume_key}=auto` "
             f"or choose another output_dir"
         )
     return run_dir
