@@ -172,6 +172,9 @@ class FinetuneModelConfig:
     top_k: int = 8  # GLS patches that define the crop (16 for Stanford Dogs)
     crop_box: Literal["inclusive", "reference"] = "inclusive"  # reference: the original code's box
     label_smoothing: float = 0.1
+    adapter: Literal["none", "ila", "ila+", "ila++"] = "none"  # ILA (METHODS §3): frozen backbone + adapters
+    adapter_width: int = 8
+    adapter_positions: list[int] = field(default_factory=list)  # empty: after blocks depth/3-1 and 2·depth/3-1
 
 
 @dataclass

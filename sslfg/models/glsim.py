@@ -132,11 +132,13 @@ class GLSim(nn.Module):
 
     def forward(self, x: Tensor, return_crops: bool = False) -> Tensor | dict[str, Tensor]:
         """x (B, 3, S, S) → logits (B, C), or {"logits", "boxes" (B, 4) int64, "crops" (B, 3, S, S)}."""
-        size = x.shape[-1]
-        patch_size = size // grid_size(self.encoder)
+        size, prefix = x.shape[-1], self.encoder.num_prefix_tokens
         tokens = forward_tokens(self.encoder, x)
-        boxes = gls_boxes(tokens.detach(), patch_size, self.k, self.box, self.encoder.num_prefix_tokens)
-        crops = crop_and_resize(x, at_least(boxes, patch_size), size)
+        # The grid of the output tokens: the input grid, or smaller after ILA's down-sampling adapters.
+        # Boxes in grid cells scale to pixels by size / grid (exactly the patch size without adapters).
+        grid = math.isqrt(tokens.shape[1] - prefix)
+        boxes = gls_boxes(tokens.detach(), 1, self.k, self.box, prefix) * size // grid
+        crops = crop_and_resize(x, at_least(boxes, size // grid), size)
         crop_tokens = forward_tokens(self.encoder, crops, cls_token=self.crop_cls_token)
         z = self.norm(self.aggregator(torch.stack([tokens[:, 0], crop_tokens[:, 0]], dim=1)))
         logits = self.head(z[:, 0])
