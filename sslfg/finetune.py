@@ -6,6 +6,7 @@ Called by `eval/finetune.py`; importable so that studies and tests run it in-pro
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,10 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
 from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, timm_kwargs
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
+from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
+
+log = logging.getLogger(__name__)
 
 THROUGHPUT_BATCHES = (1, 64)
 
@@ -41,7 +45,14 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
     vit = create_vit(name, kwargs, weights, m.drop_path_rate)
     model = GLSim(vit, num_classes, k=m.top_k, box=m.crop_box) if m.head == "glsim" else ViTClassifier(vit, num_classes)
-    return model, {"backbone": name, "backbone_kwargs": kwargs, "init": weights or "scratch", "head": m.head}
+    if m.adapter != "none":  # after GLSim (whose aggregator copies the plain block's kind); freezes the backbone
+        attach_ila(vit, variant=m.adapter, width=m.adapter_width, positions=m.adapter_positions or None)
+        if m.head == "glsim" and m.top_k > final_grid(vit) ** 2:
+            raise ConfigError(f"model.top_k: {m.top_k} is more than the {final_grid(vit) ** 2} patches left after "
+                              f"the {m.adapter} adapters")
+    trainable, total = count_parameters(model)
+    return model, {"backbone": name, "backbone_kwargs": kwargs, "init": weights or "scratch", "head": m.head,
+                   "adapter": m.adapter, "params.trainable": trainable, "params.total": total}
 
 
 @torch.no_grad()
@@ -124,21 +135,23 @@ def finetune(cfg: FinetuneConfig) -> Path:
     total = t.epochs * steps_per_epoch(sampler, t.grad_accum_steps)
     schedules = {"lr": cosine_schedule(t.lr, t.min_lr, total, warmup_steps=t.warmup_steps),
                  "weight_decay": cosine_schedule(t.weight_decay, t.weight_decay, total)}
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.sgd_momentum, nesterov=t.nesterov,
-                                weight_decay=t.weight_decay)
+    log.info("%s head, adapter %s: %d trainable of %d parameters", cfg.model.head, cfg.model.adapter,
+             info["params.trainable"], info["params.total"])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                momentum=t.sgd_momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = load_checkpoint(accelerator, resume_from) if resume_from else 0
 
     if not cfg.eval_only:
-        log = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step if resume_from else None)
+        metrics_log = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step if resume_from else None)
 
         def compute_loss(batch):
             images, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)
             return {"loss": classification_loss(model(images), labels, cfg.model.label_smoothing)}
 
         state = LoopState(schedules=schedules, start_step=step)
-        step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, log, compute_loss)
-        log.close()
+        step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics_log, compute_loss)
+        metrics_log.close()
 
     result = evaluate(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
     if accelerator.is_main_process:

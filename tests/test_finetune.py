@@ -118,3 +118,21 @@ def test_two_processes_equal_one_process(tiny_data: Path, tmp_path: Path) -> Non
     a, b = (load_file(str(checkpoint_dirs(tmp_path / n)[-1] / "model.safetensors")) for n in ("1", "2"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("adapter, head", [("ila", "vit"), ("ila++", "glsim")])
+def test_ila_fine_tune_keeps_the_backbone_frozen(tiny_data: Path, tmp_path: Path, adapter: str, head: str) -> None:
+    pre = pretrain(tiny_config(tiny_data, tmp_path / "pre", max_steps=1, figure_samples=0))
+    cfg = ft_config(tiny_data, tmp_path / "ila", epochs=1)
+    cfg.init, cfg.model.adapter, cfg.model.head = str(pre), adapter, head
+    cfg.model.adapter_positions, cfg.model.top_k = [0], 2  # one down-sampling adapter: 4x4 grid → 2x2
+    model, info = build_classifier(cfg, 3)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and 0 < info["params.trainable"] < info["params.total"]
+    assert not any("adapter" in name or name.endswith("cls_token") or name.startswith("head") for name in frozen)
+    run = finetune(cfg)
+    after = load_file(str(checkpoint_dirs(run)[-1] / "model.safetensors"))
+    assert all(torch.equal(after[name], value) for name, value in frozen.items()), "a frozen parameter moved"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["adapter"] == adapter and metrics["params.trainable"] == info["params.trainable"]
+    assert metrics["init"].endswith("backbone.safetensors")

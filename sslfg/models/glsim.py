@@ -133,12 +133,14 @@ class GLSim(nn.Module):
     def forward(self, x: Tensor, return_crops: bool = False) -> Tensor | dict[str, Tensor]:
         """x (B, 3, S, S) → logits (B, C), or {"logits", "boxes" (B, 4) int64, "crops" (B, 3, S, S)}."""
         size, prefix = x.shape[-1], self.encoder.num_prefix_tokens
+        grid = grid_size(self.encoder)
+        patch_size = size // grid
         tokens = forward_tokens(self.encoder, x)
-        # The grid of the output tokens: the input grid, or smaller after ILA's down-sampling adapters.
-        # Boxes in grid cells scale to pixels by size / grid (exactly the patch size without adapters).
-        grid = math.isqrt(tokens.shape[1] - prefix)
-        boxes = gls_boxes(tokens.detach(), 1, self.k, self.box, prefix) * size // grid
-        crops = crop_and_resize(x, at_least(boxes, size // grid), size)
+        # ILA's valid 3x3 convolutions shrink the output grid by 2 per down-sampling adapter; output
+        # cell (r, c) is centred on input patch (r + shift, c + shift). Without adapters shift = 0.
+        shift = (grid - math.isqrt(tokens.shape[1] - prefix)) // 2
+        boxes = (gls_boxes(tokens.detach(), 1, self.k, self.box, prefix) + shift) * patch_size
+        crops = crop_and_resize(x, at_least(boxes, patch_size), size)
         crop_tokens = forward_tokens(self.encoder, crops, cls_token=self.crop_cls_token)
         z = self.norm(self.aggregator(torch.stack([tokens[:, 0], crop_tokens[:, 0]], dim=1)))
         logits = self.head(z[:, 0])

@@ -19,6 +19,7 @@ from sslfg.models.glsim import (
     gls_boxes,
     gls_scores,
 )
+from sslfg.models.ila import attach_ila, final_grid
 from tests.conftest import TINY_MODEL
 
 
@@ -239,3 +240,20 @@ def test_vit_classifier_starts_at_zero_and_reads_the_cls_token() -> None:
     torch.nn.init.normal_(model.head.weight)
     ref = forward_tokens(model.encoder, x)[:, 0] @ model.head.weight.T + model.head.bias
     torch.testing.assert_close(model(x), ref)
+
+
+def test_boxes_on_the_grid_shrunk_by_ila_are_centred_on_their_input_patches() -> None:
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2))
+    model = GLSim(vit, num_classes=3, k=3)
+    attach_ila(vit, variant="ila", positions=[0])  # 8x8 input grid → 6x6 output grid
+    assert final_grid(vit) == 6
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        boxes = model(x, return_crops=True)["boxes"]
+        tokens = forward_tokens(vit, x)
+    # Output cell (r, c) sees input patches r..r+2, c..c+2: its centre is input patch (r + 1, c + 1).
+    expected = (gls_boxes(tokens, 1, 3) + 1) * 4
+    assert torch.equal(boxes, expected)
+    assert boxes.min() >= 4 and boxes.max() <= 28
