@@ -2,9 +2,10 @@
 
 import os
 
-# Before torch loads OpenMP: its threads otherwise spin while waiting, and on a few cores shared
-# with DataLoader workers that spinning starves the workers (measured on 2 cores: 1.8 s → 1.5 s
-# per step alone, 7.6 s → 1.5 s beside another job). A user's own setting wins.
+# Before torch loads OpenMP: its threads otherwise spin while waiting, which on a few cores shared
+# with other processes is ruinous (2 cores, demo step beside another job: 7.6 s spinning, 1.5 s
+# passive). On a quiet machine it neither helps nor costs much (bench/README.md, input_pipeline).
+# A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sslfg.models.backbone import load_backbone  # noqa: E402
