@@ -146,6 +146,18 @@ def _check_classify(bank: torch.Tensor, bank_labels: torch.Tensor, temperature: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _neighbour_classes(
+    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int, temperature: float,
+    num_classes: int | None, backend: Backend, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked search: similarities (Q, k'), the contiguous class index of each neighbour (Q, k'),
+    and the original class id of each index (C,)."""
+    _check_classify(bank, bank_labels, temperature)
+    sims, idx = knn_search(bank, queries, k, backend, chunk_size)
+    contiguous, classes = _class_index(bank_labels.to(idx.device), num_classes)
+    return sims, contiguous[idx], classes
+
+
 @torch.no_grad()
 def knn_scores(
     bank: torch.Tensor,
@@ -164,10 +176,9 @@ def knn_scores(
     bank, or 0..num_classes-1 when num_classes is given. Holds Q x C floats: for many queries and
     classes prefer `knn_classify` / `knn_evaluate`, which vote chunk by chunk.
     """
-    _check_classify(bank, bank_labels, temperature)
-    sims, idx = knn_search(bank, queries, k, backend, chunk_size)
-    contiguous, classes = _class_index(bank_labels.to(idx.device), num_classes)
-    return weighted_votes(sims, contiguous[idx], len(classes), temperature), classes
+    sims, neighbours, classes = _neighbour_classes(bank, bank_labels, queries, k, temperature, num_classes, backend,
+                                                   chunk_size)
+    return weighted_votes(sims, neighbours, len(classes), temperature), classes
 
 
 @torch.no_grad()
@@ -184,11 +195,10 @@ def knn_classify(
     """Predicted class id (Q,) int64 of each query: argmax of the exp(sim / T) votes of its k nearest
     bank items (cosine), ties to the lowest class id. bank (N, D), bank_labels (N,), queries (Q, D);
     k is clamped to N. Returns original class ids, on the queries' device."""
-    _check_classify(bank, bank_labels, temperature)
-    sims, idx = knn_search(bank, queries, k, backend, chunk_size)
-    contiguous, classes = _class_index(bank_labels.to(idx.device), num_classes)
+    sims, neighbours, classes = _neighbour_classes(bank, bank_labels, queries, k, temperature, num_classes, backend,
+                                                   chunk_size)
     preds = [
-        weighted_votes(sims[s : s + chunk_size], contiguous[idx[s : s + chunk_size]], len(classes), temperature)
+        weighted_votes(sims[s : s + chunk_size], neighbours[s : s + chunk_size], len(classes), temperature)
         .argmax(dim=1)  # first maximum: the lowest class id among tied votes
         for s in range(0, len(sims), chunk_size)
     ]
@@ -217,20 +227,18 @@ def knn_evaluate(
     vote (one of the k neighbours has it) and fewer than 5 classes rank before it, ranking by votes
     and then by lower class id. A query whose class is absent from the bank counts as a miss.
     """
-    _check_classify(bank, bank_labels, temperature)
     _check_labels(query_labels, len(queries), "query_labels")
     if len(queries) == 0:
         raise ValueError("no queries: accuracy needs at least one query")
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got ks={list(ks)}")
-    sims, idx = knn_search(bank, queries, max([1, *ks]), backend, chunk_size)
-    contiguous, classes = _class_index(bank_labels.to(idx.device), None)
-    labels = query_labels.to(idx.device, torch.long)
+    sims, neighbours, classes = _neighbour_classes(bank, bank_labels, queries, max([1, *ks]), temperature, None,
+                                                   backend, chunk_size)
+    labels = query_labels.to(neighbours.device, torch.long)
     pos = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
     target = torch.where(classes[pos] == labels, pos, -1)  # -1: a class the bank lacks
-    neighbours = contiguous[idx]  # (Q, k_max)
     hits = {f"knn.k{k}.{m}": 0 for k in ks for m in ("top1", "top5")}
-    ids = torch.arange(len(classes), device=idx.device)
+    ids = torch.arange(len(classes), device=neighbours.device)
     for s in range(0, len(queries), chunk_size):
         t = target[s : s + chunk_size, None]
         for k in ks:
