@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 from common import markdown_table, median_spread, num_threads, sample_config
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed
+from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
 from sslfg.data.transforms import TwoViewTransform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
@@ -44,18 +44,6 @@ from sslfg.engine.metrics import MetricsLog
 from sslfg.models.lodisc import LoDisc
 from sslfg.pretrain import build_schedules
 from sslfg.schema import PretrainConfig
-
-
-def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int, device: torch.device) -> DataLoader:
-    """The DataLoader of `sslfg.pretrain.pretrain`, with `num_workers` workers."""
-    return DataLoader(
-        SeededDataset(dataset),
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator(),
-    )
 
 
 class Trainer:
@@ -169,7 +157,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, sampler, Path(tmp))
         device = trainer.accelerator.device
-        loaders = {w: make_loader(dataset, sampler, w, device) for w in sorted({w for w, _ in variants})}
+        pin = device.type == "cuda"
+        loaders = {w: seeded_loader(dataset, sampler, w, pin_memory=pin) for w in sorted({w for w, _ in variants})}
         alone = {w: loader_alone(loader, sampler, args.steps, args.warmup) for w, loader in loaders.items()}
         size = cfg.data.image_size
         synthetic = [((torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)), torch.zeros(batch))]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from torch import Tensor
 from sslfg.config import ConfigError
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
+from sslfg.engine.rundir import write_json
 from sslfg.features import cached_features
 from sslfg.models.backbone import backbone_source, create_vit
 from sslfg.schema import EvalConfig
@@ -66,12 +65,7 @@ def record(cfg: EvalConfig, info: dict[str, Any], protocol: dict[str, Any], metr
 
 def write_metrics(out_dir: Path, name: str, data: dict, extra: str = "") -> Path:
     """Writes <out_dir>/<name>.json (and `extra` when set) atomically."""
-    text = json.dumps(data, indent=2, default=str)
-    targets = [out_dir / f"{name}.json"] + ([Path(extra)] if extra else [])
-    for path in targets:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return targets[0]
+    if extra:
+        write_json(Path(extra), data)
+    return write_json(out_dir / f"{name}.json", data)
 

@@ -5,7 +5,6 @@ Called by `eval/finetune.py`; importable so that studies and tests run it in-pro
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,13 +18,13 @@ from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError, save_config
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, SeededDataset
+from sslfg.data.sampling import EpochBatchSampler, seeded_loader
 from sslfg.data.transforms import denormalize, finetune_transforms
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
 from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
 from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, timm_kwargs
@@ -129,9 +128,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     model, info = build_classifier(cfg, num_classes)
     sampler = EpochBatchSampler(len(train_ds), t.batch_size, accelerator.process_index, accelerator.num_processes,
                                 cfg.seed, multiple_of=t.grad_accum_steps)
-    loader = DataLoader(SeededDataset(train_ds), batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
-                        generator=torch.Generator())
+    loader = seeded_loader(train_ds, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
     total = t.epochs * steps_per_epoch(sampler, t.grad_accum_steps)
     schedules = {"lr": cosine_schedule(t.lr, t.min_lr, total, warmup_steps=t.warmup_steps),
                  "weight_decay": cosine_schedule(t.weight_decay, t.weight_decay, total)}
@@ -162,9 +159,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
                   "seed": cfg.seed, "step": step, "epochs": t.epochs, "num_classes": num_classes, **info,
                   **{f"test.{k}": v for k, v in result.items()}, **speed}
         name = f"eval_step_{step:08d}.json" if cfg.eval_only else "metrics.json"
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(run_dir / name)
+        write_json(run_dir / name, record)
         if isinstance(net, GLSim):
             crop_figure(net, test_ds, cfg, accelerator.device, run_dir / "figures" / "gls_crops.png")
     accelerator.wait_for_everyone()

@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError, save_config
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed
+from sslfg.data.sampling import EpochBatchSampler, sample_seed, seeded_loader
 from sslfg.data.transforms import crop_flip_transform
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
@@ -293,11 +292,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         save_config(cfg, run_dir / "config.yaml")
 
     sampler = EpochBatchSampler(len(dataset), lin.batch_size, accelerator.process_index, world, cfg.seed)
-    loader = DataLoader(
-        SeededDataset(dataset), batch_sampler=sampler, num_workers=d.num_workers,
-        pin_memory=accelerator.device.type == "cuda", persistent_workers=d.num_workers > 0,
-        generator=torch.Generator(),  # the loader never draws from the global RNG: resume stays exact
-    )
+    loader = seeded_loader(dataset, sampler, d.num_workers, pin_memory=accelerator.device.type == "cuda")
     per_epoch, total = sampler.batches_per_epoch, lin.epochs * sampler.batches_per_epoch
     train = LoopConfig(epochs=lin.epochs, batch_size=lin.batch_size, checkpoint_every=per_epoch,
                        log_every=min(10, per_epoch))

@@ -5,23 +5,21 @@ Called by `train_ssl.py`; importable so that studies and tests run it in-process
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
 from sslfg.config import save_config
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed
+from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
 from sslfg.data.transforms import TwoViewTransform, denormalize
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
 from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
 from sslfg.models.backbone import export_backbone
@@ -71,11 +69,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     dataset = build_dataset(cfg.data, cfg.data.train_split, transform)
     sampler = EpochBatchSampler(len(dataset), t.batch_size, accelerator.process_index, accelerator.num_processes,
                                 cfg.seed, multiple_of=t.grad_accum_steps)
-    loader = DataLoader(
-        SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=accelerator.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator(),  # the loader never draws from the global RNG: resume stays exact
-    )
+    loader = seeded_loader(dataset, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
 
     model = LoDisc(cfg.model, cfg.data.image_size)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
@@ -115,7 +109,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "images_per_second": round(state.images_seen / max(state.seconds, 1e-9), 1),
             "checkpoint": str(checkpoint_dirs(run_dir)[-1]),
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(run_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslfg.config import ConfigError
 
@@ -80,3 +80,12 @@ class SeededDataset(Dataset):
             return self.dataset[index]
         finally:
             generator.set_state(state)
+
+
+def seeded_loader(
+    dataset: Dataset, sampler: EpochBatchSampler, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """The training DataLoader: `sampler`'s (index, seed) batches of `dataset`, each item made under
+    its seed. Its own generator keeps it from drawing on the global RNG, so resume stays exact."""
+    return DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, generator=torch.Generator())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
@@ -27,3 +29,12 @@ def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume") ->
             f"or choose another output_dir"
         )
     return run_dir
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Writes `data` as JSON through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+    return path
