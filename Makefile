@@ -1,10 +1,10 @@
-# make demo: venv + install + sample data + LoDisc pretraining + kNN of it and of the random-init floor.
+# make demo: venv + install + sample data + the sample study (pretraining arms, evaluations, fine-tuning, report).
 # make test: the test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
-DEMO_RUN := runs/sample_lodisc
+DEMO_STUDY := runs/study_sample
 
 .PHONY: setup data demo test test-all lint clean
 
@@ -19,10 +19,8 @@ data: setup
 	$(BIN)/python -m sslfg.data.sample --out data/sample
 
 demo: data
-	$(BIN)/python train_ssl.py --config configs/pretrain/sample.yaml output_dir=$(DEMO_RUN) resume=auto
-	$(BIN)/python -m eval.knn --checkpoint $(DEMO_RUN) --dataset configs/datasets/sample.yaml
-	$(BIN)/python -m eval.knn --checkpoint $(DEMO_RUN) --dataset configs/datasets/sample.yaml --random-init knn.figures=false
-	@echo "results: $(DEMO_RUN)/ (summary.json, metrics.jsonl, figures/, eval/knn.json, eval-random/knn.json)"
+	$(BIN)/python -m sslfg.study --config configs/study/sample.yaml output_dir=$(DEMO_STUDY)
+	@echo "results: $(DEMO_STUDY)/report/report.md (tables, curves, masks, crops, neighbours); runs in $(DEMO_STUDY)/seed0/"
 
 test: setup
 	$(BIN)/python -m pytest -q

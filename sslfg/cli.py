@@ -12,12 +12,14 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
 
 from sslfg.config import ConfigError, load_config
 from sslfg.data.images import DataError
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import NonFiniteLossError
-from sslfg.evaluation import build_backbone, output_dir, record, write_metrics
+from sslfg.engine.rundir import ensure_writable
+from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, reset_skipped, write_metrics
 from sslfg.schema import EvalConfig
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError)
@@ -32,9 +34,23 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         main(argv)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        for bar in list(tqdm._instances):  # a progress bar the error interrupted: end its line first
+            bar.close()
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_message(error: BaseException) -> str:
+    """The message of a user error. One raised in a DataLoader worker comes back as the same type with
+    torch's "Caught <type> in DataLoader worker process N. Original Traceback ..." text, which ends
+    with "<module>.<type>: <the message>": that message, without the worker's traceback."""
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        _, sep, message = text.rpartition(f"{type(error).__module__}.{type(error).__qualname__}: ")
+        if sep:
+            return message.strip()
+    return text
 
 
 def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[str | None, list[str]]:
@@ -72,8 +88,11 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, eval
     process (None elsewhere); the result is written to <output_dir>/<name>.json and printed."""
     cfg = load_config(*parse_eval_cli(argv, description), EvalConfig)
     accelerator = make_accelerator()
+    out = ensure_writable(output_dir(cfg, {"backbone": backbone_spec(cfg)[0]}))  # before any time is spent
+    if cfg.output:
+        ensure_writable(Path(cfg.output).parent, "output")
+    reset_skipped()
     vit, info = build_backbone(cfg)
-    out = output_dir(cfg, info)
     produced = evaluate(cfg, vit, accelerator, out)
     result: dict = {}
     if accelerator.is_main_process and produced is not None:

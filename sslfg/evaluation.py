@@ -18,13 +18,22 @@ from sslfg.features import cached_features
 from sslfg.models.backbone import backbone_source, create_vit
 from sslfg.schema import EvalConfig
 
+# split -> images data.on_bad_image=skip dropped from it in this evaluation: filled by `eval_dataset`, cleared by
+# `reset_skipped` (sslfg.cli.run_evaluation does at the start), recorded by `record`
+SKIPPED: dict[str, int] = {}
 
-def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
-    """The frozen backbone at the dataset's image size, and what to record about it."""
+
+def backbone_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], str]:
+    """(timm name, kwargs at the dataset's image size, weights file) of the backbone, without building it."""
     if not cfg.checkpoint and not (cfg.random_init and cfg.model):
         raise ConfigError("checkpoint: give --checkpoint (run dir or weights file), or --random-init --model NAME")
     name, kwargs, weights = backbone_source(cfg.checkpoint, cfg.model, cfg.model_kwargs, key="checkpoint")
-    kwargs = {**kwargs, "img_size": cfg.data.image_size}
+    return name, {**kwargs, "img_size": cfg.data.image_size}, weights
+
+
+def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
+    """The frozen backbone at the dataset's image size, and what to record about it."""
+    name, kwargs, weights = backbone_spec(cfg)
     torch.manual_seed(cfg.seed)
     vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights)
     init = "random" if cfg.random_init else weights
@@ -32,7 +41,8 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
 
 
 def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
-    """`output_dir`, else <run>/eval for a run directory, else runs/eval/<model>-<init>."""
+    """`output_dir`, else <run>/eval for a run directory, else runs/eval/<model>-<init>; `info` needs
+    "backbone" (the timm name)."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
@@ -45,7 +55,7 @@ def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
                    out_dir: Path) -> tuple[Tensor, Tensor, Any]:
     """Features, labels and the dataset of one split, through the feature cache."""
     transform = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.features.crop_ratio)
-    dataset = build_dataset(cfg.data, split, transform)
+    dataset = eval_dataset(cfg, split, transform)
     f = cfg.features
     features, labels = cached_features(
         vit, dataset, split, out_dir / "features" if f.cache else None, accelerator, f.batch_size,
@@ -54,11 +64,25 @@ def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     return features, labels, dataset
 
 
+def eval_dataset(cfg: EvalConfig, split: str, transform: Any) -> Any:
+    """`build_dataset` for an evaluation, noting in SKIPPED how many bad images it dropped from `split`."""
+    dataset = build_dataset(cfg.data, split, transform)
+    SKIPPED[split] = len(dataset.skipped)
+    return dataset
+
+
+def reset_skipped() -> None:
+    """Starts a new evaluation's count of skipped images."""
+    SKIPPED.clear()
+
+
 def record(cfg: EvalConfig, info: dict[str, Any], protocol: dict[str, Any], metrics: dict[str, float]) -> dict:
-    """The flat metrics object: metric keys (values in [0, 1]) plus what produced them."""
+    """The flat metrics object: metric keys (values in [0, 1]) plus what produced them, including
+    "data.skipped_images", the images data.on_bad_image=skip dropped from the splits used."""
     return {
         "dataset": cfg.data.root, "format": cfg.data.format, "image_size": cfg.data.image_size,
-        "feature": cfg.features.kind, "seed": cfg.seed, **info,
+        "feature": cfg.features.kind, "seed": cfg.seed, "data.on_bad_image": cfg.data.on_bad_image,
+        "data.skipped_images": sum(SKIPPED.values()), **info,
         **{f"protocol.{k}": v for k, v in protocol.items()}, **metrics,
     }
 

@@ -22,12 +22,15 @@ from tqdm.auto import tqdm
 
 from sslfg.models.backbone import forward_tokens
 
-FeatureKind = Literal["cls", "mean", "lastn"]
+FeatureKind = Literal["cls", "mean", "lastn", "pixels"]
 
 
 def pool_features(vit: VisionTransformer, x: Tensor, kind: FeatureKind = "cls", last_n: int = 4) -> Tensor:
     """(B, 3, H, W) → (B, D) for "cls" (final CLS after the final norm) and "mean" (mean of the
-    final patch tokens), (B, last_n·D) for "lastn" (CLS of the last n blocks, each normalised)."""
+    final patch tokens), (B, last_n·D) for "lastn" (CLS of the last n blocks, each normalised), and
+    (B, 3·H·W) for "pixels" (the normalised image itself: the raw-pixel floor; `vit` is unused)."""
+    if kind == "pixels":
+        return x.flatten(1)
     if kind == "lastn":
         layers = vit.get_intermediate_layers(x, n=last_n, return_prefix_tokens=True, norm=True)
         return torch.cat([prefix[:, 0] for _, prefix in layers], dim=1)

@@ -56,7 +56,8 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, accelerator: Accelerator, batch_size: int, num_workers: int) -> dict:
-    """Test top-1, top-5, per-class and mean per-class accuracy (in [0, 1]) over every process."""
+    """Test top-1, top-5, per-class and mean per-class accuracy (in [0, 1]) over every process, and
+    the number of test images they cover."""
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
     was_training = model.training
     model.eval()
@@ -77,6 +78,7 @@ def evaluate(model: nn.Module, dataset, accelerator: Accelerator, batch_size: in
         "top5": (top5 == labels[:, None]).any(1).float().mean().item(),
         "mean_per_class": sum(per_class.values()) / len(per_class),
         "per_class": per_class,
+        "samples": len(labels),  # each test image once, however many processes evaluated it
     }
 
 
@@ -138,7 +140,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
                                 momentum=t.sgd_momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = load_checkpoint(accelerator, resume_from) if resume_from else 0
+    if resume_from:
+        log.info("%s from %s (step %d)", "testing" if cfg.eval_only else "resuming", resume_from, step)
 
+    timing = {}
     if not cfg.eval_only:
         metrics_log = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step if resume_from else None)
 
@@ -146,9 +151,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
             images, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)
             return {"loss": classification_loss(model(images), labels, cfg.model.label_smoothing)}
 
-        state = LoopState(schedules=schedules, start_step=step)
+        state = LoopState(schedules=schedules, start_step=step, lr_key="train.lr")
         step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics_log, compute_loss)
         metrics_log.close()
+        timing = {"train.seconds": round(state.seconds, 2),
+                  "train.images_per_second": round(state.images_seen / max(state.seconds, 1e-9), 1)}
 
     result = evaluate(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
     if accelerator.is_main_process:
@@ -157,7 +164,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
                  for b in THROUGHPUT_BATCHES}
         record = {"dataset": cfg.data.root, "train_split": cfg.data.train_split, "test_split": cfg.data.test_split,
                   "seed": cfg.seed, "step": step, "epochs": t.epochs, "num_classes": num_classes, **info,
-                  **{f"test.{k}": v for k, v in result.items()}, **speed}
+                  **{f"test.{k}": v for k, v in result.items()}, **speed, **timing,
+                  "data.skipped_images": len(train_ds.skipped) + len(test_ds.skipped)}  # data.on_bad_image=skip
         name = f"eval_step_{step:08d}.json" if cfg.eval_only else "metrics.json"
         write_json(run_dir / name, record)
         if isinstance(net, GLSim):

@@ -33,7 +33,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from sslfg.config import ConfigError, save_config
-from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, sample_seed, seeded_loader
 from sslfg.data.transforms import crop_flip_transform
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
@@ -41,7 +40,7 @@ from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.rundir import prepare_run_dir
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation import split_features
+from sslfg.evaluation import eval_dataset, split_features
 from sslfg.features import pool_features
 from sslfg.schema import DataConfig, EvalConfig, LinearConfig, LoopConfig
 
@@ -280,7 +279,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     # The backbone is frozen, so the head applied to cached eval features is the eval pass; extracting them
     # first also fails fast on a bad test split.
     test_x, test_y, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
-    dataset = build_dataset(d, d.train_split, crop_flip_transform(d.image_size, d.mean, d.std))
+    dataset = eval_dataset(cfg, d.train_split, crop_flip_transform(d.image_size, d.mean, d.std))
     world = accelerator.num_processes
     if len(dataset) < lin.batch_size * world:
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "
@@ -314,7 +313,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         logits = head(features)[0]
         return {"loss": F.cross_entropy(logits, labels), "top1": (logits.argmax(dim=1) == labels).float().mean()}
 
-    state = LoopState(schedules=schedules, start_step=start)
+    state = LoopState(schedules=schedules, start_step=start, lr_key="linear.lr", resume_key="linear.resume")
     step = run_loop(accelerator, head, optimizer, loader, sampler, train, state, run_dir, metrics, compute_loss)
     metrics.close()
     if not accelerator.is_main_process:

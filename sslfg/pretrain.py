@@ -24,6 +24,7 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
 from sslfg.models.backbone import export_backbone
 from sslfg.models.lodisc import LoDisc
+from sslfg.online_knn import OnlineKnn
 from sslfg.schema import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,18 @@ def pretrain(cfg: PretrainConfig) -> Path:
         out.pop("keep_idx", None)
         return out
 
+    online_knn = OnlineKnn(cfg, accelerator) if t.knn_every > 0 else None
+    if online_knn is not None and start == 0:
+        metrics.log(0, online_knn(lodisc.encoder))
+
+    def after_step(s: int) -> None:
+        lodisc.update_momentum(float(schedules["momentum"][s]))
+        if online_knn is not None and (s + 1) % (t.knn_every * per_epoch) == 0:
+            metrics.log(s + 1, online_knn(lodisc.encoder))
+
     state = LoopState(schedules=schedules, start_step=start)
     step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics, compute_loss,
-                    after_step=lambda s: lodisc.update_momentum(float(schedules["momentum"][s])))
+                    after_step=after_step)
     metrics.close()
 
     if accelerator.is_main_process:
@@ -108,8 +118,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "init": cfg.model.weights or "scratch", "seconds": round(state.seconds, 2),
             "images_per_second": round(state.images_seen / max(state.seconds, 1e-9), 1),
             "checkpoint": str(checkpoint_dirs(run_dir)[-1]),
+            "data.skipped_images": len(dataset.skipped),  # dropped by data.on_bad_image=skip, each logged
         }
         write_json(run_dir / "summary.json", summary)
+    # No end_training(): it destroys the process group, which a study's next arm in this process needs.
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return run_dir

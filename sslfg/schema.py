@@ -28,6 +28,10 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     num_workers: int = 4
+    # error: an unreadable image (missing, empty, truncated, undecodable) stops the run, naming file and row,
+    # when it is reached; skip: every image is decoded once when the dataset is built, and the bad ones are
+    # dropped, each logged, and counted in the run's metrics (data.skipped_images)
+    on_bad_image: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ModelConfig:
     local_weight: float = 1.0  # 0 gives plain MoCo v3
     local_view: Literal["zero_fill", "drop_tokens"] = "zero_fill"
     keep_ratio: float = 0.30
+    attention_layers: int = 0  # the location score sums the last n blocks' CLS attention; 0: every block (LoDisc)
 
 
 @dataclass
@@ -90,6 +95,8 @@ class TrainConfig(LoopConfig):
     betas: tuple[float, float] = (0.9, 0.999)  # torch AdamW defaults, as MoCo v3
     momentum: float = 0.99  # EMA m0, cosine to 1
     figure_samples: int = 6  # training images in the mask figure; 0 disables it
+    knn_every: int = 0  # online kNN (k 20) of the online encoder every n epochs and at step 0; 0: off
+    knn_samples: int = 2000  # at most this many bank (data.train_split) and query (data.test_split) images
 
 
 @dataclass
@@ -109,7 +116,8 @@ class PretrainConfig:
 class FeatureConfig:
     """Frozen features (METHODS §4): what is pooled and how it is computed and cached."""
 
-    kind: Literal["cls", "mean", "lastn"] = "cls"  # final CLS; mean of patch tokens; last n blocks' CLS
+    # final CLS; mean of patch tokens; last n blocks' CLS; raw normalised pixels (the floor)
+    kind: Literal["cls", "mean", "lastn", "pixels"] = "cls"
     last_n: int = 4
     batch_size: int = 256  # per process
     crop_ratio: float = 0.875  # eval transform: resize to size/crop_ratio, centre crop
@@ -216,3 +224,46 @@ class FinetuneConfig:
     augment: FinetuneAugmentConfig = field(default_factory=FinetuneAugmentConfig)
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+
+
+@dataclass
+class StudyPretrainConfig:
+    """The pretraining arms of a study: one recipe, per-arm overrides, one budget for all."""
+
+    config: str = ""  # pretraining recipe every arm starts from
+    epochs: int = 0  # the budget: every arm trains this many epochs at the recipe's batch; 0: the recipe's
+    minutes: float = 0.0  # alternative budget: the epochs that fit this many minutes for all arms of one seed
+    # arm name -> {dotted key: value} applied to the recipe (e.g. {model.local_weight: 0} for MoCo v3)
+    arms: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyEvalConfig:
+    """The frozen-feature protocols run on every pretraining arm and the floors."""
+
+    knn: list[str] = field(default_factory=list)  # extra key=value for eval.knn
+    linear: list[str] = field(default_factory=list)  # extra key=value for eval.linear; [] with run_linear false
+    run_linear: bool = True
+    random_floor: bool = True  # random init of the same architecture, same protocols
+    pixel_floor_max_dim: int = 4096  # raw-pixel kNN when 3·S·S is at most this (small images only)
+
+
+@dataclass
+class StudyFinetuneConfig:
+    """The fine-tuning arms: each starts from the best pretraining arm (by mean kNN k20) unless told."""
+
+    epochs: int = 0  # the budget for every fine-tuning arm; 0: each recipe's
+    # arm name -> {config: recipe, init: best | scratch | <pretraining arm>, dotted key: value, ...}
+    arms: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    """Everything `python -m sslfg.study` reads: one dataset, one budget, seeds, and the arms."""
+
+    output_dir: str = "runs/study"
+    dataset: str = ""  # dataset recipe for the evaluations; the arms' recipes must name the same data.root
+    seeds: list[int] = field(default_factory=lambda: [0])
+    pretrain: StudyPretrainConfig = field(default_factory=StudyPretrainConfig)
+    evaluate: StudyEvalConfig = field(default_factory=StudyEvalConfig)
+    finetune: StudyFinetuneConfig = field(default_factory=StudyFinetuneConfig)

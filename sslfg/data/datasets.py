@@ -7,15 +7,24 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
 - `labels: list[int]`: class ids in [0, num_classes), or -1 for every unlabelled image;
 - `classes: list[str]`: class names indexed by id (empty when unlabelled);
 - `num_classes: int` (0 when unlabelled);
+- `skipped: list[tuple[str, str]]`: (path, reason) of every image dropped by `on_bad_image="skip"`;
 - `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`.
+
+Bad images (`on_bad_image`): with "error" (the default) a missing csv-listed file fails at construction
+and an unreadable one when it is loaded, both naming the file and where it was listed; with "skip"
+every image is decoded once at construction and the missing or unreadable ones are dropped, each
+logged with its reason and kept in `skipped`. Annotation errors (a bad class id, a missing column)
+are errors in both modes.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -24,9 +33,13 @@ from sslfg.data.images import IMAGE_EXTENSIONS, DataError, has_image_extension, 
 from sslfg.schema import DataConfig
 
 CLASS_NAMES_FILE = "classid_classname.csv"
+BAD_IMAGE_POLICIES = ("error", "skip")
 _MAX_LISTED = 5  # problems spelled out in one error message; the rest are counted
+_SCAN_THREADS = 8  # PIL decodes without the GIL: the skip-mode scan reads this many images at once
 
 Transform = Callable[[Image.Image], Any]
+OnBadImage = Literal["error", "skip"]
+log = logging.getLogger(__name__)
 
 
 class _ImageListDataset(Dataset):
@@ -36,23 +49,59 @@ class _ImageListDataset(Dataset):
     labels: list[int]
     classes: list[str]
     num_classes: int
+    _per_sample: tuple[str, ...] = ("paths", "labels")  # the parallel lists that dropping an image shortens
 
-    def __init__(self, transform: Transform | None) -> None:
+    def __init__(self, transform: Transform | None, on_bad_image: OnBadImage) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise DataError(f"data.on_bad_image: expected one of {', '.join(BAD_IMAGE_POLICIES)}, "
+                            f"got {on_bad_image!r}")
         self.transform = transform
+        self.skipped: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = self._load(index)
+        return (self.transform(img) if self.transform is not None else img), self.labels[index]
+
+    def _load(self, index: int) -> Image.Image:
         try:
-            img = load_image(self.paths[index])
+            return load_image(self.paths[index])
         except DataError as err:
             raise DataError(f"{err} (listed in {self._origin(index)})") from err
-        return (self.transform(img) if self.transform is not None else img), self.labels[index]
 
     def _origin(self, index: int) -> str:
         """Where sample `index` was listed, for error messages."""
         raise NotImplementedError
+
+    def _problem(self, index: int) -> str | None:
+        """Why image `index` cannot be loaded (the DataError message), or None if it loads."""
+        try:
+            self._load(index)
+        except DataError as err:
+            return str(err)
+        return None
+
+    def _apply_policy(self, on_bad_image: OnBadImage) -> None:
+        """With "skip", decode every image once and drop those that fail (see the module docstring)."""
+        if on_bad_image == "error":
+            return
+        with ThreadPoolExecutor(min(_SCAN_THREADS, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(self._problem, range(len(self.paths))))
+        bad = {i: reason for i, reason in enumerate(problems) if reason is not None}
+        if not bad:
+            return
+        for i, reason in bad.items():
+            log.warning("data.on_bad_image=skip: skipping %s: %s", self.paths[i], reason)
+            self.skipped.append((self.paths[i], reason))
+        if len(bad) == len(self.paths):
+            raise DataError(f"every one of the {len(bad)} images of this split is unreadable (data.on_bad_image=skip "
+                            f"leaves none): {_summarise([reason for _, reason in self.skipped])}")
+        for name in self._per_sample:
+            values = getattr(self, name)
+            setattr(self, name, [v for i, v in enumerate(values) if i not in bad])
+        log.warning("data.on_bad_image=skip: skipped %d of %d images; %d remain", len(bad), len(problems), len(self))
 
 
 class CsvSplitDataset(_ImageListDataset):
@@ -67,6 +116,8 @@ class CsvSplitDataset(_ImageListDataset):
     and the file line (which counts the header as line 1).
     """
 
+    _per_sample = ("paths", "labels", "lines", "rows")
+
     def __init__(
         self,
         root: str,
@@ -74,8 +125,9 @@ class CsvSplitDataset(_ImageListDataset):
         images_dir: str = "images",
         num_classes: int = 0,
         transform: Transform | None = None,
+        on_bad_image: OnBadImage = "error",
     ) -> None:
-        super().__init__(transform)
+        super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
         self.split = split
         self.csv_path = os.path.join(self.root, f"{split}.csv")
@@ -100,12 +152,15 @@ class CsvSplitDataset(_ImageListDataset):
         if not rows:
             raise DataError(f"{self.csv_path} has a header but no data rows; the split is empty.")
         self.lines = [line for line, _ in rows]  # file line of each sample, for error messages
+        self.rows = list(range(1, len(rows) + 1))  # 1-based data row of each sample
         self.labels = self._parse_labels(rows, bound)
         self.paths = [os.path.join(self.images_root, d) for _, (_, d) in rows]
-        self._check_files_exist()
+        if on_bad_image != "skip":  # skip: the scan drops missing files with the unreadable ones
+            self._check_files_exist()
 
-        self.num_classes = bound or max(self.labels) + 1
+        self.num_classes = bound or max(self.labels) + 1  # from every listed row, skipped or not
         self.classes = names if names is not None else [str(i) for i in range(self.num_classes)]
+        self._apply_policy(on_bad_image)
 
     def _parse_labels(self, rows: list[tuple[int, list[str]]], bound: int) -> list[int]:
         """class_id column -> ints; every bad value is an error (the first few are listed)."""
@@ -140,7 +195,7 @@ class CsvSplitDataset(_ImageListDataset):
             )
 
     def _origin(self, index: int) -> str:
-        return f"{self.csv_path}, data row {index + 1} (line {self.lines[index]})"
+        return f"{self.csv_path}, data row {self.rows[index]} (line {self.lines[index]})"
 
 
 class ImageFolderDataset(_ImageListDataset):
@@ -151,8 +206,9 @@ class ImageFolderDataset(_ImageListDataset):
     Hidden files and folders are skipped.
     """
 
-    def __init__(self, root: str, split: str, transform: Transform | None = None) -> None:
-        super().__init__(transform)
+    def __init__(self, root: str, split: str, transform: Transform | None = None,
+                 on_bad_image: OnBadImage = "error") -> None:
+        super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
         self.split_dir = os.path.join(self.root, split)
         if not os.path.isdir(self.split_dir):
@@ -180,6 +236,7 @@ class ImageFolderDataset(_ImageListDataset):
                 f"{self.split_dir}: {len(empty)} class folders contain no images ({_summarise(empty)}); "
                 f"image extensions are {', '.join(IMAGE_EXTENSIONS)}. Add images or remove the folders."
             )
+        self._apply_policy(on_bad_image)
 
     def _origin(self, index: int) -> str:
         return f"image folder {self.split_dir}, class {self.classes[self.labels[index]]!r}"
@@ -188,8 +245,8 @@ class ImageFolderDataset(_ImageListDataset):
 class UnlabelledFolderDataset(_ImageListDataset):
     """Any tree of images under `root` (recursive, sorted), each with label -1."""
 
-    def __init__(self, root: str, transform: Transform | None = None) -> None:
-        super().__init__(transform)
+    def __init__(self, root: str, transform: Transform | None = None, on_bad_image: OnBadImage = "error") -> None:
+        super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
         self.paths = _find_images(self.root)
         if not self.paths:
@@ -200,6 +257,7 @@ class UnlabelledFolderDataset(_ImageListDataset):
         self.labels = [-1] * len(self.paths)
         self.classes = []
         self.num_classes = 0
+        self._apply_policy(on_bad_image)
 
     def _origin(self, index: int) -> str:
         return f"image folder {self.root}"
@@ -208,7 +266,8 @@ class UnlabelledFolderDataset(_ImageListDataset):
 def build_dataset(
     cfg: DataConfig, split: str, transform: Transform | None = None
 ) -> CsvSplitDataset | ImageFolderDataset | UnlabelledFolderDataset:
-    """The dataset `cfg` describes, for `split` (a csv name or a folder; ignored by format "folder")."""
+    """The dataset `cfg` describes, for `split` (a csv name or a folder; ignored by format "folder"), with
+    `cfg.on_bad_image` applied."""
     if not cfg.root:
         raise DataError(
             "data.root must be set to the dataset folder, e.g. data.root=data/sample, or include a "
@@ -220,9 +279,9 @@ def build_dataset(
             f"{os.path.abspath(cfg.root)}). For the bundled sample run `python -m sslfg.data.sample`."
         )
     if cfg.format == "csv":
-        return CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform)
+        return CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image)
     if cfg.format == "imagefolder":
-        dataset = ImageFolderDataset(cfg.root, split, transform)
+        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image)
         if cfg.num_classes > 0 and dataset.num_classes != cfg.num_classes:
             raise DataError(
                 f"{dataset.split_dir} has {dataset.num_classes} class folders but data.num_classes is "
@@ -230,7 +289,7 @@ def build_dataset(
             )
         return dataset
     if cfg.format == "folder":
-        return UnlabelledFolderDataset(cfg.root, transform)
+        return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image)
     raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
 
 

@@ -36,6 +36,8 @@ class LoopState:
 
     schedules: dict[str, np.ndarray]  # "lr", "weight_decay", and any other per-step value
     start_step: int = 0
+    lr_key: str = "train.base_lr"  # the keys a non-finite loss error tells the user to change
+    resume_key: str = "resume"
     images_seen: int = 0
     seconds: float = 0.0
 
@@ -86,7 +88,8 @@ def run_loop(
                     raise NonFiniteLossError(
                         f"non-finite loss ({values['loss']}) at step {step} (epoch {epoch}); "
                         f"last good checkpoint: {last[-1] if last else 'none'}. Continue from it with "
-                        f"`resume=auto` and a lower `train.base_lr` (or mixed_precision=bf16/no)."
+                        f"`{state.resume_key}=auto` and a lower `{state.lr_key}`"
+                        + (" (or train.mixed_precision=bf16/no)." if state.lr_key.startswith("train.") else ".")
                     )
                 accelerator.backward(out["loss"])
                 if accelerator.sync_gradients and train.clip_grad > 0:

@@ -13,7 +13,7 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsLog:
     """Appends records; on resume from step s, first drops the records an interrupted run wrote
-    after s, so the file ends up identical to an uninterrupted run's."""
+    after s (and a last line a crash cut short), so the file ends up identical to an uninterrupted run's."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None) -> None:
         self.enabled = enabled
@@ -21,7 +21,7 @@ class MetricsLog:
             return
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in _complete_lines(self.path) if json.loads(line)["step"] <= resume_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -44,3 +44,16 @@ class MetricsLog:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of a metrics file up to the first one that is not complete JSON: the one a process
+    killed inside a write (or a full disk) left behind, which only ever comes last."""
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        lines.append(line)
+    return lines

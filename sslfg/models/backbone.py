@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from torch import Tensor
 
 from sslfg.config import ConfigError
+from sslfg.engine.checkpoint import unsafe_load_reason
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
@@ -38,8 +41,9 @@ def create_vit(
 ) -> VisionTransformer:
     """A timm ViT without classifier, from scratch or from a local weights file.
 
-    `weights` is a safetensors file or a torch state dict (loaded with weights_only=True by timm);
-    position embeddings are resampled by timm when the image or patch size differs.
+    `weights` is a safetensors file or a torch state dict (loaded with weights_only=True by timm, so
+    a file holding pickled objects is refused, never executed); position embeddings are resampled by
+    timm when the image or patch size differs.
     """
     if weights and not Path(weights).is_file():
         raise ConfigError(f"model.weights: no such file '{weights}'")
@@ -52,8 +56,15 @@ def create_vit(
             drop_path_rate=drop_path_rate,
             **kwargs,
         )
-    except RuntimeError as e:  # size mismatch of a weights file
-        raise ConfigError(f"model.weights: '{weights}' does not fit {name} {kwargs}: {e}") from e
+    except RuntimeError as e:
+        if isinstance(e.__cause__, pickle.UnpicklingError):  # timm's wrapper of torch's weights-only refusal
+            raise ConfigError(
+                f"model.weights: '{weights}' is refused: it is not a plain state dict of tensors "
+                f"({unsafe_load_reason(e.__cause__)}); save the weights as safetensors or a dict of tensors"
+            ) from e
+        raise ConfigError(f"model.weights: '{weights}' does not fit {name} {kwargs}: {e}") from e  # size mismatch
+    except SafetensorError as e:
+        raise ConfigError(f"model.weights: '{weights}' is refused: it is not a readable safetensors file ({e})") from e
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
         raise ConfigError(f"model.name: '{name}' is not a timm VisionTransformer with a class token")
     return model

@@ -10,6 +10,7 @@ import torch
 from lightly.models.utils import update_momentum
 from torch import Tensor, nn
 
+from sslfg.config import ConfigError
 from sslfg.losses import contrastive_loss
 from sslfg.models.backbone import cls_attention, create_vit, forward_tokens, grid_size, timm_kwargs
 from sslfg.models.heads import mlp
@@ -60,6 +61,9 @@ class LoDisc(nn.Module):
         self.timm_kwargs = timm_kwargs(image_size, cfg.patch_size, cfg.kwargs)
         self.encoder = create_vit(cfg.name, self.timm_kwargs, cfg.weights, cfg.drop_path_rate)
         dim = self.encoder.embed_dim
+        if not 0 <= cfg.attention_layers <= len(self.encoder.blocks):
+            raise ConfigError(f"model.attention_layers: expected 0 (every block) to {len(self.encoder.blocks)}, "
+                              f"got {cfg.attention_layers}")
         self.patch_size = image_size // grid_size(self.encoder)
         self.projector = mlp(dim, cfg.proj_hidden_dim, dim, 3, last_bn=True) if cfg.use_projector else nn.Identity()
         self.predictor = mlp(dim, cfg.pred_hidden_dim, dim, 2, last_bn=False, dropout=cfg.predictor_dropout)
@@ -88,6 +92,7 @@ class LoDisc(nn.Module):
         """Momentum CLS (B, D) and, from the same pass, the kept patches (B, K) if asked."""
         with cls_attention(self.momentum_encoder) if with_keep else contextlib.nullcontext([]) as maps:
             cls = forward_tokens(self.momentum_encoder, x)[:, 0]
+        maps = maps[-self.cfg.attention_layers :] if self.cfg.attention_layers else maps
         return cls, keep_indices(torch.stack(maps), self.cfg.keep_ratio) if with_keep else None
 
     def kept_patches(self, x: Tensor) -> Tensor:

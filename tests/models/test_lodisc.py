@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sslfg.config import ConfigError
 from sslfg.losses import contrastive_loss
 from sslfg.models.backbone import cls_attention, forward_tokens
 from sslfg.models.lodisc import LoDisc, keep_indices, location_score, num_kept, zero_fill
@@ -175,3 +176,14 @@ def test_projector_shapes_follow_moco_v3() -> None:
     assert not model.projector[-1].affine  # final BN without affine
     assert any(isinstance(m, torch.nn.Dropout) for m in tiny_lodisc(predictor_dropout=0.2).predictor)
     assert isinstance(tiny_lodisc(use_projector=False).projector, torch.nn.Identity)
+
+
+def test_attention_layers_ranks_by_the_last_blocks_only() -> None:
+    x = torch.randn(3, 3, 16, 16)
+    every, last = tiny_lodisc(keep_ratio=0.5), tiny_lodisc(keep_ratio=0.5, attention_layers=1)
+    with torch.no_grad(), cls_attention(every.momentum_encoder) as maps:
+        forward_tokens(every.momentum_encoder, x)
+    assert torch.equal(every.kept_patches(x), keep_indices(torch.stack(maps), 0.5))
+    assert torch.equal(last.kept_patches(x), maps[-1].topk(8, dim=1).indices.sort(dim=1).values)
+    with pytest.raises(ConfigError, match="model.attention_layers"):
+        tiny_lodisc(attention_layers=3)  # the tiny ViT has 2 blocks

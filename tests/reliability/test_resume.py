@@ -7,26 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.pretrain import pretrain
 from tests.conftest import tiny_config
-
-
-def final_state(run: Path) -> tuple[dict, dict, list[dict]]:
-    ckpt = checkpoint_dirs(run)[-1]
-    model = load_file(str(ckpt / "model.safetensors"))
-    optim = torch.load(ckpt / "optimizer.bin", weights_only=True)
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return model, optim, metrics
-
-
-def assert_same_optimizer(a: dict, b: dict) -> None:
-    assert a["param_groups"] == b["param_groups"]
-    for sa, sb in zip(a["state"].values(), b["state"].values(), strict=True):
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+from tests.reliability.procs import assert_same_optimizer, final_state
 
 
 def test_interrupted_mid_epoch_run_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:

@@ -1,0 +1,48 @@
+"""Online kNN during pretraining: a bounded labelled subset embedded every few epochs, so that a
+user sees progress (or collapse) while training rather than after it."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Subset
+
+from sslfg.config import ConfigError
+from sslfg.data.datasets import build_dataset
+from sslfg.data.transforms import eval_transform
+from sslfg.features import extract_features
+from sslfg.knn import knn_evaluate
+from sslfg.schema import PretrainConfig
+
+K = 20
+
+
+class OnlineKnn:
+    """kNN top-1 (k 20, DINO protocol, CLS features) of up to `train.knn_samples` evenly spaced
+    test images against as many training images."""
+
+    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator) -> None:
+        transform = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)
+        bank = build_dataset(cfg.data, cfg.data.train_split, transform)
+        if bank.num_classes == 0:
+            raise ConfigError("train.knn_every: online kNN needs labelled data (a csv or imagefolder dataset)")
+        queries = build_dataset(cfg.data, cfg.data.test_split, transform)
+        self.bank, self.queries = (_evenly_spaced(d, cfg.train.knn_samples) for d in (bank, queries))
+        self.accelerator = accelerator
+        self.batch_size = cfg.train.batch_size
+
+    def __call__(self, vit: VisionTransformer) -> dict[str, float]:
+        # Its own RNG state: evaluating must not change the training run's random stream.
+        with torch.random.fork_rng(devices=[]):
+            bank, bank_labels, queries, labels = (
+                t for d in (self.bank, self.queries)
+                for t in extract_features(vit, d, self.accelerator, self.batch_size, num_workers=0, desc="online knn")
+            )
+        vit.train()
+        top1 = knn_evaluate(bank, bank_labels, queries, labels, ks=[K], backend="torch")[f"knn.k{K}.top1"]
+        return {f"online_knn.k{K}.top1": top1}
+
+
+def _evenly_spaced(dataset, n: int) -> Subset:
+    return Subset(dataset, torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist())

@@ -1,0 +1,271 @@
+"""The study report: one folder with report.md and its figures, rebuilt from the finished arms.
+
+    python -m sslfg.report runs/study_sample
+
+Numbers are mean ± sample std over the seeds that finished (n in the table); each table names its
+protocol, and the commands section gives the command line of every arm.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sslfg.cli import run_cli  # noqa: E402
+from sslfg.config import ConfigError, load_config  # noqa: E402
+from sslfg.schema import StudyConfig  # noqa: E402
+from sslfg.studydir import (  # noqa: E402
+    STUDY_FILE,
+    done_dir,
+    done_path,
+    eval_dir,
+    finetune_dir,
+    pretrain_dir,
+    read_json,
+)
+
+KNN, MAP, LINEAR = "knn.k20.top1", "retrieval.mAP", "linear.top1"
+FLOOR_NOTES = {"random": "random init, same architecture", "pixels": "raw pixels (normalised), no network"}
+
+
+def stats(values: Sequence[float | None], scale: float = 100.0) -> str:
+    """'72.13 ± 0.41' over the present values (in %), the value alone for one, '–' for none."""
+    v = [x * scale for x in values if x is not None]
+    if not v:
+        return "–"
+    return f"{v[0]:.2f}" if len(v) == 1 else f"{mean(v):.2f} ± {stdev(v):.2f}"
+
+
+def _get(record: dict | None, key: str) -> float | None:
+    return None if record is None else record.get(key)
+
+
+def _settings(spec: Any) -> str:
+    """An arm's spec in a table cell: its recipe's file name and its overrides."""
+    spec = dict(spec or {})
+    recipe = [f"{Path(spec.pop('config')).name}:"] if "config" in spec else []
+    return " ".join([*recipe, *(f"`{k}={json.dumps(v)}`" for k, v in spec.items())]) or "the recipe as is"
+
+
+class Report:
+    """Reads a study folder; `write()` produces report/report.md and the PNGs beside it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        if not (self.root / STUDY_FILE).is_file():
+            raise ConfigError(f"{self.root}: no {STUDY_FILE}; is it a study folder (python -m sslfg.study)?")
+        self.cfg = load_config(self.root / STUDY_FILE, [], StudyConfig)
+        self.out = self.root / "report"
+        self.seeds = self.cfg.seeds
+        self.arms = list(self.cfg.pretrain.arms)
+
+    def evals(self, arm: str, name: str) -> list[dict | None]:
+        return [read_json(eval_dir(self.root, s, arm) / f"{name}.json") for s in self.seeds]
+
+    def summaries(self, arm: str) -> list[dict | None]:
+        return [read_json(pretrain_dir(self.root, s, arm) / "summary.json") for s in self.seeds]
+
+    def finetunes(self, arm: str) -> list[dict | None]:
+        return [read_json(finetune_dir(self.root, s, arm) / "metrics.json") for s in self.seeds]
+
+    def command(self, arm_id: str) -> str | None:
+        done = read_json(done_path(self.root, arm_id))
+        return done["command"] if done else None
+
+    # ---- tables ------------------------------------------------------------------------------
+
+    def frozen_table(self) -> list[str]:
+        lines = ["| arm | what | n | kNN k20 top-1 | retrieval mAP | linear top-1 | steps × batch | train min | "
+                 "images/s |", "|---|---|---|---|---|---|---|---|---|"]
+        for arm in [*(f for f in FLOOR_NOTES if any(self.evals(f, "knn"))), *self.arms]:
+            knn, lin = self.evals(arm, "knn"), self.evals(arm, "linear")
+            n = sum(r is not None for r in knn)
+            what = FLOOR_NOTES.get(arm) or _settings(self.cfg.pretrain.arms[arm])
+            runs = [s for s in self.summaries(arm) if s] if arm in self.arms else []
+            steps = f"{runs[0]['step']} × {runs[0]['global_batch']}" if runs else "–"
+            minutes = stats([r["seconds"] / 60 for r in runs], scale=1) if runs else "–"
+            speed = stats([r["images_per_second"] for r in runs], scale=1) if runs else "–"
+            lines.append(f"| {arm} | {what} | {n} | {stats([_get(r, KNN) for r in knn])} | "
+                         f"{stats([_get(r, MAP) for r in knn])} | {stats([_get(r, LINEAR) for r in lin])} | "
+                         f"{steps} | {minutes} | {speed} |")
+        return lines
+
+    def paired(self, arm: str, other: str, metric: str, name: str) -> list[float]:
+        """Per-seed differences arm − other where both finished."""
+        a, b = self.evals(arm, name), self.evals(other, name)
+        return [x[metric] - y[metric] for x, y in zip(a, b, strict=True) if x and y and metric in x and metric in y]
+
+    def difference_table(self) -> list[str]:
+        reference = self.arms[0]
+        lines = [f"Paired by seed (arm − other, points of %). *Beats random* requires the mean difference to "
+                 f"exceed twice its seed std (n ≥ 2); reference arm: **{reference}**.", "",
+                 "| arm | vs | Δ kNN k20 | Δ linear | beats it beyond the seed spread |", "|---|---|---|---|---|"]
+        others = ["random"] if any(self.evals("random", "knn")) else []
+        for arm in self.arms:
+            for other in [*others, *([reference] if arm != reference else [])]:
+                d_knn = self.paired(arm, other, KNN, "knn")
+                d_lin = self.paired(arm, other, LINEAR, "linear")
+                if len(d_knn) >= 2:
+                    verdict = "yes" if mean(d_knn) > 2 * stdev(d_knn) else "no"
+                else:
+                    verdict = "1 seed: no spread to compare with" if d_knn else "–"
+                lines.append(f"| {arm} | {other} | {stats(d_knn)} | {stats(d_lin)} | {verdict} |")
+        return lines
+
+    def finetune_table(self) -> list[str]:
+        lines = ["| arm | init | recipe | n | test top-1 | mean per-class | trainable / total params | steps | "
+                 "train images/s | inference images/s (batch 64) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, spec in self.cfg.finetune.arms.items():
+            runs = self.finetunes(arm)
+            done = [r for r in runs if r]
+            if not done:
+                continue
+            first = done[0]
+            init = Path(first["init"]).name if first.get("init") else "scratch"
+            lines.append(
+                f"| {arm} | {init} | {_settings(spec)} | {len(done)} | {stats([_get(r, 'test.top1') for r in runs])} |"
+                f" {stats([_get(r, 'test.mean_per_class') for r in runs])} | {first['params.trainable']:,} / "
+                f"{first['params.total']:,} | {first['step']} | "
+                f"{stats([_get(r, 'train.images_per_second') for r in runs], scale=1)} | "
+                f"{stats([_get(r, 'images_per_second.batch64') for r in runs], scale=1)} |")
+        return lines
+
+    def protocols(self) -> list[str]:
+        lines = []
+        for arm in self.arms:
+            for name in ("knn", "linear"):
+                record = next((r for r in self.evals(arm, name) if r), None)
+                if record and not any(line.startswith(f"- **{name}**") for line in lines):
+                    keys = ", ".join(f"{k.removeprefix('protocol.')}={v}" for k, v in record.items()
+                                     if k.startswith("protocol.") and k != "protocol.name")
+                    lines.append(f"- **{name}** ({record['feature']} features, {record['image_size']} px): {keys}")
+        return lines
+
+    def commands(self) -> list[str]:
+        seed = self.seeds[0]
+        found = sorted(done_dir(self.root).glob(f"seed{seed}.*.json"))
+        lines = [f"Seed {seed}; the other seeds differ only in `seed=` and the `seed<N>` folder.", "", "```"]
+        lines += [f"# {p.stem}\n{json.loads(p.read_text())['command']}" for p in found]
+        return [*lines, "```"]
+
+    # ---- figures -----------------------------------------------------------------------------
+
+    def curves(self) -> str | None:
+        """Global and local loss and online kNN of every pretraining arm (first seed)."""
+        panels = [("loss_global", "global loss"), ("loss_local", "local loss"), ("online_knn.k20.top1", "online kNN")]
+        series = {}
+        for arm in self.arms:
+            path = pretrain_dir(self.root, self.seeds[0], arm) / "metrics.jsonl"
+            if path.is_file():
+                series[arm] = [json.loads(line) for line in path.read_text().splitlines()]
+        panels = [p for p in panels if any(key in r for records in series.values() for r in records
+                                            for key in [p[0]])]
+        if not panels:
+            return None
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels, strict=True):
+            for arm, records in series.items():
+                points = [(r["step"], r[key]) for r in records if key in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), label=arm, marker="o" if len(points) < 15 else None)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.out / "curves.png", dpi=110)
+        plt.close(fig)
+        return "curves.png"
+
+    def copy_figure(self, source: Path, name: str) -> str | None:
+        if not source.is_file():
+            return None
+        shutil.copyfile(source, self.out / name)
+        return name
+
+    def figures(self, best: str | None) -> list[str]:
+        seed = self.seeds[0]
+        lines = []
+        if curves := self.curves():
+            lines += ["### Training curves", "", f"![curves]({curves})", ""]
+        for arm in self.arms:
+            if fig := self.copy_figure(pretrain_dir(self.root, seed, arm) / "figures" / "masks_end.png",
+                                       f"masks_{arm}.png"):
+                lines += [f"### Kept patches at the end of pretraining: {arm}", "", f"![masks]({fig})", ""]
+        for arm in self.cfg.finetune.arms:
+            if fig := self.copy_figure(finetune_dir(self.root, seed, arm) / "figures" / "gls_crops.png",
+                                       f"crops_{arm}.png"):
+                lines += [f"### GLSim crops: {arm}", "", f"![crops]({fig})", ""]
+        if best is not None:
+            figures = eval_dir(self.root, seed, best) / "figures"
+            if fig := self.copy_figure(figures / "knn_neighbours.png", "knn_neighbours.png"):
+                lines += [f"### Nearest training images of test queries: {best}", "", f"![neighbours]({fig})", ""]
+            if fig := self.copy_figure(figures / "tsne_test.png", "embedding_map.png"):
+                lines += [f"### t-SNE of the test features: {best}", "", f"![embedding]({fig})", ""]
+        return lines
+
+    def best(self) -> str | None:
+        scores = {a: [_get(r, KNN) for r in self.evals(a, "knn")] for a in self.arms}
+        scores = {a: mean(v for v in s if v is not None) for a, s in scores.items() if any(v is not None for v in s)}
+        return max(scores, key=scores.__getitem__) if scores else None
+
+    def write(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        machine = read_json(self.root / "machine.json") or {}
+        best = self.best()
+        budget = read_json(self.root / "budget.json")
+        text = [
+            f"# Study: {self.root.name}", "",
+            f"Dataset recipe `{self.cfg.dataset}`; seeds {self.seeds}; machine: {machine.get('platform', '?')}, "
+            f"{machine.get('cpu_count', '?')} CPU cores, GPU {machine.get('gpu', '?')}, "
+            f"{machine.get('processes', 1)} process(es), torch {machine.get('torch', '?')}; run on "
+            f"{machine.get('date', '?')}.", "",
+            f"Budget: every pretraining arm {self.cfg.pretrain.epochs or 'the recipe'} epochs"
+            + (f" ({budget['minutes']} minutes per seed, timed: {budget['epochs']} epochs)" if budget else "")
+            + f" of `{self.cfg.pretrain.config}`; every fine-tuning arm "
+              f"{self.cfg.finetune.epochs or 'its recipe'} epochs. Same batch and steps within each group.", "",
+            "## Frozen features", "",
+            "kNN: k 20, cosine, exp(sim/T) votes (DINO), bank = train split, queries = test split; retrieval: "
+            "leave-one-out mAP over the test split; linear: the fast probe (lr chosen on a held-out part of the "
+            "train split, retrained, reported on test). Values in %; train min and images/s are the "
+            "pretraining loop's.", "",
+            *self.frozen_table(), "",
+            "### Differences", "", *self.difference_table(), "",
+        ]
+        if self.cfg.finetune.arms:
+            text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20: **{best}** (selected on "
+                     "the test-split kNN it reports, as the study's question is which pretraining to keep).", "",
+                     *self.finetune_table(), ""]
+        text += ["## Protocols", "", *self.protocols(), "", "## Figures", "", *self.figures(best),
+                 "## Commands", "", *self.commands(), ""]
+        path = self.out / "report.md"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(text))
+        tmp.replace(path)
+        return self.out
+
+
+def build_report(root: Path) -> Path:
+    """Writes <root>/report/ from whatever arms have finished; returns the folder."""
+    return Report(root).write()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        raise ConfigError("usage: python -m sslfg.report STUDY_DIR")
+    print(f"report: {build_report(Path(args[0])) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,277 @@
+"""One command for the whole comparison: pretraining arms → frozen-feature evaluations and floors →
+fine-tuning arms → report.
+
+    python -m sslfg.study --config configs/study/sample.yaml
+    python -m sslfg.study --config configs/study/cub.yaml seeds=[1,2,3]
+    accelerate launch -m sslfg.study --config configs/study/cub.yaml     # every arm on all processes
+    python -m sslfg.report runs/study_sample                             # rebuild the report only
+
+Every arm runs through its real entry point (train_ssl.py, eval.knn, eval.linear, eval.finetune)
+in this process, with the command line it would take on its own; that command is recorded with its
+result. A finished arm is skipped when the study runs again; an unfinished pretraining or
+fine-tuning arm continues from its newest checkpoint (they all run with resume=auto).
+
+Equal budget: every pretraining arm trains the same epochs at the same batch, hence the same
+optimizer steps; every fine-tuning arm likewise. Fine-tuning starts from the pretraining arm with
+the best mean kNN k20 top-1 over the seeds (or the arm named in its `init`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+import yaml
+
+import train_ssl
+from eval import finetune as finetune_cli
+from eval import knn as knn_cli
+from eval import linear as linear_cli
+from sslfg.cli import USER_ERRORS, parse_cli, run_cli
+from sslfg.config import ConfigError, load_config, save_config
+from sslfg.data.datasets import build_dataset
+from sslfg.engine.rundir import write_json
+from sslfg.report import build_report
+from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
+from sslfg.studydir import (
+    STUDY_FILE,
+    arm_id,
+    done_path,
+    eval_dir,
+    finetune_dir,
+    pretrain_dir,
+    read_json,
+)
+
+log = logging.getLogger(__name__)
+
+# kind -> (how a user types the entry point, its main(argv))
+ENTRY_POINTS: dict[str, tuple[str, Callable[[Sequence[str] | None], object]]] = {
+    "pretrain": ("python train_ssl.py", train_ssl.main),
+    "knn": ("python -m eval.knn", knn_cli.main),
+    "linear": ("python -m eval.linear", linear_cli.main),
+    "finetune": ("python -m eval.finetune", finetune_cli.main),
+}
+CALIBRATION_STEPS = 5  # optimizer steps timed per pretraining arm for a budget in minutes
+
+
+@dataclass
+class Arm:
+    """One run of one entry point."""
+
+    id: str
+    kind: str
+    argv: list[str]
+
+    @property
+    def command(self) -> str:
+        return f"{ENTRY_POINTS[self.kind][0]} {shlex.join(self.argv)}"
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def overrides(settings: dict[str, Any]) -> list[str]:
+    """{dotted key: value} → key=value arguments: JSON (valid YAML), or a string as is when YAML
+    reads it back unchanged (paths)."""
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) and value and yaml.safe_load(value) == value else json.dumps(value)
+
+    return [f"{key}={text(value)}" for key, value in settings.items()]
+
+
+def _split_spec(name: str, spec: Any, section: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An arm's {config, init, dotted key: value...} → (its own keys, its overrides)."""
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{section}.arms.{name}: expected a mapping of dotted keys to values, got {spec!r}")
+    own = {k: spec[k] for k in ("config", "init") if k in spec}
+    return own, {k: v for k, v in spec.items() if k not in own}
+
+
+def _check(schema: type, config: str, args: list[str], where: str, data_root: str) -> Any:
+    """Loads an arm's config now, so that a typo in the last arm stops the study before the first."""
+    try:
+        cfg = load_config(config or None, args, schema)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if os.path.normpath(cfg.data.root) != os.path.normpath(data_root):
+        raise ConfigError(f"{where}: its recipe trains on data.root '{cfg.data.root}' but the study's dataset is "
+                          f"'{data_root}'; every arm must use the same data")
+    return cfg
+
+
+class Study:
+    """The plan of a study and the code that runs it."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        if not cfg.dataset:
+            raise ConfigError("dataset: the study needs a dataset recipe, e.g. configs/datasets/sample.yaml")
+        if not cfg.pretrain.arms:
+            raise ConfigError("pretrain.arms: the study needs at least one pretraining arm")
+        if not cfg.seeds:
+            raise ConfigError("seeds: the study needs at least one seed")
+        self.cfg, self.root = cfg, Path(cfg.output_dir)
+        self.data = load_config(cfg.dataset, [], EvalConfig).data
+        for name, spec in cfg.pretrain.arms.items():
+            _check(PretrainConfig, *self._pretrain_args(name, spec, cfg.seeds[0], epochs=1), self.data.root)
+        for name, spec in cfg.finetune.arms.items():
+            own, _ = _split_spec(name, spec, "finetune")
+            if own.get("init", "best") not in ("best", "scratch", *cfg.pretrain.arms):
+                raise ConfigError(f"finetune.arms.{name}.init: '{own['init']}' is not best, scratch or a pretraining "
+                                  f"arm ({', '.join(cfg.pretrain.arms)})")
+            _check(FinetuneConfig, *self._finetune_args(name, spec, cfg.seeds[0], ""), self.data.root)
+
+    # ---- the arms ----------------------------------------------------------------------------
+
+    def _pretrain_args(self, name: str, spec: Any, seed: int, epochs: int) -> tuple[str, list[str], str]:
+        own, settings = _split_spec(name, spec, "pretrain")
+        budget = {"train.epochs": epochs} if epochs else {}
+        run = {"seed": seed, "output_dir": str(pretrain_dir(self.root, seed, name)), "resume": "auto"}
+        return own.get("config", self.cfg.pretrain.config), overrides({**settings, **budget, **run}), \
+            f"pretrain.arms.{name}"
+
+    def _finetune_args(self, name: str, spec: Any, seed: int, init: str) -> tuple[str, list[str], str]:
+        own, settings = _split_spec(name, spec, "finetune")
+        budget = {"train.epochs": self.cfg.finetune.epochs} if self.cfg.finetune.epochs else {}
+        run = {"seed": seed, "init": init, "output_dir": str(finetune_dir(self.root, seed, name)), "resume": "auto"}
+        return own.get("config", ""), overrides({**settings, **budget, **run}), f"finetune.arms.{name}"
+
+    def pretrain_arms(self, seed: int, epochs: int) -> list[Arm]:
+        arms = []
+        for name, spec in self.cfg.pretrain.arms.items():
+            config, args, _ = self._pretrain_args(name, spec, seed, epochs)
+            arms.append(Arm(arm_id(seed, "pretrain", name), "pretrain", ["--config", config, *args]))
+            arms += self.eval_arms(seed, name, ["--checkpoint", str(pretrain_dir(self.root, seed, name))])
+        return arms
+
+    def eval_arms(self, seed: int, name: str, source: list[str], kinds: Sequence[str] = ("knn", "linear"),
+                  extra: Sequence[str] = ()) -> list[Arm]:
+        e = self.cfg.evaluate
+        common = [*source, "--dataset", self.cfg.dataset, f"seed={seed}",
+                  f"output_dir={eval_dir(self.root, seed, name)}", *extra]
+        per_kind = {"knn": e.knn, "linear": e.linear}
+        return [Arm(arm_id(seed, kind, name), kind, [*common, *per_kind[kind]]) for kind in kinds
+                if kind == "knn" or e.run_linear]
+
+    def floor_arms(self, seed: int) -> list[Arm]:
+        """Random init of the first arm's architecture; raw pixels when the images are small."""
+        first = str(pretrain_dir(self.root, seed, next(iter(self.cfg.pretrain.arms))))
+        arms = self.eval_arms(seed, "random", ["--random-init", "--checkpoint", first]) \
+            if self.cfg.evaluate.random_floor else []
+        if 3 * self.data.image_size**2 <= self.cfg.evaluate.pixel_floor_max_dim:
+            arms += self.eval_arms(seed, "pixels", ["--random-init", "--checkpoint", first], kinds=("knn",),
+                                   extra=["features.kind=pixels", "knn.figures=false"])
+        return arms
+
+    def best_pretrain_arm(self) -> str:
+        """The pretraining arm with the best mean kNN k20 top-1 over the seeds."""
+        scores = {}
+        for name in self.cfg.pretrain.arms:
+            results = [read_json(eval_dir(self.root, s, name) / "knn.json") for s in self.cfg.seeds]
+            scores[name] = mean(r.get("knn.k20.top1", r.get("knn.k1.top1", 0.0)) for r in results if r)
+        return max(scores, key=scores.__getitem__)
+
+    def finetune_arms(self, seed: int, best: str) -> list[Arm]:
+        arms = []
+        for name, spec in self.cfg.finetune.arms.items():
+            init = spec.get("init", "best") if isinstance(spec, dict) else "best"
+            source = "" if init == "scratch" else str(pretrain_dir(self.root, seed, best if init == "best" else init))
+            config, args, _ = self._finetune_args(name, spec, seed, source)
+            arms.append(Arm(arm_id(seed, "finetune", name), "finetune", ["--config", config, *args]))
+        return arms
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if _is_main():
+            save_config(self.cfg, self.root / STUDY_FILE)
+            if not (self.root / "machine.json").is_file():
+                write_json(self.root / "machine.json", machine())
+        epochs = self.pretrain_epochs()
+        for seed in self.cfg.seeds:
+            for arm in self.pretrain_arms(seed, epochs) + self.floor_arms(seed):
+                self.run_arm(arm)
+        if self.cfg.finetune.arms:
+            best = self.best_pretrain_arm()
+            log.info("fine-tuning from the best pretraining arm: %s", best)
+            for seed in self.cfg.seeds:
+                for arm in self.finetune_arms(seed, best):
+                    self.run_arm(arm)
+        return build_report(self.root) if _is_main() else self.root / "report"
+
+    def run_arm(self, arm: Arm) -> None:
+        done = done_path(self.root, arm.id)
+        if done.is_file():
+            log.info("study: %s finished earlier, skipped", arm.id)
+            return
+        log.info("study: %s: %s", arm.id, arm.command)
+        tic = time.perf_counter()
+        try:
+            ENTRY_POINTS[arm.kind][1](arm.argv)
+        except USER_ERRORS as e:
+            raise type(e)(f"study arm {arm.id}: {e}") from e
+        if _is_main():
+            write_json(done, {"id": arm.id, "command": arm.command, "seconds": round(time.perf_counter() - tic, 1)})
+
+    def pretrain_epochs(self) -> int:
+        """The budget in epochs: `pretrain.epochs`, or what fits `pretrain.minutes`, timed once on the
+        first seed and kept in budget.json so that a continued study gives every arm the same."""
+        p = self.cfg.pretrain
+        if p.minutes <= 0:
+            return p.epochs
+        budget_file = self.root / "budget.json"
+        if (stored := read_json(budget_file)) is not None:
+            return int(stored["epochs"])
+        seconds_per_step = {}
+        for name, spec in p.arms.items():
+            config, args, _ = self._pretrain_args(name, spec, self.cfg.seeds[0], epochs=0)
+            args += [f"output_dir={self.root / 'calibration' / name}", f"train.max_steps={CALIBRATION_STEPS}",
+                     "train.figure_samples=0", "train.knn_every=0"]
+            self.run_arm(Arm(f"calibration.{name}", "pretrain", ["--config", config, *args]))
+            summary = read_json(self.root / "calibration" / name / "summary.json")
+            seconds_per_step[name] = summary["seconds"] / summary["step"]
+        cfg = load_config(config, args, PretrainConfig)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_epoch = len(build_dataset(cfg.data, cfg.data.train_split)) // (cfg.train.batch_size * world)
+        epochs = max(1, math.floor(p.minutes * 60 / (sum(seconds_per_step.values()) * max(per_epoch, 1))))
+        if _is_main():
+            write_json(budget_file, {"epochs": epochs, "minutes": p.minutes, "steps_per_epoch": per_epoch,
+                                     "seconds_per_step": seconds_per_step})
+        log.info("budget: %.1f minutes per seed → %d epochs for every pretraining arm", p.minutes, epochs)
+        return epochs
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "gpu": gpu, "processes": int(os.environ.get("WORLD_SIZE", "1")), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    report = Study(load_config(*parse_cli(argv, __doc__), StudyConfig)).run()
+    if _is_main():
+        print(f"report: {report / 'report.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,55 @@
+"""Where a study keeps its arms, so that the runner and the report agree.
+
+    <study>/study.yaml                    the resolved study config
+    <study>/machine.json                  what it ran on
+    <study>/budget.json                   the pretraining epochs every arm gets (fixed at the first run)
+    <study>/seed<s>/<arm>/                a pretraining run; its evaluations in eval/
+    <study>/seed<s>/random/eval/          the random-init floor; pixels/eval/ the raw-pixel floor
+    <study>/seed<s>/finetune/<arm>/       a fine-tuning run
+    <study>/done/<arm id>.json            written when an arm finished: its command and wall time
+    <study>/report/                       report.md and its figures
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FLOORS = ("random", "pixels")
+STUDY_FILE = "study.yaml"
+
+
+def seed_dir(root: Path, seed: int) -> Path:
+    return Path(root) / f"seed{seed}"
+
+
+def pretrain_dir(root: Path, seed: int, arm: str) -> Path:
+    return seed_dir(root, seed) / arm
+
+
+def eval_dir(root: Path, seed: int, arm: str) -> Path:
+    """The eval.knn / eval.linear output folder of a pretraining arm or a floor."""
+    return pretrain_dir(root, seed, arm) / "eval"
+
+
+def finetune_dir(root: Path, seed: int, arm: str) -> Path:
+    return seed_dir(root, seed) / "finetune" / arm
+
+
+def arm_id(seed: int, kind: str, arm: str) -> str:
+    """e.g. 'seed0.knn.mocov3'; kind is pretrain, knn, linear or finetune."""
+    return f"seed{seed}.{kind}.{arm}"
+
+
+def done_dir(root: Path) -> Path:
+    return Path(root) / "done"
+
+
+def done_path(root: Path, arm: str) -> Path:
+    return done_dir(root) / f"{arm}.json"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at `path`, or None when the file does not exist (yet)."""
+    return json.loads(path.read_text()) if path.is_file() else None

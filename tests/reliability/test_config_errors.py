@@ -1,0 +1,59 @@
+"""Case 4, bad configuration: an unknown key, a wrong type, a missing file or data folder, a `_base_`
+cycle and an invalid data.on_bad_image each stop train_ssl.py with exit code 2 and one `error:` line
+naming the key or file, before anything is trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import train_ssl
+from tests.reliability.outcomes import user_error
+from tests.reliability.procs import pretrain_args
+
+# (files to write in tmp_path, command-line arguments ({tmp} = tmp_path), what the message must name)
+CASES = {
+    "unknown key in a file": (
+        {"recipe.yaml": "model:\n  keep_ratoi: 0.5\n"}, ["--config", "{tmp}/recipe.yaml"],
+        ["unknown key 'model.keep_ratoi'", "{tmp}/recipe.yaml", "did you mean 'model.keep_ratio'"]),
+    "unknown section on the command line": (
+        {}, ["trian.epochs=3"], ["unknown key 'trian'", "command line"]),
+    "wrong type in a file": (
+        {"recipe.yaml": "train:\n  epochs: ten\n"}, ["--config", "{tmp}/recipe.yaml"],
+        ["train.epochs: expected int, got str 'ten'", "{tmp}/recipe.yaml"]),
+    "wrong type on the command line": (
+        {}, ["train.betas=0.9"], ["train.betas: expected", "got float 0.9", "command line"]),
+    "invalid on_bad_image": (
+        {}, ["data.on_bad_image=ignore"], ["data.on_bad_image: expected one of 'error', 'skip'", "'ignore'"]),
+    "missing --config file": (
+        {}, ["--config", "{tmp}/nope.yaml"], ["cannot read config file {tmp}/nope.yaml"]),
+    "missing _base_ file": (
+        {"recipe.yaml": "_base_: gone.yaml\n"}, ["--config", "{tmp}/recipe.yaml"],
+        ["cannot read config file {tmp}/gone.yaml", "a `_base_` of {tmp}/recipe.yaml"]),
+    "_base_ cycle": (
+        {"a.yaml": "_base_: b.yaml\n", "b.yaml": "_base_: [a.yaml]\n"}, ["--config", "{tmp}/a.yaml"],
+        ["`_base_` cycle: {tmp}/a.yaml -> {tmp}/b.yaml -> {tmp}/a.yaml"]),
+    "invalid YAML": (
+        {"recipe.yaml": "train: {epochs: 3\n"}, ["--config", "{tmp}/recipe.yaml"],
+        ["invalid YAML in {tmp}/recipe.yaml"]),
+}
+
+
+@pytest.mark.parametrize("files, argv, named", CASES.values(), ids=CASES.keys())
+def test_bad_config_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], files: dict[str, str],
+                                       argv: list[str], named: list[str]) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "run"
+    message = user_error(train_ssl.main, [a.format(tmp=tmp_path) for a in argv] + [f"output_dir={out}"], capsys)
+    for text in named:
+        assert text.format(tmp=tmp_path) in message
+    assert not out.exists()  # stopped while reading the config: not even the run directory was made
+
+
+def test_data_root_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    message = user_error(train_ssl.main, pretrain_args(tmp_path / "nowhere", out), capsys)
+    assert "data.root does not exist" in message and str(tmp_path / "nowhere") in message
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

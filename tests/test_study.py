@@ -1,0 +1,170 @@
+"""The study end to end on tiny data: every arm, the report's tables and figures, continuing a killed study."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sslfg import study as study_module
+from sslfg.cli import run_cli
+from sslfg.config import ConfigError, load_config
+from sslfg.report import build_report
+from sslfg.report import main as report_main
+from sslfg.schema import StudyConfig
+from sslfg.study import Study
+from tests.conftest import TINY_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"image_size": 16, "num_workers": 0, "train_split": "train", "test_split": "test"}
+VIT = {"name": TINY_MODEL["name"], "patch_size": 4, "kwargs": TINY_MODEL["kwargs"]}
+
+
+def write_recipes(data: Path, folder: Path, seeds: list[int], finetune_arms: bool = True) -> Path:
+    """Dataset, pretraining, fine-tuning and study recipes for the tiny data; returns the study's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = {"data": {"root": str(data), **DATA}}
+    pretrain = {"_base_": "dataset.yaml", "model": TINY_MODEL,
+                "train": {"epochs": 1, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "figure_samples": 2,
+                          "knn_every": 1, "knn_samples": 10}}
+    finetune = {"_base_": "dataset.yaml", "model": {**VIT, "top_k": 3},
+                "train": {"epochs": 1, "batch_size": 8, "lr": 0.05, "warmup_steps": 0, "checkpoint_every": 2}}
+    study = {
+        "output_dir": str(folder / "study"), "dataset": str(folder / "dataset.yaml"), "seeds": seeds,
+        "pretrain": {"config": str(folder / "pretrain.yaml"), "epochs": 2,
+                     "arms": {"mocov3": {"model.local_weight": 0}, "lodisc": {"model.local_view": "zero_fill"}}},
+        "evaluate": {"knn": ["knn.ks=[20]", "features.batch_size=8"], "linear": ["linear.lrs=[0.1, 1.0]"]},
+        "finetune": {"arms": {"glsim": {"config": str(folder / "finetune.yaml")},
+                              "ila": {"config": str(folder / "finetune.yaml"), "model.adapter": "ila",
+                                      "model.head": "vit", "model.adapter_positions": [0]}}},
+    }
+    if not finetune_arms:
+        study["finetune"]["arms"] = {}
+    for name, recipe in (("dataset", dataset), ("pretrain", pretrain), ("finetune", finetune), ("study", study)):
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return folder / "study.yaml"
+
+
+def test_study_runs_every_arm_and_reports_them(tiny_data: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_recipes(tiny_data, tmp_path, seeds=[0, 1])
+    assert run_cli(study_module.main, ["--config", str(config)]) == 0
+    root = tmp_path / "study"
+    for seed in (0, 1):
+        for arm in ("mocov3", "lodisc"):
+            summary = json.loads((root / f"seed{seed}" / arm / "summary.json").read_text())
+            assert summary["step"] == 6  # 24 images, batch 8, the study's 2 epochs for every arm
+            records = [json.loads(x) for x in (root / f"seed{seed}" / arm / "metrics.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in records if "online_knn.k20.top1" in r] == [0, 3, 6]
+            knn = json.loads((root / f"seed{seed}/{arm}/eval/knn.json").read_text())
+            assert {"knn.k20.top1", "retrieval.mAP"} <= knn.keys()
+        assert "linear.top1" in json.loads((root / f"seed{seed}/random/eval/linear.json").read_text())
+        assert json.loads((root / f"seed{seed}/pixels/eval/knn.json").read_text())["feature"] == "pixels"
+        ila = json.loads((root / f"seed{seed}/finetune/ila/metrics.json").read_text())
+        glsim = json.loads((root / f"seed{seed}/finetune/glsim/metrics.json").read_text())
+        assert ila["params.trainable"] < glsim["params.trainable"] and glsim["train.images_per_second"] > 0
+        best = Study(load_config(config, [], StudyConfig)).best_pretrain_arm()
+        assert ila["init"].endswith(f"seed{seed}/{best}/backbone.safetensors")
+
+    report = (root / "report" / "report.md").read_text()
+    for heading in ("## Frozen features", "### Differences", "## Fine-tuning", "## Protocols", "## Commands"):
+        assert heading in report, heading
+    for row in ("| pixels |", "| random |", "| mocov3 |", "| lodisc |", "| glsim |", "| ila |"):
+        assert row in report, row
+    assert "± " in report  # two seeds: mean ± std
+    for figure in ("curves.png", "masks_lodisc.png", "crops_glsim.png", "knn_neighbours.png", "embedding_map.png"):
+        assert (root / "report" / figure).stat().st_size > 1000 and f"]({figure})" in report, figure
+    assert "python train_ssl.py --config" in report and "python -m eval.finetune --config" in report
+
+    # The report is rebuilt from the finished runs alone.
+    (root / "report" / "report.md").unlink()
+    assert run_cli(report_main, [str(root)]) == 0
+    assert (root / "report" / "report.md").read_text() == report
+
+
+def test_killed_study_continues_without_redoing_finished_arms(tiny_data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_recipes(tiny_data, tmp_path, seeds=[0])
+    root = tmp_path / "study"
+    first = root / "done" / "seed0.pretrain.mocov3.json"
+    proc = subprocess.Popen([sys.executable, "-m", "sslfg.study", "--config", str(config)], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.is_file(), "the study never finished its first arm"
+    assert not (root / "report").exists()
+    weights = root / "seed0" / "mocov3" / "backbone.safetensors"
+    before = (weights.stat().st_mtime_ns, first.read_text())
+
+    ran = []
+    entry_points = dict(study_module.ENTRY_POINTS)
+    for kind, (typed, main) in entry_points.items():
+        monkeypatch.setitem(study_module.ENTRY_POINTS, kind,
+                            (typed, lambda argv, main=main, kind=kind: (ran.append((kind, argv)), main(argv))))
+    assert run_cli(study_module.main, ["--config", str(config)]) == 0
+    assert (weights.stat().st_mtime_ns, first.read_text()) == before
+    assert not any(kind == "pretrain" and "model.local_weight=0" in argv for kind, argv in ran)
+    assert sum(kind == "pretrain" for kind, _ in ran) == 1  # lodisc only
+    assert (root / "report" / "report.md").is_file()
+    for arm in ("knn.mocov3", "pretrain.lodisc", "knn.random", "finetune.glsim", "finetune.ila"):
+        assert (root / "done" / f"seed0.{arm}.json").is_file(), arm
+
+
+def test_a_budget_in_minutes_is_timed_once_and_kept(tiny_data: Path, tmp_path: Path) -> None:
+    config = write_recipes(tiny_data, tmp_path, seeds=[0], finetune_arms=False)
+    cfg = load_config(config, ["pretrain.epochs=0", "pretrain.minutes=0.2", "evaluate.run_linear=false"], StudyConfig)
+    Study(cfg).run()
+    root = tmp_path / "study"
+    budget = json.loads((root / "budget.json").read_text())
+    per_step = budget["seconds_per_step"]
+    assert set(per_step) == {"mocov3", "lodisc"} and budget["steps_per_epoch"] == 3
+    assert budget["epochs"] == max(1, math.floor(0.2 * 60 / (sum(per_step.values()) * 3)))
+    for arm in ("mocov3", "lodisc"):
+        assert json.loads((root / "seed0" / arm / "summary.json").read_text())["total_steps"] == 3 * budget["epochs"]
+    # A continued study (here: one more seed) keeps the stored budget instead of timing again.
+    (root / "budget.json").write_text(json.dumps({**budget, "epochs": 2}))
+    cfg.seeds = [0, 1]
+    Study(cfg).run()
+    assert json.loads((root / "seed1" / "mocov3" / "summary.json").read_text())["total_steps"] == 6
+
+
+def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path: Path) -> None:
+    config = write_recipes(tiny_data, tmp_path, seeds=[0])
+    with pytest.raises(ConfigError, match=r"pretrain.arms.typo: .*model.keep_ratoi"):
+        Study(load_config(config, ["pretrain.arms={typo: {model.keep_ratoi: 0.5}}"], StudyConfig))
+    with pytest.raises(ConfigError, match=r"finetune.arms.glsim.init: 'nope'"):
+        Study(load_config(config, ["finetune.arms.glsim.init=nope"], StudyConfig))
+    assert not (tmp_path / "study").exists()
+
+
+def test_report_needs_a_study_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no study.yaml"):
+        build_report(tmp_path)
+
+
+def test_study_under_two_processes_runs_every_arm_on_both(tiny_data: Path, tmp_path: Path) -> None:
+    config = write_recipes(tiny_data, tmp_path, seeds=[0])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sslfg.study",
+           "--config", str(config), "evaluate.run_linear=false"]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "study"
+    for arm in ("mocov3", "lodisc"):
+        summary = json.loads((root / "seed0" / arm / "summary.json").read_text())
+        assert summary["num_processes"] == 2 and summary["global_batch"] == 16
+    assert json.loads((root / "seed0/finetune/glsim/metrics.json").read_text())["test.top1"] >= 0
+    assert (root / "report" / "report.md").is_file() and "2 process(es)" in (root / "report/report.md").read_text()
