@@ -26,6 +26,7 @@ from sslfg.config import ConfigError, load_config  # noqa: E402
 from sslfg.schema import StudyConfig  # noqa: E402
 from sslfg.studydir import (  # noqa: E402
     STUDY_FILE,
+    arm_id,
     done_dir,
     done_path,
     eval_dir,
@@ -50,10 +51,15 @@ def _get(record: dict | None, key: str) -> float | None:
     return None if record is None else record.get(key)
 
 
+def _paired(a: list[dict | None], b: list[dict | None], key: str) -> list[float]:
+    """Per-seed differences a − b of `key`, over the seeds where both have it."""
+    return [x[key] - y[key] for x, y in zip(a, b, strict=True) if x and y and key in x and key in y]
+
+
 def _settings(spec: Any) -> str:
     """An arm's spec in a table cell: its recipe's file name and its overrides."""
     spec = dict(spec or {})
-    recipe = [f"{Path(spec.pop('config')).name}:"] if "config" in spec else []
+    recipe = [Path(spec.pop("config")).name + (":" if spec else "")] if "config" in spec else []
     return " ".join([*recipe, *(f"`{k}={json.dumps(v)}`" for k, v in spec.items())]) or "the recipe as is"
 
 
@@ -78,15 +84,20 @@ class Report:
     def finetunes(self, arm: str) -> list[dict | None]:
         return [read_json(finetune_dir(self.root, s, arm) / "metrics.json") for s in self.seeds]
 
-    def command(self, arm_id: str) -> str | None:
-        done = read_json(done_path(self.root, arm_id))
-        return done["command"] if done else None
+    def wall_minutes(self, arm: str, kinds: Sequence[str]) -> list[float | None]:
+        """Per seed: the study's wall time for this arm's runs of `kinds` (with start-up), None if unfinished."""
+        per_seed = []
+        for seed in self.seeds:
+            done = [read_json(done_path(self.root, arm_id(seed, kind, arm))) for kind in kinds]
+            present = [d for d in done if d]
+            per_seed.append(sum(d["seconds"] for d in present) / 60 if present else None)
+        return per_seed
 
     # ---- tables ------------------------------------------------------------------------------
 
     def frozen_table(self) -> list[str]:
         lines = ["| arm | what | n | kNN k20 top-1 | retrieval mAP | linear top-1 | steps × batch | train min | "
-                 "images/s |", "|---|---|---|---|---|---|---|---|---|"]
+                 "images/s | wall min |", "|---|---|---|---|---|---|---|---|---|---|"]
         for arm in [*(f for f in FLOOR_NOTES if any(self.evals(f, "knn"))), *self.arms]:
             knn, lin = self.evals(arm, "knn"), self.evals(arm, "linear")
             n = sum(r is not None for r in knn)
@@ -97,13 +108,13 @@ class Report:
             speed = stats([r["images_per_second"] for r in runs], scale=1) if runs else "–"
             lines.append(f"| {arm} | {what} | {n} | {stats([_get(r, KNN) for r in knn])} | "
                          f"{stats([_get(r, MAP) for r in knn])} | {stats([_get(r, LINEAR) for r in lin])} | "
-                         f"{steps} | {minutes} | {speed} |")
+                         f"{steps} | {minutes} | {speed} | "
+                         f"{stats(self.wall_minutes(arm, ('pretrain', 'knn', 'linear')), scale=1)} |")
         return lines
 
     def paired(self, arm: str, other: str, metric: str, name: str) -> list[float]:
-        """Per-seed differences arm − other where both finished."""
-        a, b = self.evals(arm, name), self.evals(other, name)
-        return [x[metric] - y[metric] for x, y in zip(a, b, strict=True) if x and y and metric in x and metric in y]
+        """Per-seed differences arm − other of an evaluation's metric."""
+        return _paired(self.evals(arm, name), self.evals(other, name), metric)
 
     def difference_table(self) -> list[str]:
         reference = self.arms[0]
@@ -124,20 +135,32 @@ class Report:
 
     def finetune_table(self) -> list[str]:
         lines = ["| arm | init | recipe | n | test top-1 | mean per-class | trainable / total params | steps | "
-                 "train images/s | inference images/s (batch 64) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "train min | train images/s | inference images/s (batch 64) | wall min |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, spec in self.cfg.finetune.arms.items():
             runs = self.finetunes(arm)
             done = [r for r in runs if r]
             if not done:
                 continue
             first = done[0]
-            init = Path(first["init"]).name if first.get("init") else "scratch"
+            init = Path(first["init"]).parent.name if first.get("init") else "scratch"  # the pretraining arm
             lines.append(
                 f"| {arm} | {init} | {_settings(spec)} | {len(done)} | {stats([_get(r, 'test.top1') for r in runs])} |"
                 f" {stats([_get(r, 'test.mean_per_class') for r in runs])} | {first['params.trainable']:,} / "
                 f"{first['params.total']:,} | {first['step']} | "
+                f"{stats([r['train.seconds'] / 60 if r else None for r in runs], scale=1)} | "
                 f"{stats([_get(r, 'train.images_per_second') for r in runs], scale=1)} | "
-                f"{stats([_get(r, 'images_per_second.batch64') for r in runs], scale=1)} |")
+                f"{stats([_get(r, 'images_per_second.batch64') for r in runs], scale=1)} | "
+                f"{stats(self.wall_minutes(arm, ('finetune',)), scale=1)} |")
+        return lines
+
+    def finetune_differences(self) -> list[str]:
+        """Each fine-tuning arm against the first (the plain ViT in the bundled studies), paired by seed."""
+        arms = list(self.cfg.finetune.arms)
+        lines = ["| arm | vs | Δ test top-1 (points, paired by seed) |", "|---|---|---|"]
+        for arm in arms[1:]:
+            diffs = _paired(self.finetunes(arm), self.finetunes(arms[0]), "test.top1")
+            lines.append(f"| {arm} | {arms[0]} | {stats(diffs)} |")
         return lines
 
     def protocols(self) -> list[str]:
@@ -238,14 +261,15 @@ class Report:
             "kNN: k 20, cosine, exp(sim/T) votes (DINO), bank = train split, queries = test split; retrieval: "
             "leave-one-out mAP over the test split; linear: the fast probe (lr chosen on a held-out part of the "
             "train split, retrained, reported on test). Values in %; train min and images/s are the "
-            "pretraining loop's.", "",
+            "pretraining loop's; wall min is the study's time for the arm's pretraining and evaluations, start-up "
+            "included.", "",
             *self.frozen_table(), "",
             "### Differences", "", *self.difference_table(), "",
         ]
         if self.cfg.finetune.arms:
             text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20: **{best}** (selected on "
                      "the test-split kNN it reports, as the study's question is which pretraining to keep).", "",
-                     *self.finetune_table(), ""]
+                     *self.finetune_table(), "", *self.finetune_differences(), ""]
         text += ["## Protocols", "", *self.protocols(), "", "## Figures", "", *self.figures(best),
                  "## Commands", "", *self.commands(), ""]
         path = self.out / "report.md"
