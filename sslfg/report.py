@@ -197,14 +197,16 @@ class Report:
             return None
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
         for ax, (key, title) in zip(axes[0], panels, strict=True):
-            for arm, records in series.items():
+            for i, (arm, records) in enumerate(series.items()):
                 points = [(r["step"], r[key]) for r in records if key in r]
-                if points:
-                    ax.plot(*zip(*points, strict=True), label=arm, marker="o" if len(points) < 15 else None)
+                if points:  # one colour per arm in every panel, also where an arm has no such curve
+                    ax.plot(*zip(*points, strict=True), label=arm, color=f"C{i}",
+                            marker="o" if len(points) < 15 else None)
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+        for ax in axes[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.out / "curves.png", dpi=110)
         plt.close(fig)
