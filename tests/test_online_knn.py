@@ -1,0 +1,66 @@
+"""Online kNN during pretraining: the DINO kNN of a bounded subset, and no effect on the training itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sslfg.config import ConfigError
+from sslfg.data.datasets import build_dataset
+from sslfg.data.transforms import eval_transform
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.knn import knn_evaluate
+from sslfg.models.backbone import forward_tokens, load_backbone
+from sslfg.online_knn import OnlineKnn
+from sslfg.pretrain import pretrain
+from tests.conftest import tiny_config
+
+
+def test_online_knn_is_the_knn_of_evenly_spaced_subsets(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=2, figure_samples=0)
+    cfg.train.knn_samples = 5
+    vit = load_backbone(pretrain(cfg))
+    got = OnlineKnn(cfg, make_accelerator())(vit)
+    assert vit.training  # handed back in training mode
+
+    # Reference: the CLS features of images 0, 5.75→5, 11.5→11, 17.25→17, 23 (train) and 0, 1.75→1, 3, 5, 7 (test).
+    transform = eval_transform(16, cfg.data.mean, cfg.data.std)
+    vit.eval()
+
+    def embed(split: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = build_dataset(cfg.data, split, transform)
+        with torch.no_grad():
+            x = torch.stack([ds[i][0] for i in idx])
+            return forward_tokens(vit, x)[:, 0], torch.tensor([ds.labels[i] for i in idx])
+
+    bank, bank_labels = embed("train", [0, 5, 11, 17, 23])
+    queries, labels = embed("test", [0, 1, 3, 5, 7])
+    expected = knn_evaluate(bank, bank_labels, queries, labels, ks=[20], backend="torch")["knn.k20.top1"]
+    assert got == {"online_knn.k20.top1": expected}
+
+
+def test_online_knn_leaves_the_training_run_unchanged(tiny_data: Path, tmp_path: Path) -> None:
+    runs = {}
+    for every in (0, 1):
+        cfg = tiny_config(tiny_data, tmp_path / f"knn{every}", figure_samples=0)  # 2 epochs of 3 steps
+        cfg.train.knn_every, cfg.train.knn_samples = every, 8
+        cfg.model.predictor_dropout = 0.2  # a random op in every step: the evaluation must not shift its stream
+        runs[every] = pretrain(cfg)
+    weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs.values()]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    records = [json.loads(line) for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "online_knn.k20.top1" in r] == [0, 3, 6]
+    plain = [r for r in records if "loss" in r]
+    assert plain == [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_online_knn_needs_labels(tmp_path: Path, tiny_data: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.data.format, cfg.data.root, cfg.train.knn_every = "folder", str(tiny_data / "images"), 1
+    with pytest.raises(ConfigError, match="train.knn_every"):
+        OnlineKnn(cfg, make_accelerator())
