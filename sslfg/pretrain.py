@@ -6,6 +6,7 @@ Called by `train_ssl.py`; importable so that studies and tests run it in-process
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -98,12 +99,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if online_knn is not None and start == 0:
         metrics.log(0, online_knn(lodisc.encoder))
 
+    state = LoopState(schedules=schedules, start_step=start)
+
     def after_step(s: int) -> None:
         lodisc.update_momentum(float(schedules["momentum"][s]))
         if online_knn is not None and (s + 1) % (t.knn_every * per_epoch) == 0:
+            tic = time.perf_counter()
             metrics.log(s + 1, online_knn(lodisc.encoder))
+            state.seconds -= time.perf_counter() - tic  # evaluating is not training: keep images/s comparable
 
-    state = LoopState(schedules=schedules, start_step=start)
     step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics, compute_loss,
                     after_step=after_step)
     metrics.close()
