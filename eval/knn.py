@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sslfg.cli import run_cli, run_evaluation
-from sslfg.evaluation import split_features
+from sslfg.evaluation import skipped_images, split_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
 from sslfg.knn import knn_classify, knn_evaluate, retrieval_metrics
 from sslfg.schema import EvalConfig
@@ -56,7 +56,8 @@ def evaluate(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] 
         metrics |= {f"retrieval.{name}": v for name, v in retrieval_metrics(queries, query_labels).items()}
     protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
                 "ks": k.ks, "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
-                "backend": k.backend, "bank_size": len(bank), "queries": len(queries)}
+                "backend": k.backend, "bank_size": len(bank), "queries": len(queries),
+                "skipped_images": skipped_images(bank_ds, query_ds)}
     if k.figures:
         neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,
                          out / "figures" / "knn_neighbours.png", cfg.seed)

@@ -19,7 +19,7 @@ from sslfg.data.images import DataError
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.rundir import ensure_writable
-from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, reset_skipped, write_metrics
+from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, write_metrics
 from sslfg.schema import EvalConfig
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError)
@@ -91,7 +91,6 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, eval
     out = ensure_writable(output_dir(cfg, {"backbone": backbone_spec(cfg)[0]}))  # before any time is spent
     if cfg.output:
         ensure_writable(Path(cfg.output).parent, "output")
-    reset_skipped()
     vit, info = build_backbone(cfg)
     produced = evaluate(cfg, vit, accelerator, out)
     result: dict = {}

@@ -18,10 +18,6 @@ from sslfg.features import cached_features
 from sslfg.models.backbone import backbone_source, create_vit
 from sslfg.schema import EvalConfig
 
-# split -> images data.on_bad_image=skip dropped from it in this evaluation: filled by `eval_dataset`, cleared by
-# `reset_skipped` (sslfg.cli.run_evaluation does at the start), recorded by `record`
-SKIPPED: dict[str, int] = {}
-
 
 def backbone_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], str]:
     """(timm name, kwargs at the dataset's image size, weights file) of the backbone, without building it."""
@@ -55,7 +51,7 @@ def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
                    out_dir: Path) -> tuple[Tensor, Tensor, Any]:
     """Features, labels and the dataset of one split, through the feature cache."""
     transform = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.features.crop_ratio)
-    dataset = eval_dataset(cfg, split, transform)
+    dataset = build_dataset(cfg.data, split, transform)
     f = cfg.features
     features, labels = cached_features(
         vit, dataset, split, out_dir / "features" if f.cache else None, accelerator, f.batch_size,
@@ -64,16 +60,10 @@ def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     return features, labels, dataset
 
 
-def eval_dataset(cfg: EvalConfig, split: str, transform: Any) -> Any:
-    """`build_dataset` for an evaluation, noting in SKIPPED how many bad images it dropped from `split`."""
-    dataset = build_dataset(cfg.data, split, transform)
-    SKIPPED[split] = len(dataset.skipped)
-    return dataset
-
-
-def reset_skipped() -> None:
-    """Starts a new evaluation's count of skipped images."""
-    SKIPPED.clear()
+def skipped_images(*datasets: Any) -> int:
+    """Images data.on_bad_image=skip dropped from these datasets; evaluators put it in their protocol
+    as "skipped_images", which `record` files as "data.skipped_images"."""
+    return sum(len(d.skipped) for d in datasets)
 
 
 def record(cfg: EvalConfig, info: dict[str, Any], protocol: dict[str, Any], metrics: dict[str, float]) -> dict:
@@ -82,8 +72,8 @@ def record(cfg: EvalConfig, info: dict[str, Any], protocol: dict[str, Any], metr
     return {
         "dataset": cfg.data.root, "format": cfg.data.format, "image_size": cfg.data.image_size,
         "feature": cfg.features.kind, "seed": cfg.seed, "data.on_bad_image": cfg.data.on_bad_image,
-        "data.skipped_images": sum(SKIPPED.values()), **info,
-        **{f"protocol.{k}": v for k, v in protocol.items()}, **metrics,
+        "data.skipped_images": protocol.get("skipped_images", 0), **info,
+        **{f"protocol.{k}": v for k, v in protocol.items() if k != "skipped_images"}, **metrics,
     }
 
 

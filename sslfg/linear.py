@@ -33,6 +33,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from sslfg.config import ConfigError, save_config
+from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, sample_seed, seeded_loader
 from sslfg.data.transforms import crop_flip_transform
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
@@ -40,7 +41,7 @@ from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.rundir import prepare_run_dir
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation import eval_dataset, split_features
+from sslfg.evaluation import skipped_images, split_features
 from sslfg.features import pool_features
 from sslfg.schema import DataConfig, EvalConfig, LinearConfig, LoopConfig
 
@@ -232,10 +233,12 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     _check_labelled(d)
     check_settings(lin)
     pair = selection_splits(d)
-    train = split_features(cfg, vit, accelerator, d.train_split, out)[:2]
-    test = split_features(cfg, vit, accelerator, d.test_split, out)[:2]
+    *train, train_ds = split_features(cfg, vit, accelerator, d.train_split, out)
+    *test, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
+    datasets = [train_ds, test_ds]
     if pair is not None:
-        fit, val = (split_features(cfg, vit, accelerator, s, out)[:2] for s in pair)
+        (*fit, fit_ds), (*val, val_ds) = (split_features(cfg, vit, accelerator, s, out) for s in pair)
+        datasets += [fit_ds, val_ds]
         selection = {"selection_split": pair[1], "selection_train_split": pair[0]}
     else:
         if not 0 < lin.val_fraction < 1:
@@ -264,6 +267,7 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         "weight_decay": lin.weight_decay, "schedule": "cosine to 0 per step", "head_init": f"normal(0, {INIT_STD})",
         "feature_norm": "none", "augmentation": "none (cached eval-transform features)",
         "train_size": len(train[1]), "fit_size": len(fit[1]), "val_size": len(val[1]), "test_size": len(test[1]),
+        "skipped_images": skipped_images(*datasets),
     }
     return {"linear.top1": result.top1, "linear.top5": result.top5}, protocol
 
@@ -279,7 +283,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     # The backbone is frozen, so the head applied to cached eval features is the eval pass; extracting them
     # first also fails fast on a bad test split.
     test_x, test_y, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
-    dataset = eval_dataset(cfg, d.train_split, crop_flip_transform(d.image_size, d.mean, d.std))
+    dataset = build_dataset(d, d.train_split, crop_flip_transform(d.image_size, d.mean, d.std))
     world = accelerator.num_processes
     if len(dataset) < lin.batch_size * world:
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "
@@ -327,6 +331,6 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         "weight_decay": lin.weight_decay, "schedule": "cosine to 0 per step", "head_init": f"normal(0, {INIT_STD})",
         "feature_norm": "none", "augmentation": "RandomResizedCrop(scale 0.08-1) + horizontal flip",
         "steps": step, "resumed_from_step": start, "train_size": len(dataset), "test_size": len(test_y),
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir), "skipped_images": skipped_images(dataset, test_ds),
     }
     return {"linear.top1": float(top1[0]), "linear.top5": float(top5[0])}, protocol
