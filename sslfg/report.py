@@ -177,7 +177,9 @@ class Report:
 
     def commands(self) -> list[str]:
         seed = self.seeds[0]
-        found = sorted(done_dir(self.root).glob(f"seed{seed}.*.json"))
+        order = ("pretrain", "knn", "linear", "finetune")  # the order the study runs them in
+        found = sorted(done_dir(self.root).glob(f"seed{seed}.*.json"),
+                       key=lambda p: (order.index(p.stem.split(".")[1]), p.stem))
         lines = [f"Seed {seed}; the other seeds differ only in `seed=` and the `seed<N>` folder.", "", "```"]
         lines += [f"# {p.stem}\n{json.loads(p.read_text())['command']}" for p in found]
         return [*lines, "```"]
@@ -251,7 +253,7 @@ class Report:
         best = self.best()
         budget = read_json(self.root / "budget.json")
         text = [
-            f"# Study: {self.root.name}", "",
+            f"# Study: {Path(self.cfg.output_dir).name}, {len(self.seeds)} seed(s)", "",
             f"Dataset recipe `{self.cfg.dataset}`; seeds {self.seeds}; machine: {machine.get('platform', '?')}, "
             f"{machine.get('cpu_count', '?')} CPU cores, GPU {machine.get('gpu', '?')}, "
             f"{machine.get('processes', 1)} process(es), torch {machine.get('torch', '?')}; run on "
