@@ -155,7 +155,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics_log, compute_loss)
         metrics_log.close()
         timing = {"train.seconds": round(state.seconds, 2),
-                  "train.images_per_second": round(state.images_seen / max(state.seconds, 1e-9), 1)}
+                  "train.images_per_second": state.images_per_second}
 
     result = evaluate(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
     if accelerator.is_main_process:

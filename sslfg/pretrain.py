@@ -120,7 +120,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "step": step, "total_steps": int(len(schedules["lr"])), "epochs": t.epochs,
             "global_batch": global_batch, "num_processes": accelerator.num_processes,
             "init": cfg.model.weights or "scratch", "seconds": round(state.seconds, 2),
-            "images_per_second": round(state.images_seen / max(state.seconds, 1e-9), 1),
+            "images_per_second": state.images_per_second,
             "checkpoint": str(checkpoint_dirs(run_dir)[-1]),
             "data.skipped_images": len(dataset.skipped),  # dropped by data.on_bad_image=skip, each logged
         }

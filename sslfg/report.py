@@ -25,8 +25,10 @@ from sslfg.cli import run_cli  # noqa: E402
 from sslfg.config import ConfigError, load_config  # noqa: E402
 from sslfg.schema import StudyConfig  # noqa: E402
 from sslfg.studydir import (  # noqa: E402
+    KNN_KEY,
     STUDY_FILE,
     arm_id,
+    best_pretrain_arm,
     done_dir,
     done_path,
     eval_dir,
@@ -35,7 +37,7 @@ from sslfg.studydir import (  # noqa: E402
     read_json,
 )
 
-KNN, MAP, LINEAR = "knn.k20.top1", "retrieval.mAP", "linear.top1"
+KNN, MAP, LINEAR = KNN_KEY, "retrieval.mAP", "linear.top1"
 FLOOR_NOTES = {"random": "random init, same architecture", "pixels": "raw pixels (normalised), no network"}
 
 
@@ -242,15 +244,10 @@ class Report:
                 lines += [f"### t-SNE of the test features: {best}", "", f"![embedding]({fig})", ""]
         return lines
 
-    def best(self) -> str | None:
-        scores = {a: [_get(r, KNN) for r in self.evals(a, "knn")] for a in self.arms}
-        scores = {a: mean(v for v in s if v is not None) for a, s in scores.items() if any(v is not None for v in s)}
-        return max(scores, key=scores.__getitem__) if scores else None
-
     def write(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         machine = read_json(self.root / "machine.json") or {}
-        best = self.best()
+        best = best_pretrain_arm(self.root, self.seeds, self.arms)
         budget = read_json(self.root / "budget.json")
         text = [
             f"# Study: {Path(self.cfg.output_dir).name}, {len(self.seeds)} seed(s)", "",

@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from statistics import mean
 from typing import Any
 
 import torch
@@ -47,8 +46,10 @@ from sslfg.engine.rundir import write_json
 from sslfg.report import build_report
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
 from sslfg.studydir import (
+    KNN_KEY,
     STUDY_FILE,
     arm_id,
+    best_pretrain_arm,
     done_path,
     eval_dir,
     finetune_dir,
@@ -180,17 +181,17 @@ class Study:
         return arms
 
     def best_pretrain_arm(self) -> str:
-        """The pretraining arm with the best mean kNN k20 top-1 over the seeds."""
-        scores = {}
-        for name in self.cfg.pretrain.arms:
-            results = [read_json(eval_dir(self.root, s, name) / "knn.json") for s in self.cfg.seeds]
-            scores[name] = mean(r.get("knn.k20.top1", r.get("knn.k1.top1", 0.0)) for r in results if r)
-        return max(scores, key=scores.__getitem__)
+        """The pretraining arm the fine-tuning arms start from: the best mean kNN k20 top-1."""
+        best = best_pretrain_arm(self.root, self.cfg.seeds, list(self.cfg.pretrain.arms))
+        if best is None:
+            raise ConfigError(f"evaluate.knn: no pretraining arm has {KNN_KEY} to choose the fine-tuning init by; "
+                              "keep 20 in knn.ks")
+        return best
 
     def finetune_arms(self, seed: int, best: str) -> list[Arm]:
         arms = []
         for name, spec in self.cfg.finetune.arms.items():
-            init = spec.get("init", "best") if isinstance(spec, dict) else "best"
+            init = _split_spec(name, spec, "finetune")[0].get("init", "best")
             source = "" if init == "scratch" else str(pretrain_dir(self.root, seed, best if init == "best" else init))
             config, args, _ = self._finetune_args(name, spec, seed, source)
             arms.append(Arm(arm_id(seed, "finetune", name), "finetune", ["--config", config, *args]))

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 FLOORS = ("random", "pixels")
+KNN_KEY = "knn.k20.top1"  # the study's headline metric
 STUDY_FILE = "study.yaml"
 
 
@@ -53,3 +55,15 @@ def done_path(root: Path, arm: str) -> Path:
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object at `path`, or None when the file does not exist (yet)."""
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def best_pretrain_arm(root: Path, seeds: Sequence[int], arms: Sequence[str]) -> str | None:
+    """The pretraining arm with the best mean kNN k20 top-1 over the seeds that evaluated it (None
+    before any did)."""
+    scores = {}
+    for arm in arms:
+        results = [read_json(eval_dir(root, s, arm) / "knn.json") for s in seeds]
+        values = [r[KNN_KEY] for r in results if r and KNN_KEY in r]
+        if values:
+            scores[arm] = sum(values) / len(values)
+    return max(scores, key=scores.__getitem__) if scores else None

@@ -22,6 +22,7 @@ from sslfg.report import main as report_main
 from sslfg.schema import StudyConfig
 from sslfg.study import Study
 from tests.conftest import TINY_MODEL
+from tests.reliability.procs import command, finish, start
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"image_size": 16, "num_workers": 0, "train_split": "train", "test_split": "test"}
@@ -156,12 +157,7 @@ def test_report_needs_a_study_folder(tmp_path: Path) -> None:
 
 def test_study_under_two_processes_runs_every_arm_on_both(tiny_data: Path, tmp_path: Path) -> None:
     config = write_recipes(tiny_data, tmp_path, seeds=[0])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sslfg.study",
-           "--config", str(config), "evaluate.run_linear=false"]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finish(start(command(["-m", "sslfg.study", "--config", str(config), "evaluate.run_linear=false"], processes=2)))
     root = tmp_path / "study"
     for arm in ("mocov3", "lodisc"):
         summary = json.loads((root / "seed0" / arm / "summary.json").read_text())

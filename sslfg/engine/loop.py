@@ -41,6 +41,11 @@ class LoopState:
     images_seen: int = 0
     seconds: float = 0.0
 
+    @property
+    def images_per_second(self) -> float:
+        """Training throughput of the loop so far, all processes together."""
+        return round(self.images_seen / max(self.seconds, 1e-9), 1)
+
 
 def steps_per_epoch(sampler: EpochBatchSampler, accum: int) -> int:
     return sampler.batches_per_epoch // accum
