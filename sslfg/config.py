@@ -19,6 +19,7 @@ import yaml
 
 T = TypeVar("T")
 _CLI = "command line"
+_SOURCES = "_sslfg_key_sources"  # attribute of a loaded config: its `key_sources`
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
 _EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 _SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
@@ -58,7 +59,16 @@ def load_config(
         _read(Path(item), [], data, sources)
     for item in overrides:
         _merge(data, _parse_override(item), _CLI, sources)
-    return _Converter(schema, sources).build(schema, data, "")
+    cfg = _Converter(schema, sources).build(schema, data, "")
+    leaves = set(_keys(schema, "", leaves_only=True))
+    object.__setattr__(cfg, _SOURCES, {key: src for key, src in sources.items() if key in leaves})
+    return cfg
+
+
+def key_sources(cfg: Any) -> dict[str, str]:
+    """Dotted key -> the file or "command line" that set it, for a config made by `load_config`; a key
+    that is absent kept its schema default. Empty for a config built any other way (e.g. `dataclasses.replace`)."""
+    return dict(getattr(cfg, _SOURCES, {}))
 
 
 def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str, str]) -> None:
@@ -202,14 +212,15 @@ class _Converter:
         raise TypeError(f"{key}: type {tp!r} is not supported by sslfg.config")
 
 
-def _keys(cls: type, prefix: str) -> Iterator[str]:
-    """Every valid dotted key of dataclass `cls`."""
+def _keys(cls: type, prefix: str, leaves_only: bool = False) -> Iterator[str]:
+    """Every valid dotted key of dataclass `cls` (with `leaves_only`, not the sections themselves)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        yield prefix + f.name
-        for sub in (hints[f.name], *typing.get_args(hints[f.name])):
-            if dataclasses.is_dataclass(sub):
-                yield from _keys(sub, f"{prefix}{f.name}.")
+        sections = [sub for sub in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(sub)]
+        if not (sections and leaves_only):
+            yield prefix + f.name
+        for sub in sections:
+            yield from _keys(sub, f"{prefix}{f.name}.", leaves_only)
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import pytest
 
 from sslfg.cli import parse_cli
-from sslfg.config import ConfigError, load_config, save_config, to_dict
+from sslfg.config import ConfigError, key_sources, load_config, save_config, to_dict
 from sslfg.schema import PretrainConfig
 
 
@@ -286,3 +286,15 @@ def test_several_files_merge_in_order(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("seed: 2\n")
     cfg = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"], [], PretrainConfig)
     assert (cfg.seed, cfg.output_dir) == (2, "runs/a")
+
+
+def test_key_sources_name_the_file_or_command_line_that_set_each_key(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", "data: {root: /d, mean: [0.5, 0.5, 0.5]}\nmodel: {kwargs: {depth: 2}}\n")
+    recipe = write(tmp_path / "recipe.yaml", "_base_: base.yaml\ndata: {root: /e}\nseed: 3\n")
+    cfg = load_config(recipe, ["seed=4", "model.kwargs.embed_dim=32"], PretrainConfig)
+    assert key_sources(cfg) == {
+        "data.root": str(recipe), "data.mean": str(base), "seed": "command line", "model.kwargs": "command line",
+    }  # leaf keys only: no section ('data') and nothing inside a dict value ('model.kwargs.depth')
+    assert "data.std" not in key_sources(cfg)  # absent: the schema default
+    assert key_sources(load_config(None, [], PretrainConfig)) == {}
+    assert key_sources(PretrainConfig()) == {}
