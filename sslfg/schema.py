@@ -60,6 +60,7 @@ class ModelConfig:
     use_projector: bool = True  # false reproduces the reference code, which never runs it
     proj_hidden_dim: int = 4096
     pred_hidden_dim: int = 4096
+    projector_dropout: float = 0.2  # LoDisc's Dropout after each hidden layer of the projector
     predictor_dropout: float = 0.2
     temperature: float = 0.2
     local_weight: float = 1.0  # 0 gives plain MoCo v3

@@ -51,6 +51,12 @@ def zero_fill(images: Tensor, keep_idx: Tensor, patch_size: int) -> Tensor:
 class LoDisc(nn.Module):
     """Online encoder + projector + predictor, and their momentum twins (no predictor).
 
+    Heads as LoDisc builds them with MoCo v3's `_build_mlp`: projector 3 layers D→h→h→D, predictor
+    `_build_mlp(2, D, h, D)` with its default last_bn=True; each ends with BatchNorm1d(affine=False),
+    and each hidden layer is Linear → BN → ReLU → Dropout (`projector_dropout`, `predictor_dropout`,
+    0.2 in LoDisc; 0 gives MoCo v3's heads). Deliberate deviation: `use_projector: true` runs the
+    projector, which the reference builds but never calls (`false` reproduces the reference code).
+
     forward(x1, x2) returns the loss and its parts; `local_weight == 0` skips the local branch
     entirely, which is MoCo v3.
     """
@@ -65,8 +71,9 @@ class LoDisc(nn.Module):
             raise ConfigError(f"model.attention_layers: expected 0 (every block) to {len(self.encoder.blocks)}, "
                               f"got {cfg.attention_layers}")
         self.patch_size = image_size // grid_size(self.encoder)
-        self.projector = mlp(dim, cfg.proj_hidden_dim, dim, 3, last_bn=True) if cfg.use_projector else nn.Identity()
-        self.predictor = mlp(dim, cfg.pred_hidden_dim, dim, 2, last_bn=False, dropout=cfg.predictor_dropout)
+        self.projector = (mlp(dim, cfg.proj_hidden_dim, dim, 3, last_bn=True, dropout=cfg.projector_dropout)
+                          if cfg.use_projector else nn.Identity())
+        self.predictor = mlp(dim, cfg.pred_hidden_dim, dim, 2, last_bn=True, dropout=cfg.predictor_dropout)
         self.momentum_encoder = copy.deepcopy(self.encoder)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self.momentum_parameters():

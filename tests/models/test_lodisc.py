@@ -17,7 +17,7 @@ from tests.conftest import TINY_MODEL
 
 def tiny_lodisc(**overrides: object) -> LoDisc:
     torch.manual_seed(0)
-    return LoDisc(ModelConfig(**{**TINY_MODEL, "predictor_dropout": 0.0, **overrides}), image_size=16).train()
+    return LoDisc(ModelConfig(**{**TINY_MODEL, "projector_dropout": 0.0, "predictor_dropout": 0.0, **overrides}), image_size=16).train()
 
 
 @pytest.mark.parametrize("n, ratio", [(196, 0.30), (49, 0.30), (16, 0.5), (100, 0.29), (10, 1.0)])
@@ -169,13 +169,35 @@ def test_ema_update_formula_and_predictor_untouched() -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.predictor.parameters(), predictor, strict=True))
 
 
-def test_projector_shapes_follow_moco_v3() -> None:
-    model = tiny_lodisc()
-    linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(32, 64), (64, 64), (64, 32)]
-    assert not model.projector[-1].affine  # final BN without affine
-    assert any(isinstance(m, torch.nn.Dropout) for m in tiny_lodisc(predictor_dropout=0.2).predictor)
+def layer_kinds(mlp: torch.nn.Module) -> list[str]:
+    """e.g. ["Linear(32,64)", "BN", "ReLU", "Dropout(0.2)", ..., "BN-noaffine"]."""
+    kinds = []
+    for m in mlp:
+        if isinstance(m, torch.nn.Linear):
+            kinds.append(f"Linear({m.in_features},{m.out_features}{',bias' if m.bias is not None else ''})")
+        elif isinstance(m, torch.nn.BatchNorm1d):
+            kinds.append("BN" if m.affine else "BN-noaffine")
+        elif isinstance(m, torch.nn.Dropout):
+            kinds.append(f"Dropout({m.p})")
+        else:
+            kinds.append(type(m).__name__)
+    return kinds
+
+
+def test_projector_and_predictor_follow_lodisc_build_mlp() -> None:
+    # LoDisc's _build_mlp (MoCo v3's plus Dropout(0.2)): projector _build_mlp(3, D, h, D), predictor
+    # _build_mlp(2, D, h, D) with last_bn=True: both end in BatchNorm1d(affine=False).
+    model = tiny_lodisc(projector_dropout=0.2, predictor_dropout=0.2)
+    hidden = ["BN", "ReLU", "Dropout(0.2)"]
+    assert layer_kinds(model.projector) == [
+        "Linear(32,64)", *hidden, "Linear(64,64)", *hidden, "Linear(64,32)", "BN-noaffine"]
+    assert layer_kinds(model.predictor) == ["Linear(32,64)", *hidden, "Linear(64,32)", "BN-noaffine"]
+    assert layer_kinds(tiny_lodisc().predictor) == ["Linear(32,64)", "BN", "ReLU", "Linear(64,32)", "BN-noaffine"]
     assert isinstance(tiny_lodisc(use_projector=False).projector, torch.nn.Identity)
+    # the final BN acts: in training, every output dimension has zero mean and unit variance over the batch
+    q = model.predictor(torch.randn(16, 32) * 5 + 3)
+    torch.testing.assert_close(q.mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q.var(0, unbiased=False), torch.ones(32), atol=1e-3, rtol=0)
 
 
 def test_attention_layers_ranks_by_the_last_blocks_only() -> None:

@@ -32,7 +32,7 @@ def uneven_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pretrained(uneven_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same pretraining on one process (batch 8) and on two (batch 4 each)."""
     root = tmp_path_factory.mktemp("pretrain")
-    fixed = {"model.predictor_dropout": 0.0}  # per-process RNG would differ
+    fixed = {"model.projector_dropout": 0.0, "model.predictor_dropout": 0.0}  # per-process RNG would differ
     two = start(command(["train_ssl.py", *pretrain_args(uneven_data, root / "two", 4, **fixed)], processes=2))
     train_ssl.main(pretrain_args(uneven_data, root / "one", 8, **fixed))
     finish(two)
