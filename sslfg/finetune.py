@@ -42,8 +42,10 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     m = cfg.model
     name, kwargs, weights = backbone_source(cfg.init, m.name, timm_kwargs(cfg.data.image_size, m.patch_size, m.kwargs))
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
-    vit = create_vit(name, kwargs, weights, m.drop_path_rate)
-    model = GLSim(vit, num_classes, k=m.top_k, box=m.crop_box) if m.head == "glsim" else ViTClassifier(vit, num_classes)
+    vit = create_vit(name, kwargs, weights)
+    dp = m.drop_path_rate  # the same in every block (GLSim's recipe), set by the classifier, not timm's ramp
+    model = (GLSim(vit, num_classes, k=m.top_k, box=m.crop_box, drop_path_rate=dp) if m.head == "glsim"
+             else ViTClassifier(vit, num_classes, drop_path_rate=dp))
     if m.adapter != "none":  # after GLSim (whose aggregator copies the plain block's kind); freezes the backbone
         attach_ila(vit, variant=m.adapter, width=m.adapter_width, positions=m.adapter_positions or None)
         if m.head == "glsim" and m.top_k > final_grid(vit) ** 2:

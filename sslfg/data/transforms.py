@@ -4,8 +4,8 @@ linear-probe augmentation and the evaluation transform.
 Every random choice comes from torch's global RNG (torchvision.transforms.v2 draws with
 torch.rand / torch.randint / Tensor.uniform_, never with Python's `random`), so seeding torch's
 CPU generator per sample (`sslfg.data.sampling.SeededDataset`) reproduces the augmentations
-exactly on resume. Resampling is bilinear, as in MoCo v3 and LoDisc (torchvision's default); PIL resizing
-antialiases.
+exactly on resume. Resampling is bilinear, as in MoCo v3 and LoDisc (torchvision's default), except the
+fine-tuning recipe's bicubic resize (GLSim); PIL resizing antialiases.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from torchvision.transforms import InterpolationMode, v2
 from sslfg.schema import AugmentConfig, FinetuneAugmentConfig
 
 INTERPOLATION = InterpolationMode.BILINEAR
+FINETUNE_INTERPOLATION = InterpolationMode.BICUBIC  # GLSim's train and test Resize
+ERASING_SCALE = (0.02, 0.4)  # GLSim's RandomErasing: erased area fraction (torchvision: 0.02–0.33)
+ERASING_RATIO = (0.3, 3.3)  # and aspect ratio
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -133,20 +136,21 @@ def eval_transform(
 def finetune_transforms(
     image_size: int, aug: FinetuneAugmentConfig, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[v2.Compose, v2.Compose]:
-    """GLSim's fine-tuning pair (train, test): both resize to a square of resize_ratio·S; train
-    then takes a RandomCrop(S), flip, TrivialAugmentWide and, after Normalize, RandomErasing;
-    test takes the CenterCrop(S)."""
+    """GLSim's fine-tuning pair (train, test), as its reference builds them: both resize (bicubic) to a
+    square of resize_ratio·S; train then takes a RandomCrop(S), flip, TrivialAugmentWide (torchvision's
+    default nearest interpolation) and, after Normalize, RandomErasing (scale ERASING_SCALE, ratio
+    ERASING_RATIO); test takes the CenterCrop(S)."""
     side = round(aug.resize_ratio * image_size)
-    train: list[v2.Transform] = [v2.Resize((side, side), interpolation=INTERPOLATION), v2.RandomCrop(image_size)]
+    resize = v2.Resize((side, side), interpolation=FINETUNE_INTERPOLATION)
+    train: list[v2.Transform] = [resize, v2.RandomCrop(image_size)]
     if aug.flip:
         train.append(v2.RandomHorizontalFlip())
     if aug.trivial_augment:
-        train.append(v2.TrivialAugmentWide(interpolation=INTERPOLATION))
+        train.append(v2.TrivialAugmentWide())
     train += _to_normalized_tensor(mean, std)
     if aug.random_erasing > 0:
-        train.append(v2.RandomErasing(p=aug.random_erasing))
-    test = [v2.Resize((side, side), interpolation=INTERPOLATION), v2.CenterCrop(image_size),
-            *_to_normalized_tensor(mean, std)]
+        train.append(v2.RandomErasing(p=aug.random_erasing, scale=ERASING_SCALE, ratio=ERASING_RATIO))
+    test = [resize, v2.CenterCrop(image_size), *_to_normalized_tensor(mean, std)]
     return v2.Compose(train), v2.Compose(test)
 
 

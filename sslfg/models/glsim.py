@@ -2,19 +2,21 @@
 
 Both classifiers share one forward contract: `model(x)` gives logits (B, C);
 `model(x, return_crops=True)` gives a dict with "logits" and, for GLSim, "boxes" and "crops".
-Train either with `classification_loss` (cross-entropy, label smoothing 0.1).
+Train either with `classification_loss` (cross-entropy, label smoothing 0.1). Both take
+`drop_path_rate` and set it in every block, as GLSim's reference recipe does for both.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import DropPath
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from sslfg.models.backbone import forward_tokens, grid_size, new_block
 
@@ -75,20 +77,21 @@ def at_least(boxes: Tensor, extent: int) -> Tensor:
 
 
 def crop_and_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Each image cropped to its box (y0, x0, y1, x1) and resized bilinearly to (size, size): (B, C, size, size).
+    """Each image cropped to its box (y0, x0, y1, x1), end-exclusive pixels, resized to (B, C, size, size).
 
-    One roi_align call for the whole batch. aligned=True: box edges are pixel edges (pixel i spans
-    [i, i + 1)), and sampling_ratio=1 takes one bilinear sample per output pixel: F.interpolate(bilinear,
-    align_corners=False) of the crop, except that samples within half a pixel outside the box read
-    the neighbouring image pixels where interpolate repeats the crop's edge. GLSim always enlarges
-    (the box is inside the image, size the image size), where adaptive sampling would also take one.
+    The reference resizes each crop with F.interpolate(bilinear, align_corners=True): output pixel i
+    samples the crop at i·(h − 1)/(size − 1), so the first and last samples sit on the centres of the
+    crop's edge pixels. One grid_sample call (align_corners=True, where normalised −1 and 1 are the
+    image's edge pixel centres) samples those points for the whole batch.
     """
-    b = images.shape[0]
+    _, _, h, w = images.shape
     y0, x0, y1, x1 = boxes.to(images.device, torch.float32).unbind(1)
-    batch_idx = torch.arange(b, device=images.device, dtype=torch.float32)
-    # float32: bf16 holds integers (pixel coordinates, batch indices) exactly only up to 256
-    rois = torch.stack([batch_idx, x0, y0, x1, y1], dim=1)
-    crops = roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    t = torch.linspace(0, 1, size, device=images.device)
+    ys = (y0[:, None] + t * (y1 - y0 - 1)[:, None]) * (2 / (h - 1)) - 1  # (B, size), normalised rows
+    xs = (x0[:, None] + t * (x1 - x0 - 1)[:, None]) * (2 / (w - 1)) - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (B, size, size, (x, y))
+    # float32: bf16 holds pixel coordinates exactly only up to 256
+    crops = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
     return crops.to(images.dtype)
 
 
@@ -105,12 +108,50 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     return head
 
 
+def uniform_drop_path(blocks: Iterable[nn.Module], rate: float) -> None:
+    """Drop path `rate` on both residual branches of every block.
+
+    GLSim's reference uses one rate in every block; timm ramps it linearly from 0 over depth, which
+    halves the mean rate.
+    """
+    for block in blocks:
+        names = [name for name, _ in block.named_children() if name.startswith("drop_path")]
+        if not names:
+            raise ValueError(f"{type(block).__name__} has no drop_path branches to set")
+        for name in names:
+            setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
+
+
+@torch.no_grad()
+def xavier_init(module: nn.Module) -> None:
+    """The reference's init for a new block: Xavier-uniform Linear weights, biases N(0, 1e-6).
+
+    Its q, k and v are separate (D, D) layers; timm fuses them into one qkv (3D, D), so each third
+    gets its own Xavier bound.
+    """
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            for w in m.weight.chunk(3 if name.endswith("qkv") else 1, dim=0):
+                nn.init.xavier_uniform_(w)
+            if m.bias is not None:
+                nn.init.normal_(m.bias, std=1e-6)
+
+
+def aggregator_block(vit: VisionTransformer, num_heads: int | None, drop_path_rate: float) -> Block:
+    """GLSim's aggregator: a new block of the backbone's kind, initialised and regularised as the reference's."""
+    block = new_block(vit, num_heads)
+    xavier_init(block)
+    uniform_drop_path([block], drop_path_rate)
+    return block
+
+
 class GLSim(nn.Module):
     """A timm ViT (built by create_vit, no classifier) with GLSim's crop branch, aggregator and head.
 
     forward: X = f(x); boxes around the top-k GLS patches; crops of x resized to x's size; Xc = f(crops)
     with the crop CLS token; aggregator block + LayerNorm over [X[:, 0], Xc[:, 0]]; head on token 0.
     Gradients flow through both encoder passes; the box selection itself is not differentiable.
+    `drop_path_rate` is set in every encoder block and in the aggregator (`uniform_drop_path`).
     """
 
     def __init__(
@@ -120,14 +161,16 @@ class GLSim(nn.Module):
         k: int = 8,
         box: BoxMode = "inclusive",
         aggregator_heads: int | None = None,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         check_gls_args(grid_size(vit) ** 2, k, box)
+        uniform_drop_path(vit.blocks, drop_path_rate)
         self.encoder = vit
         self.k = k
         self.box = box
         self.crop_cls_token = nn.Parameter(vit.cls_token.detach().clone())
-        self.aggregator = new_block(vit, aggregator_heads)
+        self.aggregator = aggregator_block(vit, aggregator_heads, drop_path_rate)
         self.norm = nn.LayerNorm(vit.embed_dim, eps=1e-6)  # timm ViT's final-norm epsilon
         self.head = zero_linear(vit.embed_dim, num_classes)
 
@@ -149,10 +192,12 @@ class GLSim(nn.Module):
 
 
 class ViTClassifier(nn.Module):
-    """The plain ViT fine-tune baseline: zero-initialised Linear on the CLS token after the final norm."""
+    """The plain ViT fine-tune baseline: zero-initialised Linear on the CLS token after the final norm,
+    `drop_path_rate` in every block as in GLSim."""
 
-    def __init__(self, vit: VisionTransformer, num_classes: int) -> None:
+    def __init__(self, vit: VisionTransformer, num_classes: int, drop_path_rate: float = 0.0) -> None:
         super().__init__()
+        uniform_drop_path(vit.blocks, drop_path_rate)
         self.encoder = vit
         self.head = zero_linear(vit.embed_dim, num_classes)
 
