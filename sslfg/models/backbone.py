@@ -7,6 +7,7 @@ knows its internals (`patch_embed`, `_pos_embed`, `blocks`, `norm`).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import pickle
 from collections.abc import Iterator
@@ -16,16 +17,20 @@ from typing import Any
 
 import timm
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn, init_weights_vit_timm
 from torch import Tensor
 
 from sslfg.config import ConfigError
-from sslfg.engine.checkpoint import unsafe_load_reason
+from sslfg.engine.checkpoint import CHECKPOINTS, checkpoint_dirs, unsafe_load_reason
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
+CHECKPOINT_MODEL = "model.safetensors"  # the model file accelerate writes into a checkpoint folder
+RUN_CONFIG = "config.yaml"
+WRAPPED_ENCODER = "encoder."  # the backbone's prefix in LoDisc's, GLSim's and ViTClassifier's state dicts
 
 
 def timm_kwargs(img_size: int, patch_size: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -37,37 +42,118 @@ def timm_kwargs(img_size: int, patch_size: int = 0, extra: dict[str, Any] | None
 
 
 def create_vit(
-    name: str, kwargs: dict[str, Any], weights: str = "", drop_path_rate: float = 0.0
+    name: str, kwargs: dict[str, Any], weights: str = "", drop_path_rate: float = 0.0, key: str = "model.weights",
+    name_key: str = "model.name",
 ) -> VisionTransformer:
-    """A timm ViT without classifier, from scratch or from a local weights file.
+    """A timm ViT without classifier, from scratch or from local weights (see `load_weights`).
 
-    `weights` is a safetensors file or a torch state dict (loaded with weights_only=True by timm, so
-    a file holding pickled objects is refused, never executed); position embeddings are resampled by
-    timm when the image or patch size differs.
+    `key` and `name_key` name the settings that gave `weights` and `name` in error messages
+    (`model.weights` / `init` / `--checkpoint`, `model.name` / `--model`).
     """
-    if weights and not Path(weights).is_file():
-        raise ConfigError(f"model.weights: no such file '{weights}'")
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"close names: {', '.join(close)}" if close else "list them with timm.list_models('vit*')"
+        raise ConfigError(f"{name_key}: '{name}' is not a timm model name; {hint}")
+    weights = weights_file(weights, key) if weights else ""
     try:
-        model = timm.create_model(
-            name,
-            pretrained=bool(weights),
-            pretrained_cfg_overlay={"file": str(weights)} if weights else None,
-            num_classes=0,
-            drop_path_rate=drop_path_rate,
-            **kwargs,
-        )
-    except RuntimeError as e:
-        if isinstance(e.__cause__, pickle.UnpicklingError):  # timm's wrapper of torch's weights-only refusal
-            raise ConfigError(
-                f"model.weights: '{weights}' is refused: it is not a plain state dict of tensors "
-                f"({unsafe_load_reason(e.__cause__)}); save the weights as safetensors or a dict of tensors"
-            ) from e
-        raise ConfigError(f"model.weights: '{weights}' does not fit {name} {kwargs}: {e}") from e  # size mismatch
-    except SafetensorError as e:
-        raise ConfigError(f"model.weights: '{weights}' is refused: it is not a readable safetensors file ({e})") from e
+        model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:  # timm's reactions to a bad keyword or geometry
+        raise ConfigError(f"{name_key}: timm cannot build '{name}' with {kwargs}: {e}; check the model's kwargs") from e
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
-        raise ConfigError(f"model.name: '{name}' is not a timm VisionTransformer with a class token")
+        raise ConfigError(f"{name_key}: '{name}' is not a timm VisionTransformer with a class token")
+    if weights:
+        load_weights(model, weights, key, f"{name} {kwargs}")
     return model
+
+
+def weights_file(path: str, key: str) -> str:
+    """The weights file `path` stands for: itself, a run directory's exported backbone, or a training
+    checkpoint folder's model file (whose backbone `load_weights` takes out)."""
+    source = Path(path)
+    if source.is_file():
+        return path
+    if (source / BACKBONE_WEIGHTS).is_file():
+        return str(source / BACKBONE_WEIGHTS)
+    if (source / CHECKPOINT_MODEL).is_file():
+        return str(source / CHECKPOINT_MODEL)
+    if source.is_dir():
+        _refuse_unfinished_run(source, key)
+        raise ConfigError(f"{key}: '{source}' is a folder without weights ({BACKBONE_WEIGHTS} or {CHECKPOINT_MODEL}); "
+                          "give a weights file, an sslfg run directory or one of its checkpoints/step_* folders")
+    raise ConfigError(f"{key}: no such file '{path}'")
+
+
+def read_state_dict(path: str, key: str) -> dict[str, Any]:
+    """The tensors of a safetensors file or a torch state dict, read without running pickled code."""
+    try:
+        return timm.models.load_state_dict(path)  # torch.load(weights_only=True) unless .safetensors
+    except (RuntimeError, pickle.UnpicklingError) as e:
+        cause = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
+        if not isinstance(cause, pickle.UnpicklingError):  # timm wraps torch's weights-only refusal
+            raise ConfigError(f"{key}: '{path}' is refused: it is not a readable weights file ({e})") from e
+        raise ConfigError(
+            f"{key}: '{path}' is refused: it is not a plain state dict of tensors "
+            f"({unsafe_load_reason(cause)}); save the weights as safetensors or a dict of tensors"
+        ) from e
+    except SafetensorError as e:
+        raise ConfigError(f"{key}: '{path}' is refused: it is not a readable safetensors file ({e})") from e
+
+
+def backbone_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The backbone's entries of a state dict: all of them, or for a training wrapper saved whole
+    (LoDisc's checkpoint holds `encoder.*` and `momentum_encoder.*`, GLSim's `encoder.*` and its
+    head) the online encoder's, unprefixed."""
+    prefix = WRAPPED_ENCODER
+    if "cls_token" in state or f"{prefix}cls_token" not in state:
+        return state
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_weights(vit: VisionTransformer, path: str, key: str, what: str) -> None:
+    """Loads a weights file into `vit`, strictly: every backbone tensor must be in the file and
+    every tensor of the file in the backbone, with its shape; the classifier head (`head.*`), which
+    sslfg replaces on purpose, is the only entry ignored. Position and patch embeddings are
+    resampled by timm's checkpoint filter when the image or patch size differs. Anything else is a
+    ConfigError naming `key`, the file, the counts and a few of the keys; a partly loaded backbone
+    would otherwise train or be evaluated as a random init recorded under the file's name."""
+    state = checkpoint_filter_fn(backbone_state(read_state_dict(path, key)), vit)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = vit.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    reshaped = sorted(f"{k} {list(getattr(state[k], 'shape', []))} in the file, {list(own[k].shape)} in the model"
+                      for k in own.keys() & state.keys()
+                      if not isinstance(state[k], Tensor) or state[k].shape != own[k].shape)
+    problems = [f"{len(keys)} {kind} ({_few(keys)})" for kind, keys in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
+    if problems:
+        raise ConfigError(f"{key}: '{path}' does not fit {what}: backbone keys {'; '.join(problems)}; "
+                          f"{_mismatch_hint(Path(path))}")
+    vit.load_state_dict(state)
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _mismatch_hint(path: Path) -> str:
+    run = path.parent.parent.parent
+    if path.parent.parent.name == CHECKPOINTS and (run / BACKBONE_WEIGHTS).is_file():
+        return f"this is a training checkpoint: use the run's exported backbone {run / BACKBONE_WEIGHTS}"
+    if path.parent.parent.name == CHECKPOINTS and (run / RUN_CONFIG).is_file():
+        return (f"this is a training checkpoint of a run that has not exported its backbone: finish it with "
+                f"`python train_ssl.py --config {run / RUN_CONFIG} resume=auto`, then use {run / BACKBONE_WEIGHTS}")
+    return "give the timm name and kwargs (geometry) the file was saved from"
+
+
+def _refuse_unfinished_run(source: Path, key: str) -> None:
+    """ConfigError for a run directory killed before its export (config.yaml and checkpoints/, no backbone.json)."""
+    if not ((source / RUN_CONFIG).is_file() and (source / CHECKPOINTS).is_dir()):
+        return
+    steps = checkpoint_dirs(source)
+    instead = f"; or use its newest checkpoint directly: {key}={steps[-1]}" if steps else ""
+    raise ConfigError(f"{key}: '{source}' is a run that did not finish (it stopped before writing {BACKBONE_META}); "
+                      f"continue it with `python train_ssl.py --config {source / RUN_CONFIG} resume=auto`{instead}")
 
 
 def grid_size(vit: VisionTransformer) -> int:
@@ -160,17 +246,44 @@ def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], r
 
 def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "init") -> tuple[str, dict[str, Any], str]:
     """(timm name, kwargs, weights file) for an sslfg run directory (from its backbone.json), a
-    weights file (needs `name`), or "" (`name` from scratch: weights ""). `key` names the setting
-    in error messages."""
+    training checkpoint folder `<run>/checkpoints/step_N` (architecture from `<run>/config.yaml`,
+    weights its model file, of which `create_vit` takes the online encoder), a weights file (needs
+    `name`), or "" (`name` from scratch: weights ""). `key` names the setting in error messages."""
     source = Path(path) if path else None
     if source is not None and (source / BACKBONE_META).is_file():
         meta = json.loads((source / BACKBONE_META).read_text())
         return meta["name"], meta["kwargs"], str(source / BACKBONE_WEIGHTS)
+    if source is not None and (source / CHECKPOINT_MODEL).is_file():
+        name, kwargs = _run_architecture(source.parent.parent, name, kwargs, key)
+        return name, kwargs, str(source / CHECKPOINT_MODEL)
     if source is not None and not source.is_file():
-        raise ConfigError(f"{key}: '{source}' is neither an sslfg run directory (no {BACKBONE_META}) nor a file")
+        if source.is_dir():
+            _refuse_unfinished_run(source, key)
+        raise ConfigError(f"{key}: '{source}' is neither an sslfg run directory (no {BACKBONE_META}), a checkpoint "
+                          f"folder (no {CHECKPOINT_MODEL}) nor a file")
     if not name:
         raise ConfigError(f"{key}: a weights file or a scratch model needs the timm name it was saved from (model)")
     return name, kwargs, str(source or "")
+
+
+def _run_architecture(run: Path, name: str, kwargs: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
+    """The backbone a run trained, from its config.yaml (model.name, model.patch_size, model.kwargs,
+    data.image_size; a fine-tuning run's `init` run directory names it first); (name, kwargs) when
+    the folder is not inside a run."""
+    config = run / RUN_CONFIG
+    if not config.is_file():
+        return name, kwargs
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+        model, data = raw.get("model", {}), raw.get("data", {})
+        run_name = model["name"]
+        run_kwargs = timm_kwargs(data.get("image_size", 224), model.get("patch_size", 0), model.get("kwargs"))
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{key}: cannot read the backbone's name from {config} ({e}); give the run's "
+                          f"{BACKBONE_WEIGHTS} or the checkpoint's {CHECKPOINT_MODEL} with the model name") from e
+    if raw.get("init"):
+        run_name, run_kwargs, _ = backbone_source(raw["init"], run_name, run_kwargs, key)
+    return run_name, run_kwargs
 
 
 def load_backbone(run_dir: str | Path) -> VisionTransformer:
