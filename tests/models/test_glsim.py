@@ -8,7 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 
+from sslfg.config import load_config
+from sslfg.finetune import build_classifier
 from sslfg.models.backbone import create_vit, forward_tokens, new_block, timm_kwargs
 from sslfg.models.glsim import (
     GLSim,
@@ -19,7 +22,8 @@ from sslfg.models.glsim import (
     gls_boxes,
     gls_scores,
 )
-from sslfg.models.ila import attach_ila, final_grid
+from sslfg.models.ila import InterLayerAdapter, attach_ila, final_grid
+from sslfg.schema import FinetuneConfig
 from tests.conftest import TINY_MODEL
 
 
@@ -90,6 +94,12 @@ def test_reference_box_is_empty_for_one_patch_and_the_crop_takes_that_patch() ->
     assert torch.equal(out["boxes"][:, :2], out["boxes"][:, 2:]) and out["crops"].isfinite().all()
 
 
+def reference_crop(image: torch.Tensor, box: list[int], size: int) -> torch.Tensor:
+    """The reference's crop of one image (C, H, W): slice the box, F.interpolate bilinear with align_corners=True."""
+    y0, x0, y1, x1 = box
+    return F.interpolate(image[None, :, y0:y1, x0:x1], size=(size, size), mode="bilinear", align_corners=True)[0]
+
+
 def test_crop_lands_on_the_bright_square() -> None:
     torch.manual_seed(0)
     p, g = 4, 8  # 32-pixel images
@@ -104,11 +114,10 @@ def test_crop_lands_on_the_bright_square() -> None:
     boxes = gls_boxes(tokens, p, k=9)
     assert boxes.tolist() == [[r * p, c * p, (r + 3) * p, (c + 3) * p] for r, c in squares]
     crops = crop_and_resize(images, boxes, 32)
-    # Enlarging 12 → 32 pixels, only the first and last output row/column sample within half a pixel
-    # outside the square (weight 0.3125 on a dark pixel): the mean stays above 1 − 4/32 · 0.3125 ≈ 0.96.
-    for b in range(2):
-        assert crops[b].mean() > 0.96 and images[b].mean() < 0.4
-        torch.testing.assert_close(crops[b, :, 1:-1, 1:-1], torch.ones(3, 30, 30))  # inside: all samples bright
+    # align_corners=True samples from the first to the last pixel centre of the box, never outside it:
+    # every output pixel is a mix of bright pixels only.
+    assert images.mean() < 0.4
+    torch.testing.assert_close(crops, torch.ones(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize("size", [24, 10])
@@ -116,23 +125,26 @@ def test_crop_of_the_whole_image_is_a_resize(size: int) -> None:
     torch.manual_seed(0)
     images = torch.rand(3, 3, 16, 16)
     boxes = torch.tensor([[0, 0, 16, 16]] * 3)
-    ref = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    ref = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
     # Same sample points and weights, computed in a different order: float32 rounding, values in [0, 1].
     torch.testing.assert_close(crop_and_resize(images, boxes, size), ref, rtol=0, atol=1e-5)
+    # The reference's corners are the image's corner pixels, exactly.
+    corners = crop_and_resize(images, boxes, size)[..., [0, 0, -1, -1], [0, -1, 0, -1]]
+    torch.testing.assert_close(corners, images[..., [0, 0, -1, -1], [0, -1, 0, -1]], rtol=0, atol=1e-6)
 
 
-def test_crop_of_a_sub_box_is_interpolate_of_the_slice() -> None:
-    torch.manual_seed(0)
-    images = torch.rand(2, 3, 16, 16)
-    boxes = torch.tensor([[2, 3, 10, 9], [5, 1, 12, 15]])  # (y0, x0, y1, x1), non-square
-    refs = []
-    for b, (y0, x0, y1, x1) in enumerate(boxes.tolist()):
-        crop = images[b : b + 1, :, y0:y1, x0:x1]
-        # roi_align reads the pixels just outside the box where interpolate repeats the slice's edge:
-        # make that ring equal the edge, so that both define the same crop and must agree to rounding.
-        images[b : b + 1, :, y0 - 1 : y1 + 1, x0 - 1 : x1 + 1] = F.pad(crop, (1, 1, 1, 1), mode="replicate")
-        refs.append(F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False))
-    torch.testing.assert_close(crop_and_resize(images, boxes, 16), torch.cat(refs), rtol=0, atol=1e-5)
+@pytest.mark.parametrize("image_size", [16, 224])
+def test_crop_of_a_sub_box_is_interpolate_of_the_slice(image_size: int) -> None:
+    torch.manual_seed(image_size)
+    images = torch.rand(4, 3, image_size, image_size)
+    y0, x0 = torch.randint(0, image_size - 1, (2, 4))
+    y1 = y0 + 1 + (torch.rand(4) * (image_size - y0 - 1)).long()  # 1..image_size - y0 rows: non-square boxes
+    x1 = x0 + 1 + (torch.rand(4) * (image_size - x0 - 1)).long()
+    boxes = torch.stack([y0, x0, y1, x1], dim=1)
+    boxes[0] = torch.tensor([3, 5, 4, 9])  # one row high: every output row repeats it
+    refs = torch.stack([reference_crop(images[b], box, image_size) for b, box in enumerate(boxes.tolist())])
+    # float32 sample coordinates up to 223 carry ~1e-5 pixel rounding, in both computations.
+    torch.testing.assert_close(crop_and_resize(images, boxes, image_size), refs, rtol=0, atol=1e-4)
 
 
 def test_forward_tokens_with_another_cls_token() -> None:
@@ -179,19 +191,50 @@ def glsim_with_random_head(seed: int = 0) -> GLSim:
     return model
 
 
-def test_glsim_logits_follow_the_method() -> None:
-    model = glsim_with_random_head().eval()
-    x = torch.randn(2, 3, 16, 16)
-    out = model(x, return_crops=True)
+def reference_glsim_logits(
+    model: GLSim, x: torch.Tensor, patch: int, box: str
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """GLSim's forward as the reference code computes it, one image at a time, on timm's own ViT forward.
+
+    Boxes from F.cosine_similarity and topk; the crop: rows/columns min·P to max·P (+P with the whole
+    selected patches), far edges at least one patch past the near ones and inside the image, sliced and
+    F.interpolate(bilinear, align_corners=True); the crop pass: timm's forward_features of a copy whose
+    CLS token is the crop token; aggregator block, LayerNorm, head on token 0 written out.
+    """
+    size = x.shape[-1]
+    crop_vit = copy.deepcopy(model.encoder)
+    crop_vit.cls_token.data.copy_(model.crop_cls_token)
+    boxes, crops, logits = [], [], []
+    for image in x:
+        tokens = model.encoder.forward_features(image[None])[0]  # (1 + N, D), after the final norm
+        g = math.isqrt(tokens.shape[0] - 1)
+        top = F.cosine_similarity(tokens[:1], tokens[1:], dim=-1).topk(model.k).indices.tolist()
+        rows, cols = [j // g for j in top], [j % g for j in top]
+        end = patch if box == "inclusive" else 0
+        y0, x0, y1, x1 = min(rows) * patch, min(cols) * patch, max(rows) * patch + end, max(cols) * patch + end
+        boxes.append([y0, x0, y1, x1])
+        y1, x1 = min(max(y1, y0 + patch), size), min(max(x1, x0 + patch), size)
+        crop = reference_crop(image, [y0, x0, y1, x1], size)
+        crops.append(crop)
+        pair = torch.stack([tokens[0], crop_vit.forward_features(crop[None])[0, 0]])[None]  # (1, 2, D)
+        z = F.layer_norm(model.aggregator(pair), (pair.shape[-1],), model.norm.weight, model.norm.bias, eps=1e-6)
+        logits.append(z[0, 0] @ model.head.weight.T + model.head.bias)
+    return boxes, torch.stack(crops), torch.stack(logits)
+
+
+@pytest.mark.parametrize(("box", "k"), [("inclusive", 3), ("reference", 3), ("reference", 1)])
+def test_glsim_logits_follow_the_method(box: str, k: int) -> None:
+    torch.manual_seed(0)
+    model = GLSim(tiny_vit(), num_classes=5, k=k, box=box, drop_path_rate=0.1).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        tokens = forward_tokens(model.encoder, x)
-        boxes = gls_boxes(tokens, 4, 3)
-        crops = crop_and_resize(x, boxes, 16)
-        crop_cls = forward_tokens(model.encoder, crops, cls_token=model.crop_cls_token)[:, 0]
-        z = model.norm(model.aggregator(torch.stack([tokens[:, 0], crop_cls], dim=1)))
-        logits = z[:, 0] @ model.head.weight.T + model.head.bias
-    assert torch.equal(out["boxes"], boxes) and torch.equal(out["crops"], crops)
-    torch.testing.assert_close(out["logits"], logits)
+        out = model(x, return_crops=True)
+        boxes, crops, logits = reference_glsim_logits(model, x, patch=4, box=box)
+    assert out["boxes"].tolist() == boxes
+    torch.testing.assert_close(out["crops"], crops, rtol=0, atol=1e-4)  # pixels ~ N(0, 1), float32 coordinates
+    assert logits.abs().max() > 0.1  # the head reads something
+    torch.testing.assert_close(out["logits"], logits, rtol=1e-4, atol=1e-4)
 
 
 def encoder_grads(model: GLSim, x: torch.Tensor, y: torch.Tensor, detach_crop_pass: bool) -> dict[str, torch.Tensor]:
@@ -242,18 +285,60 @@ def test_vit_classifier_starts_at_zero_and_reads_the_cls_token() -> None:
     torch.testing.assert_close(model(x), ref)
 
 
-def test_boxes_on_the_grid_shrunk_by_ila_are_centred_on_their_input_patches() -> None:
+@pytest.mark.parametrize("positions", [[0], [0, 1]])
+def test_boxes_on_the_grid_shrunk_by_ila_are_centred_on_their_input_patches(positions: list[int]) -> None:
     torch.manual_seed(0)
-    vit = create_vit("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2))
+    p = 4
+    vit = create_vit("vit_tiny_patch16_224", dict(img_size=32, patch_size=p, embed_dim=32, depth=3, num_heads=2))
     model = GLSim(vit, num_classes=3, k=3)
-    attach_ila(vit, variant="ila", positions=[0])  # 8x8 input grid → 6x6 output grid
-    assert final_grid(vit) == 6
+    attach_ila(vit, variant="ila", positions=positions)  # 8x8 input grid → 6x6 (→ 4x4) output grid
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         boxes = model(x, return_crops=True)["boxes"]
-        tokens = forward_tokens(vit, x)
-    # Output cell (r, c) sees input patches r..r+2, c..c+2: its centre is input patch (r + 1, c + 1).
-    expected = (gls_boxes(tokens, 1, 3) + 1) * 4
-    assert torch.equal(boxes, expected)
-    assert boxes.min() >= 4 and boxes.max() <= 28
+        tokens = vit.forward_features(x)
+    # Receptive-field geometry: each down-sampling adapter's residual conv (kernel K, stride 1, padding
+    # Q) maps output cell r to input cells r − Q .. r − Q + K − 1, whose centre cell is r + (K − 1)/2 − Q.
+    convs = [m.reduce for m in vit.blocks if isinstance(m, InterLayerAdapter) and m.downsample]
+    assert len(convs) == len(positions) and all(c.stride == (1, 1) for c in convs)
+    offset = sum((c.kernel_size[0] - 1) / 2 - c.padding[0] for c in convs)
+    g = 8 - 2 * len(positions)
+    assert final_grid(vit) == g and tokens.shape[1] == 1 + g * g
+    expected = []
+    for y0, x0, y1, x1 in reference_boxes(tokens, 1, 3, "inclusive"):  # in output cells, end-exclusive
+        # centre input cell of output cell r: r + offset; its pixels [(r + offset)·P, (r + offset + 1)·P)
+        expected.append([int((cell + offset) * p) for cell in (y0, x0, y1, x1)])
+    assert boxes.tolist() == expected
+    assert boxes.min() >= offset * p and boxes.max() <= 32 - offset * p
+
+
+def test_drop_path_is_the_same_in_every_block_and_the_aggregator() -> None:
+    """GLSim's recipe: drop path 0.1 in every encoder block (not timm's ramp 0 → 0.1) and in the aggregator."""
+    overrides = ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "data.image_size=16",
+                 "model.kwargs={embed_dim: 32, depth: 3, num_heads: 2}", "model.drop_path_rate=0.1"]
+    for head in ("glsim", "vit"):
+        cfg = load_config(None, [*overrides, f"model.head={head}"], FinetuneConfig)
+        model, _ = build_classifier(cfg, num_classes=3)
+        blocks = [*model.encoder.blocks, *([model.aggregator] if head == "glsim" else [])]
+        rates = [getattr(b, n).drop_prob if isinstance(getattr(b, n), DropPath) else 0.0
+                 for b in blocks for n in ("drop_path1", "drop_path2")]
+        assert rates == [0.1] * 2 * len(blocks), (head, rates)
+    model = GLSim(tiny_vit(), num_classes=3, drop_path_rate=0.0)
+    assert not any(isinstance(m, DropPath) for m in model.modules())
+
+
+def test_aggregator_is_xavier_initialised_like_the_reference() -> None:
+    """The reference's aggregator: Xavier-uniform Linear weights (q, k, v separate D×D layers), biases N(0, 1e-6)."""
+    torch.manual_seed(0)
+    d = 64
+    vit = create_vit("vit_tiny_patch16_224", dict(img_size=16, patch_size=4, embed_dim=d, depth=1, num_heads=2))
+    agg = GLSim(vit, num_classes=3).aggregator
+    layers = {"q": (agg.attn.qkv.weight[:d], d, d), "k": (agg.attn.qkv.weight[d : 2 * d], d, d),
+              "v": (agg.attn.qkv.weight[2 * d :], d, d), "proj": (agg.attn.proj.weight, d, d),
+              "fc1": (agg.mlp.fc1.weight, d, 4 * d), "fc2": (agg.mlp.fc2.weight, 4 * d, d)}
+    for name, (w, fan_in, fan_out) in layers.items():
+        bound = math.sqrt(6 / (fan_in + fan_out))  # U(−a, a), std a / √3
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.06, name
+    for bias in (agg.attn.qkv.bias, agg.attn.proj.bias, agg.mlp.fc1.bias, agg.mlp.fc2.bias):
+        assert 0 < bias.abs().max() < 1e-5
