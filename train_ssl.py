@@ -1,7 +1,11 @@
 """Self-supervised pretraining (LoDisc, or MoCo v3 with model.local_weight=0).
 
-    accelerate launch train_ssl.py --config configs/pretrain/sample.yaml [key=value ...]
-    python train_ssl.py --config runs/x/config.yaml resume=auto
+    accelerate launch train_ssl.py --config configs/pretrain/sample.yaml train.epochs=2
+    python train_ssl.py --config configs/pretrain/lodisc_vit_s16_cub.yaml data.root=/data/CUB_200_2011 --check
+    python train_ssl.py --config configs/pretrain/sample.yaml model.local_weight=0 output_dir=runs/mocov3
+    python train_ssl.py --config runs/sample_lodisc/config.yaml resume=auto
+
+--check validates the recipe and the data, builds the model, prints the start-up summary and exits.
 """
 
 from __future__ import annotations
@@ -9,15 +13,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from sslfg.cli import parse_cli, run_cli
+from sslfg.cli import parse_run_cli, print_summary, run_cli
 from sslfg.config import load_config
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run_dir = pretrain(load_config(*parse_cli(argv, __doc__), PretrainConfig))
-    print(f"run directory: {run_dir}")
+    args = parse_run_cli(argv, __doc__)
+    run_dir = pretrain(load_config(args.files, args.overrides, PretrainConfig), args.check, print_summary)
+    if not args.check:
+        print(f"run directory: {run_dir}")
 
 
 if __name__ == "__main__":

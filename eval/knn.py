@@ -1,11 +1,14 @@
 """kNN classification (DINO protocol) and leave-one-out retrieval (LoDisc protocol) on frozen features.
 
-    python -m eval.knn --checkpoint runs/lodisc_cub --dataset configs/datasets/cub.yaml
-    python -m eval.knn --checkpoint weights/vit_s16.safetensors --model vit_small_patch16_224 --dataset ...
-    python -m eval.knn --random-init --checkpoint runs/lodisc_cub --dataset ...   # the floor, same architecture
-    accelerate launch --multi_gpu --num_processes 2 -m eval.knn --checkpoint ...   # same numbers
+    python -m eval.knn --checkpoint runs/lodisc_cub   # on the run's own data (its config.yaml)
+    python -m eval.knn --checkpoint runs/lodisc_cub --dataset configs/datasets/cub.yaml --check
+    python -m eval.knn --checkpoint vit_s.safetensors --model vit_small_patch16_224 --dataset configs/datasets/cub.yaml
+    python -m eval.knn --random-init --checkpoint runs/lodisc_cub   # the floor, same architecture
+    accelerate launch --multi_gpu --num_processes 2 -m eval.knn --checkpoint runs/lodisc_cub   # same numbers
 
-Bank = data.train_split, queries = data.test_split; retrieval runs over the test split.
+Bank = data.train_split, queries = data.test_split; retrieval runs over the test split. Without
+--dataset, --config or data.root, a run directory's own data settings are used. --check validates
+the recipe and the data, builds the backbone, prints the start-up summary and exits.
 """
 
 from __future__ import annotations

@@ -1,31 +1,49 @@
 """The command-line layer shared by every entry point: arguments, logging, one clear line for a
-user error, and the run-and-report tail of the frozen-feature evaluations."""
+user error, the start-up summary, and the run-and-report tail of the frozen-feature evaluations."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from sslfg.config import ConfigError, load_config
+from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import NonFiniteLossError
+from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import ensure_writable
-from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, write_metrics
+from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, run_data_defaults, write_metrics
 from sslfg.schema import EvalConfig
+from sslfg.summary import startup_summary
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError)
+COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starting so is an example command
 
 # (cfg, backbone, accelerator, output dir) -> (metrics, protocol) on the main process, None elsewhere
 Evaluate = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
+# (cfg, number of processes) -> the schedule facts of an evaluation's start-up summary
+Schedule = Callable[[EvalConfig, int], dict[str, Any]]
+
+
+@dataclass
+class CommandLine:
+    """What a command was asked to do: config files in merge order, key=value overrides, --check."""
+
+    files: list[str]
+    overrides: list[str]
+    check: bool = False
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
@@ -38,6 +56,13 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
             bar.close()
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a stop signal: the loop wrote a checkpoint (sslfg.engine.preemption)
+        if e.is_main:
+            print(stop_message(e, sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop
+        print(f"error: {INTERRUPTED}", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
@@ -53,53 +78,110 @@ def user_message(error: BaseException) -> str:
     return text
 
 
+def example_commands(doc: str) -> list[str]:
+    """The example commands of an entry point's docstring: its indented lines that start with python or
+    accelerate. They become the --help epilog; tests/test_docs_commands.py runs each one."""
+    lines = [line.strip() for line in doc.splitlines() if line.startswith("    ")]
+    return [line for line in lines if line.startswith(COMMAND_STARTS)]
+
+
+def command_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is `doc` without its example commands, which form the epilog."""
+    commands = example_commands(doc)
+    text = "\n".join(line for line in doc.splitlines() if line.strip() not in commands).strip()
+    examples = commands or ["%(prog)s --config RECIPE.yaml key=value ..."]
+    epilog = ("examples:\n" if len(examples) > 1 else "example:\n") + "\n".join(f"  {c}" for c in examples)
+    formatter = argparse.RawDescriptionHelpFormatter
+    return argparse.ArgumentParser(description=text, epilog=epilog, formatter_class=formatter)
+
+
 def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[str | None, list[str]]:
     """`--config PATH` and `key=value` overrides from `argv` (None: sys.argv), for `load_config`."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog="example:\n  %(prog)s --config configs/pretrain/cub.yaml train.epochs=10 model.keep_ratio=0.5",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser(description)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML")
     args = parser.parse_intermixed_args(argv)
     return args.config, list(args.overrides)
 
 
-def parse_eval_cli(argv: Sequence[str] | None, description: str) -> tuple[list[str], list[str]]:
-    """Flags of the eval commands → (config files, key=value overrides) for `load_config`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_common(parser: argparse.ArgumentParser, check: bool = True) -> None:
+    parser.add_argument("--dataset", metavar="PATH", help="dataset recipe, e.g. configs/datasets/cub.yaml; "
+                        "applied after --config")
+    if check:
+        parser.add_argument("--check", action="store_true", help="validate the recipe and the data, build the "
+                            "model, print the start-up summary and exit without running")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML files")
+
+
+def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = True) -> CommandLine:
+    """Flags of the recipe commands (train_ssl, eval.finetune; sslfg.data.stats without --check):
+    --config, --dataset, --check, key=value."""
+    parser = command_parser(description)
+    parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
+    _add_common(parser, check)
+    args = parser.parse_intermixed_args(argv)
+    return CommandLine([p for p in (args.config, args.dataset) if p], list(args.overrides), check and args.check)
+
+
+def parse_eval_cli(argv: Sequence[str] | None, description: str) -> CommandLine:
+    """Flags of the eval commands → config files, key=value overrides and --check for `load_config`."""
+    parser = command_parser(description)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
-    parser.add_argument("--dataset", metavar="PATH", help="dataset recipe, e.g. configs/datasets/cub.yaml")
-    parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory or weights file")
+    parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory (its config.yaml gives the "
+                        "data settings unless --config/--dataset/data.root do) or weights file")
     parser.add_argument("--model", metavar="NAME", help="timm model name (weights file or --random-init)")
     parser.add_argument("--random-init", action="store_true", help="random weights: the floor")
     parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON here")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_common(parser)
     args = parser.parse_intermixed_args(argv)
     flags = {"checkpoint": args.checkpoint, "model": args.model, "output": args.output}
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     overrides += ["random_init=true"] if args.random_init else []
-    return [p for p in (args.config, args.dataset) if p], overrides + list(args.overrides)
+    return CommandLine([p for p in (args.config, args.dataset) if p], overrides + list(args.overrides), args.check)
 
 
-def run_evaluation(argv: Sequence[str] | None, description: str, name: str, evaluate: Evaluate) -> dict:
-    """Config, accelerator and frozen backbone; `evaluate` returns (metrics, protocol) on the main
-    process (None elsewhere); the result is written to <output_dir>/<name>.json and printed."""
-    cfg = load_config(*parse_eval_cli(argv, description), EvalConfig)
+def print_summary(summary: dict[str, Any]) -> None:
+    """The start-up summary, one `key: value` line each."""
+    print("start-up summary:")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+
+
+def print_metrics(metrics: dict[str, float], path: Path) -> None:
+    """A command's final metrics as `format_table` and the file that holds them."""
+    print(format_table(metrics))
+    print(f"metrics: {path}")
+
+
+def run_evaluation(argv: Sequence[str] | None, description: str, name: str, evaluate: Evaluate,
+                   schedule: Schedule | None = None) -> dict:
+    """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
+    backbone and the train/test datasets; prints the start-up summary (and stops there with --check);
+    `evaluate` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
+    summary, is written to <output_dir>/<name>.json and printed."""
+    args = parse_eval_cli(argv, description)
+    cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator()
-    out = ensure_writable(output_dir(cfg, {"backbone": backbone_spec(cfg)[0]}))  # before any time is spent
-    if cfg.output:
-        ensure_writable(Path(cfg.output).parent, "output")
+    if not args.check:  # before any time is spent
+        out = ensure_writable(output_dir(cfg, {"backbone": backbone_spec(cfg)[0]}))
+        if cfg.output:
+            ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
+    datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
+    world = accelerator.num_processes
+    facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
+             "backbone": info["backbone"], "features.global_batch": cfg.features.batch_size * world}
+    summary = startup_summary(cfg.data, datasets, sources, facts | (schedule(cfg, world) if schedule else {}))
+    if accelerator.is_main_process:
+        print_summary(summary)
+    if args.check:
+        return summary
     produced = evaluate(cfg, vit, accelerator, out)
     result: dict = {}
     if accelerator.is_main_process and produced is not None:
         metrics, protocol = produced
-        result = record(cfg, info, protocol, metrics)
-        path = write_metrics(out, name, result, cfg.output)
-        print(format_table(metrics))
-        print(f"metrics: {path}")
+        result = summary | record(cfg, info, protocol, metrics)
+        print_metrics(metrics, write_metrics(out, name, result, cfg.output))
     accelerator.wait_for_everyone()
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,13 @@ from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from sslfg.config import ConfigError
+from sslfg.config import ConfigError, key_sources, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.rundir import write_json
 from sslfg.features import cached_features
 from sslfg.models.backbone import backbone_source, create_vit
-from sslfg.schema import EvalConfig
+from sslfg.schema import EvalConfig, PretrainConfig
 
 
 def backbone_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], str]:
@@ -31,9 +32,25 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     """The frozen backbone at the dataset's image size, and what to record about it."""
     name, kwargs, weights = backbone_spec(cfg)
     torch.manual_seed(cfg.seed)
-    vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights)
+    vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model")
     init = "random" if cfg.random_init else weights
     return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init}
+
+
+def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]:
+    """When --checkpoint is a run directory and nothing set data.root, the data.* keys the user left at
+    their defaults come from <run>/config.yaml. Returns the config, where each key came from (as
+    `key_sources`) and a line for the start-up summary saying which data settings are used."""
+    sources = key_sources(cfg)
+    run_config = Path(cfg.checkpoint) / "config.yaml" if cfg.checkpoint else None
+    if "data.root" in sources or run_config is None or not run_config.is_file():
+        return cfg, sources, "the recipe and command line (schema defaults elsewhere)"
+    run_data = load_config(run_config, [], PretrainConfig).data
+    inherited = {f.name: getattr(run_data, f.name) for f in dataclasses.fields(run_data)
+                 if f"data.{f.name}" not in sources}
+    sources |= {f"data.{name}": str(run_config) for name in inherited}
+    note = f"{run_config}, the run's own (--dataset PATH evaluates on other data)"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **inherited)), sources, note
 
 
 def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sslfg.config import ConfigError, save_config
+from sslfg.config import ConfigError, key_sources, save_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, seeded_loader
 from sslfg.data.transforms import denormalize, finetune_transforms
@@ -31,6 +32,7 @@ from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, t
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
+from sslfg.summary import startup_summary
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     m = cfg.model
     name, kwargs, weights = backbone_source(cfg.init, m.name, timm_kwargs(cfg.data.image_size, m.patch_size, m.kwargs))
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
-    vit = create_vit(name, kwargs, weights)
+    vit = create_vit(name, kwargs, weights, key="init")
     dp = m.drop_path_rate  # the same in every block (GLSim's recipe), set by the classifier, not timm's ramp
     model = (GLSim(vit, num_classes, k=m.top_k, box=m.crop_box, drop_path_rate=dp) if m.head == "glsim"
              else ViTClassifier(vit, num_classes, drop_path_rate=dp))
@@ -112,17 +114,23 @@ def crop_figure(model: GLSim, dataset, cfg: FinetuneConfig, device: torch.device
     save_crop_figure(show[0], out["boxes"].cpu(), show[1], scores.cpu(), cfg.model.top_k, path)
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Trains (or resumes, or with `eval_only` only tests) a classifier; returns the run directory."""
+def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dict], None] | None = None,
+             on_metrics: Callable[[dict[str, float], Path], None] | None = None) -> Path:
+    """Trains (or resumes, or with `eval_only` only tests) a classifier; returns the run directory. On the
+    main process the start-up summary goes to `on_summary` (and into metrics.json), the test top-1, top-5
+    and mean per-class accuracy and their file to `on_metrics`; `check` stops after the summary, before
+    anything is written."""
     t = cfg.train
     accelerator = make_accelerator(t.mixed_precision, t.grad_accum_steps)
     resume = cfg.resume or ("auto" if cfg.eval_only else "")
-    run_dir = prepare_run_dir(cfg.output_dir, resume)
-    resume_from = resolve_resume(resume, run_dir)
-    if cfg.eval_only and resume_from is None:
-        raise ConfigError(f"eval_only: no checkpoint in {run_dir / 'checkpoints'}; train first or set resume=PATH")
-    if accelerator.is_main_process and not cfg.eval_only:
-        save_config(cfg, run_dir / "config.yaml")
+    run_dir = Path(cfg.output_dir)
+    if not check:
+        run_dir = prepare_run_dir(cfg.output_dir, resume)
+        resume_from = resolve_resume(resume, run_dir)
+        if cfg.eval_only and resume_from is None:
+            raise ConfigError(f"eval_only: no checkpoint in {run_dir / 'checkpoints'}; train first or set resume=PATH")
+        if accelerator.is_main_process and not cfg.eval_only:
+            save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
 
     train_tf, test_tf = finetune_transforms(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std)
@@ -138,6 +146,17 @@ def finetune(cfg: FinetuneConfig) -> Path:
                  "weight_decay": cosine_schedule(t.weight_decay, t.weight_decay, total)}
     log.info("%s head, adapter %s: %d trainable of %d parameters", cfg.model.head, cfg.model.adapter,
              info["params.trainable"], info["params.total"])
+    summary = startup_summary(cfg.data, {cfg.data.train_split: train_ds, cfg.data.test_split: test_ds},
+                              key_sources(cfg), {
+        "num_classes": num_classes, "steps": total, "max_steps": t.max_steps, "epochs": t.epochs,
+        "global_batch": t.batch_size * accelerator.num_processes * t.grad_accum_steps, "lr": t.lr,
+        "warmup_steps": min(t.warmup_steps, total), "num_processes": accelerator.num_processes,
+        "init": info["init"], "head": cfg.model.head, "adapter": cfg.model.adapter, "resume": resume,
+        "eval_only": cfg.eval_only})
+    if on_summary is not None and accelerator.is_main_process:
+        on_summary(summary)
+    if check:
+        return run_dir
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                                 momentum=t.sgd_momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -164,12 +183,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
         net = accelerator.unwrap_model(model)
         speed = {f"images_per_second.batch{b}": round(throughput(net, cfg.data.image_size, accelerator.device, b), 1)
                  for b in THROUGHPUT_BATCHES}
-        record = {"dataset": cfg.data.root, "train_split": cfg.data.train_split, "test_split": cfg.data.test_split,
-                  "seed": cfg.seed, "step": step, "epochs": t.epochs, "num_classes": num_classes, **info,
-                  **{f"test.{k}": v for k, v in result.items()}, **speed, **timing,
-                  "data.skipped_images": len(train_ds.skipped) + len(test_ds.skipped)}  # data.on_bad_image=skip
+        # the summary holds epochs, num_classes and data.skipped_images (dropped by data.on_bad_image=skip)
+        record = {**summary, "dataset": cfg.data.root, "train_split": cfg.data.train_split,
+                  "test_split": cfg.data.test_split, "seed": cfg.seed, "step": step, **info,
+                  **{f"test.{k}": v for k, v in result.items()}, **speed, **timing}
         name = f"eval_step_{step:08d}.json" if cfg.eval_only else "metrics.json"
-        write_json(run_dir / name, record)
+        path = write_json(run_dir / name, record)
+        if on_metrics is not None:
+            on_metrics({f"test.{k}": result[k] for k in ("top1", "top5", "mean_per_class")}, path)
         if isinstance(net, GLSim):
             crop_figure(net, test_ds, cfg, accelerator.device, run_dir / "figures" / "gls_crops.png")
     accelerator.wait_for_everyone()

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
-from sslfg.config import save_config
+from sslfg.config import key_sources, save_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
 from sslfg.data.transforms import TwoViewTransform, denormalize
@@ -27,14 +28,20 @@ from sslfg.models.backbone import export_backbone
 from sslfg.models.lodisc import LoDisc
 from sslfg.online_knn import OnlineKnn
 from sslfg.schema import PretrainConfig
+from sslfg.summary import startup_summary
 
 log = logging.getLogger(__name__)
+
+
+def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
+    """The peak learning rate: base_lr · global batch / 256."""
+    return cfg.train.base_lr * global_batch / 256
 
 
 def build_schedules(cfg: PretrainConfig, total_steps: int, global_batch: int, per_epoch: int) -> dict:
     """lr (scaled by global batch / 256, warmup + cosine), weight decay and EMA momentum per step."""
     t = cfg.train
-    lr = t.base_lr * global_batch / 256
+    lr = scaled_lr(cfg, global_batch)
     wd_end = t.weight_decay if t.weight_decay_end < 0 else t.weight_decay_end
     return {
         "lr": cosine_schedule(lr, t.min_lr, total_steps, warmup_steps=round(t.warmup_epochs * per_epoch)),
@@ -57,14 +64,17 @@ def mask_figure(model: LoDisc, dataset, cfg: PretrainConfig, path: Path, title: 
     save_mask_figure(v1, v2, keep[0].cpu(), keep[1].cpu(), model.patch_size, path, title)
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Runs (or resumes) a pretraining run; returns its run directory."""
+def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dict], None] | None = None) -> Path:
+    """Runs (or resumes) a pretraining run; returns its run directory. The start-up summary goes to
+    `on_summary` (main process) and into summary.json; `check` stops after it, before anything is written."""
     t = cfg.train
     accelerator = make_accelerator(t.mixed_precision, t.grad_accum_steps)
-    run_dir = prepare_run_dir(cfg.output_dir, cfg.resume)
-    resume_from = resolve_resume(cfg.resume, run_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
+    run_dir = Path(cfg.output_dir)
+    if not check:
+        run_dir = prepare_run_dir(cfg.output_dir, cfg.resume)
+        resume_from = resolve_resume(cfg.resume, run_dir)
+        if accelerator.is_main_process:
+            save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
 
     transform = TwoViewTransform(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std)
@@ -77,6 +87,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
     schedules = build_schedules(cfg, t.epochs * per_epoch, global_batch, per_epoch)
+    summary = startup_summary(cfg.data, {cfg.data.train_split: dataset}, key_sources(cfg), {
+        "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
+        "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
+        "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume})
+    if on_summary is not None and accelerator.is_main_process:
+        on_summary(summary)
+    if check:
+        return run_dir
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=float(schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -116,7 +134,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         export_backbone(lodisc.encoder, cfg.model.name, lodisc.timm_kwargs, run_dir)
         if t.figure_samples > 0:
             mask_figure(lodisc, dataset, cfg, run_dir / "figures" / "masks_end.png", f"kept patches, step {step}")
-        summary = {
+        summary |= {
             "step": step, "total_steps": int(len(schedules["lr"])), "epochs": t.epochs,
             "global_batch": global_batch, "num_processes": accelerator.num_processes,
             "init": cfg.model.weights or "scratch", "seconds": round(state.seconds, 2),
