@@ -11,8 +11,17 @@ Variants:
   2·depth/3 − 1: 3 and 7 of 12).
 - "ila+": also a non-down-sampling adapter (same grid, x + adapter(x)) after each block in
   `plus_positions` (default: every block not in `positions`, the last one included).
-- "ila++": ila+ and a parallel bottleneck beside attention and beside the MLP in every block
-  (`blk.attn` and `blk.mlp` become `ParallelAdapter`s around the originals).
+- "ila++": the reference's ILA++ (`--adapter adapter --ila --ila_locs`): the down-sampling adapters
+  of "ila" and a parallel bottleneck beside attention and beside the MLP in every block (`blk.attn`
+  and `blk.mlp` become `ParallelAdapter`s around the originals), WITHOUT the ila+ adapters
+  (`plus_positions` adds them).
+
+As in the reference, the frozen blocks keep their hidden dropout while training: `dropout` (0.1,
+the reference's hidden_dropout_prob) is set on each block's attention output projection and MLP
+output, and acts on every adapter branch. Trainable parameters at ViT-B/16 224, CLS and head
+aside: 40,464 (ila), 173,664 (ila+), 354,000 (ila++). The reference code counts 16 more per
+inter-layer adapter (40,496 / 173,856 / 354,032): biases on its down projection and depthwise
+conv, which the BN right after them cancels (their gradient is zero), so we leave them out.
 
 Trainable afterwards: the adapters and the CLS token (plus a timm classifier `vit.head` if the
 model has one); the fine-tune head added later stays trainable as any new module. Attaching
@@ -117,24 +126,25 @@ def patch_side(num_tokens: int) -> int:
 
 
 class ParallelAdapter(nn.Module):
-    """`module(x) + adapter(x)` with adapter = Linear(D→r) → GELU → Linear(r→D), up projection zero-initialised.
+    """`module(x) + dropout(adapter(x))` with adapter = Linear(D→r) → GELU → Linear(r→D), as the reference's
+    `Adapter` on its convpass path: both projections Xavier-uniform, biases zero.
 
-    Wraps a block's `attn` or `mlp` (ILA++), so the block computes the parallel-adapter form
-    x + drop_path(ls(attn(norm1(x)) + adapter(norm1(x)))), likewise for the MLP, without copying timm's
-    Block; at init the block is unchanged. x (B, N, D) → (B, N, D); extra arguments go to `module`.
+    Wraps a block's `attn` or `mlp` (ILA++), so the block computes the reference's parallel form
+    x + drop_path(ls(attn(norm1(x)) + dropout(adapter(norm1(x))))), likewise for the MLP, without copying
+    timm's Block. x (B, N, D) → (B, N, D); extra arguments go to `module`.
     """
 
-    def __init__(self, module: nn.Module, dim: int, width: int = 8) -> None:
+    def __init__(self, module: nn.Module, dim: int, width: int = 8, dropout: float = 0.1) -> None:
         super().__init__()
         self.module = module
         self.adapter = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, dim))
-        nn.init.xavier_uniform_(self.adapter[0].weight)
-        nn.init.zeros_(self.adapter[0].bias)
-        nn.init.zeros_(self.adapter[2].weight)
-        nn.init.zeros_(self.adapter[2].bias)
+        self.drop = nn.Dropout(dropout)
+        for layer in (self.adapter[0], self.adapter[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        return self.module(x, *args, **kwargs) + self.adapter(x)
+        return self.module(x, *args, **kwargs) + self.drop(self.adapter(x))
 
 
 def default_positions(depth: int) -> list[int]:
@@ -156,9 +166,10 @@ def attach_ila(
 
     positions: blocks (0-based) followed by a down-sampling adapter; default `default_positions`.
     plus_positions (ila+, ila++): blocks followed by a non-down-sampling adapter; default every
-    block not in `positions`. width: the bottleneck width r. dropout: on each inter-layer adapter's
-    bottleneck output. Original parameters get requires_grad False except `cls_token` (and a timm
-    classifier `head`, Identity for models built by create_vit); adapters are trainable.
+    block not in `positions` for ila+, none for ila++. width: the bottleneck width r. dropout: the
+    reference's hidden dropout, on every adapter branch and on the frozen blocks' attention and MLP
+    outputs. Original parameters get requires_grad False except `cls_token` (and a timm classifier
+    `head`, Identity for models built by create_vit); adapters are trainable.
     """
     if variant not in VARIANTS:
         raise ValueError(f"ILA variant must be one of {VARIANTS}, got '{variant}'")
@@ -170,10 +181,10 @@ def attach_ila(
     positions = sorted(default_positions(depth) if positions is None else positions)
     if variant == "ila" and plus_positions:
         raise ValueError("plus_positions needs variant 'ila+' or 'ila++'")
-    if variant == "ila":
-        plus: Sequence[int] = []
+    if variant == "ila+" and plus_positions is None:
+        plus: Sequence[int] = [i for i in range(depth) if i not in positions]
     else:
-        plus = [i for i in range(depth) if i not in positions] if plus_positions is None else plus_positions
+        plus = plus_positions or []
     for name, where in (("positions", positions), ("plus_positions", plus)):
         if len(set(where)) != len(where) or any(not 0 <= i < depth for i in where):
             raise ValueError(f"ILA {name} must be distinct block indices in [0, {depth}), got {list(where)}")
@@ -190,9 +201,10 @@ def attach_ila(
     dim = model.embed_dim
     layers: list[nn.Module] = []
     for i, blk in enumerate(model.blocks):
+        blk.attn.proj_drop.p = blk.mlp.drop2.p = dropout  # the reference's hidden dropout on each branch output
         if variant == "ila++":
-            blk.attn = ParallelAdapter(blk.attn, dim, width)
-            blk.mlp = ParallelAdapter(blk.mlp, dim, width)
+            blk.attn = ParallelAdapter(blk.attn, dim, width, dropout)
+            blk.mlp = ParallelAdapter(blk.mlp, dim, width, dropout)
         layers.append(blk)
         if i in positions or i in plus:
             layers.append(InterLayerAdapter(dim, width, downsample=i in positions, dropout=dropout))

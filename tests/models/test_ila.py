@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from sslfg.models.backbone import create_vit, forward_tokens, timm_kwargs
-from sslfg.models.ila import InterLayerAdapter, ParallelAdapter, attach_ila, count_parameters, final_grid
+from sslfg.models.ila import InterLayerAdapter, attach_ila, count_parameters, final_grid
 
 
 def narrow_vit(img_size: int, patch_size: int, depth: int, seed: int = 0) -> torch.nn.Module:
@@ -167,6 +169,34 @@ def inter_layer_params(d: int, r: int, downsample: bool) -> int:
     return d * r + 2 * r + 9 * r + 2 * r + (r * r + r) + (r * r + r) + 2 * r + (r * d + d) + residual
 
 
+def reference_iladapter_params(d: int, r: int, downsample: bool) -> int:
+    """The reference's ILAdapter (adapters.py, groups 1, BN norms, cls_conv): adapter_down D·r+r, norm1 2r,
+    adapter_conv (depthwise 9r+r, BN 2r, 1×1 r²+r), adapter_cls r²+r, norm3 2r, adapter_up r·D+D, ds_conv 9D."""
+    residual = 9 * d if downsample else 0
+    return (d * r + r) + 2 * r + (9 * r + r) + 2 * r + (r * r + r) + (r * r + r) + 2 * r + (r * d + d) + residual
+
+
+def vit_b16_trainable(variant: str) -> int:
+    """Trainable parameters of `variant` on the ViT-B/16 224 geometry, CLS token aside (meta tensors: no memory)."""
+    with torch.device("meta"):
+        vit = attach_ila(timm.create_model("vit_base_patch16_224", num_classes=0), variant)
+    return count_parameters(vit)[0] - vit.cls_token.numel()
+
+
+def test_vit_b16_counts_are_the_reference_counts() -> None:
+    # METHODS §3 / the reference README: ILA 2 down-sampling adapters; ILA+ also 10 plain ones; ILA++ the 2
+    # down-sampling adapters and 24 parallel Linear(768→8) → GELU → Linear(8→768) (13,064 each), no ILA+.
+    d, r = 768, 8
+    ref = {"ila": 2 * reference_iladapter_params(d, r, True)}
+    ref["ila+"] = ref["ila"] + 10 * reference_iladapter_params(d, r, False)
+    ref["ila++"] = ref["ila"] + 24 * (d * r + r + r * d + d)
+    assert ref == {"ila": 40_496, "ila+": 173_856, "ila++": 354_032}
+    # ours leaves out the two biases per inter-layer adapter that the BN right after them cancels: 16 each
+    ours = {v: vit_b16_trainable(v) for v in ("ila", "ila+", "ila++")}
+    assert ours == {"ila": ref["ila"] - 2 * 16, "ila+": ref["ila+"] - 12 * 16, "ila++": ref["ila++"] - 2 * 16}
+    assert ours["ila"] + d == 41_232  # with the CLS token
+
+
 @pytest.mark.parametrize("variant", ["ila", "ila+", "ila++"])
 def test_trainable_parameter_count(variant: str) -> None:
     d, r, depth = 48, 4, 6
@@ -174,7 +204,7 @@ def test_trainable_parameter_count(variant: str) -> None:
     _, backbone_total = count_parameters(vit)
     attach_ila(vit, variant, width=r)
     n_down = 2
-    n_plus = 0 if variant == "ila" else depth - n_down
+    n_plus = depth - n_down if variant == "ila+" else 0
     n_parallel = 2 * depth if variant == "ila++" else 0
     expected = (
         d  # CLS token
@@ -185,17 +215,57 @@ def test_trainable_parameter_count(variant: str) -> None:
     assert count_parameters(vit) == (expected, backbone_total + expected - d)
 
 
-def test_ila_plus_plus_at_init_equals_ila_plus() -> None:
-    vit = attach_ila(narrow_vit(24, 4, depth=3), "ila++").eval()
-    plain = copy.deepcopy(vit)
-    for blk in plain.blocks:  # drop the parallel adapters: what remains is the ila+ model
-        if isinstance(blk, Block):
-            blk.attn, blk.mlp = blk.attn.module, blk.mlp.module
-    assert not any(isinstance(m, ParallelAdapter) for m in plain.modules())
-    assert sum(isinstance(m, InterLayerAdapter) for m in plain.blocks) == 3
-    x = torch.randn(2, 3, 24, 24)
+def xavier_bound(layer: torch.nn.Linear) -> float:
+    return math.sqrt(6 / (layer.in_features + layer.out_features))
+
+
+def test_ila_plus_plus_blocks_follow_the_parallel_adapter_formula() -> None:
+    torch.manual_seed(0)
+    vit = narrow_vit(24, 4, depth=3)
+    original = copy.deepcopy(vit).eval()
+    attach_ila(vit, "ila++").eval()
+    assert sum(isinstance(m, InterLayerAdapter) for m in vit.blocks) == 2  # the down-sampling ones only, no ila+
+    blk = vit.blocks[0]
+    ref = original.blocks[0]
+    for adapter in (blk.attn, blk.mlp):  # Xavier-uniform for BOTH projections, zero biases, dropout 0.1
+        down, up = adapter.adapter[0], adapter.adapter[2]
+        for layer in (down, up):
+            assert layer.weight.abs().max() <= xavier_bound(layer) and layer.weight.std() > xavier_bound(layer) / 3
+            assert not layer.bias.any()
+        assert adapter.drop.p == 0.1
+    with torch.no_grad():  # non-zero biases too, so that their placement matters
+        for p in [*blk.attn.adapter.parameters(), *blk.mlp.adapter.parameters()]:
+            p.normal_(0, 0.3)
+    a1, a2 = blk.attn.adapter, blk.mlp.adapter
+
+    def adapter(x: torch.Tensor, a: torch.nn.Sequential) -> torch.Tensor:
+        return F.gelu(x @ a[0].weight.T + a[0].bias) @ a[2].weight.T + a[2].bias
+
+    x = torch.randn(2, 37, 48)
     with torch.no_grad():
-        assert torch.equal(forward_tokens(vit, x), forward_tokens(plain, x))
+        h = ref.norm1(x)
+        x1 = x + ref.attn(h) + adapter(h, a1)  # the reference's parallel form beside attention ...
+        h = ref.norm2(x1)
+        expected = x1 + ref.mlp(h) + adapter(h, a2)  # ... and beside the MLP
+        torch.testing.assert_close(blk(x), expected, atol=1e-5, rtol=1e-5)
+        assert (blk(x) - ref(x)).abs().max() > 0.1  # the adapters change the block from init on
+
+
+def test_frozen_blocks_keep_hidden_dropout_in_training() -> None:
+    torch.manual_seed(0)
+    vit = narrow_vit(24, 4, depth=3)
+    ref = copy.deepcopy(vit.blocks[0]).eval()
+    blk = attach_ila(vit, "ila++").blocks[0]
+    # the reference's hidden dropout 0.1: on attention's output projection and the MLP's output, not inside
+    assert (blk.attn.module.proj_drop.p, blk.mlp.module.drop2.p, blk.mlp.module.drop1.p) == (0.1, 0.1, 0.0)
+    x = torch.randn(2, 37, 48)
+    with torch.no_grad():
+        assert torch.equal(blk.eval()(x), blk(x))
+        assert not torch.equal(blk.train()(x), blk.eval()(x))
+        # dropout 1 on the adapter branches and none on the frozen ones: in training, the block is the original
+        blk.attn.drop.p = blk.mlp.drop.p = 1.0
+        blk.attn.module.proj_drop.p = blk.mlp.module.drop2.p = 0.0
+        torch.testing.assert_close(blk.train()(x), ref(x))
 
 
 def test_plus_positions_and_bad_settings() -> None:
