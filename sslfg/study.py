@@ -9,7 +9,9 @@ fine-tuning arms → report.
 Every arm runs through its real entry point (train_ssl.py, eval.knn, eval.linear, eval.finetune)
 in this process, with the command line it would take on its own; that command is recorded with its
 result. A finished arm is skipped when the study runs again; an unfinished pretraining or
-fine-tuning arm continues from its newest checkpoint (they all run with resume=auto).
+fine-tuning arm continues from its newest checkpoint (they all run with resume=auto). A stop signal
+(SIGTERM, SIGUSR1, Ctrl-C) ends the arm in flight with a checkpoint and the study with that arm's exit
+status; the same command then continues the study where it stopped.
 
 Equal budget: every pretraining arm trains the same epochs at the same batch, hence the same
 optimizer steps; every fine-tuning arm likewise. Fine-tuning starts from the pretraining arm with
@@ -42,6 +44,7 @@ from eval import linear as linear_cli
 from sslfg.cli import USER_ERRORS, parse_cli, run_cli
 from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data.datasets import build_dataset
+from sslfg.engine.preemption import Interrupted
 from sslfg.engine.rundir import write_json
 from sslfg.report import build_report
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
@@ -228,6 +231,8 @@ class Study:
             ENTRY_POINTS[arm.kind][1](arm.argv)
         except USER_ERRORS as e:
             raise type(e)(f"study arm {arm.id}: {e}") from e
+        except Interrupted as e:  # its checkpoint is written; the study's own command continues it (resume=auto)
+            raise Interrupted(e.signum, e.step, e.checkpoint, "", e.is_main, f"study arm {arm.id}: ") from None
         if _is_main():
             write_json(done, {"id": arm.id, "command": arm.command, "seconds": round(time.perf_counter() - tic, 1)})
 

@@ -46,6 +46,17 @@ def finetune_args(data: Path, out: Path, batch: int = 8, **extra: object) -> lis
     return [f"{key}={value}" for key, value in args.items()]
 
 
+def pretraining(data: Path, out: Path, checkpoint_every: int = 1, **extra: object) -> list[str]:
+    """train_ssl.py and its arguments: the tiny run at batch 4 (12 steps on one process)."""
+    return ["train_ssl.py", *pretrain_args(data, out, batch=4, **{"train.checkpoint_every": checkpoint_every},
+                                           **extra)]
+
+
+def finetuning(data: Path, out: Path, **extra: object) -> list[str]:
+    """-m eval.finetune and its arguments: the tiny fine-tune at batch 4 (12 steps on one process)."""
+    return ["-m", "eval.finetune", *finetune_args(data, out, batch=4, **{"train.checkpoint_every": 1}, **extra)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,18 +96,52 @@ def logged_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.endswith("}")]
 
 
-def kill_after_step(cmd: list[str], run: Path, step: int, delay: float = 0.0) -> subprocess.Popen:
-    """Starts `cmd` and sends SIGKILL `delay` seconds after it logged `step` to run/metrics.jsonl."""
-    proc = start(cmd)
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
+    """Returns once `proc` logged `step` to run/metrics.jsonl (or ended, or TIMEOUT passed)."""
     deadline = time.monotonic() + TIMEOUT
     while proc.poll() is None and step not in logged_steps(run) and time.monotonic() < deadline:
         time.sleep(0.002)
+
+
+def kill_after_step(cmd: list[str], run: Path, step: int, delay: float = 0.0) -> subprocess.Popen:
+    """Starts `cmd` and sends SIGKILL `delay` seconds after it logged `step` to run/metrics.jsonl."""
+    proc = start(cmd)
+    wait_for_step(proc, run, step)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == -signal.SIGKILL, (
         f"the run was to be killed after step {step} but ended with {proc.returncode}:\n{err[-3000:]}")
     return proc
+
+
+def workers(launcher: subprocess.Popen, n: int = 2) -> list[int]:
+    """The pids of the `n` processes `accelerate launch` started, once they all run."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        if len(children) == n:
+            return [int(pid) for pid in children]
+        time.sleep(0.05)
+    raise AssertionError(f"{launcher.args} never started its worker processes")
+
+
+class Reference:
+    """An uninterrupted run started in the background; `wait()` returns its directory once it is done."""
+
+    def __init__(self, cmd: list[str], out: Path) -> None:
+        self.proc, self.out = start(cmd), out
+
+    def wait(self) -> Path:
+        if self.proc.returncode is None:
+            finish(self.proc)
+        return self.out
+
+    def stop(self) -> None:
+        """Ends it if a failed test left it running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def final_state(run: Path) -> tuple[dict, dict, list[dict]]:

@@ -24,37 +24,18 @@ from sslfg.engine.checkpoint import STATE_FILE, checkpoint_dirs
 from sslfg.engine.metrics import MetricsLog
 from tests.reliability.procs import (
     TIMEOUT,
+    Reference,
     assert_same_run,
     command,
-    finetune_args,
+    finetuning,
     finish,
     kill_after_step,
-    pretrain_args,
+    pretraining,
     start,
 )
 
 SEED = int(os.environ.get("SSLFG_TEST_SEED", random.randrange(1_000_000)))
 TOTAL = 12  # 24 images, batch 4, 2 epochs
-
-
-class Reference:
-    """An uninterrupted run started in the background; `wait()` returns its directory once it is done."""
-
-    def __init__(self, cmd: list[str], out: Path) -> None:
-        self.proc, self.out = start(cmd), out
-
-    def wait(self) -> Path:
-        if self.proc.returncode is None:
-            finish(self.proc)
-        return self.out
-
-
-def pretraining(data: Path, out: Path, checkpoint_every: int = 1) -> list[str]:
-    return ["train_ssl.py", *pretrain_args(data, out, batch=4, **{"train.checkpoint_every": checkpoint_every})]
-
-
-def finetuning(data: Path, out: Path) -> list[str]:
-    return ["-m", "eval.finetune", *finetune_args(data, out, batch=4, **{"train.checkpoint_every": 1})]
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +44,7 @@ def straight_pretraining(tiny_data: Path, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("straight") / "run"
     reference = Reference(command(pretraining(tiny_data, out)), out)
     yield reference
-    if reference.proc.poll() is None:
-        reference.proc.kill()
-        reference.proc.communicate()
+    reference.stop()
 
 
 def kill_and_resume(cmd: Callable[[Path], list[str]], reference: Reference, tmp_path: Path, name: str) -> Path:
