@@ -1,0 +1,166 @@
+"""The command layer: start-up summary and --check on every command, evaluation on a run's own data,
+eval.finetune --dataset and its test table, per-command --help examples, sslfg.data.stats."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import train_ssl
+from eval import finetune as finetune_cli
+from eval import knn, linear
+from sslfg.cli import run_cli
+from sslfg.config import save_config
+from sslfg.data import stats
+from sslfg.pretrain import pretrain
+from tests.conftest import tiny_config
+
+TINY_FT = ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "model.top_k=3",
+           "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "train.batch_size=8", "train.warmup_steps=2"]
+KNN = ["knn.ks=[3, 5]", "knn.figures=false", "features.batch_size=5"]
+
+
+def printed_summary(out: str) -> dict[str, str]:
+    """The `key: value` lines under "start-up summary:" in a command's stdout."""
+    lines = out.split("start-up summary:\n", 1)[1].splitlines()
+    pairs = [line[2:].partition(": ") for line in lines if line.startswith("  ")]
+    return {key: value for key, _, value in pairs}
+
+
+def csv_facts(root: Path, split: str) -> tuple[int, int]:
+    """(images, distinct class ids) of a csv split, read independently of sslfg."""
+    with open(root / f"{split}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return len(rows), len({row["class_id"] for row in rows})
+
+
+def dataset_yaml(root: Path, path: Path) -> Path:
+    """A configs/datasets-style file for the tiny csv dataset."""
+    path.write_text(yaml.safe_dump({"data": {"root": str(root), "train_split": "train", "image_size": 16,
+                                             "num_workers": 0, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pretrain(tiny_config(tiny_data, tmp_path_factory.mktemp("run") / "run", max_steps=2, figure_samples=0))
+
+
+def test_train_ssl_check_prints_the_summary_and_writes_nothing(tiny_data: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", warmup_epochs=1.0, base_lr=0.01)
+    cfg.data.mean = (0.5, 0.25, 0.125)
+    recipe = tmp_path / "recipe.yaml"
+    save_config(cfg, recipe)
+    assert run_cli(train_ssl.main, ["--config", str(recipe), "--check", "data.std=[0.2, 0.2, 0.2]"]) == 0
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    summary = printed_summary(capsys.readouterr().out)
+    images, classes = csv_facts(tiny_data, "train")
+    per_epoch = math.ceil(images / cfg.train.batch_size)
+    assert summary["data.root"] == str(tiny_data) and summary["data.format"] == "csv"
+    assert (summary["data.train.images"], summary["data.train.classes"]) == (str(images), str(classes))
+    assert summary["data.image_size"] == "16" and summary["data.skipped_images"] == "0"
+    assert summary["data.mean"] == "[0.5, 0.25, 0.125]" and summary["data.mean.source"] == str(recipe)
+    assert summary["data.std.source"] == "command line"
+    assert summary["steps"] == str(cfg.train.epochs * per_epoch) and summary["warmup_steps"] == str(per_epoch)
+    assert float(summary["lr"]) == pytest.approx(0.01 * cfg.train.batch_size / 256)
+    assert summary["global_batch"] == "8" and summary["num_processes"] == "1" and summary["init"] == "scratch"
+
+
+def test_pretraining_summary_json_holds_the_start_up_facts(tiny_data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    save_config(tiny_config(tiny_data, tmp_path / "run", max_steps=1, figure_samples=0), recipe)
+    assert run_cli(train_ssl.main, ["--config", str(recipe)]) == 0
+    printed = printed_summary(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key, value in printed.items():
+        assert str(saved[key]) == value, key
+    assert saved["data.mean.source"].endswith("(ImageNet)")  # the recipe holds ImageNet's values
+
+
+def test_finetune_dataset_flag_check_and_test_table(tiny_data: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data = dataset_yaml(tiny_data, tmp_path / "tiny.yaml")
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'ft'}\ntrain: {{epochs: 1, checkpoint_every: 100}}\n")
+    args = ["--config", str(recipe), "--dataset", str(data), *TINY_FT]
+    assert run_cli(finetune_cli.main, [*args, "--check"]) == 0
+    assert not (tmp_path / "ft").exists()
+    summary = printed_summary(capsys.readouterr().out)
+    assert summary["data.root"] == str(tiny_data) and summary["data.mean.source"] == str(data)
+    assert summary["data.test.images"] == str(csv_facts(tiny_data, "test")[0])
+    assert summary["steps"] == "3" and summary["warmup_steps"] == "2" and summary["lr"] == "0.01"
+
+    assert run_cli(finetune_cli.main, args) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    for key in ("test.top1", "test.top5", "test.mean_per_class"):  # the evaluations' table format
+        assert f"| {key} | {100 * metrics[key]:.2f} |" in out
+    assert f"metrics: {tmp_path / 'ft' / 'metrics.json'}" in out
+    assert metrics["data.test.images"] == 8 and metrics["data.root"] == str(tiny_data)
+
+
+def test_knn_defaults_to_the_runs_own_data(tiny_run: Path, tiny_data: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    own = knn.main(["--checkpoint", str(tiny_run), f"output_dir={tmp_path / 'own'}", *KNN])
+    assert own["dataset"] == str(tiny_data) and own["data.train.images"] == 24
+    assert str(tiny_run / "config.yaml") in own["data.settings"]
+    assert str(tiny_run / "config.yaml") in printed_summary(capsys.readouterr().out)["data.settings"]
+    explicit = knn.main(["--checkpoint", str(tiny_run), f"output_dir={tmp_path / 'explicit'}", *KNN,
+                         f"data.root={tiny_data}", "data.image_size=16", "data.train_split=train",
+                         "data.num_workers=0"])
+    assert own["knn.k3.top1"] == explicit["knn.k3.top1"] and own["retrieval.mAP"] == explicit["retrieval.mAP"]
+    # A --dataset names other data: the run's settings are not used.
+    other = knn.main(["--checkpoint", str(tiny_run), "--dataset", str(dataset_yaml(tiny_data, tmp_path / "d.yaml")),
+                      "--check"])
+    assert other["data.mean"] == [0.5, 0.5, 0.5] and "run's own" not in other["data.settings"]
+
+
+def test_evaluations_check_builds_and_stops(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    summary = linear.main(["--checkpoint", str(tiny_run), f"output_dir={tmp_path / 'lin'}", "--check",
+                           "linear.batch_size=64", "linear.lrs=[0.1, 1.0]"])
+    assert not (tmp_path / "lin").exists()
+    assert summary["lr"] == pytest.approx([0.1 * 64 / 256, 1.0 * 64 / 256]) and summary["epochs"] == 100
+    assert printed_summary(capsys.readouterr().out)["command"] == "linear"
+    assert run_cli(knn.main, ["--checkpoint", str(tiny_run / "nosuch"), "--check"]) == 2  # still validated
+    assert "nosuch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main", [train_ssl.main, knn.main, linear.main, finetune_cli.main, stats.main])
+def test_help_examples_are_the_commands_own(main, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    examples = [line.strip() for line in out.split("example", 1)[1].splitlines()[1:] if line.startswith("  ")]
+    own = {train_ssl.main: "train_ssl.py", knn.main: "eval.knn", linear.main: "eval.linear",
+           finetune_cli.main: "eval.finetune", stats.main: "sslfg.data.stats"}[main]
+    assert examples and all(own in line.split("#")[0] for line in examples), examples
+    assert "configs/pretrain/cub.yaml" not in out
+    assert main is not finetune_cli.main or "keep_ratio" not in out  # a pretraining key
+
+
+def test_stats_match_numpy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(5)]
+    (tmp_path / "images").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "train.csv").write_text("class_id,dir\n" + "".join(f"{i % 2},{i}.png\n" for i in range(5)))
+    (tmp_path / "test.csv").write_text("class_id,dir\n0,0.png\n")  # never read: statistics are of the train split
+    mean, std = stats.main([f"data.root={tmp_path}", "data.train_split=train", "data.image_size=12",
+                            "data.num_workers=0"])
+    pixels = np.stack(images).reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-9)
+    np.testing.assert_allclose(std, pixels.std(0), atol=1e-9)
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)["data"]
+    np.testing.assert_allclose(printed["mean"], pixels.mean(0), atol=6e-5)  # 4 decimals, ready to paste
+    np.testing.assert_allclose(printed["std"], pixels.std(0), atol=6e-5)
