@@ -1,4 +1,4 @@
-"""Two-view SSL transform (shapes, asymmetry, torch-seeded determinism) and the eval transform."""
+"""Two-view SSL transform (shapes, asymmetry, torch-seeded determinism), eval transform, GLSim fine-tuning pair."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
+from sslfg.config import load_config
 from sslfg.data.transforms import (
     SeparableGaussianBlur,
     TwoViewTransform,
     blur_kernel_size,
     denormalize,
     eval_transform,
+    finetune_transforms,
 )
-from sslfg.schema import AugmentConfig
+from sslfg.schema import AugmentConfig, FinetuneAugmentConfig, FinetuneConfig
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
@@ -98,6 +100,38 @@ def test_eval_transform() -> None:
     # At crop_ratio 1 a square image of size S passes through unchanged.
     img = _image(32, 32)
     assert torch.allclose(eval_transform(32, MEAN, STD, crop_ratio=1.0)(img), _normalized(img), atol=1e-6)
+
+
+def test_finetune_resize_is_bicubic_as_glsim() -> None:
+    """GLSim's reference: Resize((r, r), bicubic), then RandomCrop (train) or CenterCrop (test)."""
+    img = _image(40, 50)
+    plain = FinetuneAugmentConfig(resize_ratio=1.0, trivial_augment=False, random_erasing=0.0, flip=False)
+    train, _ = finetune_transforms(16, plain, MEAN, STD)  # RandomCrop(16) of a 16x16 image: the whole image
+    torch.testing.assert_close(train(img), _normalized(img.resize((16, 16), Image.BICUBIC)), rtol=0, atol=1e-6)
+    _, test = finetune_transforms(16, FinetuneAugmentConfig(resize_ratio=1.25), MEAN, STD)  # 20x20, centre 16x16
+    ref = _normalized(img.resize((20, 20), Image.BICUBIC).crop((2, 2, 18, 18)))
+    torch.testing.assert_close(test(img), ref, rtol=0, atol=1e-6)
+
+
+def test_finetune_random_erasing_area_reaches_the_reference_maximum() -> None:
+    """GLSim's RandomErasing erases 2–40% of the image (torchvision's default stops at 33%)."""
+    aug = FinetuneAugmentConfig(resize_ratio=1.0, trivial_augment=False, random_erasing=1.0, flip=False)
+    train, _ = finetune_transforms(64, aug, MEAN, STD)
+    img = _image(64, 64)
+    torch.manual_seed(0)
+    # Erased pixels are 0 in every channel; a normalised pixel cannot be (0.5 is no multiple of 1/255).
+    fractions = [(train(img) == 0).all(0).float().mean().item() for _ in range(100)]
+    # With a maximum of 33%, rounding the sides to whole pixels keeps the area below 34% at 64x64.
+    assert 0.015 < min(fractions) and 0.345 < max(fractions) < 0.42
+
+
+def test_cars_resize_to_s_over_0875_as_the_reference() -> None:
+    """The reference resizes Stanford Cars to int(S / 0.875) (256 at 224), every other dataset to int(1.34·S)."""
+    for name, side in (("cars", int(224 / 0.875)), ("cub", int(224 * 1.34)), ("aircraft", int(224 * 1.34))):
+        cfg = load_config(f"configs/finetune/glsim_{name}.yaml", [], FinetuneConfig)
+        assert cfg.data.image_size == 224
+        train, test = finetune_transforms(224, cfg.augment, MEAN, STD)
+        assert train.transforms[0].size == test.transforms[0].size == [side, side], name
 
 
 def test_denormalize_inverts_normalize() -> None:
