@@ -17,7 +17,8 @@ from tests.conftest import TINY_MODEL
 
 def tiny_lodisc(**overrides: object) -> LoDisc:
     torch.manual_seed(0)
-    return LoDisc(ModelConfig(**{**TINY_MODEL, "projector_dropout": 0.0, "predictor_dropout": 0.0, **overrides}), image_size=16).train()
+    no_dropout = {"projector_dropout": 0.0, "predictor_dropout": 0.0}  # so that a recomputation matches
+    return LoDisc(ModelConfig(**{**TINY_MODEL, **no_dropout, **overrides}), image_size=16).train()
 
 
 @pytest.mark.parametrize("n, ratio", [(196, 0.30), (49, 0.30), (16, 0.5), (100, 0.29), (10, 1.0)])
@@ -59,7 +60,10 @@ def test_cls_attention_equals_explicit_softmax_and_restores_fused() -> None:
     captured: list[torch.Tensor] = []
     block0 = vit.blocks[0]
     block0.norm1.register_forward_hook(lambda m, i, o: captured.append(o))
+    vit.blocks[0].attn.fused_attn, vit.blocks[1].attn.fused_attn = True, False  # a mixed state to restore
+    before = [blk.attn.fused_attn for blk in vit.blocks]
     with cls_attention(vit) as maps:
+        assert not any(blk.attn.fused_attn for blk in vit.blocks)  # the explicit path, whose softmax is read
         out_attn = forward_tokens(vit, x)
     attn = block0.attn
     b, n, d = captured[0].shape
@@ -67,8 +71,11 @@ def test_cls_attention_equals_explicit_softmax_and_restores_fused() -> None:
     probs = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
     assert len(maps) == len(vit.blocks) and maps[0].shape == (2, 16)
     torch.testing.assert_close(maps[0], probs[:, :, 0, 1:].mean(1), rtol=1e-5, atol=1e-6)
-    assert all(blk.attn.fused_attn == attn.fused_attn for blk in vit.blocks)
+    # afterwards every block is back to its own state from before the call, and nothing is recorded any more
+    assert [blk.attn.fused_attn for blk in vit.blocks] == before == [True, False]
+    assert all(not blk.attn.attn_drop._forward_hooks for blk in vit.blocks)
     torch.testing.assert_close(out_attn, forward_tokens(vit, x), rtol=1e-5, atol=1e-5)  # same model either path
+    assert len(maps) == len(vit.blocks)
 
 
 def test_drop_tokens_with_every_patch_equals_full_forward() -> None:
@@ -97,27 +104,80 @@ def test_contrastive_loss_matches_formula() -> None:
     torch.testing.assert_close(contrastive_loss(q, k, 0.2).double(), reference_ctr(q, k, 0.2), rtol=1e-5, atol=1e-6)
 
 
+def explicit_cls_attention(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(L, B, N): each block's head-averaged CLS-to-patch softmax(q·kᵀ·scale), from its norm1 output."""
+    inputs: list[torch.Tensor] = []
+    handles = [blk.norm1.register_forward_hook(lambda m, i, o: inputs.append(o)) for blk in vit.blocks]
+    forward_tokens(vit, x)
+    for h in handles:
+        h.remove()
+    maps = []
+    for blk, h in zip(vit.blocks, inputs, strict=True):
+        b, n, d = h.shape
+        heads = blk.attn.num_heads
+        q, k, _ = (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).reshape(b, n, 3, heads, d // heads).unbind(2)
+        logits = torch.einsum("bihd,bjhd->bhij", q, k) * (d // heads) ** -0.5
+        maps.append(logits.softmax(-1)[:, :, 0, 1:].mean(1))
+    return torch.stack(maps)
+
+
+def reference_kept(vit: torch.nn.Module, x: torch.Tensor, keep_ratio: float) -> list[list[int]]:
+    """The reference's mask_att_idex: product of the attention maps over layers; per sample keep the
+    patches above the value at rank int(N·ratio) of the descending order."""
+    product = explicit_cls_attention(vit, x).double().prod(0)
+    kept = []
+    for row in product:
+        threshold = row.sort(descending=True).values[int(len(row) * keep_ratio)]
+        kept.append([j for j in range(len(row)) if row[j] > threshold])
+    return kept
+
+
+def reference_zero_fill(x: torch.Tensor, kept: list[list[int]], patch: int) -> torch.Tensor:
+    """Every patch not kept set to zero, one sample and one patch at a time."""
+    out = x.clone()
+    g = x.shape[-1] // patch
+    for b, keep in enumerate(kept):
+        for p in range(g * g):
+            if p not in keep:
+                r, c = divmod(p, g)
+                out[b, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] = 0
+    return out
+
+
+def reference_drop_tokens_cls(vit: torch.nn.Module, x: torch.Tensor, kept: list[list[int]]) -> torch.Tensor:
+    """CLS after the final norm when only the kept patch tokens (with their position embeddings) enter the blocks."""
+    patches = vit.patch_embed(x) + vit.pos_embed[:, 1:]
+    cls = vit.cls_token + vit.pos_embed[:, :1]
+    out = []
+    for b, keep in enumerate(kept):
+        tokens = torch.cat([cls[0], patches[b, keep]])[None]
+        for blk in vit.blocks:
+            tokens = blk(tokens)
+        out.append(vit.norm(tokens)[0, 0])
+    return torch.stack(out)
+
+
 def test_lodisc_loss_is_global_plus_weighted_local() -> None:
     model = tiny_lodisc(local_weight=0.7)
     x1, x2 = torch.randn(2, 4, 3, 16, 16)
-    torch.manual_seed(3)
     out = model(x1, x2)
-    # Recompute every term from the parts, as METHODS §1 writes it.
+    # Recompute every term as METHODS §1 writes it, the masks from the reference's formula.
     with torch.no_grad():
         q1 = model.predictor(model.projector(forward_tokens(model.encoder, x1)[:, 0]))
         q2 = model.predictor(model.projector(forward_tokens(model.encoder, x2)[:, 0]))
-        k1 = model.momentum_projector(forward_tokens(model.momentum_encoder, x1)[:, 0])
-        k2 = model.momentum_projector(forward_tokens(model.momentum_encoder, x2)[:, 0])
-        keep1, keep2 = model.kept_patches(x1), model.kept_patches(x2)
-        km1 = model.momentum_projector(forward_tokens(model.momentum_encoder, zero_fill(x1, keep1, 4))[:, 0])
-        km2 = model.momentum_projector(forward_tokens(model.momentum_encoder, zero_fill(x2, keep2, 4))[:, 0])
+        enc, proj = model.momentum_encoder, model.momentum_projector
+        k1, k2 = (proj(forward_tokens(enc, x)[:, 0]) for x in (x1, x2))
+        kept1, kept2 = (reference_kept(enc, x, 0.30) for x in (x1, x2))
+        km1, km2 = (proj(forward_tokens(enc, reference_zero_fill(x, kept, 4))[:, 0])
+                    for x, kept in ((x1, kept1), (x2, kept2)))
+    assert all(len(k) == 4 for k in kept1 + kept2)  # ⌊0.30·16⌋
     g = reference_ctr(q1, k2, 0.2) + reference_ctr(q2, k1, 0.2)
     loc = reference_ctr(q1, km2, 0.2) + reference_ctr(q2, km1, 0.2)
     tol = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["loss_global"].double(), g, **tol)
     torch.testing.assert_close(out["loss_local"].double(), loc, **tol)
     torch.testing.assert_close(out["loss"].double(), g + 0.7 * loc, **tol)
-    assert torch.equal(out["keep_idx"], torch.cat([keep1, keep2])) and out["keep_idx"].shape == (8, 4)
+    assert out["keep_idx"].tolist() == kept1 + kept2
 
 
 def test_local_weight_zero_is_moco_v3() -> None:
@@ -142,7 +202,7 @@ def test_drop_tokens_local_view_uses_only_kept_tokens() -> None:
         q1 = model.predictor(model.projector(forward_tokens(model.encoder, x1)[:, 0]))
         q2 = model.predictor(model.projector(forward_tokens(model.encoder, x2)[:, 0]))
         enc, proj = model.momentum_encoder, model.momentum_projector
-        km1, km2 = (proj(forward_tokens(enc, x, keep_idx=model.kept_patches(x))[:, 0]) for x in (x1, x2))
+        km1, km2 = (proj(reference_drop_tokens_cls(enc, x, reference_kept(enc, x, 0.30))) for x in (x1, x2))
     ref = reference_ctr(q1, km2, 0.2) + reference_ctr(q2, km1, 0.2)
     torch.testing.assert_close(out["loss_local"].double(), ref, rtol=1e-4, atol=1e-5)
 
