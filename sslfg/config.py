@@ -1,17 +1,20 @@
 """Typed configuration: YAML recipes with `_base_` inheritance and dotted `key=value` overrides, loaded
-into the dataclass schema of `sslfg.schema`. Unknown keys and wrong types are errors naming the key."""
+into the dataclass schema of `sslfg.schema`. Unknown keys, wrong types, numbers outside the range a
+field declares (`bounded`) and keys that contradict each other (a class's `relations`) are errors
+naming the key, the value and the file or command line that set it."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import re
 import reprlib
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -23,10 +26,65 @@ _SOURCES = "_sslfg_key_sources"  # attribute of a loaded config: its `key_source
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
 _EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 _SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+_DEFAULT = "the schema default"
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key and where it was set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """The allowed values of a number, in interval notation: '[1, inf)', '(0, 1]'. NaN and ±inf are never
+    inside (an open infinite end means "any finite number")."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if not _INTERVAL.match(self.text):
+            raise TypeError(f"{self.text!r} is not an interval like '[0, 1)' or '(0, inf)'")
+
+    def parts(self) -> tuple[str, float, float, str]:
+        left, lo, hi, right = _INTERVAL.match(self.text).groups()
+        return left, float(lo), float(hi), right
+
+    def contains(self, value: float) -> bool:
+        left, lo, hi, right = self.parts()
+        above = lo < value if left == "(" else lo <= value
+        below = value < hi if right == ")" else value <= hi
+        return above and below and math.isfinite(value)
+
+    def describe(self, integer: bool) -> str:
+        """'an integer ≥ 1', 'a number > 0', 'a number in (0, 1]'."""
+        left, lo, hi, _ = self.parts()
+        what = "an integer" if integer else "a number"
+        if hi < math.inf:
+            return f"{what} in {self.text}"
+        return f"{what} {'>' if left == '(' else '≥'} {lo:g}" if lo > -math.inf else f"a finite {what[2:]}"
+
+
+def bounded(interval: str | tuple[str, ...], default: Any = dataclasses.MISSING, *,
+            factory: Callable[[], Any] | None = None, ordered: bool = False) -> Any:
+    """A schema field whose number (or each item of its tuple or list) must lie in `interval`; a tuple of
+    intervals gives one per item. `ordered`: the items must not decrease (a (min, max) pair)."""
+    intervals = tuple(map(Interval, (interval,) if isinstance(interval, str) else interval))
+    metadata = {"range": intervals, "ordered": ordered}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Relation:
+    """What must hold between keys of one schema class (dotted, relative to it), listed in the class's
+    `relations`. `rule` says it with {0}, {1}, ... for 'key = value' of each key; `fix(*values)` says what
+    to change."""
+
+    keys: tuple[str, ...]
+    holds: Callable[..., bool]
+    rule: str
+    fix: Callable[..., str]
 
 
 class _Loader(yaml.SafeLoader):
@@ -135,6 +193,31 @@ class _Converter:
             path = path.rpartition(".")[0]
         return ConfigError(f"{message} (in {self.sources[path]}){hint}" if path else message + hint)
 
+    def check_range(self, key: str, f: dataclasses.Field[Any], raw: Any, value: Any) -> None:
+        """ConfigError when the number `value` (or an item of it) is outside the range `f` declares."""
+        intervals = f.metadata.get("range")
+        if intervals is None:
+            return
+        items, raws = (value, raw) if isinstance(value, list | tuple) else ((value,), (raw,))
+        for i, (item, shown) in enumerate(zip(items, raws, strict=True)):
+            interval = intervals[min(i, len(intervals) - 1)]
+            if not interval.contains(item):
+                where = f"{key}[{i}]" if items is value else key
+                raise self.error(key, f"{where}: expected {interval.describe(isinstance(item, int))}, got {shown!r}")
+        if f.metadata["ordered"] and list(items) != sorted(items):
+            raise self.error(key, f"{key}: expected lower ≤ upper, got {raw!r}")
+
+    def check_relations(self, cls: type, cfg: Any, prefix: str) -> None:
+        """ConfigError naming every key of the first of `cls.relations` that `cfg` breaks, and their sources."""
+        for relation in getattr(cls, "relations", ()):
+            values = [_get(cfg, key) for key in relation.keys]
+            if relation.holds(*values):
+                continue
+            keys = [prefix + key for key in relation.keys]
+            statement = relation.rule.format(*(f"{key} = {value!r}" for key, value in zip(keys, values, strict=True)))
+            sources = ", ".join(f"{key} in {self.sources.get(key, _DEFAULT)}" for key in keys)
+            raise ConfigError(f"{statement} ({sources}); {relation.fix(*values)}")
+
     def unknown(self, key: str, prefix: str, names: list[str]) -> ConfigError:
         candidates = [k for k in self.keys if not prefix.startswith(k + ".")]  # never the section itself
         close = difflib.get_close_matches(key, candidates, n=1)
@@ -160,11 +243,14 @@ class _Converter:
             default = getattr(base, f.name) if base is not None else _default(f)
             if f.name in data:
                 values[f.name] = self.convert(data[f.name], tp, key, default)
+                self.check_range(key, f, data[f.name], values[f.name])
             elif default is dataclasses.MISSING:
                 if not dataclasses.is_dataclass(tp):
                     raise ConfigError(f"missing required key '{key}': set it in the config or as {key}=VALUE")
                 values[f.name] = self.build(tp, {}, key + ".")
-        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+        cfg = dataclasses.replace(base, **values) if base is not None else cls(**values)
+        self.check_relations(cls, cfg, prefix)
+        return cfg
 
     def convert(self, value: Any, tp: Any, key: str, default: Any = None) -> Any:
         """`value` checked against (and converted to) type `tp`."""
@@ -221,6 +307,26 @@ def _keys(cls: type, prefix: str, leaves_only: bool = False) -> Iterator[str]:
             yield prefix + f.name
         for sub in sections:
             yield from _keys(sub, f"{prefix}{f.name}.", leaves_only)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    """The value of dotted `key` in the dataclass tree `cfg`."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_warmup(cfg: Any, key: str, total_steps: int) -> None:
+    """ConfigError when the warmup `key` of a config made by `load_config` lasts the whole run of `total_steps`
+    optimizer steps (known only once the dataset is read): the lr would never reach its peak nor decay."""
+    warmup = _get(cfg, key)
+    if warmup < total_steps:
+        return
+    raise ConfigError(
+        f"{key}: {warmup} warmup steps are not fewer than the run's {total_steps} optimizer steps, so the lr would "
+        f"never leave warmup (in {key_sources(cfg).get(key, _DEFAULT)}); set {key} below {total_steps} "
+        f"(e.g. {total_steps // 10}) or train more epochs"
+    )
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sslfg.config import ConfigError, key_sources, save_config
+from sslfg.config import ConfigError, check_warmup, key_sources, save_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, seeded_loader
 from sslfg.data.transforms import denormalize, finetune_transforms
@@ -142,6 +142,8 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
                                 cfg.seed, multiple_of=t.grad_accum_steps)
     loader = seeded_loader(train_ds, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
     total = t.epochs * steps_per_epoch(sampler, t.grad_accum_steps)
+    if not cfg.eval_only:
+        check_warmup(cfg, "train.warmup_steps", total)
     schedules = {"lr": cosine_schedule(t.lr, t.min_lr, total, warmup_steps=t.warmup_steps),
                  "weight_decay": cosine_schedule(t.weight_decay, t.weight_decay, total)}
     log.info("%s head, adapter %s: %d trainable of %d parameters", cfg.model.head, cfg.model.adapter,

@@ -1,16 +1,46 @@
-"""The configuration schema: every key a recipe may set, with its type and default.
+"""The configuration schema: every key a recipe may set, with its type, default and, for numbers, the
+allowed range (`bounded`), plus each class's `relations` between keys.
 
-`sslfg.config.load_config(path, overrides, PretrainConfig)` fills these from YAML; an unknown key
-or a value of the wrong type is an error that names the key.
+`sslfg.config.load_config(path, overrides, PretrainConfig)` fills these from YAML; an unknown key, a
+value of the wrong type or out of its range, or a broken relation is an error that names the key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from sslfg.config import ConfigError, Relation, bounded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = "[1, inf)", "[0, inf)", "(0, inf)"
+PROBABILITY, RATE = "[0, 1]", "[0, 1)"  # RATE: dropout, smoothing, momentum, betas: 1 would stop learning
+
+
+def _sizes_near(size: int, patch: int) -> str:
+    """The two image sizes around `size` that `patch` divides."""
+    below = max(patch, size // patch * patch)
+    return f"{below} or {below + patch}"
+
+
+def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
+    """ConfigError unless `patch_size` (of the built timm model `name`) divides `image_size`: timm would
+    silently cut off the last pixel rows and columns. Catches the timm default patch sizes that the
+    schema's relation (model.patch_size, when set) cannot know."""
+    if image_size % patch_size:
+        raise ConfigError(
+            f"data.image_size: {image_size} is not a multiple of the patch size {patch_size} of {name}, so the "
+            f"last {image_size % patch_size} pixel rows and columns would be cut off; use a data.image_size of "
+            f"{_sizes_near(image_size, patch_size)}, or set model.patch_size to a divisor of {image_size}"
+        )
+
+
+PATCH_DIVIDES_IMAGE = Relation(
+    ("model.patch_size", "data.image_size"), lambda patch, size: patch == 0 or size % patch == 0,
+    "{0} must divide {1}: the last pixel rows and columns of every image would be cut off",
+    lambda patch, size: f"use a data.image_size of {_sizes_near(size, patch)}, or a patch size that divides {size}",
+)
 
 
 @dataclass
@@ -23,11 +53,11 @@ class DataConfig:
     train_split: str = "train_val"  # csv: <split>.csv; imagefolder: root/<split>/
     val_split: str = "val"
     test_split: str = "test"
-    num_classes: int = 0  # 0: infer from the data
-    image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    num_workers: int = 4
+    num_classes: int = bounded(NON_NEGATIVE, 0)  # 0: infer from the data
+    image_size: int = bounded(AT_LEAST_1, 224)
+    mean: tuple[float, float, float] = bounded("[0, 1]", IMAGENET_MEAN)  # of pixels in [0, 1]
+    std: tuple[float, float, float] = bounded("(0, 1]", IMAGENET_STD)
+    num_workers: int = bounded(NON_NEGATIVE, 4)
     # error: an unreadable image (missing, empty, truncated, undecodable) stops the run, naming file and row,
     # when it is reached; skip: every image is decoded once when the dataset is built, and the bad ones are
     # dropped, each logged, and counted in the run's metrics (data.skipped_images)
@@ -38,14 +68,15 @@ class DataConfig:
 class AugmentConfig:
     """Two-view BYOL-asymmetric augmentations (METHODS §1)."""
 
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: tuple[float, float] = (1.0, 0.1)  # view 1, view 2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: tuple[float, float] = (0.0, 0.2)
-    flip_p: float = 0.5
+    crop_scale: tuple[float, float] = bounded("(0, 1]", (0.08, 1.0), ordered=True)
+    # brightness, contrast, saturation, hue (torchvision allows hue up to 0.5)
+    jitter: tuple[float, float, float, float] = bounded((NON_NEGATIVE,) * 3 + ("[0, 0.5]",), (0.4, 0.4, 0.2, 0.1))
+    jitter_p: float = bounded(PROBABILITY, 0.8)
+    grayscale_p: float = bounded(PROBABILITY, 0.2)
+    blur_p: tuple[float, float] = bounded(PROBABILITY, (1.0, 0.1))  # view 1, view 2
+    blur_sigma: tuple[float, float] = bounded(POSITIVE, (0.1, 2.0), ordered=True)
+    solarize_p: tuple[float, float] = bounded(PROBABILITY, (0.0, 0.2))
+    flip_p: float = bounded(PROBABILITY, 0.5)
 
 
 @dataclass
@@ -53,51 +84,68 @@ class ModelConfig:
     """Backbone plus the LoDisc method (METHODS §1)."""
 
     name: str = "vit_small_patch16_224"  # any timm ViT
-    patch_size: int = 0  # 0: the timm default for `name`
+    patch_size: int = bounded(NON_NEGATIVE, 0)  # 0: the timm default for `name`
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (embed_dim, depth, ...)
     weights: str = ""  # local weights file (safetensors or a torch state dict); "" = from scratch
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = bounded(RATE, 0.0)
     use_projector: bool = True  # false reproduces the reference code, which never runs it
-    proj_hidden_dim: int = 4096
-    pred_hidden_dim: int = 4096
-    projector_dropout: float = 0.2  # LoDisc's Dropout after each hidden layer of the projector
-    predictor_dropout: float = 0.2
-    temperature: float = 0.2
-    local_weight: float = 1.0  # 0 gives plain MoCo v3
+    proj_hidden_dim: int = bounded(AT_LEAST_1, 4096)
+    pred_hidden_dim: int = bounded(AT_LEAST_1, 4096)
+    projector_dropout: float = bounded(RATE, 0.2)  # LoDisc's Dropout after each hidden layer of the projector
+    predictor_dropout: float = bounded(RATE, 0.2)
+    temperature: float = bounded(POSITIVE, 0.2)
+    local_weight: float = bounded(NON_NEGATIVE, 1.0)  # 0 gives plain MoCo v3
     local_view: Literal["zero_fill", "drop_tokens"] = "zero_fill"
-    keep_ratio: float = 0.30
-    attention_layers: int = 0  # the location score sums the last n blocks' CLS attention; 0: every block (LoDisc)
+    keep_ratio: float = bounded("(0, 1]", 0.30)
+    # the location score sums the last n blocks' CLS attention; 0: every block (LoDisc)
+    attention_layers: int = bounded(NON_NEGATIVE, 0)
 
 
 @dataclass
 class LoopConfig:
     """What the shared training loop reads: length, batching, precision, clipping, checkpoints."""
 
-    epochs: int = 100
-    max_steps: int = 0  # >0 stops after this many optimizer steps; schedules still follow `epochs`
-    batch_size: int = 256  # per process
-    grad_accum_steps: int = 1
-    clip_grad: float = 0.0  # 0: no clipping
+    epochs: int = bounded(AT_LEAST_1, 100)
+    # >0 stops after this many optimizer steps; schedules still follow `epochs`
+    max_steps: int = bounded(NON_NEGATIVE, 0)
+    batch_size: int = bounded(AT_LEAST_1, 256)  # per process
+    grad_accum_steps: int = bounded(AT_LEAST_1, 1)
+    clip_grad: float = bounded(NON_NEGATIVE, 0.0)  # 0: no clipping
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    checkpoint_every: int = 500  # optimizer steps
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    checkpoint_every: int = bounded(AT_LEAST_1, 500)  # optimizer steps
+    keep_checkpoints: int = bounded(AT_LEAST_1, 2)
+    log_every: int = bounded(AT_LEAST_1, 10)
+    # steps between the processes' agreement on a stop signal (sslfg.engine.preemption)
+    stop_check_every: int = bounded(AT_LEAST_1, 10)
 
 
 @dataclass
 class TrainConfig(LoopConfig):
     """Pretraining: the loop plus AdamW, its schedules and the EMA momentum (METHODS §1)."""
 
-    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.1
-    weight_decay_end: float = -1.0  # <0: constant weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # torch AdamW defaults, as MoCo v3
-    momentum: float = 0.99  # EMA m0, cosine to 1
-    figure_samples: int = 6  # training images in the mask figure; 0 disables it
-    knn_every: int = 0  # online kNN (k 20) of the online encoder every n epochs and at step 0; 0: off
-    knn_samples: int = 2000  # at most this many bank (data.train_split) and query (data.test_split) images
+    base_lr: float = bounded(POSITIVE, 1.5e-4)  # lr = base_lr * global_batch / 256
+    min_lr: float = bounded(NON_NEGATIVE, 0.0)
+    warmup_epochs: float = bounded(NON_NEGATIVE, 0.0)
+    weight_decay: float = bounded(NON_NEGATIVE, 0.1)
+    weight_decay_end: float = bounded("(-inf, inf)", -1.0)  # <0: constant weight decay
+    betas: tuple[float, float] = bounded(RATE, (0.9, 0.999))  # torch AdamW defaults, as MoCo v3
+    momentum: float = bounded(RATE, 0.99)  # EMA m0, cosine to 1
+    figure_samples: int = bounded(NON_NEGATIVE, 6)  # training images in the mask figure; 0 disables it
+    # online kNN (k 20) of the online encoder every n epochs and at step 0; 0: off
+    knn_every: int = bounded(NON_NEGATIVE, 0)
+    # at most this many bank (data.train_split) and query (data.test_split) images
+    knn_samples: int = bounded(AT_LEAST_1, 2000)
+
+    relations: ClassVar = (
+        Relation(("warmup_epochs", "epochs"), lambda warmup, epochs: warmup < epochs,
+                 "{0} must be below {1}: the lr would never leave warmup",
+                 lambda *_: "lower train.warmup_epochs or raise train.epochs"),
+        # one process has the smallest global batch, hence the smallest lr; more processes only raise it
+        Relation(("min_lr", "base_lr", "batch_size", "grad_accum_steps"),
+                 lambda min_lr, base, batch, accum: min_lr <= base * batch * accum / 256,
+                 "{0} must be at most the lr of one process, {1} · {2} · {3} / 256, or the cosine would rise",
+                 lambda _, base, batch, accum: f"lower train.min_lr to at most {base * batch * accum / 256:g}"),
+    )
 
 
 @dataclass
@@ -105,12 +153,14 @@ class PretrainConfig:
     """Everything `train_ssl.py` reads."""
 
     output_dir: str = "runs/pretrain"
-    seed: int = 0
+    seed: int = bounded(NON_NEGATIVE, 0)
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    relations: ClassVar = (PATCH_DIVIDES_IMAGE,)
 
 
 @dataclass
@@ -119,9 +169,9 @@ class FeatureConfig:
 
     # final CLS; mean of patch tokens; last n blocks' CLS; raw normalised pixels (the floor)
     kind: Literal["cls", "mean", "lastn", "pixels"] = "cls"
-    last_n: int = 4
-    batch_size: int = 256  # per process
-    crop_ratio: float = 0.875  # eval transform: resize to size/crop_ratio, centre crop
+    last_n: int = bounded(AT_LEAST_1, 4)
+    batch_size: int = bounded(AT_LEAST_1, 256)  # per process
+    crop_ratio: float = bounded("(0, 1]", 0.875)  # eval transform: resize to size/crop_ratio, centre crop
     cache: bool = True
 
 
@@ -129,8 +179,8 @@ class FeatureConfig:
 class KnnConfig:
     """kNN classifier (DINO protocol) and leave-one-out retrieval (LoDisc protocol)."""
 
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # 1-NN is always reported
-    temperature: float = 0.07
+    ks: list[int] = bounded(AT_LEAST_1, factory=lambda: [10, 20, 100, 200])  # 1-NN is always reported
+    temperature: float = bounded(POSITIVE, 0.07)
     backend: Literal["faiss", "torch"] = "faiss"
     retrieval: bool = True
     figures: bool = True
@@ -141,14 +191,14 @@ class LinearConfig:
     """Linear probe on the frozen backbone (LoDisc recipe)."""
 
     mode: Literal["fast", "full"] = "fast"  # fast: cached features, lr sweep; full: augmented images
-    epochs: int = 100
-    batch_size: int = 256
+    epochs: int = bounded(AT_LEAST_1, 100)
+    batch_size: int = bounded(AT_LEAST_1, 256)
     # fast mode: base lrs swept at once, each scaled by batch / 256 like `lr`
-    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
-    lr: float = 0.5  # full mode: base lr, scaled by batch / 256
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    val_fraction: float = 0.1  # held out of the train split when the dataset has no val split
+    lrs: list[float] = bounded(POSITIVE, factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    lr: float = bounded(POSITIVE, 0.5)  # full mode: base lr, scaled by batch / 256
+    momentum: float = bounded(RATE, 0.9)
+    weight_decay: float = bounded(NON_NEGATIVE, 0.0)
+    val_fraction: float = bounded("(0, 1)", 0.1)  # held out of the train split when the dataset has no val split
     resume: str = ""  # full mode: "" | "auto" | path to a checkpoint directory (as the pretraining `resume`)
 
 
@@ -162,7 +212,7 @@ class EvalConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     output_dir: str = ""  # default: <run>/eval, or runs/eval/<model>-<init>
     output: str = ""  # also write the metrics JSON here
-    seed: int = 0
+    seed: int = bounded(NON_NEGATIVE, 0)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -175,15 +225,15 @@ class FinetuneModelConfig:
 
     head: Literal["glsim", "vit"] = "glsim"
     name: str = "vit_base_patch16_224"  # timm name, used when `init` is a weights file or empty (scratch)
-    patch_size: int = 0
+    patch_size: int = bounded(NON_NEGATIVE, 0)  # 0: the timm default for `name`
     kwargs: dict[str, Any] = field(default_factory=dict)
-    drop_path_rate: float = 0.1
-    top_k: int = 8  # GLS patches that define the crop (16 for Stanford Dogs)
+    drop_path_rate: float = bounded(RATE, 0.1)
+    top_k: int = bounded(AT_LEAST_1, 8)  # GLS patches that define the crop (16 for Stanford Dogs)
     crop_box: Literal["inclusive", "reference"] = "inclusive"  # reference: the original code's box
-    label_smoothing: float = 0.1
+    label_smoothing: float = bounded(RATE, 0.1)
     adapter: Literal["none", "ila", "ila+", "ila++"] = "none"  # ILA (METHODS §3): frozen backbone + adapters
-    adapter_width: int = 8
-    adapter_positions: list[int] = field(default_factory=list)  # empty: after blocks depth/3-1 and 2·depth/3-1
+    adapter_width: int = bounded(AT_LEAST_1, 8)
+    adapter_positions: list[int] = bounded(NON_NEGATIVE, factory=list)  # empty: after blocks depth/3-1 and 2·depth/3-1
 
 
 @dataclass
@@ -191,9 +241,9 @@ class FinetuneAugmentConfig:
     """GLSim's fine-tuning augmentations: Resize(resize_ratio·S) + RandomCrop(S) for training,
     + CenterCrop(S) for testing."""
 
-    resize_ratio: float = 1.34
+    resize_ratio: float = bounded(AT_LEAST_1, 1.34)  # the crop must fit in the resized image
     trivial_augment: bool = True
-    random_erasing: float = 0.3
+    random_erasing: float = bounded(PROBABILITY, 0.3)
     flip: bool = True
 
 
@@ -201,15 +251,20 @@ class FinetuneAugmentConfig:
 class FinetuneTrainConfig(LoopConfig):
     """Fine-tuning: the loop plus SGD Nesterov, warmup steps then cosine (GLSim recipe)."""
 
-    epochs: int = 50
-    batch_size: int = 8
-    clip_grad: float = 1.0
-    lr: float = 0.01
-    min_lr: float = 1e-5
-    warmup_steps: int = 500
-    weight_decay: float = 0.0
-    sgd_momentum: float = 0.9
+    epochs: int = bounded(AT_LEAST_1, 50)
+    batch_size: int = bounded(AT_LEAST_1, 8)
+    clip_grad: float = bounded(NON_NEGATIVE, 1.0)
+    lr: float = bounded(POSITIVE, 0.01)
+    min_lr: float = bounded(NON_NEGATIVE, 1e-5)
+    warmup_steps: int = bounded(NON_NEGATIVE, 500)  # must be fewer than the run's steps (checked at start)
+    weight_decay: float = bounded(NON_NEGATIVE, 0.0)
+    sgd_momentum: float = bounded(RATE, 0.9)
     nesterov: bool = True
+
+    relations: ClassVar = (
+        Relation(("min_lr", "lr"), lambda min_lr, lr: min_lr <= lr, "{0} must be at most {1}, or the cosine would rise",
+                 lambda *_: "lower train.min_lr"),
+    )
 
 
 @dataclass
@@ -217,7 +272,7 @@ class FinetuneConfig:
     """Everything `eval.finetune` reads."""
 
     output_dir: str = "runs/finetune"
-    seed: int = 0
+    seed: int = bounded(NON_NEGATIVE, 0)
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     init: str = ""  # an sslfg run directory, a weights file (with model.name), or "" for scratch
     eval_only: bool = False  # evaluate the newest checkpoint (or `resume`) on the test split
@@ -226,16 +281,26 @@ class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
 
+    relations: ClassVar = (PATCH_DIVIDES_IMAGE,)
+
 
 @dataclass
 class StudyPretrainConfig:
     """The pretraining arms of a study: one recipe, per-arm overrides, one budget for all."""
 
     config: str = ""  # pretraining recipe every arm starts from
-    epochs: int = 0  # the budget: every arm trains this many epochs at the recipe's batch; 0: the recipe's
-    minutes: float = 0.0  # alternative budget: the epochs that fit this many minutes for all arms of one seed
+    # the budget: every arm trains this many epochs at the recipe's batch; 0: the recipe's
+    epochs: int = bounded(NON_NEGATIVE, 0)
+    # alternative budget: the epochs that fit this many minutes for all arms of one seed
+    minutes: float = bounded(NON_NEGATIVE, 0.0)
     # arm name -> {dotted key: value} applied to the recipe (e.g. {model.local_weight: 0} for MoCo v3)
     arms: dict[str, Any] = field(default_factory=dict)
+
+    relations: ClassVar = (
+        Relation(("epochs", "minutes"), lambda epochs, minutes: not (epochs and minutes),
+                 "{0} and {1} are two budgets, and the minutes would silently win",
+                 lambda *_: "set one of them to 0"),
+    )
 
 
 @dataclass
@@ -246,14 +311,15 @@ class StudyEvalConfig:
     linear: list[str] = field(default_factory=list)  # extra key=value for eval.linear; [] with run_linear false
     run_linear: bool = True
     random_floor: bool = True  # random init of the same architecture, same protocols
-    pixel_floor_max_dim: int = 4096  # raw-pixel kNN when 3·S·S is at most this (small images only)
+    # raw-pixel kNN when 3·S·S is at most this (small images only)
+    pixel_floor_max_dim: int = bounded(NON_NEGATIVE, 4096)
 
 
 @dataclass
 class StudyFinetuneConfig:
     """The fine-tuning arms: each starts from the best pretraining arm (by mean kNN k20) unless told."""
 
-    epochs: int = 0  # the budget for every fine-tuning arm; 0: each recipe's
+    epochs: int = bounded(NON_NEGATIVE, 0)  # the budget for every fine-tuning arm; 0: each recipe's
     # arm name -> {config: recipe, init: best | scratch | <pretraining arm>, dotted key: value, ...}
     arms: dict[str, Any] = field(default_factory=dict)
 
@@ -264,7 +330,7 @@ class StudyConfig:
 
     output_dir: str = "runs/study"
     dataset: str = ""  # dataset recipe for the evaluations; the arms' recipes must name the same data.root
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = bounded(NON_NEGATIVE, factory=lambda: [0])
     pretrain: StudyPretrainConfig = field(default_factory=StudyPretrainConfig)
     evaluate: StudyEvalConfig = field(default_factory=StudyEvalConfig)
     finetune: StudyFinetuneConfig = field(default_factory=StudyFinetuneConfig)

@@ -133,7 +133,7 @@ class Study:
         self.cfg, self.root = cfg, Path(cfg.output_dir)
         self.data = load_config(cfg.dataset, [], EvalConfig).data
         for name, spec in cfg.pretrain.arms.items():
-            _check(PretrainConfig, *self._pretrain_args(name, spec, cfg.seeds[0], epochs=1), self.data.root)
+            _check(PretrainConfig, *self._pretrain_args(name, spec, cfg.seeds[0], cfg.pretrain.epochs), self.data.root)
         for name, spec in cfg.finetune.arms.items():
             own, _ = _split_spec(name, spec, "finetune")
             if own.get("init", "best") not in ("best", "scratch", *cfg.pretrain.arms):

@@ -1,15 +1,20 @@
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import yaml
 
 from sslfg.cli import parse_cli
-from sslfg.config import ConfigError, key_sources, load_config, save_config, to_dict
-from sslfg.schema import PretrainConfig
+from sslfg.config import ConfigError, check_warmup, key_sources, load_config, save_config, to_dict
+from sslfg.models.backbone import create_vit
+from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
+from sslfg.study import Study
 
 
 @dataclass
@@ -179,8 +184,8 @@ def test_tuples() -> None:
 
 
 def test_int_becomes_float_and_exponents_are_floats() -> None:
-    cfg = load_config(None, ["train.base_lr=1e-4", "train.min_lr=2.5E3"], PretrainConfig)
-    assert (cfg.train.base_lr, cfg.train.min_lr) == (1e-4, 2500.0)
+    cfg = load_config(None, ["train.base_lr=2.5E3", "train.min_lr=1e-4"], PretrainConfig)
+    assert (cfg.train.base_lr, cfg.train.min_lr) == (2500.0, 1e-4)
     ratio = load_config(None, ["inner.ratio=1"], Small).inner.ratio
     assert ratio == 1.0 and isinstance(ratio, float)
 
@@ -298,3 +303,179 @@ def test_key_sources_name_the_file_or_command_line_that_set_each_key(tmp_path: P
     assert "data.std" not in key_sources(cfg)  # absent: the schema default
     assert key_sources(load_config(None, [], PretrainConfig)) == {}
     assert key_sources(PretrainConfig()) == {}
+
+
+SCHEMAS = (PretrainConfig, FinetuneConfig, EvalConfig, StudyConfig)
+
+
+def numeric_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every field of `cls` (recursively) holding numbers: int, float or a tuple/list of them."""
+    found, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            found += numeric_fields(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float) or set(typing.get_args(tp)) - {Ellipsis} <= {int, float} and typing.get_args(tp):
+            found.append((prefix + f.name, f))
+    return found
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: s.__name__)
+def test_every_numeric_key_declares_its_range(schema: type) -> None:
+    keys = numeric_fields(schema)
+    assert len(keys) >= 5  # the walk finds nested sections too
+    assert [key for key, f in keys if "range" not in f.metadata] == []
+
+
+# (override, schema, the message after "<key>: ") for one value just outside each kind of range
+OUT_OF_RANGE = [
+    ("train.batch_size=0", PretrainConfig, "expected an integer ≥ 1, got 0"),
+    ("train.epochs=0", PretrainConfig, "expected an integer ≥ 1, got 0"),
+    ("train.grad_accum_steps=0", FinetuneConfig, "expected an integer ≥ 1, got 0"),
+    ("train.checkpoint_every=0", PretrainConfig, "expected an integer ≥ 1, got 0"),
+    ("train.max_steps=-1", PretrainConfig, "expected an integer ≥ 0, got -1"),
+    ("model.keep_ratio=0", PretrainConfig, "expected a number in (0, 1], got 0"),
+    ("model.keep_ratio=1.01", PretrainConfig, "expected a number in (0, 1], got 1.01"),
+    ("model.temperature=0", PretrainConfig, "expected a number > 0, got 0"),
+    ("model.temperature=-.inf", PretrainConfig, "expected a number > 0, got -inf"),
+    ("train.momentum=1", PretrainConfig, "expected a number in [0, 1), got 1"),
+    ("train.base_lr=0", PretrainConfig, "expected a number > 0, got 0"),
+    ("train.min_lr=-1e-6", PretrainConfig, "expected a number ≥ 0, got -1e-06"),
+    ("train.lr=.nan", FinetuneConfig, "expected a number > 0, got nan"),
+    ("augment.jitter_p=1.5", PretrainConfig, "expected a number in [0, 1], got 1.5"),
+    ("augment.random_erasing=-0.1", FinetuneConfig, "expected a number in [0, 1], got -0.1"),
+    ("augment.resize_ratio=0.9", FinetuneConfig, "expected a number ≥ 1, got 0.9"),
+    ("data.num_workers=-1", PretrainConfig, "expected an integer ≥ 0, got -1"),
+    ("data.image_size=0", EvalConfig, "expected an integer ≥ 1, got 0"),
+    ("model.top_k=0", FinetuneConfig, "expected an integer ≥ 1, got 0"),
+    ("model.adapter_width=0", FinetuneConfig, "expected an integer ≥ 1, got 0"),
+    ("linear.val_fraction=1", EvalConfig, "expected a number in (0, 1), got 1"),
+    ("features.crop_ratio=0", EvalConfig, "expected a number in (0, 1], got 0"),
+    ("pretrain.minutes=-5", StudyConfig, "expected a number ≥ 0, got -5"),
+]
+
+
+@pytest.mark.parametrize(("override", "schema", "expected"), OUT_OF_RANGE, ids=[o for o, *_ in OUT_OF_RANGE])
+def test_a_number_out_of_its_range_names_key_value_range_and_source(override: str, schema: type,
+                                                                      expected: str) -> None:
+    key = override.partition("=")[0]
+    assert error(None, [override], schema) == f"{key}: {expected} (in command line)"
+
+
+@pytest.mark.parametrize(("override", "schema", "expected"), [
+    ("data.std=[0.2, 0, 0.2]", PretrainConfig, "data.std[1]: expected a number in (0, 1], got 0"),
+    ("data.mean=[0.5, 0.5, 128]", EvalConfig, "data.mean[2]: expected a number in [0, 1], got 128"),
+    ("knn.ks=[20, 0]", EvalConfig, "knn.ks[1]: expected an integer ≥ 1, got 0"),
+    ("linear.lrs=[0.1, -1]", EvalConfig, "linear.lrs[1]: expected a number > 0, got -1"),
+    ("augment.jitter=[0.4, 0.4, 0.2, 0.6]", PretrainConfig,
+     "augment.jitter[3]: expected a number in [0, 0.5], got 0.6"),
+    ("seeds=[0, -1]", StudyConfig, "seeds[1]: expected an integer ≥ 0, got -1"),
+])
+def test_each_item_of_a_list_or_tuple_is_checked(override: str, schema: type, expected: str) -> None:
+    assert error(None, [override], schema) == f"{expected} (in command line)"
+
+
+def test_every_default_is_in_range_and_consistent(tmp_path: Path) -> None:
+    for schema in SCHEMAS:  # every key written out, so every key is checked as if a recipe had set it
+        save_config(schema(), tmp_path / "all.yaml")
+        assert load_config(tmp_path / "all.yaml", [], schema) == schema()
+
+
+def test_range_error_names_the_file_that_set_the_value(tmp_path: Path) -> None:
+    base = write(tmp_path / "base.yaml", "model: {keep_ratio: 0.0}\n")
+    recipe = write(tmp_path / "recipe.yaml", "_base_: base.yaml\nseed: 1\n")
+    assert error(recipe, [], PretrainConfig) == f"model.keep_ratio: expected a number in (0, 1], got 0.0 (in {base})"
+    assert load_config(recipe, ["model.keep_ratio=0.5"], PretrainConfig).model.keep_ratio == 0.5  # overridden: fine
+
+
+@pytest.mark.parametrize(("override", "schema"), [
+    ("model.keep_ratio=1", PretrainConfig), ("train.momentum=0", PretrainConfig), ("augment.flip_p=0", PretrainConfig),
+    ("augment.flip_p=1", PretrainConfig), ("augment.crop_scale=[0.5, 0.5]", PretrainConfig),
+    ("data.num_workers=0", PretrainConfig), ("model.patch_size=0", PretrainConfig),
+    ("train.max_steps=0", PretrainConfig),
+    ("train.min_lr=0.01", FinetuneConfig), ("augment.resize_ratio=1", FinetuneConfig),
+    ("linear.val_fraction=0.5", EvalConfig), ("model.local_weight=0", PretrainConfig),
+    ("train.weight_decay_end=-1", PretrainConfig), ("pretrain.epochs=0", StudyConfig),
+])
+def test_values_on_the_boundary_are_accepted(override: str, schema: type) -> None:
+    key, _, text = override.partition("=")
+    value = _get(load_config(None, [override], schema), key)
+    assert value == yaml.safe_load(text) or list(value) == yaml.safe_load(text)
+
+
+def _get(cfg: object, key: str) -> object:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize(("overrides", "schema", "named"), [
+    (["augment.blur_sigma=[2.0, 0.1]"], PretrainConfig, "augment.blur_sigma: expected lower ≤ upper, got [2.0, 0.1]"),
+    (["train.min_lr=0.02", "train.lr=0.01"], FinetuneConfig, "train.min_lr = 0.02 must be at most train.lr = 0.01"),
+    (["train.base_lr=1e-4", "train.batch_size=64", "train.min_lr=1e-4"], PretrainConfig,
+     "train.min_lr = 0.0001 must be at most the lr of one process"),
+    (["train.warmup_epochs=3", "train.epochs=2"], PretrainConfig,
+     "train.warmup_epochs = 3.0 must be below train.epochs = 2"),
+    (["model.patch_size=5", "data.image_size=28"], FinetuneConfig,
+     "model.patch_size = 5 must divide data.image_size = 28"),
+    (["pretrain.epochs=10", "pretrain.minutes=30"], StudyConfig, "pretrain.epochs = 10 and pretrain.minutes = 30.0"),
+])
+def test_contradicting_keys_are_an_error_naming_both(overrides: list[str], schema: type, named: str) -> None:
+    message = error(None, overrides, schema)
+    assert message.startswith(named) and "command line" in message
+
+
+def test_relation_error_names_each_keys_source(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "recipe.yaml", "data: {image_size: 30}\n")
+    message = error(recipe, ["model.patch_size=4"], PretrainConfig)
+    assert message.startswith("model.patch_size = 4 must divide data.image_size = 30")
+    assert f"model.patch_size in command line, data.image_size in {recipe}" in message
+    assert "28 or 32" in message  # the nearest image sizes that work
+    message = error(None, ["train.warmup_epochs=100"], PretrainConfig)  # epochs left at its default
+    assert "train.epochs in the schema default" in message
+
+
+def test_pretraining_min_lr_is_compared_with_the_scaled_lr() -> None:
+    # one process: lr = base_lr * batch_size * grad_accum_steps / 256 = 1e-3 * 64 * 2 / 256 = 5e-4
+    settings = ["train.base_lr=1e-3", "train.batch_size=64", "train.grad_accum_steps=2"]
+    assert load_config(None, [*settings, "train.min_lr=5e-4"], PretrainConfig).train.min_lr == 5e-4
+    message = error(None, [*settings, "train.min_lr=6e-4"], PretrainConfig)
+    assert message.endswith("lower train.min_lr to at most 0.0005")
+
+
+def test_check_warmup() -> None:
+    cfg = load_config(None, ["train.warmup_steps=500"], FinetuneConfig)
+    check_warmup(cfg, "train.warmup_steps", 501)
+    check_warmup(load_config(None, ["train.warmup_steps=0"], FinetuneConfig), "train.warmup_steps", 1)
+    with pytest.raises(ConfigError) as info:
+        check_warmup(cfg, "train.warmup_steps", 156)
+    assert str(info.value) == (
+        "train.warmup_steps: 500 warmup steps are not fewer than the run's 156 optimizer steps, so the lr would "
+        "never leave warmup (in command line); set train.warmup_steps below 156 (e.g. 15) or train more epochs"
+    )
+    with pytest.raises(ConfigError, match=r"\(in the schema default\)"):
+        check_warmup(FinetuneConfig(), "train.warmup_steps", 500)
+
+
+def test_a_timm_default_patch_size_that_does_not_divide_the_image_size_fails_at_model_build() -> None:
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    with pytest.raises(ConfigError) as info:
+        create_vit("vit_tiny_patch16_224", {"img_size": 28, **tiny})
+    assert str(info.value).startswith("data.image_size: 28 is not a multiple of the patch size 16 of vit_tiny_patch16")
+    assert "model.patch_size" in str(info.value) and "16 or 32" in str(info.value)
+    assert create_vit("vit_tiny_patch16_224", {"img_size": 32, **tiny}).patch_embed.grid_size == (2, 2)
+
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
+SCHEMA_OF = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "datasets": EvalConfig, "study": StudyConfig}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_bundled_recipe_validates(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(recipe.parents[2])  # studies name their recipes relative to the repository
+    cfg = load_config(recipe, [], SCHEMA_OF[recipe.parent.name])
+    if recipe.parent.name == "datasets":
+        load_config(recipe, [], PretrainConfig)
+        load_config(recipe, [], FinetuneConfig)
+    if recipe.parent.name == "study":
+        Study(cfg)  # loads every arm's recipe with its overrides and the study's budget

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import CHECKPOINTS, checkpoint_dirs, unsafe_load_reason
+from sslfg.schema import check_patch_grid
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
@@ -61,6 +62,8 @@ def create_vit(
         raise ConfigError(f"{name_key}: timm cannot build '{name}' with {kwargs}: {e}; check the model's kwargs") from e
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
         raise ConfigError(f"{name_key}: '{name}' is not a timm VisionTransformer with a class token")
+    if model.patch_embed.img_size is not None:  # None: timm's dynamic image size
+        check_patch_grid(model.patch_embed.img_size[0], model.patch_embed.patch_size[0], name)
     if weights:
         load_weights(model, weights, key, f"{name} {kwargs}")
     return model

@@ -1,6 +1,7 @@
 """Case 4, bad configuration: an unknown key, a wrong type, a missing file or data folder, a `_base_`
-cycle and an invalid data.on_bad_image each stop train_ssl.py with exit code 2 and one `error:` line
-naming the key or file, before anything is trained."""
+cycle, an invalid data.on_bad_image, a number out of its range and two keys that contradict each other
+each stop train_ssl.py with exit code 2 and one `error:` line naming the key or file, before anything
+is trained."""
 
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ CASES = {
     "invalid YAML": (
         {"recipe.yaml": "train: {epochs: 3\n"}, ["--config", "{tmp}/recipe.yaml"],
         ["invalid YAML in {tmp}/recipe.yaml"]),
+    "batch size 0 in a file": (
+        {"recipe.yaml": "train:\n  batch_size: 0\n"}, ["--config", "{tmp}/recipe.yaml"],
+        ["train.batch_size: expected an integer ≥ 1, got 0 (in {tmp}/recipe.yaml)"]),
+    "zero epochs on the command line": (
+        {}, ["train.epochs=0"], ["train.epochs: expected an integer ≥ 1, got 0 (in command line)"]),
+    "keep_ratio 0": (
+        {}, ["model.keep_ratio=0"], ["model.keep_ratio: expected a number in (0, 1], got 0 (in command line)"]),
+    "probability above 1": (
+        {"recipe.yaml": "augment: {blur_p: [1.0, 1.5]}\n"}, ["--config", "{tmp}/recipe.yaml"],
+        ["augment.blur_p[1]: expected a number in [0, 1], got 1.5 (in {tmp}/recipe.yaml)"]),
+    "not-a-number temperature": (
+        {}, ["model.temperature=.nan"], ["model.temperature: expected a number > 0, got nan (in command line)"]),
+    "crop scale bounds reversed": (
+        {}, ["augment.crop_scale=[0.9, 0.2]"],
+        ["augment.crop_scale: expected lower ≤ upper, got [0.9, 0.2] (in command line)"]),
+    "patch size that does not divide the image size": (
+        {"recipe.yaml": "data: {image_size: 30}\n"}, ["--config", "{tmp}/recipe.yaml", "model.patch_size=4"],
+        ["model.patch_size = 4 must divide data.image_size = 30", "model.patch_size in command line",
+         "data.image_size in {tmp}/recipe.yaml"]),
+    "warmup as long as the run": (
+        {"recipe.yaml": "train: {warmup_epochs: 10}\n"}, ["--config", "{tmp}/recipe.yaml", "train.epochs=10"],
+        ["train.warmup_epochs = 10.0 must be below train.epochs = 10", "never leave warmup",
+         "train.warmup_epochs in {tmp}/recipe.yaml", "train.epochs in command line"]),
 }
 
 
