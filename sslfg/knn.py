@@ -22,6 +22,7 @@ are returned as the original ids. Ties in the vote go to the lowest class id on 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -29,6 +30,8 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 Backend = Literal["faiss", "torch"]
 Neighbours = tuple[torch.Tensor, torch.Tensor]  # similarities (Q, k) float32, bank indices (Q, k) int64
@@ -205,6 +208,12 @@ def knn_classify(
     return classes[torch.cat(preds)] if preds else classes.new_zeros(0)
 
 
+def usable_ks(ks: Sequence[int], bank_size: int) -> list[int]:
+    """The ks a bank of `bank_size` items can answer (k <= bank_size), in the given order; a larger k
+    would be every bank item, and reporting it under its own name would misstate the protocol."""
+    return [k for k in ks if k <= bank_size]
+
+
 @torch.no_grad()
 def knn_evaluate(
     bank: torch.Tensor,
@@ -216,40 +225,50 @@ def knn_evaluate(
     backend: Backend = "faiss",
     chunk_size: int = CHUNK_SIZE,
 ) -> dict[str, float]:
-    """kNN accuracies of the queries against the bank, DINO protocol.
+    """kNN accuracies of the queries against the bank, DINO protocol (`eval_knn.py`'s knn_classifier).
 
-    bank (N, D), bank_labels (N,), queries (Q, D), query_labels (Q,). One search for max(ks)
-    neighbours serves every k (each k uses the first k of them) and the 1-NN. Returns a flat dict
-    of fractions in [0, 1]: "knn.k{k}.top1" and "knn.k{k}.top5" for each k in ks (keys use the
-    requested k; the search clamps k to N) and "knn.k1.top1", the nearest neighbour's label.
+    bank (N, D), bank_labels (N,), queries (Q, D), query_labels (Q,). One search for the largest k
+    serves every k (each k uses the first k neighbours) and the 1-NN. A k larger than the bank is
+    dropped with one warning naming it and the bank size (`usable_ks` gives the ks kept). Returns a
+    flat dict of fractions in [0, 1]: "knn.k{k}.top1" and "knn.k{k}.top5" for each kept k, and
+    "knn.k1.top1", the nearest neighbour's label.
 
-    top-1: the prediction of `knn_classify` is the query's label. top-5: the query's label got a
-    vote (one of the k neighbours has it) and fewer than 5 classes rank before it, ranking by votes
-    and then by lower class id. A query whose class is absent from the bank counts as a miss.
+    Classes are ranked as DINO ranks them: by votes (sum of exp(sim / T) of the neighbours of that
+    class), every class taking part, including those without a vote; the classes are the ids found
+    in the bank or the queries (DINO's 0..num_classes-1 when the ids are contiguous and each class
+    appears). top-1: the query's class ranks first. top-5: it ranks among the first min(5, k), as in
+    DINO (so for k < 5 it is "among the first k", and when fewer classes than that got a vote, the
+    class-less slots are filled by the lowest ids: DINO fills them in torch.sort's tie order, which is
+    unspecified). Ties rank the lower class id first.
     """
     _check_labels(query_labels, len(queries), "query_labels")
+    _check_classify(bank, bank_labels, temperature)
     if len(queries) == 0:
         raise ValueError("no queries: accuracy needs at least one query")
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got ks={list(ks)}")
-    sims, neighbours, classes = _neighbour_classes(bank, bank_labels, queries, max([1, *ks]), temperature, None,
-                                                   backend, chunk_size)
-    labels = query_labels.to(neighbours.device, torch.long)
-    pos = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
-    target = torch.where(classes[pos] == labels, pos, -1)  # -1: a class the bank lacks
-    hits = {f"knn.k{k}.{m}": 0 for k in ks for m in ("top1", "top5")}
-    ids = torch.arange(len(classes), device=neighbours.device)
+    kept = usable_ks(ks, len(bank))
+    if len(kept) < len(ks):
+        dropped = [k for k in ks if k not in kept]
+        log.warning("kNN: k %s dropped: larger than the bank of %d items (kept k %s)",
+                    ", ".join(map(str, dropped)), len(bank), ", ".join(map(str, kept)) or "1 only")
+    sims, idx = knn_search(bank, queries, max([1, *kept]), backend, chunk_size)
+    labels = query_labels.to(idx.device, torch.long)
+    classes = torch.unique(torch.cat([bank_labels.to(idx.device, torch.long), labels]), sorted=True)
+    neighbours = torch.searchsorted(classes, bank_labels.to(idx.device, torch.long))[idx]
+    target = torch.searchsorted(classes, labels)[:, None]
+    hits = {f"knn.k{k}.{m}": 0 for k in kept for m in ("top1", "top5")}
+    ids = torch.arange(len(classes), device=idx.device)
     for s in range(0, len(queries), chunk_size):
-        t = target[s : s + chunk_size, None]
-        for k in ks:
-            nb = neighbours[s : s + chunk_size, :k]
-            votes = weighted_votes(sims[s : s + chunk_size, :k], nb, len(classes), temperature)
-            own = votes.gather(1, t.clamp(min=0))
+        t = target[s : s + chunk_size]
+        for k in kept:
+            votes = weighted_votes(sims[s : s + chunk_size, :k], neighbours[s : s + chunk_size, :k], len(classes),
+                                   temperature)
+            own = votes.gather(1, t)
             rank = (votes > own).sum(1) + ((votes == own) & (ids < t)).sum(1)
-            voted = (nb == t).any(1)
-            hits[f"knn.k{k}.top1"] += int((voted & (rank == 0)).sum())
-            hits[f"knn.k{k}.top5"] += int((voted & (rank < 5)).sum())
-    hits["knn.k1.top1"] = int((neighbours[:, 0] == target).sum())  # also when 1 in ks: the same number
+            hits[f"knn.k{k}.top1"] += int((rank == 0).sum())
+            hits[f"knn.k{k}.top5"] += int((rank < min(5, k)).sum())
+    hits["knn.k1.top1"] = int((neighbours[:, :1] == target).sum())  # also when 1 in ks: the same number
     return {key: n / len(queries) for key, n in hits.items()}
 
 

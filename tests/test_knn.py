@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sslfg.knn import knn_classify, knn_evaluate, knn_scores, knn_search, retrieval_metrics
+from sslfg.knn import knn_classify, knn_evaluate, knn_scores, knn_search, retrieval_metrics, usable_ks
 
 BACKENDS = ["faiss", "torch"]
 T = 0.07
@@ -38,6 +38,26 @@ def ref_knn(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor
             votes[labels[j]] = votes.get(labels[j], 0.0) + math.exp(sims[j] / T)
         ranked.append(sorted(votes, key=lambda c: (-votes[c], c)))
     return ranked
+
+
+def ref_dino(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+             k: int, classes: list[int]) -> tuple[float, float]:
+    """(top-1, top-5) as DINO's eval_knn.py knn_classifier counts them, one query at a time: votes
+    exp(sim/T) of the k nearest over every class (zero for classes without a neighbour), classes
+    sorted by votes, a hit when the label is first (top-1) or among the first min(5, k) (top-5).
+    DINO's torch.sort leaves the order of tied classes unspecified; here ties go to the lower id."""
+    b, labels = rows(bank), bank_labels.tolist()
+    top1 = top5 = 0
+    for q, label in zip(rows(queries), query_labels.tolist(), strict=True):
+        sims = [dot(q, v) for v in b]
+        nearest = sorted(range(len(b)), key=lambda j: -sims[j])[:k]
+        votes = dict.fromkeys(classes, 0.0)
+        for j in nearest:
+            votes[labels[j]] += math.exp(sims[j] / T)
+        predictions = sorted(classes, key=lambda c: (-votes[c], c))
+        top1 += predictions[0] == label
+        top5 += label in predictions[: min(5, k)]
+    return top1 / len(queries), top5 / len(queries)
 
 
 def ref_retrieval(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -72,6 +92,7 @@ def data(n_bank: int, n_queries: int, dim: int, classes: int, seed: int = 0) -> 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_classify_and_evaluate_match_loop_reference(backend: str) -> None:
     bank, bank_labels, queries, query_labels = data(30, 10, 8, 8)
+    assert set(bank_labels.tolist()) == set(range(8))  # DINO's classes 0..7 all take part
     ks = (1, 3, 7, 30)
     metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=ks, backend=backend)
     assert set(metrics) == {f"knn.k{k}.top{t}" for k in ks for t in (1, 5)} | {"knn.k1.top1"}
@@ -82,7 +103,8 @@ def test_classify_and_evaluate_match_loop_reference(backend: str) -> None:
         assert preds.tolist() == [r[0] for r in ranked]
         truth = query_labels.tolist()
         assert metrics[f"knn.k{k}.top1"] == sum(r[0] == t for r, t in zip(ranked, truth, strict=True)) / 10
-        assert metrics[f"knn.k{k}.top5"] == sum(t in r[:5] for r, t in zip(ranked, truth, strict=True)) / 10
+        dino = ref_dino(bank, bank_labels, queries, query_labels, k, list(range(8)))
+        assert (metrics[f"knn.k{k}.top1"], metrics[f"knn.k{k}.top5"]) == pytest.approx(dino)
         assert metrics[f"knn.k{k}.top1"] == accuracy(preds == query_labels)
     nearest = knn_search(bank, queries, 1, backend)[1][:, 0]
     assert metrics["knn.k1.top1"] == accuracy(bank_labels[nearest] == query_labels)
@@ -121,7 +143,9 @@ def test_non_contiguous_and_missing_class_ids(backend: str) -> None:
     assert knn_scores(bank, bank_labels, queries, 5, backend=backend)[1].tolist() == [3, 17, 42]
     m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(5,), backend=backend)
     assert m["knn.k5.top1"] == accuracy(preds == query_labels)
-    assert m["knn.k5.top5"] == sum(t in r for r, t in zip(ranked, query_labels.tolist(), strict=True)) / 10 < 1
+    # The classes are the ids seen in either split: 99 takes part without votes, after the voted ones.
+    top1, top5 = ref_dino(bank, bank_labels, queries, query_labels, 5, [3, 17, 42, 99])
+    assert (m["knn.k5.top1"], m["knn.k5.top5"]) == pytest.approx((top1, top5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -178,9 +202,35 @@ def test_k_larger_than_bank_is_clamped(backend: str) -> None:
     assert sims.shape == idx.shape == (5, 12)
     assert torch.equal(knn_classify(bank, bank_labels, queries, 50, backend=backend),
                        knn_classify(bank, bank_labels, queries, 12, backend=backend))
-    m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(12, 200), backend=backend)
-    assert m["knn.k200.top1"] == m["knn.k12.top1"]
     assert knn_classify(bank, bank_labels, queries[:0], 5, backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ks_larger_than_the_bank_are_dropped_with_a_warning(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    bank, bank_labels, queries, query_labels = data(12, 5, 8, 3)
+    with caplog.at_level("WARNING", logger="sslfg.knn"):
+        m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(12, 20, 200), backend=backend)
+    assert set(m) == {"knn.k12.top1", "knn.k12.top5", "knn.k1.top1"}  # no k reported under a clamped name
+    assert m == knn_evaluate(bank, bank_labels, queries, query_labels, ks=(12,), backend=backend)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "k 20, 200 dropped" in warnings[0] and "bank of 12 items" in warnings[0]
+    assert usable_ks((10, 20, 100, 200), 20) == [10, 20] and usable_ks((20,), 19) == []
+    only_1nn = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(20,), backend=backend)
+    assert set(only_1nn) == {"knn.k1.top1"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top5_counts_the_first_min_5_k_classes_as_dino(backend: str) -> None:
+    # The 3 nearest of the query are all class 2; DINO ranks [2, then the vote-less 0, 1, 3, 4, ...] and
+    # counts the first min(5, 3) = 3 of them: labels 2, 0 and 1 are top-5 hits, 3 is not.
+    bank = torch.tensor([[1.0, 0.1], [1.0, 0.2], [1.0, 0.3], [-1.0, 0.0], [-1.0, 0.5], [-1.0, 1.0], [0.0, -1.0]])
+    bank_labels = torch.tensor([2, 2, 2, 0, 1, 3, 4])
+    queries = torch.tensor([[1.0, 0.0]] * 4)
+    query_labels = torch.tensor([2, 0, 1, 3])
+    m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(3, 7), backend=backend)
+    assert (m["knn.k3.top1"], m["knn.k3.top5"]) == (0.25, 0.75)
+    assert (m["knn.k7.top1"], m["knn.k7.top5"]) == pytest.approx(ref_dino(bank, bank_labels, queries, query_labels,
+                                                                          7, [0, 1, 2, 3, 4]))
 
 
 BANK, LABELS, QUERIES = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.randn(3, 4)
