@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sslfg.cli import run_cli, run_evaluation
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
-from sslfg.knn import knn_classify, knn_evaluate, retrieval_metrics
+from sslfg.knn import knn_classify, knn_evaluate, retrieval_metrics, usable_ks
 from sslfg.schema import EvalConfig
 
 __all__ = ["knn_classify", "retrieval_metrics", "main"]
@@ -58,7 +58,8 @@ def evaluate(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] 
     if k.retrieval:
         metrics |= {f"retrieval.{name}": v for name, v in retrieval_metrics(queries, query_labels).items()}
     protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
-                "ks": k.ks, "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
+                "ks": usable_ks(k.ks, len(bank)), "ks_requested": k.ks,  # a k above the bank size is dropped
+                "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
                 "backend": k.backend, "bank_size": len(bank), "queries": len(queries),
                 "skipped_images": skipped_images(bank_ds, query_ds)}
     if k.figures:
