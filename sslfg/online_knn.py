@@ -29,6 +29,10 @@ class OnlineKnn:
             raise ConfigError("train.knn_every: online kNN needs labelled data (a csv or imagefolder dataset)")
         queries = build_dataset(cfg.data, cfg.data.test_split, transform)
         self.bank, self.queries = (_evenly_spaced(d, cfg.train.knn_samples) for d in (bank, queries))
+        if len(self.bank) < K:  # a smaller bank would answer k 20 with fewer neighbours under the k20 name
+            raise ConfigError(f"train.knn_samples: the online kNN (k {K}) needs at least {K} bank images, got "
+                              f"{len(self.bank)} (train.knn_samples={cfg.train.knn_samples}, {len(bank)} in "
+                              f"data.train_split); raise train.knn_samples or set train.knn_every=0")
         self.accelerator = accelerator
         self.batch_size = cfg.train.batch_size
 

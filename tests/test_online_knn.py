@@ -23,12 +23,12 @@ from tests.conftest import tiny_config
 
 def test_online_knn_is_the_knn_of_evenly_spaced_subsets(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=2, figure_samples=0)
-    cfg.train.knn_samples = 5
+    cfg.train.knn_samples = 20  # the fewest a k-20 kNN takes
     vit = load_backbone(pretrain(cfg))
     got = OnlineKnn(cfg, make_accelerator())(vit)
     assert vit.training  # handed back in training mode
 
-    # Reference: the CLS features of images 0, 5.75→5, 11.5→11, 17.25→17, 23 (train) and 0, 1.75→1, 3, 5, 7 (test).
+    # Reference: the CLS features of images floor(i·23/19), i < 20 (train) and all 8 test images.
     transform = eval_transform(16, cfg.data.mean, cfg.data.std)
     vit.eval()
 
@@ -38,8 +38,8 @@ def test_online_knn_is_the_knn_of_evenly_spaced_subsets(tiny_data: Path, tmp_pat
             x = torch.stack([ds[i][0] for i in idx])
             return forward_tokens(vit, x)[:, 0], torch.tensor([ds.labels[i] for i in idx])
 
-    bank, bank_labels = embed("train", [0, 5, 11, 17, 23])
-    queries, labels = embed("test", [0, 1, 3, 5, 7])
+    bank, bank_labels = embed("train", [i * 23 // 19 for i in range(20)])
+    queries, labels = embed("test", list(range(8)))
     expected = knn_evaluate(bank, bank_labels, queries, labels, ks=[20], backend="torch")["knn.k20.top1"]
     assert got == {"online_knn.k20.top1": expected}
 
@@ -48,7 +48,7 @@ def test_online_knn_leaves_the_training_run_unchanged(tiny_data: Path, tmp_path:
     runs = {}
     for every in (0, 1):
         cfg = tiny_config(tiny_data, tmp_path / f"knn{every}", figure_samples=0)  # 2 epochs of 3 steps
-        cfg.train.knn_every, cfg.train.knn_samples = every, 8
+        cfg.train.knn_every, cfg.train.knn_samples = every, 20
         cfg.model.predictor_dropout = 0.2  # a random op in every step: the evaluation must not shift its stream
         runs[every] = pretrain(cfg)
     weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs.values()]

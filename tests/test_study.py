@@ -35,7 +35,7 @@ def write_recipes(data: Path, folder: Path, seeds: list[int], finetune_arms: boo
     dataset = {"data": {"root": str(data), **DATA}}
     pretrain = {"_base_": "dataset.yaml", "model": TINY_MODEL,
                 "train": {"epochs": 1, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "figure_samples": 2,
-                          "knn_every": 1, "knn_samples": 10}}
+                          "knn_every": 1, "knn_samples": 20}}
     finetune = {"_base_": "dataset.yaml", "model": {**VIT, "top_k": 3},
                 "train": {"epochs": 1, "batch_size": 8, "lr": 0.05, "warmup_steps": 0, "checkpoint_every": 2}}
     study = {
