@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import train_ssl
+from eval import finetune as finetune_cli
 from tests.reliability.outcomes import user_error
-from tests.reliability.procs import pretrain_args
+from tests.reliability.procs import finetune_args, pretrain_args
 
 # (files to write in tmp_path, command-line arguments ({tmp} = tmp_path), what the message must name)
 CASES = {
@@ -80,4 +81,25 @@ def test_data_root_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "run"
     message = user_error(train_ssl.main, pretrain_args(tmp_path / "nowhere", out), capsys)
     assert "data.root does not exist" in message and str(tmp_path / "nowhere") in message
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_finetune_warmup_as_long_as_the_run(tiny_data: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # 24 training images, batch 8, 1 epoch: 3 optimizer steps, all of them warmup
+    out = tmp_path / "run"
+    args = finetune_args(tiny_data, out, **{"train.epochs": 1, "train.warmup_steps": 3})
+    message = user_error(finetune_cli.main, args, capsys)
+    assert message.startswith("train.warmup_steps: 3 warmup steps are not fewer than the run's 3 optimizer steps")
+    assert "(in command line)" in message and "set train.warmup_steps below 3" in message
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_timm_default_patch_size_that_does_not_divide_the_image_size(tiny_data: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_data, out, **{"model.patch_size": 0, "data.image_size": 20})  # vit_tiny: patch 16
+    message = user_error(train_ssl.main, args, capsys)
+    assert message.startswith("data.image_size: 20 is not a multiple of the patch size 16 of vit_tiny_patch16_224")
+    assert "use a data.image_size of 16 or 32, or set model.patch_size to a divisor of 20" in message
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
