@@ -227,6 +227,7 @@ def test_glsim_logits_follow_the_method(box: str, k: int) -> None:
     torch.manual_seed(0)
     model = GLSim(tiny_vit(), num_classes=5, k=k, box=box, drop_path_rate=0.1).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
+    torch.nn.init.normal_(model.crop_cls_token, std=1.0)  # as after training: no longer the image CLS token
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         out = model(x, return_crops=True)
