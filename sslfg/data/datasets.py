@@ -8,7 +8,14 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
 - `classes: list[str]`: class names indexed by id (empty when unlabelled);
 - `num_classes: int` (0 when unlabelled);
 - `skipped: list[tuple[str, str]]`: (path, reason) of every image dropped by `on_bad_image="skip"`;
+- `source: str`: the csv file or folder that lists the split, for messages;
 - `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`.
+
+Splits share one class mapping: `build_dataset` gives every split other than `data.train_split` the
+training split's classes (ImageFolder: by folder name; csv: its class count when neither
+classid_classname.csv nor data.num_classes declares one), then warns about test classes without
+training images, training classes a split lacks, and images listed in both the training and the
+test split.
 
 Bad images (`on_bad_image`): with "error" (the default) a missing csv-listed file fails at construction
 and an unreadable one when it is loaded, both naming the file and where it was listed; with "skip"
@@ -19,9 +26,12 @@ are errors in both modes.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -49,6 +59,7 @@ class _ImageListDataset(Dataset):
     labels: list[int]
     classes: list[str]
     num_classes: int
+    source: str
     _per_sample: tuple[str, ...] = ("paths", "labels")  # the parallel lists that dropping an image shortens
 
     def __init__(self, transform: Transform | None, on_bad_image: OnBadImage) -> None:
@@ -107,13 +118,16 @@ class _ImageListDataset(Dataset):
 class CsvSplitDataset(_ImageListDataset):
     """The csv-split layout used by GLSim and ILA.
 
-    Files: `root/<split>.csv` with a header holding at least the columns `class_id` (0-based) and
-    `dir` (image path relative to `root/<images_dir>`), in any order; optional
+    Files: `root/<split>.csv`, UTF-8, with a header holding at least the columns `class_id` (0-based)
+    and `dir` (image path relative to `root/<images_dir>`), in any order; optional
     `root/classid_classname.csv` (`class_id,class_name`) gives `classes`, else names are str(id).
 
-    `num_classes` > 0 bounds the class ids; 0 takes the count from classid_classname.csv if it
-    exists, else the largest id of this split + 1. Error messages give both the 1-based data row
-    and the file line (which counts the header as line 1).
+    The class count is `num_classes` if > 0, else the count of classid_classname.csv if it exists,
+    else `train.num_classes` (the training split's listing), else this split's largest id + 1; in
+    the last case the ids must be exactly 0..C-1, so 1-based or gapped ids are an error instead of
+    empty classes. An image listed twice is an error. Error messages give both the 1-based data row
+    and the file line (which counts the header as line 1). `check_images=False` only lists the split
+    (no file is checked or decoded), for cross-split checks.
     """
 
     _per_sample = ("paths", "labels", "lines", "rows")
@@ -126,11 +140,13 @@ class CsvSplitDataset(_ImageListDataset):
         num_classes: int = 0,
         transform: Transform | None = None,
         on_bad_image: OnBadImage = "error",
+        train: CsvSplitDataset | None = None,
+        check_images: bool = True,
     ) -> None:
         super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
         self.split = split
-        self.csv_path = os.path.join(self.root, f"{split}.csv")
+        self.csv_path = self.source = os.path.join(self.root, f"{split}.csv")
         self.images_root = os.path.join(self.root, images_dir)
         if not os.path.isfile(self.csv_path):
             raise DataError(
@@ -146,24 +162,41 @@ class CsvSplitDataset(_ImageListDataset):
                 f"{names_path} lists {len(names)} classes but num_classes is {num_classes}; "
                 "make them agree (set data.num_classes, or 0 to use the file's count)."
             )
-        bound = num_classes if num_classes > 0 else (len(names) if names is not None else 0)
+        if num_classes > 0:
+            bound, rule = num_classes, f"below num_classes = {num_classes}; fix the csv (or data.num_classes, if wrong)"
+        elif names is not None:
+            bound, rule = len(names), f"below the {len(names)} classes of {names_path}; fix the csv or that file"
+        elif train is not None:
+            bound, rule = train.num_classes, (
+                f"of the training split {train.csv_path} (0..{train.num_classes - 1}): a class it lacks cannot be "
+                "learned. Remove those rows, or declare every class with data.num_classes or "
+                f"{CLASS_NAMES_FILE} to keep them as classes without training images"
+            )
+        else:
+            bound, rule = 0, "0-based integers; fix the csv"
 
         rows = _read_table(self.csv_path, ("class_id", "dir"))
         if not rows:
             raise DataError(f"{self.csv_path} has a header but no data rows; the split is empty.")
         self.lines = [line for line, _ in rows]  # file line of each sample, for error messages
         self.rows = list(range(1, len(rows) + 1))  # 1-based data row of each sample
-        self.labels = self._parse_labels(rows, bound)
-        self.paths = [os.path.join(self.images_root, d) for _, (_, d) in rows]
-        if on_bad_image != "skip":  # skip: the scan drops missing files with the unreadable ones
+        self.labels = self._parse_labels(rows, bound, rule)
+        dirs = [d for _, (_, d) in rows]
+        self._check_duplicates(dirs)
+        if not bound:
+            self._check_ids_are_contiguous()
+        self.paths = [os.path.join(self.images_root, d) for d in dirs]
+        if check_images and on_bad_image != "skip":  # skip: the scan drops missing files with the unreadable ones
             self._check_files_exist()
 
         self.num_classes = bound or max(self.labels) + 1  # from every listed row, skipped or not
         self.classes = names if names is not None else [str(i) for i in range(self.num_classes)]
-        self._apply_policy(on_bad_image)
+        if check_images:
+            self._apply_policy(on_bad_image)
 
-    def _parse_labels(self, rows: list[tuple[int, list[str]]], bound: int) -> list[int]:
-        """class_id column -> ints; every bad value is an error (the first few are listed)."""
+    def _parse_labels(self, rows: list[tuple[int, list[str]]], bound: int, rule: str) -> list[int]:
+        """class_id column -> ints; every bad value is an error (the first few are listed); `rule` says
+        where `bound` comes from and what to do."""
         labels, bad = [], []
         for row, (line, (value, _)) in enumerate(rows, start=1):
             try:
@@ -177,22 +210,53 @@ class CsvSplitDataset(_ImageListDataset):
                 bad.append(f"data row {row} (line {line}): class_id {label} is outside [0, {bound})")
             labels.append(label)
         if bad:
-            rule = f"0-based integers below num_classes = {bound}" if bound else "0-based integers"
-            raise DataError(
-                f"{self.csv_path}: bad class_id values: {_summarise(bad)}. Class ids are {rule}; fix the csv "
-                "(or data.num_classes, if that is wrong)."
-            )
+            raise DataError(f"{self.csv_path}: bad class_id values: {_summarise(bad)}. Class ids are 0-based integers "
+                            f"{rule}.")
         return labels
 
-    def _check_files_exist(self) -> None:
-        missing = [
-            f"data row {i + 1} (line {self.lines[i]}): {self.paths[i]}" for i in _missing_files(self.paths)
-        ]
-        if missing:
+    def _check_duplicates(self, dirs: list[str]) -> None:
+        """An image listed twice in one split would count twice in training and in every metric."""
+        first: dict[str, int] = {}
+        twice = []
+        for i, d in enumerate(dirs):
+            j = first.setdefault(os.path.normpath(d), i)
+            if j != i:
+                a, b = self.labels[j], self.labels[i]
+                ids = f" with class ids {a} and {b}" if a != b else ""
+                twice.append(f"data rows {j + 1} (line {self.lines[j]}) and {i + 1} (line {self.lines[i]}) both list "
+                             f"{d}{ids}")
+        if twice:
+            raise DataError(f"{self.csv_path}: {len(twice)} images are listed more than once: {_summarise(twice)}. "
+                            "A duplicate counts twice in training and evaluation; list each image once per split.")
+
+    def _check_ids_are_contiguous(self) -> None:
+        """Without a declared class count the ids must be 0..C-1: a gap would be a class without images."""
+        top = max(self.labels)
+        absent = sorted(set(range(top + 1)) - set(self.labels))
+        if absent:
             raise DataError(
-                f"{self.csv_path}: {len(missing)} of {len(self.paths)} listed images do not exist under "
-                f"{self.images_root}: {_summarise(missing)}. Check data.root and data.images_dir."
+                f"{self.csv_path}: class ids run from {min(self.labels)} to {top} but no row has class "
+                f"{_summarise([str(c) for c in absent])}, which would be a class without images "
+                f"(1-based ids such as CUB's 1..200 leave class 0 empty). Renumber the ids to 0..C-1 (for 1-based "
+                f"ids subtract 1), or keep them and declare the classes: data.num_classes={top + 1} or "
+                f"{os.path.join(self.root, CLASS_NAMES_FILE)}."
             )
+
+    def _check_files_exist(self) -> None:
+        missing = _missing_files(self.paths)
+        if not missing:
+            return
+        folders = {i for i in missing if os.path.isdir(self.paths[i])}
+        listed = [f"data row {i + 1} (line {self.lines[i]}): {self.paths[i]}"
+                  + (" is a folder, not an image file" if i in folders else "") for i in missing]
+        what = [f"{len(missing) - len(folders)} do not exist"] if len(missing) > len(folders) else []
+        what += [f"{len(folders)} are folders"] if folders else []
+        raise DataError(
+            f"{self.csv_path}: of {len(self.paths)} listed images, {' and '.join(what)} under {self.images_root}: "
+            f"{_summarise(listed)}. Check data.root and data.images_dir"
+            + ("; the dir column names one image file per row, so list a folder's images one by one." if folders
+               else ".")
+        )
 
     def _origin(self, index: int) -> str:
         return f"{self.csv_path}, data row {self.rows[index]} (line {self.lines[index]})"
@@ -201,42 +265,57 @@ class CsvSplitDataset(_ImageListDataset):
 class ImageFolderDataset(_ImageListDataset):
     """The ImageFolder layout used by LoDisc: `root/<split>/<class>/<image>`.
 
-    Classes are the sorted names of the subfolders of `root/<split>` (label = position); images
-    are found recursively under each class folder by extension (IMAGE_EXTENSIONS) and sorted.
-    Hidden files and folders are skipped.
+    Classes are the sorted names of the subfolders of `root/<split>` (label = position), or those of
+    `train` (the training split's listing) when given: labels then follow the training split by
+    folder name, and a class folder it lacks is an error. Images are found recursively under each
+    class folder by extension (IMAGE_EXTENSIONS) and sorted. Hidden files and folders are skipped.
+    `check_images=False` only lists the split (no image is decoded), for cross-split checks.
     """
 
     def __init__(self, root: str, split: str, transform: Transform | None = None,
-                 on_bad_image: OnBadImage = "error") -> None:
+                 on_bad_image: OnBadImage = "error", train: ImageFolderDataset | None = None,
+                 check_images: bool = True) -> None:
         super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
-        self.split_dir = os.path.join(self.root, split)
+        self.split_dir = self.source = os.path.join(self.root, split)
         if not os.path.isdir(self.split_dir):
             subdirs = ", ".join(_subdirs(self.root)) or "none"
             raise DataError(
                 f"split folder not found: {self.split_dir} (the imagefolder layout is "
                 f"root/<split>/<class>/<image>). Folders in {self.root}: {subdirs}."
             )
-        self.classes = _subdirs(self.split_dir)
-        if not self.classes:
+        folders = _subdirs(self.split_dir)
+        if not folders:
             raise DataError(
                 f"{self.split_dir} has no class subfolders (the imagefolder layout is "
                 "root/<split>/<class>/<image>); for images without labels use data.format=folder."
             )
+        self.classes = train.classes if train is not None else folders
+        self.classes_dir = train.split_dir if train is not None else self.split_dir  # where the class list comes from
+        ids = {name: label for label, name in enumerate(self.classes)}
+        extra = [name for name in folders if name not in ids]
+        if extra:
+            raise DataError(
+                f"{self.split_dir} has class folders that the training split {self.classes_dir} lacks: "
+                f"{_summarise([repr(name) for name in extra])}. Class ids come from the training split's folders, by "
+                "name, so a model trained on it has no class for these images. Add the class to the training split, "
+                "or remove or rename the folders (data.train_split names the training split)."
+            )
         self.num_classes = len(self.classes)
         self.paths, self.labels, empty = [], [], []
-        for label, name in enumerate(self.classes):
+        for name in folders:
             files = _find_images(os.path.join(self.split_dir, name))
             if not files:
                 empty.append(name)
             self.paths += files
-            self.labels += [label] * len(files)
+            self.labels += [ids[name]] * len(files)
         if empty:
             raise DataError(
                 f"{self.split_dir}: {len(empty)} class folders contain no images ({_summarise(empty)}); "
                 f"image extensions are {', '.join(IMAGE_EXTENSIONS)}. Add images or remove the folders."
             )
-        self._apply_policy(on_bad_image)
+        if check_images:
+            self._apply_policy(on_bad_image)
 
     def _origin(self, index: int) -> str:
         return f"image folder {self.split_dir}, class {self.classes[self.labels[index]]!r}"
@@ -255,6 +334,7 @@ class UnlabelledFolderDataset(_ImageListDataset):
                 f"{', '.join(IMAGE_EXTENSIONS)})."
             )
         self.labels = [-1] * len(self.paths)
+        self.source = self.root
         self.classes = []
         self.num_classes = 0
         self._apply_policy(on_bad_image)
@@ -267,7 +347,8 @@ def build_dataset(
     cfg: DataConfig, split: str, transform: Transform | None = None
 ) -> CsvSplitDataset | ImageFolderDataset | UnlabelledFolderDataset:
     """The dataset `cfg` describes, for `split` (a csv name or a folder; ignored by format "folder"), with
-    `cfg.on_bad_image` applied."""
+    `cfg.on_bad_image` applied. A split other than `cfg.train_split` takes its classes from the training
+    split and is checked against it (`check_classes`; `check_leakage` for `cfg.test_split`)."""
     if not cfg.root:
         raise DataError(
             "data.root must be set to the dataset folder, e.g. data.root=data/sample, or include a "
@@ -278,49 +359,120 @@ def build_dataset(
             f"data.root does not exist or is not a folder: {cfg.root} (resolved to "
             f"{os.path.abspath(cfg.root)}). For the bundled sample run `python -m sslfg.data.sample`."
         )
-    if cfg.format == "csv":
-        return CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image)
-    if cfg.format == "imagefolder":
-        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image)
-        if cfg.num_classes > 0 and dataset.num_classes != cfg.num_classes:
-            raise DataError(
-                f"{dataset.split_dir} has {dataset.num_classes} class folders but data.num_classes is "
-                f"{cfg.num_classes}; make them agree (0 infers it from the folders)."
-            )
-        return dataset
     if cfg.format == "folder":
         return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image)
-    raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
+    if cfg.format not in ("csv", "imagefolder"):
+        raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
+    train = _training_listing(cfg, split)
+    dataset: CsvSplitDataset | ImageFolderDataset
+    if cfg.format == "csv":
+        dataset = CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image,
+                                  train)  # type: ignore[arg-type]
+    else:
+        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train)  # type: ignore[arg-type]
+        if cfg.num_classes > 0 and dataset.num_classes != cfg.num_classes:
+            raise DataError(
+                f"{dataset.classes_dir} has {dataset.num_classes} class folders but data.num_classes is "
+                f"{cfg.num_classes}; make them agree (0 infers it from the folders)."
+            )
+    if train is not None:
+        check_classes(dataset, train)
+        if split == cfg.test_split:
+            check_leakage(dataset, train)
+    return dataset
+
+
+def _training_listing(cfg: DataConfig, split: str) -> CsvSplitDataset | ImageFolderDataset | None:
+    """The listing of `cfg.train_split` (no image checked) that `split` is defined against; None for the
+    training split itself, or when it does not exist (every command builds it too, and says so)."""
+    if split == cfg.train_split:
+        return None
+    if cfg.format == "csv":
+        if not os.path.isfile(os.path.join(cfg.root, f"{cfg.train_split}.csv")):
+            return None
+        return CsvSplitDataset(cfg.root, cfg.train_split, cfg.images_dir, cfg.num_classes, check_images=False)
+    if not os.path.isdir(os.path.join(cfg.root, cfg.train_split)):
+        return None
+    return ImageFolderDataset(cfg.root, cfg.train_split, check_images=False)
+
+
+def check_classes(dataset: _ImageListDataset, train: _ImageListDataset) -> None:
+    """Warns about classes of `dataset` without training images (its images of them can never be
+    classified correctly) and logs the training classes `dataset` lacks (they are not evaluated)."""
+    counts = Counter(dataset.labels)
+    trained = set(train.labels)
+    unseen = sorted(c for c in counts if c not in trained)
+    if unseen:
+        log.warning("%s: %d images of %d classes that the training split %s has no images of (%s); no model trained "
+                    "on it can classify them correctly, so they count as errors in every metric. Add training "
+                    "images of these classes, or remove them from this split.", dataset.source,
+                    sum(counts[c] for c in unseen), len(unseen), train.source, _class_names(dataset, unseen))
+    absent = sorted(trained - set(counts))
+    if absent:
+        log.warning("%s has no images of %d of the %d training classes (%s); class ids still follow the training "
+                    "split %s, and these classes are simply not evaluated.", dataset.source, len(absent),
+                    len(trained), _class_names(dataset, absent), train.source)
+
+
+def check_leakage(test: _ImageListDataset, train: _ImageListDataset) -> None:
+    """Warns about images that the test split and the training split both list."""
+    trained = {os.path.normpath(p) for p in train.paths}
+    shared = [p for p in test.paths if os.path.normpath(p) in trained]
+    if shared:
+        log.warning("%s lists %d images that the training split %s also lists (%s): test metrics on them measure "
+                    "memory, not generalisation. Remove them from one of the two splits.", test.source, len(shared),
+                    train.source, _summarise(shared))
+
+
+def _class_names(dataset: _ImageListDataset, ids: list[int]) -> str:
+    return _summarise([f"{c} {dataset.classes[c]!r}" if dataset.classes[c] != str(c) else str(c) for c in ids])
 
 
 def _read_table(path: str, columns: tuple[str, ...]) -> list[tuple[int, list[str]]]:
-    """Read a csv file with a header; returns (file line, values of `columns`) for each data row.
+    """Read a UTF-8 csv file with a header; returns (file line, values of `columns`) for each data row.
 
     Header names and values are stripped of surrounding whitespace; blank lines are skipped; a
     UTF-8 byte-order mark (spreadsheet exports) is ignored.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        if not header:
-            raise DataError(f"{path} is empty; expected a header line such as {','.join(columns)}.")
-        absent = [c for c in columns if c not in header]
-        if absent:
+    reader = csv.reader(io.StringIO(_read_utf8(path), newline=""))
+    header = [name.strip() for name in next(reader, [])]
+    if not header:
+        raise DataError(f"{path} is empty; expected a header line such as {','.join(columns)}.")
+    absent = [c for c in columns if c not in header]
+    if absent:
+        raise DataError(
+            f"{path} has no column {', '.join(map(repr, absent))}; its header is {header}. "
+            f"The header must contain {', '.join(columns)} (extra columns and any order are fine)."
+        )
+    index = [header.index(c) for c in columns]
+    rows = []
+    for values in reader:
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) <= max(index):
             raise DataError(
-                f"{path} has no column {', '.join(map(repr, absent))}; its header is {header}. "
-                f"The header must contain {', '.join(columns)} (extra columns and any order are fine)."
+                f"{path}, line {reader.line_num}: {len(values)} fields, too few for the header {header}."
             )
-        index = [header.index(c) for c in columns]
-        rows = []
-        for values in reader:
-            if not any(v.strip() for v in values):
-                continue
-            if len(values) <= max(index):
-                raise DataError(
-                    f"{path}, line {reader.line_num}: {len(values)} fields, too few for the header {header}."
-                )
-            rows.append((reader.line_num, [values[i].strip() for i in index]))
+        rows.append((reader.line_num, [values[i].strip() for i in index]))
     return rows
+
+
+def _read_utf8(path: str) -> str:
+    """The text of a csv file; DataError naming the line and byte if it is not UTF-8 (a BOM is dropped)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = bom + err.start
+        line = raw.count(b"\n", 0, at) + 1
+        text = raw.split(b"\n")[line - 1].decode("utf-8", errors="replace").rstrip("\r")
+        raise DataError(
+            f"{path} is not UTF-8 text: line {line}, byte {at} is 0x{raw[at]:02x} ({text!r}). Csv files are read as "
+            f"UTF-8; save it as UTF-8, e.g. from Latin-1: iconv -f latin1 -t utf-8 {path} > utf8.csv, then replace "
+            "the file with utf8.csv."
+        ) from None
 
 
 def _read_class_names(path: str) -> list[str]:

@@ -10,7 +10,8 @@ import os
 import struct
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+from PIL.ExifTags import Base as ExifTag
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -34,7 +35,8 @@ def has_image_extension(path: str) -> bool:
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open and fully decode an image file; returns a new mode "RGB" (8 bits per channel) image.
 
-    The format is detected from the content, not the extension (a PNG named .jpg loads).
+    The format is detected from the content, not the extension (a PNG named .jpg loads). An EXIF
+    orientation tag (phone and camera photos) is applied, so the image is upright as a viewer shows it.
     Conversions to RGB:
     - L, 1 (bilevel), CMYK, YCbCr, palette P without transparency: PIL's standard conversion;
       grey is replicated to three channels.
@@ -54,9 +56,16 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except _DECODE_ERRORS as err:
         raise _load_error(path, err) from err
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """`img` rotated / mirrored as its EXIF orientation tag says; `img` itself when there is none."""
+    if img.getexif().get(ExifTag.Orientation, 1) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

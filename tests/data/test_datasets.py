@@ -42,9 +42,8 @@ def test_csv_dataset_reads_labels_paths_and_images(csv_root: Path) -> None:
     assert ds.num_classes == 3 and ds.classes == ["0", "1", "2"]
     img, label = ds[1]
     assert label == 2 and img.mode == "RGB" and img.getpixel((0, 0)) == (30, 30, 30)
-    with_transform = CsvSplitDataset(str(csv_root), "train", transform=lambda im: np.asarray(im).mean())
+    with_transform = CsvSplitDataset(str(csv_root), "train", num_classes=3, transform=lambda im: np.asarray(im).mean())
     assert with_transform[2] == (20.0, 0)
-    assert with_transform.num_classes == 3  # inferred: largest id + 1
     assert pickle.loads(pickle.dumps(ds)).paths == ds.paths  # DataLoader workers
 
 
@@ -103,14 +102,14 @@ def test_missing_images_are_all_counted(csv_root: Path) -> None:
     with pytest.raises(DataError) as info:
         CsvSplitDataset(str(csv_root), "bad")
     message = str(info.value)
-    assert str(csv_root / "bad.csv") in message and "8 of 9 listed images do not exist" in message
+    assert str(csv_root / "bad.csv") in message and "of 9 listed images, 8 do not exist" in message
     assert f"data row 2 (line 3): {csv_root / 'images' / 'a' / 'missing0.png'}" in message
     assert "and 3 more" in message
 
 
 def test_unreadable_image_names_file_csv_and_row(csv_root: Path) -> None:
     (csv_root / "images" / "b" / "2.png").write_text("not a png")
-    ds = CsvSplitDataset(str(csv_root), "train")
+    ds = CsvSplitDataset(str(csv_root), "train", num_classes=3)
     with pytest.raises(DataError) as info:
         ds[1]
     message = str(info.value)
@@ -158,7 +157,7 @@ def test_unlabelled_folder(tmp_path: Path) -> None:
 
 
 def test_build_dataset_dispatch(csv_root: Path, tmp_path: Path) -> None:
-    assert isinstance(build_dataset(DataConfig(root=str(csv_root)), "train"), CsvSplitDataset)
+    assert isinstance(build_dataset(DataConfig(root=str(csv_root), num_classes=3), "train"), CsvSplitDataset)
     folder_root = tmp_path / "folders"
     _folder_tree(folder_root)
     ds = build_dataset(DataConfig(root=str(folder_root), format="imagefolder"), "train", transform=str)
