@@ -140,7 +140,7 @@ class CsvSplitDataset(_ImageListDataset):
         num_classes: int = 0,
         transform: Transform | None = None,
         on_bad_image: OnBadImage = "error",
-        train: CsvSplitDataset | None = None,
+        train: _ImageListDataset | None = None,
         check_images: bool = True,
     ) -> None:
         super().__init__(transform, on_bad_image)
@@ -168,7 +168,7 @@ class CsvSplitDataset(_ImageListDataset):
             bound, rule = len(names), f"below the {len(names)} classes of {names_path}; fix the csv or that file"
         elif train is not None:
             bound, rule = train.num_classes, (
-                f"of the training split {train.csv_path} (0..{train.num_classes - 1}): a class it lacks cannot be "
+                f"of the training split {train.source} (0..{train.num_classes - 1}): a class it lacks cannot be "
                 "learned. Remove those rows, or declare every class with data.num_classes or "
                 f"{CLASS_NAMES_FILE} to keep them as classes without training images"
             )
@@ -273,7 +273,7 @@ class ImageFolderDataset(_ImageListDataset):
     """
 
     def __init__(self, root: str, split: str, transform: Transform | None = None,
-                 on_bad_image: OnBadImage = "error", train: ImageFolderDataset | None = None,
+                 on_bad_image: OnBadImage = "error", train: _ImageListDataset | None = None,
                  check_images: bool = True) -> None:
         super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
@@ -291,7 +291,7 @@ class ImageFolderDataset(_ImageListDataset):
                 "root/<split>/<class>/<image>); for images without labels use data.format=folder."
             )
         self.classes = train.classes if train is not None else folders
-        self.classes_dir = train.split_dir if train is not None else self.split_dir  # where the class list comes from
+        self.classes_dir = train.source if train is not None else self.split_dir  # where the class list comes from
         ids = {name: label for label, name in enumerate(self.classes)}
         extra = [name for name in folders if name not in ids]
         if extra:
@@ -366,10 +366,9 @@ def build_dataset(
     train = _training_listing(cfg, split)
     dataset: CsvSplitDataset | ImageFolderDataset
     if cfg.format == "csv":
-        dataset = CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image,
-                                  train)  # type: ignore[arg-type]
+        dataset = CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image, train)
     else:
-        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train)  # type: ignore[arg-type]
+        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train)
         if cfg.num_classes > 0 and dataset.num_classes != cfg.num_classes:
             raise DataError(
                 f"{dataset.classes_dir} has {dataset.num_classes} class folders but data.num_classes is "
