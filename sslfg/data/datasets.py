@@ -163,17 +163,17 @@ class CsvSplitDataset(_ImageListDataset):
                 "make them agree (set data.num_classes, or 0 to use the file's count)."
             )
         if num_classes > 0:
-            bound, rule = num_classes, f"below num_classes = {num_classes}; fix the csv (or data.num_classes, if wrong)"
+            bound, rule = num_classes, f" below num_classes = {num_classes}; fix the csv (or data.num_classes)"
         elif names is not None:
-            bound, rule = len(names), f"below the {len(names)} classes of {names_path}; fix the csv or that file"
+            bound, rule = len(names), f" below the {len(names)} classes of {names_path}; fix the csv or that file"
         elif train is not None:
             bound, rule = train.num_classes, (
-                f"of the training split {train.source} (0..{train.num_classes - 1}): a class it lacks cannot be "
+                f" of the training split {train.source} (0..{train.num_classes - 1}): a class it lacks cannot be "
                 "learned. Remove those rows, or declare every class with data.num_classes or "
                 f"{CLASS_NAMES_FILE} to keep them as classes without training images"
             )
         else:
-            bound, rule = 0, "0-based integers; fix the csv"
+            bound, rule = 0, "; fix the csv"
 
         rows = _read_table(self.csv_path, ("class_id", "dir"))
         if not rows:
@@ -210,7 +210,7 @@ class CsvSplitDataset(_ImageListDataset):
                 bad.append(f"data row {row} (line {line}): class_id {label} is outside [0, {bound})")
             labels.append(label)
         if bad:
-            raise DataError(f"{self.csv_path}: bad class_id values: {_summarise(bad)}. Class ids are 0-based integers "
+            raise DataError(f"{self.csv_path}: bad class_id values: {_summarise(bad)}. Class ids are 0-based integers"
                             f"{rule}.")
         return labels
 
