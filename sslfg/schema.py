@@ -7,6 +7,7 @@ value of the wrong type or out of its range, or a broken relation is an error th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -34,6 +35,11 @@ def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
             f"last {image_size % patch_size} pixel rows and columns would be cut off; use a data.image_size of "
             f"{_sizes_near(image_size, patch_size)}, or set model.patch_size to a divisor of {image_size}"
         )
+
+
+def _patches(patch: int, size: int) -> int:
+    """N, the patches of a square `size` image cut into `patch`-pixel squares."""
+    return (size // patch) ** 2
 
 
 PATCH_DIVIDES_IMAGE = Relation(
@@ -160,7 +166,15 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    relations: ClassVar = (PATCH_DIVIDES_IMAGE,)
+    relations: ClassVar = (
+        PATCH_DIVIDES_IMAGE,
+        # as sslfg.models.lodisc.num_kept: ⌊keep_ratio·N⌋, which would otherwise be raised to one patch silently
+        Relation(("model.keep_ratio", "model.patch_size", "data.image_size"),
+                 lambda keep, patch, size: patch == 0 or math.floor(keep * _patches(patch, size) + 1e-9) >= 1,
+                 "{0} keeps no patch of the grid of {1} and {2}",
+                 lambda _, patch, size: f"raise model.keep_ratio to at least {1 / _patches(patch, size):.3g} "
+                                        f"(one of {_patches(patch, size)} patches)"),
+    )
 
 
 @dataclass
@@ -281,7 +295,13 @@ class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
 
-    relations: ClassVar = (PATCH_DIVIDES_IMAGE,)
+    relations: ClassVar = (
+        PATCH_DIVIDES_IMAGE,
+        Relation(("model.top_k", "model.patch_size", "data.image_size"),
+                 lambda k, patch, size: patch == 0 or k <= _patches(patch, size),
+                 "{0} must be at most the number of patches of {1} and {2}",
+                 lambda _, patch, size: f"lower model.top_k to at most {_patches(patch, size)}"),
+    )
 
 
 @dataclass

@@ -419,6 +419,11 @@ def _get(cfg: object, key: str) -> object:
     (["model.patch_size=5", "data.image_size=28"], FinetuneConfig,
      "model.patch_size = 5 must divide data.image_size = 28"),
     (["pretrain.epochs=10", "pretrain.minutes=30"], StudyConfig, "pretrain.epochs = 10 and pretrain.minutes = 30.0"),
+    (["model.keep_ratio=0.02", "model.patch_size=4", "data.image_size=28"], PretrainConfig,
+     "model.keep_ratio = 0.02 keeps no patch"),  # ⌊0.02 · 49⌋ = 0
+    (["model.top_k=17", "model.patch_size=8", "data.image_size=32"], FinetuneConfig,
+     "model.top_k = 17 must be at most the number of patches"),  # 4 × 4 = 16
+
 ])
 def test_contradicting_keys_are_an_error_naming_both(overrides: list[str], schema: type, named: str) -> None:
     message = error(None, overrides, schema)
@@ -433,6 +438,14 @@ def test_relation_error_names_each_keys_source(tmp_path: Path) -> None:
     assert "28 or 32" in message  # the nearest image sizes that work
     message = error(None, ["train.warmup_epochs=100"], PretrainConfig)  # epochs left at its default
     assert "train.epochs in the schema default" in message
+
+
+def test_grid_relations_accept_their_limits() -> None:
+    grid = ["model.patch_size=4", "data.image_size=28"]  # 7 × 7 = 49 patches
+    assert load_config(None, [*grid, "model.keep_ratio=0.0205"], PretrainConfig).model.keep_ratio == 0.0205  # 1
+    assert "at least 0.0204 (one of 49 patches)" in error(None, [*grid, "model.keep_ratio=0.02"], PretrainConfig)
+    assert load_config(None, [*grid, "model.top_k=49"], FinetuneConfig).model.top_k == 49
+    assert "at most 49" in error(None, [*grid, "model.top_k=50"], FinetuneConfig)
 
 
 def test_pretraining_min_lr_is_compared_with_the_scaled_lr() -> None:
