@@ -52,9 +52,10 @@ def pretraining(data: Path, out: Path, checkpoint_every: int = 1, **extra: objec
                                            **extra)]
 
 
-def finetuning(data: Path, out: Path, **extra: object) -> list[str]:
+def finetuning(data: Path, out: Path, checkpoint_every: int = 1, **extra: object) -> list[str]:
     """-m eval.finetune and its arguments: the tiny fine-tune at batch 4 (12 steps on one process)."""
-    return ["-m", "eval.finetune", *finetune_args(data, out, batch=4, **{"train.checkpoint_every": 1}, **extra)]
+    return ["-m", "eval.finetune", *finetune_args(data, out, batch=4, **{"train.checkpoint_every": checkpoint_every},
+                                                  **extra)]
 
 
 def free_port() -> int:
