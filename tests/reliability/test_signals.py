@@ -1,4 +1,4 @@
-"""Case 9: preemption and Ctrl-C. SIGTERM, SIGUSR1 or SIGINT reaches a real train_ssl.py / eval.finetune
+"""Case 10: preemption and Ctrl-C. SIGTERM, SIGUSR1 or SIGINT reaches a real train_ssl.py / eval.finetune
 process after a logged step: the run finishes the step in flight, writes a checkpoint at that step, prints
 it and the command that continues it, and exits with 128 + the signal number, without a traceback. The
 printed command, run as printed, ends bitwise equal to an uninterrupted run.
