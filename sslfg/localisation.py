@@ -1,0 +1,93 @@
+"""Where the methods look: LoDisc's kept patches and GLSim's box against the object box (issue 13).
+
+Object boxes are (x0, y0, x1, y1) in the pixels of the image the model sees, x1 and y1 exclusive
+(sslfg.data.boxes); GLSim's boxes are (y0, x0, y1, x1) as sslfg.models.glsim makes them.
+
+- keep precision: the fraction of kept patches whose centre lies inside the object box;
+- chance: the fraction of all patches whose centre lies inside, what a random choice of patches
+  scores on average; lift = mean precision / mean chance (1: no better than chance);
+- GLS IoU: intersection over union of the GLS box and the object box; coverage: the fraction of
+  the object box inside the GLS box (the object the crop keeps).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
+from sslfg.models.glsim import gls_boxes
+from sslfg.models.lodisc import keep_indices
+
+
+def centres_inside(boxes: Tensor, grid: int, patch_size: float) -> Tensor:
+    """(B, N) bool: whether the centre of patch n (row-major on a grid × grid map) lies in box b."""
+    centres = (torch.arange(grid, dtype=torch.float32, device=boxes.device) + 0.5) * patch_size
+    y, x = (c.reshape(-1) for c in torch.meshgrid(centres, centres, indexing="ij"))
+    x0, y0, x1, y1 = (v[:, None] for v in boxes.float().unbind(1))
+    return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+
+
+def keep_precision(keep_idx: Tensor, boxes: Tensor, grid: int, patch_size: float) -> Tensor:
+    """(B,) the fraction of the kept patches keep_idx (B, K) whose centre lies inside each box."""
+    return centres_inside(boxes, grid, patch_size).gather(1, keep_idx).float().mean(1)
+
+
+def chance_level(boxes: Tensor, grid: int, patch_size: float) -> Tensor:
+    """(B,) the fraction of all patches whose centre lies inside each box."""
+    return centres_inside(boxes, grid, patch_size).float().mean(1)
+
+
+def yxyx_to_xyxy(boxes: Tensor) -> Tensor:
+    """GLSim's (y0, x0, y1, x1) boxes as (x0, y0, x1, y1)."""
+    return boxes[:, [1, 0, 3, 2]]
+
+
+def _area(boxes: Tensor) -> Tensor:
+    return (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+
+
+def _intersection(a: Tensor, b: Tensor) -> Tensor:
+    top_left, bottom_right = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    return _area(torch.cat([top_left, bottom_right], dim=1))
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) intersection over union of paired (x0, y0, x1, y1) boxes."""
+    a, b = a.float(), b.float()
+    inter = _intersection(a, b)
+    return inter / (_area(a) + _area(b) - inter)
+
+
+def box_coverage(objects: Tensor, crops: Tensor) -> Tensor:
+    """(B,) the fraction of each object box's area inside its crop box, both (x0, y0, x1, y1)."""
+    objects, crops = objects.float(), crops.float()
+    return _intersection(objects, crops) / _area(objects)
+
+
+def keep_metrics(keep_idx: Tensor, boxes: Tensor, grid: int, patch_size: float, prefix: str = "loc.") -> dict:
+    """Mean keep precision, chance and their ratio over the images."""
+    precision = keep_precision(keep_idx, boxes, grid, patch_size).mean().item()
+    chance = chance_level(boxes, grid, patch_size).mean().item()
+    return {f"{prefix}keep_precision": precision, f"{prefix}keep_chance": chance,
+            f"{prefix}keep_lift": precision / chance if chance > 0 else float("nan")}
+
+
+def gls_metrics(gls_xyxy: Tensor, boxes: Tensor, prefix: str = "loc.") -> dict:
+    """Mean IoU of the GLS boxes with the object boxes and mean object coverage."""
+    return {f"{prefix}gls_iou": box_iou(gls_xyxy, boxes).mean().item(),
+            f"{prefix}gls_coverage": box_coverage(boxes, gls_xyxy).mean().item()}
+
+
+@torch.no_grad()
+def backbone_looks(vit: VisionTransformer, images: Tensor, keep_ratio: float, top_k: int,
+                   attention_layers: int = 0) -> tuple[Tensor, Tensor]:
+    """One frozen forward: the patches LoDisc would keep (B, K), from the backbone's own CLS attention
+    (the last `attention_layers` blocks, 0: all), and the GLS box (B, 4) as (x0, y0, x1, y1)."""
+    with cls_attention(vit) as maps:
+        tokens = forward_tokens(vit, images)
+    maps = maps[-attention_layers:] if attention_layers else maps
+    patch_size = images.shape[-1] // grid_size(vit)
+    gls = gls_boxes(tokens, patch_size, top_k, num_prefix_tokens=vit.num_prefix_tokens)
+    return keep_indices(torch.stack(maps), keep_ratio), yxyx_to_xyxy(gls)
