@@ -68,6 +68,8 @@ class DataConfig:
     # when it is reached; skip: every image is decoded once when the dataset is built, and the bad ones are
     # dropped, each logged, and counted in the run's metrics (data.skipped_images)
     on_bad_image: Literal["error", "skip"] = "error"
+    # csv layout: every split csv has object-box columns x0,y0,x1,y1 (pixels of the original image, x1/y1 exclusive)
+    boxes: bool = False
 
 
 @dataclass
@@ -93,6 +95,8 @@ class ModelConfig:
     patch_size: int = bounded(NON_NEGATIVE, 0)  # 0: the timm default for `name`
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (embed_dim, depth, ...)
     weights: str = ""  # local weights file (safetensors or a torch state dict); "" = from scratch
+    # timm's weights for `name` (name.tag or hf-hub:org/repo) from the Hugging Face cache, downloaded if online
+    pretrained: bool = False
     drop_path_rate: float = bounded(RATE, 0.0)
     use_projector: bool = True  # false reproduces the reference code, which never runs it
     proj_hidden_dim: int = bounded(AT_LEAST_1, 4096)
@@ -123,6 +127,9 @@ class LoopConfig:
     log_every: int = bounded(AT_LEAST_1, 10)
     # steps between the processes' agreement on a stop signal (sslfg.engine.preemption)
     stop_check_every: int = bounded(AT_LEAST_1, 10)
+    # where metrics and the resolved config (as hyper-parameters) go, besides metrics.jsonl (sslfg.engine.metrics)
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml"]] = field(
+        default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -141,6 +148,9 @@ class TrainConfig(LoopConfig):
     knn_every: int = bounded(NON_NEGATIVE, 0)
     # at most this many bank (data.train_split) and query (data.test_split) images
     knn_samples: int = bounded(AT_LEAST_1, 2000)
+    # LoDisc keep precision (sslfg.localisation) of the momentum encoder every n epochs and at step 0; 0: off
+    loc_every: int = bounded(NON_NEGATIVE, 0)
+    loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many data.test_split images (with boxes)
 
     relations: ClassVar = (
         Relation(("warmup_epochs", "epochs"), lambda warmup, epochs: warmup < epochs,
@@ -168,6 +178,8 @@ class PretrainConfig:
 
     relations: ClassVar = (
         PATCH_DIVIDES_IMAGE,
+        Relation(("model.weights", "model.pretrained"), lambda weights, pretrained: not (weights and pretrained),
+                 "{0} and {1} are two initialisations", lambda *_: "keep one of them"),
         # as sslfg.models.lodisc.num_kept: ⌊keep_ratio·N⌋, which would otherwise be raised to one patch silently
         Relation(("model.keep_ratio", "model.patch_size", "data.image_size"),
                  lambda keep, patch, size: patch == 0 or math.floor(keep * _patches(patch, size) + 1e-9) >= 1,
@@ -217,11 +229,22 @@ class LinearConfig:
 
 
 @dataclass
+class LocaliseConfig:
+    """eval.localise: where a frozen backbone looks (sslfg.localisation)."""
+
+    keep_ratio: float = bounded("(0, 1]", 0.30)  # LoDisc's kept fraction, from the backbone's own CLS attention
+    attention_layers: int = bounded(NON_NEGATIVE, 0)  # rank by the last n blocks; 0: every block
+    top_k: int = bounded(AT_LEAST_1, 8)  # GLS patches that define the box (GLSim's default)
+    figure_samples: int = bounded(NON_NEGATIVE, 6)  # test images in figures/localise.png; 0: no figure
+
+
+@dataclass
 class EvalConfig:
-    """Everything `eval.knn` and `eval.linear` read."""
+    """Everything `eval.knn`, `eval.linear` and `eval.localise` read."""
 
     checkpoint: str = ""  # an sslfg run directory or a weights file
     random_init: bool = False  # the floor: the checkpoint's (or model's) architecture, random weights
+    pretrained: bool = False  # timm's weights for `model` from the Hugging Face cache (as model.pretrained)
     model: str = ""  # timm name; needed for a weights file or a random init without a run directory
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     output_dir: str = ""  # default: <run>/eval, or runs/eval/<model>-<init>
@@ -231,6 +254,14 @@ class EvalConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    localise: LocaliseConfig = field(default_factory=LocaliseConfig)
+
+    relations: ClassVar = (
+        Relation(("checkpoint", "pretrained"), lambda checkpoint, pretrained: not (checkpoint and pretrained),
+                 "{0} and {1} are two sources of weights", lambda *_: "keep one of them"),
+        Relation(("random_init", "pretrained"), lambda random, pretrained: not (random and pretrained),
+                 "{0} and {1} contradict each other", lambda *_: "keep one of them"),
+    )
 
 
 @dataclass
@@ -241,6 +272,7 @@ class FinetuneModelConfig:
     name: str = "vit_base_patch16_224"  # timm name, used when `init` is a weights file or empty (scratch)
     patch_size: int = bounded(NON_NEGATIVE, 0)  # 0: the timm default for `name`
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False  # with `init` empty: timm's weights for `name` (as the pretraining model.pretrained)
     drop_path_rate: float = bounded(RATE, 0.1)
     top_k: int = bounded(AT_LEAST_1, 8)  # GLS patches that define the crop (16 for Stanford Dogs)
     crop_box: Literal["inclusive", "reference"] = "inclusive"  # reference: the original code's box
@@ -297,6 +329,8 @@ class FinetuneConfig:
 
     relations: ClassVar = (
         PATCH_DIVIDES_IMAGE,
+        Relation(("init", "model.pretrained"), lambda init, pretrained: not (init and pretrained),
+                 "{0} and {1} are two initialisations", lambda *_: "keep one of them"),
         Relation(("model.top_k", "model.patch_size", "data.image_size"),
                  lambda k, patch, size: patch == 0 or k <= _patches(patch, size),
                  "{0} must be at most the number of patches of {1} and {2}",

@@ -9,6 +9,10 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
 - `num_classes: int` (0 when unlabelled);
 - `skipped: list[tuple[str, str]]`: (path, reason) of every image dropped by `on_bad_image="skip"`;
 - `source: str`: the csv file or folder that lists the split, for messages;
+- `boxes: list[Box] | None`: per sample, the object box (x0, y0, x1, y1) in pixels of the image as loaded
+  (x1, y1 exclusive: a box over pixels 2..5 is (2, 6)); None unless the csv layout is read with boxes
+  (`data.boxes`). Boxes are checked when read (numbers, x0 < x1, y0 < y1, not negative); the right and
+  bottom edges need the image size and are checked by `sslfg.data.boxes.eval_boxes`;
 - `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`.
 
 Splits share one class mapping: `build_dataset` gives every split other than `data.train_split` the
@@ -30,6 +34,7 @@ import codecs
 import csv
 import io
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -47,7 +52,10 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 _MAX_LISTED = 5  # problems spelled out in one error message; the rest are counted
 _SCAN_THREADS = 8  # PIL decodes without the GIL: the skip-mode scan reads this many images at once
 
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
 Transform = Callable[[Image.Image], Any]
+Box = tuple[float, float, float, float]
 OnBadImage = Literal["error", "skip"]
 log = logging.getLogger(__name__)
 
@@ -60,7 +68,8 @@ class _ImageListDataset(Dataset):
     classes: list[str]
     num_classes: int
     source: str
-    _per_sample: tuple[str, ...] = ("paths", "labels")  # the parallel lists that dropping an image shortens
+    boxes: list[Box] | None = None
+    _per_sample: tuple[str, ...] = ("paths", "labels", "boxes")  # the parallel lists that dropping an image shortens
 
     def __init__(self, transform: Transform | None, on_bad_image: OnBadImage) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -111,7 +120,8 @@ class _ImageListDataset(Dataset):
                             f"leaves none): {_summarise([reason for _, reason in self.skipped])}")
         for name in self._per_sample:
             values = getattr(self, name)
-            setattr(self, name, [v for i, v in enumerate(values) if i not in bad])
+            if values is not None:
+                setattr(self, name, [v for i, v in enumerate(values) if i not in bad])
         log.warning("data.on_bad_image=skip: skipped %d of %d images; %d remain", len(bad), len(problems), len(self))
 
 
@@ -127,10 +137,11 @@ class CsvSplitDataset(_ImageListDataset):
     the last case the ids must be exactly 0..C-1, so 1-based or gapped ids are an error instead of
     empty classes. An image listed twice is an error. Error messages give both the 1-based data row
     and the file line (which counts the header as line 1). `check_images=False` only lists the split
-    (no file is checked or decoded), for cross-split checks.
+    (no file is checked or decoded), for cross-split checks. `boxes=True` reads the columns
+    x0,y0,x1,y1 into `boxes` (see the module docstring).
     """
 
-    _per_sample = ("paths", "labels", "lines", "rows")
+    _per_sample = ("paths", "labels", "boxes", "lines", "rows")
 
     def __init__(
         self,
@@ -142,6 +153,7 @@ class CsvSplitDataset(_ImageListDataset):
         on_bad_image: OnBadImage = "error",
         train: _ImageListDataset | None = None,
         check_images: bool = True,
+        boxes: bool = False,
     ) -> None:
         super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
@@ -175,13 +187,16 @@ class CsvSplitDataset(_ImageListDataset):
         else:
             bound, rule = 0, "; fix the csv"
 
-        rows = _read_table(self.csv_path, ("class_id", "dir"))
+        box_hint = " (data.boxes is true: add the box columns, or set data.boxes=false)" if boxes else ""
+        rows = _read_table(self.csv_path, ("class_id", "dir") + (BOX_COLUMNS if boxes else ()), box_hint)
         if not rows:
             raise DataError(f"{self.csv_path} has a header but no data rows; the split is empty.")
         self.lines = [line for line, _ in rows]  # file line of each sample, for error messages
         self.rows = list(range(1, len(rows) + 1))  # 1-based data row of each sample
         self.labels = self._parse_labels(rows, bound, rule)
-        dirs = [d for _, (_, d) in rows]
+        if boxes:
+            self.boxes = self._parse_boxes(rows)
+        dirs = [values[1] for _, values in rows]
         self._check_duplicates(dirs)
         if not bound:
             self._check_ids_are_contiguous()
@@ -198,7 +213,7 @@ class CsvSplitDataset(_ImageListDataset):
         """class_id column -> ints; every bad value is an error (the first few are listed); `rule` says
         where `bound` comes from and what to do."""
         labels, bad = [], []
-        for row, (line, (value, _)) in enumerate(rows, start=1):
+        for row, (line, (value, *_)) in enumerate(rows, start=1):
             try:
                 label = int(value)
             except ValueError:
@@ -213,6 +228,41 @@ class CsvSplitDataset(_ImageListDataset):
             raise DataError(f"{self.csv_path}: bad class_id values: {_summarise(bad)}. Class ids are 0-based integers"
                             f"{rule}.")
         return labels
+
+    def _parse_boxes(self, rows: list[tuple[int, list[str]]]) -> list[Box]:
+        """x0,y0,x1,y1 columns -> boxes; every malformed box is an error (the first few are listed)."""
+        boxes, bad = [], []
+        for row, (line, values) in enumerate(rows, start=1):
+            where = f"data row {row} (line {line})"
+            try:
+                box = tuple(float(v) for v in values[2:])
+            except ValueError:
+                bad.append(f"{where}: {','.join(values[2:])!r} are not four numbers")
+                continue
+            x0, y0, x1, y1 = box
+            if not all(math.isfinite(v) for v in box):
+                bad.append(f"{where}: {box} is not finite")
+            elif x0 < 0 or y0 < 0:
+                bad.append(f"{where}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) starts outside the image (negative x0 or y0)")
+            elif x1 <= x0 or y1 <= y0:
+                bad.append(f"{where}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty (needs x0 < x1 and y0 < y1)")
+            boxes.append((x0, y0, x1, y1))
+        if bad:
+            raise DataError(f"{self.csv_path}: bad object boxes: {_summarise(bad)}. Boxes are x0,y0,x1,y1 in pixels of "
+                            "the image (x1, y1 exclusive, 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height); fix the "
+                            "rows, or set data.boxes=false to ignore the columns.")
+        return boxes
+
+    def check_box(self, index: int, size: tuple[int, int]) -> None:
+        """DataError naming the row if box `index` reaches past the right or bottom edge of its image of `size`
+        (width, height)."""
+        assert self.boxes is not None
+        x0, y0, x1, y1 = self.boxes[index]
+        width, height = size
+        if x1 > width or y1 > height:
+            raise DataError(f"{self._origin(index)}: object box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside its "
+                            f"{width}x{height} image {self.paths[index]} (x1 <= width and y1 <= height, pixels of the "
+                            "image as loaded); fix the row, or set data.boxes=false.")
 
     def _check_duplicates(self, dirs: list[str]) -> None:
         """An image listed twice in one split would count twice in training and in every metric."""
@@ -359,6 +409,9 @@ def build_dataset(
             f"data.root does not exist or is not a folder: {cfg.root} (resolved to "
             f"{os.path.abspath(cfg.root)}). For the bundled sample run `python -m sslfg.data.sample`."
         )
+    if cfg.boxes and cfg.format != "csv":
+        raise DataError(f"data.boxes is true but data.format is {cfg.format!r}: object boxes are read from the box "
+                        "columns of the csv layout; use data.format=csv or set data.boxes=false.")
     if cfg.format == "folder":
         return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image)
     if cfg.format not in ("csv", "imagefolder"):
@@ -366,7 +419,8 @@ def build_dataset(
     train = _training_listing(cfg, split)
     dataset: CsvSplitDataset | ImageFolderDataset
     if cfg.format == "csv":
-        dataset = CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image, train)
+        dataset = CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image, train,
+                                  boxes=cfg.boxes)
     else:
         dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train)
         if cfg.num_classes > 0 and dataset.num_classes != cfg.num_classes:
@@ -427,8 +481,9 @@ def _class_names(dataset: _ImageListDataset, ids: list[int]) -> str:
     return _summarise([f"{c} {dataset.classes[c]!r}" if dataset.classes[c] != str(c) else str(c) for c in ids])
 
 
-def _read_table(path: str, columns: tuple[str, ...]) -> list[tuple[int, list[str]]]:
+def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tuple[int, list[str]]]:
     """Read a UTF-8 csv file with a header; returns (file line, values of `columns`) for each data row.
+    `hint` ends the missing-column error.
 
     Header names and values are stripped of surrounding whitespace; blank lines are skipped; a
     UTF-8 byte-order mark (spreadsheet exports) is ignored.
@@ -441,7 +496,7 @@ def _read_table(path: str, columns: tuple[str, ...]) -> list[tuple[int, list[str
     if absent:
         raise DataError(
             f"{path} has no column {', '.join(map(repr, absent))}; its header is {header}. "
-            f"The header must contain {', '.join(columns)} (extra columns and any order are fine)."
+            f"The header must contain {', '.join(columns)} (extra columns and any order are fine){hint}."
         )
     index = [header.index(c) for c in columns]
     rows = []

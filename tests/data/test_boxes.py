@@ -1,0 +1,121 @@
+"""Object boxes: read from the csv layout, carried through the eval transform (resize + centre crop) exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from sslfg.data.boxes import eval_boxes, loaded_size, transform_box
+from sslfg.data.datasets import build_dataset
+from sslfg.data.images import DataError
+from sslfg.data.transforms import eval_transform
+from sslfg.schema import DataConfig
+
+S = 32
+SIZES = [(64, 40), (40, 64), (50, 50), (97, 31), (31, 90)]  # (width, height): wide, tall, square, extreme
+CROP_RATIOS = [1.0, 0.875, 0.7]
+
+
+def _box_in(width: int, height: int) -> tuple[int, int, int, int]:
+    """An integer box well inside a width x height image, off centre so that a wrong crop offset shows."""
+    return round(0.45 * width), round(0.15 * height), round(0.9 * width), round(0.7 * height)
+
+
+@pytest.mark.parametrize("crop_ratio", CROP_RATIOS)
+@pytest.mark.parametrize("size", SIZES)
+def test_bright_rectangle_lands_where_the_transformed_box_says(size: tuple[int, int], crop_ratio: float) -> None:
+    width, height = size
+    x0, y0, x1, y1 = _box_in(width, height)
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[y0:y1, x0:x1] = 255
+    out = eval_transform(S, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), crop_ratio)(Image.fromarray(pixels))[0]
+    bx0, by0, bx1, by1 = transform_box((x0, y0, x1, y1), size, S, crop_ratio)
+    centres = torch.arange(S) + 0.5
+    # signed distance of each pixel centre into the box along each axis (positive inside)
+    inside_x = torch.minimum(centres - bx0, bx1 - centres)
+    inside_y = torch.minimum(centres - by0, by1 - centres)
+    depth = torch.minimum(inside_y[:, None], inside_x[None, :])
+    # resampling blurs an edge over at most one output pixel either side; beyond that the image is exact
+    deep_inside, far_outside = depth >= 1, depth <= -1
+    assert deep_inside.any() and far_outside.any()
+    assert (out[deep_inside] > 0.99).all()
+    assert (out[far_outside] < 0.01).all()
+    bright = (out > 0.5).nonzero()
+    edges = torch.stack([bright[:, 1].min(), bright[:, 0].min(), bright[:, 1].max() + 1, bright[:, 0].max() + 1])
+    assert torch.allclose(edges.float(), torch.tensor([bx0, by0, bx1, by1]), atol=1.0)
+
+
+@pytest.mark.parametrize("crop_ratio", CROP_RATIOS)
+@pytest.mark.parametrize("size", SIZES)
+def test_transform_box_equals_torchvisions_box_transform(size: tuple[int, int], crop_ratio: float) -> None:
+    """torchvision moves BoundingBoxes through the same Resize and CenterCrop as the eval transform's image."""
+    width, height = size
+    boxes = [_box_in(width, height), (0, 0, width, height), (1, 2, 5, 9)]
+    reference = v2.Compose([v2.Resize(round(S / crop_ratio)), v2.CenterCrop(S)])(
+        tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float64), format="XYXY", canvas_size=(height, width)))
+    ours = torch.tensor([transform_box(b, size, S, crop_ratio) for b in boxes])
+    assert torch.allclose(ours.double(), reference.as_subclass(torch.Tensor), atol=1e-9)
+
+
+def test_transform_box_by_hand() -> None:
+    # 64x32 -> short side 32: unchanged, crop columns 16..47; box x 20..40 -> 4..24
+    assert transform_box((20, 4, 40, 12), (64, 32), 32, 1.0) == (4, 4, 24, 12)
+    # 20x40 at crop 0.5 -> 64x128, columns 16..47 and rows 48..79 kept; both axes scale by 3.2, clipped to 0..32
+    assert transform_box((5, 10, 10, 30), (20, 40), 32, 0.5) == pytest.approx((0, 0, 16, 32))
+    assert transform_box((0, 0, 3, 3), (20, 40), 32, 0.5) == pytest.approx((0, 0, 0, 0))  # outside the crop: empty
+
+
+def _boxed_csv(root: Path, rows: list[tuple[str, tuple[int, int], str]]) -> None:
+    """root/train.csv with a box column per row (text as given) and a grey image of (width, height) for each."""
+    (root / "images").mkdir(parents=True)
+    lines = ["class_id,dir,x0,y0,x1,y1"]
+    for i, (name, (w, h), box) in enumerate(rows):
+        Image.new("L", (w, h), 128).save(root / "images" / name)
+        lines.append(f"{i % 2},{name},{box}")
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_eval_boxes_reads_sizes_and_follows_the_dataset(tmp_path: Path) -> None:
+    _boxed_csv(tmp_path, [("a.png", (64, 32), "20,4,40,12"), ("b.png", (32, 32), "0,0,32,32"),
+                          ("c.png", (32, 64), "8.5,16,24,48")])
+    cfg = DataConfig(root=str(tmp_path), train_split="train", boxes=True)
+    ds = build_dataset(cfg, "train")
+    assert ds.boxes == [(20, 4, 40, 12), (0, 0, 32, 32), (8.5, 16, 24, 48)]
+    boxes = eval_boxes(ds, 32, 1.0)
+    assert boxes.dtype == torch.float32
+    assert boxes.tolist() == [[4, 4, 24, 12], [0, 0, 32, 32], [8.5, 0, 24, 32]]
+    (tmp_path / "images" / "b.png").write_bytes(b"")  # skip drops b and its box with it
+    ds = build_dataset(DataConfig(root=str(tmp_path), train_split="train", boxes=True, on_bad_image="skip"), "train")
+    assert ds.boxes == [(20, 4, 40, 12), (8.5, 16, 24, 48)]
+    assert eval_boxes(ds, 32, 1.0).tolist() == [[4, 4, 24, 12], [8.5, 0, 24, 32]]
+    assert build_dataset(DataConfig(root=str(tmp_path), train_split="train"), "train").boxes is None
+
+
+def test_box_past_the_image_edge_is_an_error_naming_the_row(tmp_path: Path) -> None:
+    _boxed_csv(tmp_path, [("a.png", (64, 32), "20,4,40,12"), ("b.png", (32, 20), "0,0,32,21")])
+    ds = build_dataset(DataConfig(root=str(tmp_path), train_split="train", boxes=True), "train")
+    with pytest.raises(DataError, match=r"train\.csv, data row 2 \(line 3\).*\(0, 0, 32, 21\).*32x20"):
+        eval_boxes(ds, 32, 1.0)
+
+
+def test_eval_boxes_without_boxes_says_how_to_get_them(tmp_path: Path) -> None:
+    _boxed_csv(tmp_path, [("a.png", (64, 32), "20,4,40,12")])
+    ds = build_dataset(DataConfig(root=str(tmp_path), train_split="train"), "train")
+    with pytest.raises(DataError, match="data.boxes=true"):
+        eval_boxes(ds, 32, 1.0)
+
+
+def test_loaded_size_applies_exif_orientation(tmp_path: Path) -> None:
+    """load_image turns a photo upright, so its boxes are in upright pixels: orientations 5-8 swap the sides."""
+    for orientation, expected in [(1, (40, 20)), (3, (40, 20)), (6, (20, 40)), (8, (20, 40))]:
+        path = tmp_path / f"{orientation}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (40, 20)).save(path, exif=exif)
+        assert loaded_size(str(path)) == expected
