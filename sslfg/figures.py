@@ -124,3 +124,31 @@ def save_crop_figure(images: Tensor, boxes: Tensor, crops: Tensor, scores: Tenso
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+def save_localisation_figure(images: Tensor, boxes: Tensor, keep_idx: Tensor, gls: Tensor, patch_size: int,
+                             path: Path, title: str) -> Path:
+    """One row per image: the image with the object box (green), LoDisc's kept patches (the rest dimmed)
+    and the GLS box (red), each with the object box. images (B, 3, H, W) in [0, 1]; boxes and gls (B, 4)
+    as (x0, y0, x1, y1) with exclusive ends."""
+    scale = max(1, 128 // images.shape[-1])
+    columns = [images, kept_overlay(images, keep_idx, patch_size), images]
+    side, pad, head = images.shape[-1] * scale, 4, 20
+    sheet = Image.new("RGB", (3 * (side + pad) + pad, len(images) * (side + pad) + pad + head), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 4), title, fill="black")
+
+    def rectangle(box: Tensor, left: int, top: int, colour: tuple[int, int, int]) -> None:
+        x0, y0, x1, y1 = (round(float(v) * scale) for v in box)
+        draw.rectangle([left + x0, top + y0, left + x1 - 1, top + y1 - 1], outline=colour, width=2)
+
+    for row in range(len(images)):
+        top = head + pad + row * (side + pad)
+        for col, pictures in enumerate(columns):
+            left = pad + col * (side + pad)
+            sheet.paste(_to_pil(pictures[row], scale), (left, top))
+            rectangle(boxes[row], left, top, (0, 200, 0))
+        rectangle(gls[row], pad + 2 * (side + pad), top, (230, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

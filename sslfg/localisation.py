@@ -16,9 +16,17 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from sslfg.config import ConfigError
+from sslfg.data.boxes import eval_boxes
+from sslfg.data.datasets import build_dataset
+from sslfg.data.transforms import eval_transform
 from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
 from sslfg.models.glsim import gls_boxes
-from sslfg.models.lodisc import keep_indices
+from sslfg.models.lodisc import LoDisc, keep_indices
+from sslfg.online_knn import _evenly_spaced
+from sslfg.schema import FeatureConfig, PretrainConfig
+
+CROP_RATIO = FeatureConfig().crop_ratio  # the evaluations' resize + centre crop
 
 
 def centres_inside(boxes: Tensor, grid: int, patch_size: float) -> Tensor:
@@ -91,3 +99,33 @@ def backbone_looks(vit: VisionTransformer, images: Tensor, keep_ratio: float, to
     patch_size = images.shape[-1] // grid_size(vit)
     gls = gls_boxes(tokens, patch_size, top_k, num_prefix_tokens=vit.num_prefix_tokens)
     return keep_indices(torch.stack(maps), keep_ratio), yxyx_to_xyxy(gls)
+
+
+class OnlineLocalisation:
+    """LoDisc keep precision during pretraining: the patches the momentum encoder keeps (its attention at
+    model.keep_ratio, also for MoCo v3 runs, so that arms compare at equal budget) on up to
+    `train.loc_samples` evenly spaced test images, eval-transformed (not augmented)."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        d = cfg.data
+        dataset = build_dataset(d, d.test_split, eval_transform(d.image_size, d.mean, d.std, CROP_RATIO))
+        if dataset.boxes is None:
+            raise ConfigError(f"train.loc_every: keep precision needs object boxes, and data.test_split "
+                              f"'{d.test_split}' of {d.root} has none; add box columns or set train.loc_every=0")
+        subset = _evenly_spaced(dataset, cfg.train.loc_samples)  # the online kNN's choice of images
+        self.images = torch.stack([image for image, _ in subset])
+        self.boxes = eval_boxes(dataset, d.image_size, CROP_RATIO)[subset.indices]
+        self.batch_size = cfg.train.batch_size
+
+    @torch.no_grad()
+    def __call__(self, model: LoDisc) -> dict[str, float]:
+        encoder = model.momentum_encoder
+        was_training = encoder.training
+        device = next(encoder.parameters()).device
+        # Eval mode (no drop path) and its own RNG state: measuring must not change the training run.
+        with torch.random.fork_rng(devices=[]):
+            encoder.eval()
+            keep = torch.cat([model.kept_patches(x.to(device)).cpu() for x in self.images.split(self.batch_size)])
+            encoder.train(was_training)
+        grid = grid_size(encoder)
+        return keep_metrics(keep, self.boxes, grid, self.images.shape[-1] / grid, prefix="online_loc.")

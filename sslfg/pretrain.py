@@ -24,6 +24,7 @@ from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
+from sslfg.localisation import OnlineLocalisation
 from sslfg.models.backbone import export_backbone
 from sslfg.models.lodisc import LoDisc
 from sslfg.online_knn import OnlineKnn
@@ -116,6 +117,9 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     online_knn = OnlineKnn(cfg, accelerator) if t.knn_every > 0 else None
     if online_knn is not None and start == 0:
         metrics.log(0, online_knn(lodisc.encoder))
+    online_loc = OnlineLocalisation(cfg) if t.loc_every > 0 and accelerator.is_main_process else None
+    if online_loc is not None and start == 0:
+        metrics.log(0, online_loc(lodisc))
 
     state = LoopState(schedules=schedules, start_step=start)
 
@@ -125,6 +129,10 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
             tic = time.perf_counter()
             metrics.log(s + 1, online_knn(lodisc.encoder))
             state.seconds -= time.perf_counter() - tic  # evaluating is not training: keep images/s comparable
+        if online_loc is not None and (s + 1) % (t.loc_every * per_epoch) == 0:
+            tic = time.perf_counter()
+            metrics.log(s + 1, online_loc(lodisc))
+            state.seconds -= time.perf_counter() - tic
 
     step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics, compute_loss,
                     after_step=after_step)

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
 
+from eval.localise import main as localise_main
+from sslfg.cli import run_cli
+from sslfg.config import ConfigError, load_config
+from sslfg.data.datasets import build_dataset
+from sslfg.data.transforms import eval_transform
+from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.localisation import (
+    OnlineLocalisation,
     backbone_looks,
     box_coverage,
     box_iou,
@@ -19,6 +31,11 @@ from sslfg.localisation import (
     keep_precision,
     yxyx_to_xyxy,
 )
+from sslfg.models.backbone import load_backbone
+from sslfg.models.lodisc import LoDisc
+from sslfg.pretrain import pretrain
+from sslfg.schema import PretrainConfig
+from tests.conftest import tiny_config
 from tests.models.test_lodisc import reference_kept
 
 # A 4 × 4 grid of 8 px patches (32 px image); patch (r, c) has index 4r + c and centre (8c + 4, 8r + 4).
@@ -77,3 +94,145 @@ def test_backbone_looks_matches_explicit_attention_and_similarity() -> None:
         top = row.topk(3).indices
         r, c = top // GRID, top % GRID
         assert box == [8 * c.min().item(), 8 * r.min().item(), 8 * (c.max().item() + 1), 8 * (r.max().item() + 1)]
+
+
+def write_boxed_dataset(root: Path, n_train: int = 24, n_test: int = 8, size: int = 20) -> Path:
+    """A bright class-coloured square at a random place on dark noise, its box in the csv (data.boxes)."""
+    rng = np.random.default_rng(1)
+    colours = rng.integers(128, 256, (3, 3))
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = ["class_id,dir,x0,y0,x1,y1"]
+        for i in range(n):
+            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            w, h = rng.integers(4, size // 2, 2)
+            x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+            img[y : y + h, x : x + w] = colours[i % 3]
+            rel = f"{split}/{i:04d}.png"
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / "images" / rel)
+            rows.append(f"{i % 3},{rel},{x},{y},{x + w},{y + h}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def boxed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_boxed_dataset(tmp_path_factory.mktemp("boxed"))
+
+
+def boxed_config(data: Path, out: Path, **train: object) -> PretrainConfig:
+    cfg = tiny_config(data, out, figure_samples=0, **train)
+    cfg.data.boxes, cfg.data.test_split = True, "test"
+    return cfg
+
+
+def reference_keep_precision(vit: torch.nn.Module, images: torch.Tensor, boxes: list[tuple], ratio: float,
+                             patch: int) -> tuple[float, float]:
+    """Mean keep precision and chance with a loop over patch centres."""
+    grid = images.shape[-1] // patch
+    precisions, chances = [], []
+    for kept, (x0, y0, x1, y1) in zip(reference_kept(vit, images, ratio), boxes, strict=True):
+        inside = [n for n in range(grid * grid)
+                  if x0 <= (n % grid + 0.5) * patch < x1 and y0 <= (n // grid + 0.5) * patch < y1]
+        precisions.append(sum(n in inside for n in kept) / len(kept))
+        chances.append(len(inside) / grid**2)
+    return sum(precisions) / len(precisions), sum(chances) / len(chances)
+
+
+def test_online_keep_precision_is_the_momentum_encoders_on_eval_images(boxed_data: Path, tmp_path: Path) -> None:
+    cfg = boxed_config(boxed_data, tmp_path / "run", loc_samples=5)
+    cfg.model.drop_path_rate = 0.1  # measured without drop path, and the momentum encoder keeps its mode
+    model = LoDisc(cfg.model, 16)
+    got = OnlineLocalisation(cfg)(model)
+    assert model.momentum_encoder.training
+
+    # Reference: test images 0, 1, 3, 5, 7 (evenly spaced), resized to 18 (16 / 0.875) and centre-cropped.
+    dataset = build_dataset(cfg.data, "test", eval_transform(16, cfg.data.mean, cfg.data.std, 0.875))
+    picks = [0, 1, 3, 5, 7]
+    images = torch.stack([dataset[i][0] for i in picks])
+    scale = 18 / 20
+    boxes = [tuple(min(max(v * scale - 1, 0), 16) for v in dataset.boxes[i]) for i in picks]  # crop offset 1
+    model.momentum_encoder.eval()
+    precision, chance = reference_keep_precision(model.momentum_encoder, images, boxes, cfg.model.keep_ratio, 4)
+    assert got["online_loc.keep_precision"] == pytest.approx(precision)
+    assert got["online_loc.keep_chance"] == pytest.approx(chance)
+    assert got["online_loc.keep_lift"] == pytest.approx(precision / chance)
+
+
+def test_online_keep_precision_leaves_the_training_run_unchanged(boxed_data: Path, tmp_path: Path) -> None:
+    runs = {}
+    for every in (0, 1):
+        cfg = boxed_config(boxed_data, tmp_path / f"loc{every}", loc_every=every, loc_samples=8)  # 2 epochs, 3 steps
+        cfg.model.predictor_dropout, cfg.model.drop_path_rate = 0.2, 0.1  # random ops the probe must not shift
+        runs[every] = pretrain(cfg)
+    weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs.values()]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    records = [json.loads(line) for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "online_loc.keep_precision" in r] == [0, 3, 6]
+    plain = [r for r in records if "loss" in r]
+    assert plain == [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mocov3_runs_log_keep_precision_too(boxed_data: Path, tmp_path: Path) -> None:
+    cfg = boxed_config(boxed_data, tmp_path / "moco", loc_every=1, loc_samples=8, max_steps=1)
+    cfg.model.local_weight = 0
+    records = [json.loads(line) for line in (pretrain(cfg) / "metrics.jsonl").read_text().splitlines()]
+    values = [r["online_loc.keep_precision"] for r in records if "online_loc.keep_precision" in r]
+    assert len(values) == 1 and 0 <= values[0] <= 1
+
+
+def test_online_keep_precision_needs_boxes(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run", loc_every=1)
+    cfg.data.test_split = "test"
+    with pytest.raises(ConfigError, match=r"train.loc_every: .*'test' .* has none"):
+        OnlineLocalisation(cfg)
+
+
+def reference_iou_coverage(a: tuple, b: tuple) -> tuple[float, float]:
+    """IoU of boxes a (GLS) and b (object), and the fraction of b inside a, by the textbook formula."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return w * h / (area_a + area_b - w * h), w * h / area_b
+
+
+def test_eval_localise_scores_the_frozen_backbone(boxed_data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    run = pretrain(boxed_config(boxed_data, tmp_path / "run", max_steps=1))
+    assert run_cli(localise_main, ["--checkpoint", str(run), "localise.top_k=3", "features.batch_size=3"]) == 0
+    got = json.loads((run / "eval" / "localise.json").read_text())
+    assert (run / "eval" / "figures" / "localise.png").stat().st_size > 500
+
+    vit = load_backbone(run).eval()
+    dataset = build_dataset(load_config(run / "config.yaml", [], PretrainConfig).data, "test",
+                            eval_transform(16, PretrainConfig().data.mean, PretrainConfig().data.std, 0.875))
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    boxes = [tuple(min(max(v * 18 / 20 - 1, 0), 16) for v in box) for box in dataset.boxes]
+    precision, chance = reference_keep_precision(vit, images, boxes, 0.30, 4)
+    assert got["loc.keep_precision"] == pytest.approx(precision)
+    assert got["loc.keep_chance"] == pytest.approx(chance)
+    assert got["loc.keep_lift"] == pytest.approx(precision / chance)
+    tokens = vit.forward_features(images)
+    sims = F.cosine_similarity(tokens[:, :1], tokens[:, 1:], dim=-1)
+    ious, coverages = [], []
+    for row, box in zip(sims, boxes, strict=True):
+        top = row.topk(3).indices
+        r, c = top // 4, top % 4
+        gls = (4.0 * c.min().item(), 4.0 * r.min().item(), 4.0 * (c.max().item() + 1), 4.0 * (r.max().item() + 1))
+        iou, coverage = reference_iou_coverage(gls, box)
+        ious.append(iou)
+        coverages.append(coverage)
+    assert got["loc.gls_iou"] == pytest.approx(sum(ious) / 8)
+    assert got["loc.gls_coverage"] == pytest.approx(sum(coverages) / 8)
+    assert got["protocol.kept_patches"] == 4 and got["protocol.images"] == 8
+    assert "loc.keep_precision" in capsys.readouterr().out
+
+
+def test_eval_localise_without_boxes_is_one_error_line(tiny_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    run = pretrain(tiny_config(tiny_data, tmp_path / "run", max_steps=1, figure_samples=0))
+    assert run_cli(localise_main, ["--checkpoint", str(run), "data.test_split=test"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.boxes: eval.localise needs object boxes in data.test_split 'test'")
+    assert "Traceback" not in "\n".join(err)
