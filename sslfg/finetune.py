@@ -28,6 +28,7 @@ from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
+from sslfg.localisation import finetune_test_boxes, glsim_localisation
 from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, timm_kwargs
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
@@ -189,6 +190,9 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
         record = {**summary, "dataset": cfg.data.root, "train_split": cfg.data.train_split,
                   "test_split": cfg.data.test_split, "seed": cfg.seed, "step": step, **info,
                   **{f"test.{k}": v for k, v in result.items()}, **speed, **timing}
+        if isinstance(net, GLSim) and test_ds.boxes is not None:  # where its crops land (sslfg.localisation)
+            boxes = finetune_test_boxes(test_ds, cfg.data.image_size, cfg.augment.resize_ratio)
+            record |= glsim_localisation(net, test_ds, boxes, accelerator.device, t.batch_size)
         name = f"eval_step_{step:08d}.json" if cfg.eval_only else "metrics.json"
         path = write_json(run_dir / name, record)
         if on_metrics is not None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError
-from sslfg.data.boxes import eval_boxes
+from sslfg.data.boxes import eval_boxes, loaded_size, transform_box
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
-from sslfg.models.glsim import gls_boxes
+from sslfg.models.glsim import GLSim, gls_boxes
 from sslfg.models.lodisc import LoDisc, keep_indices
 from sslfg.online_knn import _evenly_spaced
 from sslfg.schema import FeatureConfig, PretrainConfig
@@ -129,3 +130,26 @@ class OnlineLocalisation:
             encoder.train(was_training)
         grid = grid_size(encoder)
         return keep_metrics(keep, self.boxes, grid, self.images.shape[-1] / grid, prefix="online_loc.")
+
+
+def finetune_test_boxes(dataset, image_size: int, resize_ratio: float) -> Tensor:
+    """(N, 4) the boxes through the fine-tuning test transform: a resize to a square of side
+    round(resize_ratio·S), aspect not kept, then the centre S × S crop."""
+    side = round(resize_ratio * image_size)
+    out = []
+    for i, (x0, y0, x1, y1) in enumerate(dataset.boxes):
+        width, height = loaded_size(dataset.paths[i])
+        dataset.check_box(i, (width, height))
+        square = (x0 * side / width, y0 * side / height, x1 * side / width, y1 * side / height)
+        out.append(transform_box(square, (side, side), image_size, image_size / side))  # its crop, scale 1
+    return torch.tensor(out, dtype=torch.float32).reshape(-1, 4)
+
+
+@torch.no_grad()
+def glsim_localisation(model: GLSim, dataset, boxes: Tensor, device: torch.device, batch_size: int) -> dict:
+    """GLS box IoU and object coverage of a GLSim classifier over a dataset with boxes (B, 4)."""
+    was_training = model.training
+    model.eval()
+    gls = [model(x.to(device), return_crops=True)["boxes"].cpu() for x, _ in DataLoader(dataset, batch_size)]
+    model.train(was_training)
+    return gls_metrics(yxyx_to_xyxy(torch.cat(gls)).float(), boxes, prefix="test.")

@@ -18,8 +18,9 @@ from eval.localise import main as localise_main
 from sslfg.cli import run_cli
 from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
-from sslfg.data.transforms import eval_transform
+from sslfg.data.transforms import eval_transform, finetune_transforms
 from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.finetune import build_classifier, finetune
 from sslfg.localisation import (
     OnlineLocalisation,
     backbone_looks,
@@ -27,16 +28,18 @@ from sslfg.localisation import (
     box_iou,
     centres_inside,
     chance_level,
+    finetune_test_boxes,
     keep_metrics,
     keep_precision,
     yxyx_to_xyxy,
 )
-from sslfg.models.backbone import load_backbone
+from sslfg.models.backbone import forward_tokens, load_backbone
 from sslfg.models.lodisc import LoDisc
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config
 from tests.models.test_lodisc import reference_kept
+from tests.test_finetune import ft_config
 
 # A 4 × 4 grid of 8 px patches (32 px image); patch (r, c) has index 4r + c and centre (8c + 4, 8r + 4).
 GRID, PATCH = 4, 8
@@ -236,3 +239,47 @@ def test_eval_localise_without_boxes_is_one_error_line(tiny_data: Path, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: data.boxes: eval.localise needs object boxes in data.test_split 'test'")
     assert "Traceback" not in "\n".join(err)
+
+
+def test_finetune_test_boxes_follow_the_square_resize_and_centre_crop(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 20)).save(tmp_path / "images" / "wide.png")
+    (tmp_path / "test.csv").write_text("class_id,dir,x0,y0,x1,y1\n0,wide.png,10,5,30,15\n")
+    cfg = tiny_config(tmp_path, tmp_path / "run")
+    cfg.data.boxes, cfg.data.num_classes = True, 1
+    dataset = build_dataset(cfg.data, "test")
+    # 40×20 → 20×20 (x halves, y stays), centre 16 crop from offset 2: (5, 5, 15, 15) − 2
+    assert finetune_test_boxes(dataset, 16, 1.25).tolist() == [[3.0, 3.0, 13.0, 13.0]]
+
+
+def test_glsim_fine_tune_records_gls_iou_and_coverage(boxed_data: Path, tmp_path: Path) -> None:
+    cfg = ft_config(boxed_data, tmp_path / "ft", epochs=1)
+    cfg.data.boxes, cfg.data.test_split, cfg.augment.resize_ratio = True, "test", 1.25
+    run = finetune(cfg)
+    record = json.loads((run / "metrics.json").read_text())
+
+    # Reference: the trained model's GLS boxes (top 3 cosine similarities) on the test images, against
+    # the boxes taken through the 20 → 20 resize and the centre 16 crop (offset 2).
+    model, _ = build_classifier(cfg, 3)
+    state = load_file(str(checkpoint_dirs(run)[-1] / "model.safetensors"))
+    model.load_state_dict(state)
+    model.eval()
+    _, test_tf = finetune_transforms(16, cfg.augment, cfg.data.mean, cfg.data.std)
+    dataset = build_dataset(cfg.data, "test", test_tf)
+    images = torch.stack([dataset[i][0] for i in range(8)])
+    tokens = forward_tokens(model.encoder, images)
+    sims = F.cosine_similarity(tokens[:, :1], tokens[:, 1:], dim=-1)
+    ious, coverages = [], []
+    for row, box in zip(sims, dataset.boxes, strict=True):
+        top = row.topk(3).indices
+        r, c = top // 4, top % 4
+        gls = (4.0 * c.min().item(), 4.0 * r.min().item(), 4.0 * (c.max().item() + 1), 4.0 * (r.max().item() + 1))
+        iou, coverage = reference_iou_coverage(gls, tuple(min(max(v - 2, 0), 16) for v in box))
+        ious.append(iou)
+        coverages.append(coverage)
+    assert record["test.gls_iou"] == pytest.approx(sum(ious) / 8)
+    assert record["test.gls_coverage"] == pytest.approx(sum(coverages) / 8)
+
+    cfg.eval_only = True
+    evaluated = json.loads(next((finetune(cfg)).glob("eval_step_*.json")).read_text())
+    assert evaluated["test.gls_iou"] == record["test.gls_iou"]
