@@ -4,11 +4,15 @@ Gradient accumulation, clipping and mixed precision come from Accelerate; the lr
 and any other schedule are arrays indexed by the global optimizer step; a checkpoint every
 `checkpoint_every` steps can be resumed mid-epoch exactly. SIGTERM, SIGUSR1 and SIGINT end the
 loop after a step, with a checkpoint (`sslfg.engine.preemption`).
+
+No host sync per step: the losses stay on the device and are read back (one reduce, one copy) only
+at `log_every` steps and before each checkpoint. A non-finite loss is recorded on the device as the
+first bad step (`NonFiniteWatch`) and checked at those read-backs, so no checkpoint after it is ever
+written and the error still names the step where it happened.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +33,33 @@ from sslfg.schema import LoopConfig
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing of that step was applied or saved."""
+    """The loss became NaN or infinite; no checkpoint from that step on was saved (the steps after it that
+    ran before the check exist only in memory)."""
+
+
+NO_STEP = torch.iinfo(torch.int64).max
+
+
+class NonFiniteWatch:
+    """The first optimizer step whose loss was not finite, and that loss, kept on the device: `see` is
+    asynchronous, `first` (a collective on several processes) reads it back."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((1,), NO_STEP, dtype=torch.int64, device=device)
+        self.loss = torch.zeros(1, device=device)
+
+    def see(self, step: int, loss: Tensor) -> None:
+        loss = loss.detach().float().reshape(1)
+        first = ~torch.isfinite(loss) & (self.step == NO_STEP)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss, self.loss)
+
+    def first(self, accelerator: Accelerator) -> tuple[int, float] | None:
+        """(step, loss) of the earliest non-finite loss on any process, or None."""
+        steps, losses = accelerator.gather((self.step, self.loss))
+        i = int(steps.argmin())
+        step = int(steps[i])
+        return None if step == NO_STEP else (step, float(losses[i]))
 
 
 @dataclass
@@ -64,13 +94,15 @@ def run_loop(
     run_dir: Path,
     log: MetricsLog,
     compute_loss: Callable[[Any], dict[str, Tensor]],
+    after_update: Callable[[int], None] | None = None,
     after_step: Callable[[int], None] | None = None,
 ) -> int:
     """Trains from `state.start_step` to the end of the schedule (or `train.max_steps`).
 
-    compute_loss(batch) returns {"loss": scalar, ...more scalars to log}; after_step(step) runs
-    once per applied optimizer step (the EMA update). Returns the last step reached; a stop signal
-    raises `Interrupted` after the step in flight and its checkpoint.
+    compute_loss(batch) returns {"loss": scalar, ...more scalars to log}; after_update(step) runs
+    once per optimizer step that was applied (the EMA update: not after a step fp16's GradScaler
+    skipped), after_step(step) once per optimizer step, applied or not (the online kNN). Returns the
+    last step reached; a stop signal raises `Interrupted` after the step in flight and its checkpoint.
     """
     with StopSignals(train.stop_check_every) as signals:
         per_epoch = steps_per_epoch(sampler, train.grad_accum_steps)
@@ -79,6 +111,7 @@ def run_loop(
         step = state.start_step
         params = [p for g in optimizer.param_groups for p in g["params"]]
         bar = tqdm(total=stop, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+        watch = NonFiniteWatch(accelerator.device)
         tic = time.perf_counter()
         while step < stop:
             epoch, batch_in_epoch = divmod(step, per_epoch)
@@ -91,16 +124,8 @@ def run_loop(
                         group["weight_decay"] = wd * group.get("wd_scale", 1.0)
                     out = compute_loss(batch)
                     names = sorted(out)
-                    values = accelerator.reduce(torch.stack([out[k].detach().float() for k in names]), "mean")
-                    values = dict(zip(names, values.tolist(), strict=True))
-                    if not math.isfinite(values["loss"]):
-                        last = checkpoint_dirs(run_dir)
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({values['loss']}) at step {step} (epoch {epoch}); "
-                            f"last good checkpoint: {last[-1] if last else 'none'}. Continue from it with "
-                            f"`{state.resume_key}=auto` and a lower `{state.lr_key}`"
-                            + (" (or train.mixed_precision=bf16/no)." if state.lr_key.startswith("train.") else ".")
-                        )
+                    values = torch.stack([out[k].detach().float() for k in names])  # stays on the device
+                    watch.see(step, out["loss"])
                     accelerator.backward(out["loss"])
                     if accelerator.sync_gradients and train.clip_grad > 0:
                         accelerator.clip_grad_norm_(params, train.clip_grad)
@@ -109,16 +134,23 @@ def run_loop(
                 state.images_seen += _batch_size(batch) * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
-                if after_step is not None and not accelerator.optimizer_step_was_skipped:
+                if after_update is not None and not accelerator.optimizer_step_was_skipped:
+                    after_update(step)
+                if after_step is not None:
                     after_step(step)
                 step += 1
-                if step % train.log_every == 0 or step == stop:
-                    scheduled = {k: float(v[step - 1]) for k, v in state.schedules.items()}
-                    log.log(step, {"epoch": epoch, **values, **scheduled})
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{values['loss']:.4f}")
                 signum = signals.requested(accelerator, step)
-                if step % train.checkpoint_every == 0 or step == stop or signum:
+                log_now = step % train.log_every == 0 or step == stop
+                save_now = step % train.checkpoint_every == 0 or step == stop or bool(signum)
+                if log_now or save_now:  # the only host reads of the loop
+                    _raise_if_non_finite(watch, accelerator, run_dir, state, per_epoch)
+                if log_now:
+                    logged = dict(zip(names, accelerator.reduce(values, "mean").tolist(), strict=True))
+                    scheduled = {k: float(v[step - 1]) for k, v in state.schedules.items()}
+                    log.log(step, {"epoch": epoch, **logged, **scheduled})
+                    bar.set_postfix(epoch=epoch, loss=f"{logged['loss']:.4f}")
+                bar.update(1)
+                if save_now:
                     checkpoint = save_checkpoint(accelerator, run_dir, step, train.keep_checkpoints)
                 if signum:  # the run ends here: its metrics and progress bar too
                     bar.close()
@@ -129,6 +161,23 @@ def run_loop(
         bar.close()
         state.seconds += time.perf_counter() - tic
         return step
+
+
+def _raise_if_non_finite(watch: NonFiniteWatch, accelerator: Accelerator, run_dir: Path, state: LoopState,
+                         per_epoch: int) -> None:
+    """NonFiniteLossError naming the first bad step and the newest checkpoint, which precedes it: every
+    checkpoint is written after this check."""
+    bad = watch.first(accelerator)
+    if bad is None:
+        return
+    step, loss = bad
+    last = checkpoint_dirs(run_dir)
+    raise NonFiniteLossError(
+        f"non-finite loss ({loss}) at step {step} (epoch {step // per_epoch}); "
+        f"last good checkpoint: {last[-1] if last else 'none'}. Continue from it with "
+        f"`{state.resume_key}=auto` and a lower `{state.lr_key}`"
+        + (" (or train.mixed_precision=bf16/no)." if state.lr_key.startswith("train.") else ".")
+    )
 
 
 def _batch_size(batch: Any) -> int:

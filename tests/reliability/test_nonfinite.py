@@ -31,19 +31,21 @@ def snapshot(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()}
 
 
-def poison_pretraining(monkeypatch: pytest.MonkeyPatch, run: Path, seen: dict) -> None:
-    """LoDisc's loss becomes NaN at the 4th call; the checkpoint as it is then goes into `seen`."""
+def poison_pretraining(monkeypatch: pytest.MonkeyPatch, run: Path, seen: dict, call: int = POISONED_CALL) -> list:
+    """LoDisc's loss becomes NaN at call `call`; the checkpoint as it is then goes into `seen`. Returns the
+    list that gets one item per forward."""
     forward, calls = LoDisc.forward, []
 
     def poisoned(self: LoDisc, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         out = forward(self, x1, x2)
         calls.append(1)
-        if len(calls) == POISONED_CALL:
+        if len(calls) == call:
             seen.update(snapshot(run))
             out["loss"] = out["loss"] * float("nan")
         return out
 
     monkeypatch.setattr(LoDisc, "forward", poisoned)
+    return calls
 
 
 def poison_finetuning(monkeypatch: pytest.MonkeyPatch, run: Path, seen: dict) -> None:
@@ -79,6 +81,22 @@ def test_nan_loss_stops_and_last_checkpoint_resumes(tiny_data: Path, tmp_path: P
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[2]["lr"] < records[1]["lr"] / 5  # the lower lr took effect from the resumed step
+
+
+def test_deferred_check_names_the_first_bad_step_and_writes_no_checkpoint_after_it(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop reads the loss back only at log and checkpoint steps (no host sync per step): with
+    log_every 5, the NaN of step 2 is found at the checkpoint of step 4, after step 3 ran, and the error
+    still names step 2 and the checkpoint of step 2, untouched; no metrics record from step 3 on."""
+    run, seen = tmp_path / "run", {}
+    calls = poison_pretraining(monkeypatch, run, seen, call=3)  # step 2 (0-based) diverges
+    cfg = tiny_config(tiny_data, run, log_every=5, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"\(nan\) at step 2 .*step_00000002.*resume=auto"):
+        pretrain(cfg)
+    assert len(calls) == 4, "the step after the bad one runs before the check: no read-back at step 2"
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"]
+    assert snapshot(run) == seen, "the steps after the bad one touched the last good checkpoint"
+    assert not (run / "metrics.jsonl").read_text().strip(), "a step from the bad one on was logged"
 
 
 @pytest.mark.parametrize("kind", ["pretraining", "fine-tuning"])

@@ -1,0 +1,107 @@
+"""The shared training loop on a toy regression: when it reads values back to the host, and which
+callbacks run on a step fp16's GradScaler skips."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from sslfg.data.sampling import EpochBatchSampler, seeded_loader
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.engine.loop import LoopState, run_loop
+from sslfg.engine.metrics import MetricsLog
+from sslfg.schema import LoopConfig
+
+HOST_READS = (Tensor.tolist, Tensor.item, Tensor.__float__, Tensor.__int__, Tensor.__bool__)
+
+
+class Traced(Tensor):
+    """A loss that records every read back to the host of it or of anything computed from it, with the
+    number of optimizer steps started at that moment."""
+
+    steps_started = 0
+    reads: list[int] = []
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in HOST_READS:
+            cls.reads.append(cls.steps_started)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity whose gradient is infinite: a finite loss whose step a GradScaler must skip."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad * float("inf")
+
+
+def toy_run(tmp_path: Path, steps: int, loss_of_step: Callable[[int, Tensor], Tensor],
+            accelerator: Accelerator | None = None, **train: int) -> tuple:
+    """A linear regression through run_loop: 4 samples a batch, `steps` steps; loss_of_step(i, loss)
+    may replace the loss of step i. Returns the loop's arguments to run it with callbacks."""
+    accelerator = accelerator or make_accelerator()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, generator=g), torch.randn(1, generator=g)) for _ in range(4 * steps)]
+    sampler = EpochBatchSampler(len(data), 4)
+    model = accelerator.prepare(nn.Linear(3, 1))
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    calls = []
+
+    def compute_loss(batch: list[Tensor]) -> dict[str, Tensor]:
+        x, y = batch
+        loss = loss_of_step(len(calls), ((model(x) - y) ** 2).mean())
+        calls.append(1)
+        return {"loss": loss}
+
+    cfg = LoopConfig(epochs=1, batch_size=4, **train)
+    state = LoopState(schedules={"lr": np.full(steps, 0.1), "weight_decay": np.zeros(steps)})
+    log = MetricsLog(tmp_path, accelerator.is_main_process)
+    return (accelerator, model, optimizer, seeded_loader(data, sampler, 0), sampler, cfg, state, tmp_path, log,
+            compute_loss)
+
+
+def test_host_reads_only_at_log_and_checkpoint_steps(tmp_path: Path) -> None:
+    """No host sync per step: the loss (and all computed from it: the finite check, the logged values) is
+    read only at the steps that log (every 4) or checkpoint (every 5), here 4, 5, 8, 10 and 12 of 12."""
+    Traced.reads = []
+
+    def traced(i: int, loss: Tensor) -> Tensor:
+        Traced.steps_started = i + 1
+        return loss.as_subclass(Traced)
+
+    run_loop(*toy_run(tmp_path, 12, traced, log_every=4, checkpoint_every=5))
+    assert Traced.reads, "the loss was never read back: the test would prove nothing"
+    assert sorted(set(Traced.reads)) == [4, 5, 8, 10, 12]
+
+
+def test_skipped_step_skips_the_update_callback_but_not_the_step_callback(tmp_path: Path) -> None:
+    """fp16's GradScaler skips step 2 (infinite gradients): after_update (the EMA) does not run for it,
+    after_step (the online kNN) does, and the weights really stayed as they were."""
+    accelerator = make_accelerator()
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what accelerate builds for fp16 on a GPU
+    args = toy_run(tmp_path, 5, lambda i, loss: InfGrad.apply(loss) if i == 2 else loss, accelerator)
+    model = args[1]
+    updates, steps, weights = [], [], []
+
+    def after_step(s: int) -> None:
+        steps.append(s)
+        weights.append(model.weight.detach().clone())
+
+    run_loop(*args, after_update=updates.append, after_step=after_step)
+    assert steps == [0, 1, 2, 3, 4]
+    assert updates == [0, 1, 3, 4]
+    assert torch.equal(weights[2], weights[1]) and not torch.equal(weights[3], weights[2])
+    assert accelerator.scaler.get_scale() == pytest.approx(2.0**16 / 2)  # one overflow halves the scale
