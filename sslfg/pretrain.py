@@ -123,8 +123,10 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
 
     state = LoopState(schedules=schedules, start_step=start)
 
-    def after_step(s: int) -> None:
+    def after_update(s: int) -> None:  # only after an applied optimizer step (fp16 skips some)
         lodisc.update_momentum(float(schedules["momentum"][s]))
+
+    def after_step(s: int) -> None:  # after every step, applied or not: evaluation must not be lost
         if online_knn is not None and (s + 1) % (t.knn_every * per_epoch) == 0:
             tic = time.perf_counter()
             metrics.log(s + 1, online_knn(lodisc.encoder))
@@ -135,7 +137,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
             state.seconds -= time.perf_counter() - tic
 
     step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics, compute_loss,
-                    after_step=after_step)
+                    after_update=after_update, after_step=after_step)
     metrics.close()
 
     if accelerator.is_main_process:
