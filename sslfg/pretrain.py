@@ -14,9 +14,10 @@ import torch
 from accelerate.utils import set_seed
 
 from sslfg.config import key_sources, save_config
+from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
 from sslfg.data.datasets import build_dataset
 from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
-from sslfg.data.transforms import TwoViewTransform, denormalize
+from sslfg.data.transforms import denormalize
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
@@ -52,14 +53,14 @@ def build_schedules(cfg: PretrainConfig, total_steps: int, global_batch: int, pe
 
 
 @torch.no_grad()
-def mask_figure(model: LoDisc, dataset, cfg: PretrainConfig, path: Path, title: str) -> None:
+def mask_figure(model: LoDisc, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path, title: str) -> None:
     """The two views of a few fixed training images and the patches the local branch keeps."""
     n = min(cfg.train.figure_samples, len(dataset))
     seeded = SeededDataset(dataset)
     indices = torch.linspace(0, len(dataset) - 1, n).long().tolist()
-    views = [seeded[(i, sample_seed(cfg.seed, -1, i))][0] for i in indices]
+    items = [seeded[(i, sample_seed(cfg.seed, -1, i))][0] for i in indices]
     device = next(model.parameters()).device
-    v1, v2 = (torch.stack([v[j] for v in views]).to(device) for j in (0, 1))
+    v1, v2 = views.to_device([torch.stack(parts) for parts in zip(*items, strict=True)], device)
     keep = model.kept_patches(torch.cat([v1, v2])).chunk(2)
     v1, v2 = (denormalize(v, cfg.data.mean, cfg.data.std).cpu() for v in (v1, v2))
     save_mask_figure(v1, v2, keep[0].cpu(), keep[1].cpu(), model.patch_size, path, title)
@@ -78,8 +79,9 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
             save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.seed)
 
-    transform = TwoViewTransform(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std)
-    dataset = build_dataset(cfg.data, cfg.data.train_split, transform)
+    views = two_view_pipeline(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std,
+                              resolve_augment_on(cfg.data.augment_on, accelerator.device))
+    dataset = build_dataset(cfg.data, cfg.data.train_split, views.transform)
     sampler = EpochBatchSampler(len(dataset), t.batch_size, accelerator.process_index, accelerator.num_processes,
                                 cfg.seed, multiple_of=t.grad_accum_steps)
     loader = seeded_loader(dataset, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
@@ -106,11 +108,10 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         log.info("resuming from %s (step %d)", resume_from, start)
     metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=start if resume_from else None)
     if accelerator.is_main_process and start == 0 and t.figure_samples > 0:
-        mask_figure(lodisc, dataset, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
+        mask_figure(lodisc, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
 
     def compute_loss(batch):
-        (x1, x2), _ = batch
-        out = model(x1.to(accelerator.device, non_blocking=True), x2.to(accelerator.device, non_blocking=True))
+        out = model(*views.to_device(batch[0], accelerator.device))  # data.augment_on: device augments here
         out.pop("keep_idx", None)
         return out
 
@@ -143,7 +144,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     if accelerator.is_main_process:
         export_backbone(lodisc.encoder, cfg.model.name, lodisc.timm_kwargs, run_dir)
         if t.figure_samples > 0:
-            mask_figure(lodisc, dataset, cfg, run_dir / "figures" / "masks_end.png", f"kept patches, step {step}")
+            mask_figure(lodisc, dataset, views, cfg, run_dir / "figures" / "masks_end.png",
+                        f"kept patches, step {step}")
         summary |= {
             "step": step, "total_steps": int(len(schedules["lr"])), "epochs": t.epochs,
             "global_batch": global_batch, "num_processes": accelerator.num_processes,

@@ -51,16 +51,18 @@ class SeparableGaussianBlur(v2.GaussianBlur):
         x = (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]  # (1, C, H, W)
         c = x.shape[1]
         x = F.pad(x, (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect")
-        x = F.conv2d(x, _gaussian_kernel1d(kx, sx).view(1, 1, 1, kx).expand(c, 1, 1, kx), groups=c)
-        x = F.conv2d(x, _gaussian_kernel1d(ky, sy).view(1, 1, ky, 1).expand(c, 1, ky, 1), groups=c)
+        x = F.conv2d(x, gaussian_kernel1d(kx, sx).view(1, 1, 1, kx).expand(c, 1, 1, kx), groups=c)
+        x = F.conv2d(x, gaussian_kernel1d(ky, sy).view(1, 1, ky, 1).expand(c, 1, ky, 1), groups=c)
         out = x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         return Image.fromarray(out[..., 0] if inpt.mode == "L" else out)
 
 
-def _gaussian_kernel1d(size: int, sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian over offsets -(size-1)/2 .. (size-1)/2 (torchvision's kernel)."""
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    return torch.softmax(-0.5 * (x / sigma) ** 2, dim=0)
+def gaussian_kernel1d(size: int, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Normalised 1-D Gaussian over offsets -(size-1)/2 .. (size-1)/2 (torchvision's kernel); a tensor of
+    sigmas (B,) gives one kernel per row, (B, size)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    x = torch.arange(size, dtype=torch.float32, device=sigma.device) - (size - 1) / 2
+    return torch.softmax(-0.5 * (x / sigma[..., None]) ** 2, dim=-1)
 
 
 class TwoViewTransform:
@@ -94,6 +96,14 @@ class TwoViewTransform:
         return f"{type(self).__name__}(\n  view1={self.views[0]},\n  view2={self.views[1]})"
 
 
+def geometric_steps(size: int, aug: AugmentConfig) -> list[v2.Transform]:
+    """The geometric head of a view: RandomResizedCrop(S) and, unless flip_p is 0, a horizontal flip."""
+    steps: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=tuple(aug.crop_scale), interpolation=INTERPOLATION)]
+    if aug.flip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(aug.flip_p))
+    return steps
+
+
 def _view(
     size: int,
     aug: AugmentConfig,
@@ -102,12 +112,9 @@ def _view(
     blur_p: float,
     solarize_p: float,
 ) -> v2.Compose:
-    """One view's pipeline; transforms with probability 0 are left out (cheaper, clearer repr)."""
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(size, scale=tuple(aug.crop_scale), interpolation=INTERPOLATION),
-    ]
-    if aug.flip_p > 0:
-        steps.append(v2.RandomHorizontalFlip(aug.flip_p))
+    """One view's pipeline; transforms with probability 0 are left out (cheaper, clearer repr). The
+    random draws come in the order `sslfg.data.batch_augment.TwoViewCrops` repeats."""
+    steps = geometric_steps(size, aug)
     if aug.jitter_p > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(*aug.jitter)], p=aug.jitter_p))
     if aug.grayscale_p > 0:
