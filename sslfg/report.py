@@ -38,6 +38,9 @@ from sslfg.studydir import (  # noqa: E402
 )
 
 KNN, MAP, LINEAR = KNN_KEY, "retrieval.mAP", "linear.top1"
+ONLINE_KEEP = "online_loc.keep_precision"
+LOCALISATION = {"loc.keep_precision": "keep precision", "loc.keep_chance": "chance", "loc.keep_lift": "lift",
+                "loc.gls_iou": "GLS IoU", "loc.gls_coverage": "GLS coverage"}
 FLOOR_NOTES = {"random": "random init, same architecture", "pixels": "raw pixels (normalised), no network"}
 
 
@@ -111,7 +114,31 @@ class Report:
             lines.append(f"| {arm} | {what} | {n} | {stats([_get(r, KNN) for r in knn])} | "
                          f"{stats([_get(r, MAP) for r in knn])} | {stats([_get(r, LINEAR) for r in lin])} | "
                          f"{steps} | {minutes} | {speed} | "
-                         f"{stats(self.wall_minutes(arm, ('pretrain', 'knn', 'linear')), scale=1)} |")
+                         f"{stats(self.wall_minutes(arm, ('pretrain', 'knn', 'linear', 'localise')), scale=1)} |")
+        return lines
+
+    def online_keep(self, arm: str) -> list[float | None]:
+        """Per seed: the momentum encoder's keep precision at the last step it was logged in pretraining."""
+        values = []
+        for seed in self.seeds:
+            path = pretrain_dir(self.root, seed, arm) / "metrics.jsonl"
+            records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+            values.append(next((r[ONLINE_KEEP] for r in reversed(records) if ONLINE_KEEP in r), None))
+        return values
+
+    def localisation_table(self) -> list[str]:
+        """eval.localise of each pretraining arm and the random floor, and the last online keep precision."""
+        arms = [a for a in ("random", *self.arms) if any(self.evals(a, "localise"))]
+        if not arms:
+            return []
+        lines = ["| arm | n | " + " | ".join(LOCALISATION.values()) + " | keep precision in pretraining (momentum "
+                 "encoder, last log) |", "|---|---|" + "---|" * (len(LOCALISATION) + 1)]
+        for arm in arms:
+            records = self.evals(arm, "localise")
+            cells = [stats([_get(r, k) for r in records], scale=1 if k.endswith("lift") else 100.0)
+                     for k in LOCALISATION]
+            online = stats(self.online_keep(arm)) if arm in self.arms else "–"
+            lines.append(f"| {arm} | {sum(r is not None for r in records)} | {' | '.join(cells)} | {online} |")
         return lines
 
     def paired(self, arm: str, other: str, metric: str, name: str) -> list[float]:
@@ -157,6 +184,19 @@ class Report:
                 f"{stats(self.wall_minutes(arm, ('finetune',)), scale=1)} |")
         return lines
 
+    def finetune_localisation(self) -> list[str]:
+        """GLS box IoU and object coverage of the fine-tuned GLSim arms, when the test split has boxes."""
+        rows = [(arm, self.finetunes(arm)) for arm in self.cfg.finetune.arms]
+        rows = [(arm, runs) for arm, runs in rows if any(r and "test.gls_iou" in r for r in runs)]
+        if not rows:
+            return []
+        lines = ["| arm | n | GLS IoU | GLS coverage |", "|---|---|---|---|"]
+        for arm, runs in rows:
+            lines.append(f"| {arm} | {sum(bool(r) for r in runs)} | {stats([_get(r, 'test.gls_iou') for r in runs])} | "
+                         f"{stats([_get(r, 'test.gls_coverage') for r in runs])} |")
+        return ["GLSim's box on the test images against the object box (IoU, and the fraction of the object "
+                "inside the crop), in %:", "", *lines, ""]
+
     def finetune_differences(self) -> list[str]:
         """Each fine-tuning arm against the first (the plain ViT in the bundled studies), paired by seed."""
         arms = list(self.cfg.finetune.arms)
@@ -169,7 +209,7 @@ class Report:
     def protocols(self) -> list[str]:
         lines = []
         for arm in self.arms:
-            for name in ("knn", "linear"):
+            for name in ("knn", "linear", "localise"):
                 record = next((r for r in self.evals(arm, name) if r), None)
                 if record and not any(line.startswith(f"- **{name}**") for line in lines):
                     keys = ", ".join(f"{k.removeprefix('protocol.')}={v}" for k, v in record.items()
@@ -179,7 +219,7 @@ class Report:
 
     def commands(self) -> list[str]:
         seed = self.seeds[0]
-        order = ("pretrain", "knn", "linear", "finetune")  # the order the study runs them in
+        order = ("pretrain", "knn", "linear", "localise", "finetune")  # the order the study runs them in
         found = sorted(done_dir(self.root).glob(f"seed{seed}.*.json"),
                        key=lambda p: (order.index(p.stem.split(".")[1]), p.stem))
         lines = [f"Seed {seed}; the other seeds differ only in `seed=` and the `seed<N>` folder.", "", "```"]
@@ -190,7 +230,8 @@ class Report:
 
     def curves(self) -> str | None:
         """Global and local loss and online kNN of every pretraining arm (first seed)."""
-        panels = [("loss_global", "global loss"), ("loss_local", "local loss"), ("online_knn.k20.top1", "online kNN")]
+        panels = [("loss_global", "global loss"), ("loss_local", "local loss"), ("online_knn.k20.top1", "online kNN"),
+                  (ONLINE_KEEP, "keep precision (momentum encoder)")]
         series = {}
         for arm in self.arms:
             path = pretrain_dir(self.root, self.seeds[0], arm) / "metrics.jsonl"
@@ -232,6 +273,10 @@ class Report:
             if fig := self.copy_figure(pretrain_dir(self.root, seed, arm) / "figures" / "masks_end.png",
                                        f"masks_{arm}.png"):
                 lines += [f"### Kept patches at the end of pretraining: {arm}", "", f"![masks]({fig})", ""]
+        for arm in ("random", *self.arms):
+            if fig := self.copy_figure(eval_dir(self.root, seed, arm) / "figures" / "localise.png",
+                                       f"localise_{arm}.png"):
+                lines += [f"### Object box, kept patches and GLS box: {arm}", "", f"![localise]({fig})", ""]
         for arm in self.cfg.finetune.arms:
             if fig := self.copy_figure(finetune_dir(self.root, seed, arm) / "figures" / "gls_crops.png",
                                        f"crops_{arm}.png"):
@@ -268,10 +313,19 @@ class Report:
             *self.frozen_table(), "",
             "### Differences", "", *self.difference_table(), "",
         ]
+        if localisation := self.localisation_table():
+            text += ["## Localisation", "", "Where each backbone looks on the test images (eval.localise, values in "
+                     "%, lift a ratio): keep precision = the fraction of the patches LoDisc would keep (its "
+                     "location score from the backbone's own CLS attention, at the keep ratio under Protocols) whose "
+                     "centre lies in the object box; chance = the fraction of all patches inside it; lift = "
+                     "precision / chance (1: no better than chance); GLS IoU and coverage = the box around the "
+                     "top-k patches most similar to CLS against the object box. The last column is the keep "
+                     "precision logged during pretraining, from the momentum encoder that picks LoDisc's patches "
+                     "(MoCo v3 too, at the same keep ratio).", "", *localisation, ""]
         if self.cfg.finetune.arms:
             text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20: **{best}** (selected on "
                      "the test-split kNN it reports, as the study's question is which pretraining to keep).", "",
-                     *self.finetune_table(), "", *self.finetune_differences(), ""]
+                     *self.finetune_table(), "", *self.finetune_localisation(), *self.finetune_differences(), ""]
         text += ["## Protocols", "", *self.protocols(), "", "## Figures", "", *self.figures(best),
                  "## Commands", "", *self.commands(), ""]
         path = self.out / "report.md"

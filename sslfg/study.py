@@ -6,10 +6,11 @@ fine-tuning arms → report.
     accelerate launch -m sslfg.study --config configs/study/cub.yaml     # every arm on all processes
     python -m sslfg.report runs/study_sample                             # rebuild the report only
 
-Every arm runs through its real entry point (train_ssl.py, eval.knn, eval.linear, eval.finetune)
-in this process, with the command line it would take on its own; that command is recorded with its
-result. A finished arm is skipped when the study runs again; an unfinished pretraining or
-fine-tuning arm continues from its newest checkpoint (they all run with resume=auto). A stop signal
+Every arm runs through its real entry point (train_ssl.py, eval.knn, eval.linear, eval.finetune, and
+eval.localise when the dataset has object boxes) in this process, with the command line it would take
+on its own; that command is recorded with its result. A finished arm is skipped when the study runs
+again; an unfinished pretraining or fine-tuning arm continues from its newest checkpoint (they all run
+with resume=auto). A stop signal
 (SIGTERM, SIGUSR1, Ctrl-C) ends the arm in flight with a checkpoint and the study with that arm's exit
 status; the same command then continues the study where it stopped.
 
@@ -41,6 +42,7 @@ import train_ssl
 from eval import finetune as finetune_cli
 from eval import knn as knn_cli
 from eval import linear as linear_cli
+from eval import localise as localise_cli
 from sslfg.cli import USER_ERRORS, parse_cli, run_cli
 from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data.datasets import build_dataset
@@ -68,6 +70,7 @@ ENTRY_POINTS: dict[str, tuple[str, Callable[[Sequence[str] | None], object]]] = 
     "knn": ("python -m eval.knn", knn_cli.main),
     "linear": ("python -m eval.linear", linear_cli.main),
     "finetune": ("python -m eval.finetune", finetune_cli.main),
+    "localise": ("python -m eval.localise", localise_cli.main),
 }
 CALIBRATION_STEPS = 5  # optimizer steps timed per pretraining arm for a budget in minutes
 
@@ -161,22 +164,28 @@ class Study:
         for name, spec in self.cfg.pretrain.arms.items():
             config, args, _ = self._pretrain_args(name, spec, seed, epochs)
             arms.append(Arm(arm_id(seed, "pretrain", name), "pretrain", ["--config", config, *args]))
-            arms += self.eval_arms(seed, name, ["--checkpoint", str(pretrain_dir(self.root, seed, name))])
+            arms += self.eval_arms(seed, name, ["--checkpoint", str(pretrain_dir(self.root, seed, name))],
+                                   kinds=self.frozen_kinds)
         return arms
+
+    @property
+    def frozen_kinds(self) -> tuple[str, ...]:
+        """The evaluations of a pretraining arm and of the random floor: eval.localise too when the data has boxes."""
+        return ("knn", "linear", "localise") if self.data.boxes else ("knn", "linear")
 
     def eval_arms(self, seed: int, name: str, source: list[str], kinds: Sequence[str] = ("knn", "linear"),
                   extra: Sequence[str] = ()) -> list[Arm]:
         e = self.cfg.evaluate
         common = [*source, "--dataset", self.cfg.dataset, f"seed={seed}",
                   f"output_dir={eval_dir(self.root, seed, name)}", *extra]
-        per_kind = {"knn": e.knn, "linear": e.linear}
+        per_kind = {"knn": e.knn, "linear": e.linear, "localise": []}
         return [Arm(arm_id(seed, kind, name), kind, [*common, *per_kind[kind]]) for kind in kinds
-                if kind == "knn" or e.run_linear]
+                if kind != "linear" or e.run_linear]
 
     def floor_arms(self, seed: int) -> list[Arm]:
         """Random init of the first arm's architecture; raw pixels when the images are small."""
         first = str(pretrain_dir(self.root, seed, next(iter(self.cfg.pretrain.arms))))
-        arms = self.eval_arms(seed, "random", ["--random-init", "--checkpoint", first]) \
+        arms = self.eval_arms(seed, "random", ["--random-init", "--checkpoint", first], kinds=self.frozen_kinds) \
             if self.cfg.evaluate.random_floor else []
         if 3 * self.data.image_size**2 <= self.cfg.evaluate.pixel_floor_max_dim:
             arms += self.eval_arms(seed, "pixels", ["--random-init", "--checkpoint", first], kinds=("knn",),

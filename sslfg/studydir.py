@@ -3,7 +3,7 @@
     <study>/study.yaml                    the resolved study config
     <study>/machine.json                  what it ran on
     <study>/budget.json                   the pretraining epochs every arm gets (fixed at the first run)
-    <study>/seed<s>/<arm>/                a pretraining run; its evaluations in eval/
+    <study>/seed<s>/<arm>/                a pretraining run; its evaluations (knn, linear, localise) in eval/
     <study>/seed<s>/random/eval/          the random-init floor; pixels/eval/ the raw-pixel floor
     <study>/seed<s>/finetune/<arm>/       a fine-tuning run
     <study>/done/<arm id>.json            written when an arm finished: its command and wall time

@@ -23,6 +23,7 @@ from sslfg.schema import StudyConfig
 from sslfg.study import Study
 from tests.conftest import TINY_MODEL
 from tests.reliability.procs import command, finish, start
+from tests.test_localisation import write_boxed_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"image_size": 16, "num_workers": 0, "train_split": "train", "test_split": "test"}
@@ -164,3 +165,37 @@ def test_study_under_two_processes_runs_every_arm_on_both(tiny_data: Path, tmp_p
         assert summary["num_processes"] == 2 and summary["global_batch"] == 16
     assert json.loads((root / "seed0/finetune/glsim/metrics.json").read_text())["test.top1"] >= 0
     assert (root / "report" / "report.md").is_file() and "2 process(es)" in (root / "report/report.md").read_text()
+
+
+@pytest.mark.slow  # about 30 s
+def test_a_study_on_data_with_boxes_reports_where_each_arm_looks(tmp_path: Path) -> None:
+    data = write_boxed_dataset(tmp_path / "boxed")
+    config = write_recipes(data, tmp_path, seeds=[0])
+    for name, section, keys in (("dataset", "data", {"boxes": True}),
+                                ("pretrain", "train", {"loc_every": 1, "loc_samples": 8})):
+        recipe = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+        recipe[section] |= keys
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    study = yaml.safe_load(config.read_text())
+    study["evaluate"]["run_linear"] = False
+    study["finetune"]["arms"].pop("ila")
+    config.write_text(yaml.safe_dump(study))
+    assert run_cli(study_module.main, ["--config", str(config), "pretrain.epochs=1"]) == 0
+
+    root = tmp_path / "study"
+    for arm in ("mocov3", "lodisc", "random"):
+        assert 0 <= json.loads((root / f"seed0/{arm}/eval/localise.json").read_text())["loc.keep_precision"] <= 1
+    report = (root / "report" / "report.md").read_text()
+    section = report.split("## Localisation")[1].split("## Fine-tuning")[0]
+    for row in ("| random | 1 |", "| mocov3 | 1 |", "| lodisc | 1 |"):
+        assert row in section, row
+    lodisc = next(line for line in section.splitlines() if line.startswith("| lodisc |")).split(" | ")
+    loc = json.loads((root / "seed0/lodisc/eval/localise.json").read_text())
+    assert lodisc[2] == f"{100 * loc['loc.keep_precision']:.2f}" and lodisc[4] == f"{loc['loc.keep_lift']:.2f}"
+    records = [json.loads(x) for x in (root / "seed0/lodisc/metrics.jsonl").read_text().splitlines()]
+    last = [r["online_loc.keep_precision"] for r in records if "online_loc.keep_precision" in r][-1]
+    assert lodisc[-1].strip(" |") == f"{100 * last:.2f}"
+    glsim = json.loads((root / "seed0/finetune/glsim/metrics.json").read_text())
+    assert f"| glsim | 1 | {100 * glsim['test.gls_iou']:.2f} | {100 * glsim['test.gls_coverage']:.2f} |" in report
+    assert "python -m eval.localise --checkpoint" in report and "](localise_lodisc.png)" in report
+    assert (root / "report" / "curves.png").stat().st_size > 1000
