@@ -131,12 +131,15 @@ def parse_eval_cli(argv: Sequence[str] | None, description: str) -> CommandLine:
                         "data settings unless --config/--dataset/data.root do) or weights file")
     parser.add_argument("--model", metavar="NAME", help="timm model name (weights file or --random-init)")
     parser.add_argument("--random-init", action="store_true", help="random weights: the floor")
+    parser.add_argument("--pretrained", action="store_true", help="timm's weights for --model (name.tag or "
+                        "hf-hub:org/repo) from the Hugging Face cache")
     parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON here")
     _add_common(parser)
     args = parser.parse_intermixed_args(argv)
     flags = {"checkpoint": args.checkpoint, "model": args.model, "output": args.output}
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     overrides += ["random_init=true"] if args.random_init else []
+    overrides += ["pretrained=true"] if args.pretrained else []
     return CommandLine([p for p in (args.config, args.dataset) if p], overrides + list(args.overrides), args.check)
 
 

@@ -16,14 +16,15 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.rundir import write_json
 from sslfg.features import cached_features
-from sslfg.models.backbone import backbone_source, create_vit
+from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
 from sslfg.schema import EvalConfig, PretrainConfig
 
 
 def backbone_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], str]:
     """(timm name, kwargs at the dataset's image size, weights file) of the backbone, without building it."""
-    if not cfg.checkpoint and not (cfg.random_init and cfg.model):
-        raise ConfigError("checkpoint: give --checkpoint (run dir or weights file), or --random-init --model NAME")
+    if not cfg.checkpoint and not ((cfg.random_init or cfg.pretrained) and cfg.model):
+        raise ConfigError("checkpoint: give --checkpoint (run dir or weights file), --model NAME --pretrained "
+                          "(timm's weights), or --random-init --model NAME")
     name, kwargs, weights = backbone_source(cfg.checkpoint, cfg.model, cfg.model_kwargs, key="checkpoint")
     return name, {**kwargs, "img_size": cfg.data.image_size}, weights
 
@@ -32,9 +33,11 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     """The frozen backbone at the dataset's image size, and what to record about it."""
     name, kwargs, weights = backbone_spec(cfg)
     torch.manual_seed(cfg.seed)
-    vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model")
+    vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model",
+                     pretrained=cfg.pretrained)
     init = "random" if cfg.random_init else weights
-    return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init}
+    return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init,
+                 **pretrained_record(vit)}
 
 
 def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]:
@@ -61,7 +64,8 @@ def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and ckpt.is_dir():
         return ckpt / ("eval-random" if cfg.random_init else "eval")
-    return Path("runs/eval") / f"{info['backbone']}-{'random' if cfg.random_init else ckpt.stem}"
+    init = "random" if cfg.random_init else "pretrained" if cfg.pretrained else ckpt.stem
+    return Path("runs/eval") / f"{info['backbone'].replace('/', '--')}-{init}"
 
 
 def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, split: str,

@@ -29,7 +29,7 @@ from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
 from sslfg.localisation import finetune_test_boxes, glsim_localisation
-from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, timm_kwargs
+from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, pretrained_record, timm_kwargs
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
@@ -45,7 +45,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     m = cfg.model
     name, kwargs, weights = backbone_source(cfg.init, m.name, timm_kwargs(cfg.data.image_size, m.patch_size, m.kwargs))
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
-    vit = create_vit(name, kwargs, weights, key="init")
+    vit = create_vit(name, kwargs, weights, key="init", pretrained=m.pretrained)
     dp = m.drop_path_rate  # the same in every block (GLSim's recipe), set by the classifier, not timm's ramp
     model = (GLSim(vit, num_classes, k=m.top_k, box=m.crop_box, drop_path_rate=dp) if m.head == "glsim"
              else ViTClassifier(vit, num_classes, drop_path_rate=dp))
@@ -56,7 +56,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
                               f"the {m.adapter} adapters")
     trainable, total = count_parameters(model)
     return model, {"backbone": name, "backbone_kwargs": kwargs, "init": weights or "scratch", "head": m.head,
-                   "adapter": m.adapter, "params.trainable": trainable, "params.total": total}
+                   "adapter": m.adapter, "params.trainable": trainable, "params.total": total, **pretrained_record(vit)}
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
 from sslfg.localisation import OnlineLocalisation
-from sslfg.models.backbone import export_backbone
+from sslfg.models.backbone import export_backbone, pretrained_record
 from sslfg.models.lodisc import LoDisc
 from sslfg.online_knn import OnlineKnn
 from sslfg.schema import PretrainConfig
@@ -93,7 +93,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     summary = startup_summary(cfg.data, {cfg.data.train_split: dataset}, key_sources(cfg), {
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
-        "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume})
+        "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
+        **pretrained_record(model.encoder)})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:
@@ -149,7 +150,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         summary |= {
             "step": step, "total_steps": int(len(schedules["lr"])), "epochs": t.epochs,
             "global_batch": global_batch, "num_processes": accelerator.num_processes,
-            "init": cfg.model.weights or "scratch", "seconds": round(state.seconds, 2),
+            "seconds": round(state.seconds, 2),
             "images_per_second": state.images_per_second,
             "checkpoint": str(checkpoint_dirs(run_dir)[-1]),
             "data.skipped_images": len(dataset.skipped),  # dropped by data.on_bad_image=skip, each logged

@@ -18,8 +18,19 @@ from typing import Any
 import timm
 import torch
 import yaml
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from timm.models import split_model_name_tag
+from timm.models._hub import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, hf_split
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn, init_weights_vit_timm
 from torch import Tensor
 
@@ -31,6 +42,7 @@ BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
 CHECKPOINT_MODEL = "model.safetensors"  # the model file accelerate writes into a checkpoint folder
 RUN_CONFIG = "config.yaml"
+HF_HUB = "hf-hub:"  # timm's prefix of a Hugging Face hub model name
 WRAPPED_ENCODER = "encoder."  # the backbone's prefix in LoDisc's, GLSim's and ViTClassifier's state dicts
 
 
@@ -44,29 +56,104 @@ def timm_kwargs(img_size: int, patch_size: int = 0, extra: dict[str, Any] | None
 
 def create_vit(
     name: str, kwargs: dict[str, Any], weights: str = "", drop_path_rate: float = 0.0, key: str = "model.weights",
-    name_key: str = "model.name",
+    name_key: str = "model.name", pretrained: bool = False,
 ) -> VisionTransformer:
-    """A timm ViT without classifier, from scratch or from local weights (see `load_weights`).
+    """A timm ViT without classifier, from scratch, from local weights or, with `pretrained`, from timm's
+    weights for `name` (a timm name with or without its tag, or `hf-hub:org/repo`) through the Hugging
+    Face cache (`hub_weights`); either file is loaded strictly (see `load_weights`).
 
     `key` and `name_key` name the settings that gave `weights` and `name` in error messages
     (`model.weights` / `init` / `--checkpoint`, `model.name` / `--model`).
     """
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
-        hint = f"close names: {', '.join(close)}" if close else "list them with timm.list_models('vit*')"
-        raise ConfigError(f"{name_key}: '{name}' is not a timm model name; {hint}")
+    _check_name(name, name_key)
     weights = weights_file(weights, key) if weights else ""
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+        with _hub_errors("config.json", name, name_key, key):  # an hf-hub: name's architecture comes from the hub
+            model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:  # timm's reactions to a bad keyword or geometry
         raise ConfigError(f"{name_key}: timm cannot build '{name}' with {kwargs}: {e}; check the model's kwargs") from e
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
         raise ConfigError(f"{name_key}: '{name}' is not a timm VisionTransformer with a class token")
     if model.patch_embed.img_size is not None:  # None: timm's dynamic image size
         check_patch_grid(model.patch_embed.img_size[0], model.patch_embed.patch_size[0], name)
+    if pretrained:
+        weights = hub_weights(model, name, name_key, key)
     if weights:
         load_weights(model, weights, key, f"{name} {kwargs}")
     return model
+
+
+def _check_name(name: str, name_key: str) -> None:
+    """ConfigError unless `name` is a timm model, with a tag timm knows if it has one, or an hf-hub: name."""
+    if name.startswith(HF_HUB):
+        return
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"close names: {', '.join(close)}" if close else "list them with timm.list_models('vit*')"
+        raise ConfigError(f"{name_key}: '{name}' is not a timm model name; {hint}")
+    if split_model_name_tag(name)[1] and name not in _tags(name):
+        raise ConfigError(f"{name_key}: timm knows no tag '{split_model_name_tag(name)[1]}' of "
+                          f"{split_model_name_tag(name)[0]}; its tags: {', '.join(_tags(name)) or 'none'}")
+
+
+def _tags(name: str) -> list[str]:
+    """timm's `architecture.tag` names with pretrained weights for the architecture of `name`."""
+    return timm.list_pretrained(f"{split_model_name_tag(name)[0]}.*")
+
+
+def hub_weights(vit: VisionTransformer, name: str, name_key: str, key: str) -> str:
+    """The local file of timm's pretrained weights for `vit`, built from `name`: from the Hugging Face
+    cache, downloaded into it first unless HF_HUB_OFFLINE is set. The file is recorded in
+    `vit.pretrained_cfg["file"]`, where timm records a file it loads, for `pretrained_record`."""
+    cfg = vit.pretrained_cfg
+    if not cfg.get("hf_hub_id"):
+        raise ConfigError(f"{name_key}: timm has no Hugging Face hub weights for '{name}' (tags with weights: "
+                          f"{', '.join(_tags(name)) or 'none'}); or give a local weights file as {key}=PATH")
+    repo, revision = hf_split(cfg["hf_hub_id"])
+    # timm's order: the file its config names, else safetensors before the pickled state dict
+    *first, last = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+    path = ""
+    for filename in first:
+        with contextlib.suppress(EntryNotFoundError):  # not in the repository, or offline and not cached
+            path = hf_hub_download(repo, filename, revision=revision)
+            break
+    if not path:
+        with _hub_errors("weights file", name, name_key, key, repo):
+            path = hf_hub_download(repo, last, revision=revision)
+    cfg["file"] = path
+    return path
+
+
+@contextlib.contextmanager
+def _hub_errors(what: str, name: str, name_key: str, key: str, repo: str = "") -> Iterator[None]:
+    """ConfigError for a hub file that is neither cached nor downloadable: how to get it, or to use a local
+    file as `key` instead."""
+    repo = repo or name.removeprefix(HF_HUB)
+    try:
+        yield
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        why = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise ConfigError(
+            f"{name_key}: no {what} of '{name}' (hub repository {repo}) in the Hugging Face cache "
+            f"{hf_constants.HF_HUB_CACHE}, and {why}; fetch them where there is network with `hf download {repo}` "
+            f"(with the same HF_HOME) or run this command once online, or download the weights file and give it "
+            f"as {key}=PATH"
+        ) from e
+    except (RepositoryNotFoundError, EntryNotFoundError, HfHubHTTPError) as e:
+        raise ConfigError(f"{name_key}: the Hugging Face hub has no {what} of '{name}' ({repo}): "
+                          f"{str(e).splitlines()[0]}") from e
+
+
+def pretrained_record(vit: VisionTransformer) -> dict[str, str]:
+    """What `hub_weights` loaded into `vit` (name, tag, hub id, file) for a run's summary; {} for another init."""
+    cfg = vit.pretrained_cfg
+    if not cfg.get("file") or not cfg.get("hf_hub_id"):
+        return {}
+    tag = cfg.get("tag") or ""
+    name = f"{HF_HUB}{cfg['hf_hub_id']}" if cfg.get("source") == "hf-hub" else ".".join(filter(None, (
+        cfg["architecture"], tag)))
+    return {"init": f"pretrained {name}", "pretrained.name": name, "pretrained.tag": tag,
+            "pretrained.hub_id": cfg["hf_hub_id"], "pretrained.file": cfg["file"]}
 
 
 def weights_file(path: str, key: str) -> str:

@@ -65,7 +65,8 @@ class LoDisc(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.timm_kwargs = timm_kwargs(image_size, cfg.patch_size, cfg.kwargs)
-        self.encoder = create_vit(cfg.name, self.timm_kwargs, cfg.weights, cfg.drop_path_rate)
+        self.encoder = create_vit(cfg.name, self.timm_kwargs, cfg.weights, cfg.drop_path_rate,
+                                  pretrained=cfg.pretrained)
         dim = self.encoder.embed_dim
         if not 0 <= cfg.attention_layers <= len(self.encoder.blocks):
             raise ConfigError(f"model.attention_layers: expected 0 (every block) to {len(self.encoder.blocks)}, "
