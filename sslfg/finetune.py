@@ -169,7 +169,8 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
 
     timing = {}
     if not cfg.eval_only:
-        metrics_log = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step if resume_from else None)
+        metrics_log = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step if resume_from else None,
+                                 trackers=cfg.train.log_with, config=cfg)
 
         def compute_loss(batch):
             images, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)

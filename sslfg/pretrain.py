@@ -107,7 +107,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     start = load_checkpoint(accelerator, resume_from) if resume_from else 0
     if resume_from:
         log.info("resuming from %s (step %d)", resume_from, start)
-    metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=start if resume_from else None)
+    metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=start if resume_from else None,
+                         trackers=t.log_with, config=cfg)
     if accelerator.is_main_process and start == 0 and t.figure_samples > 0:
         mask_figure(lodisc, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
 
