@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 
 data: setup
 	$(BIN)/python -m sslfg.data.sample --out data/sample
+	$(BIN)/python -m sslfg.data.cluttered --out data/cluttered
 
 demo: data
 	$(BIN)/python -m sslfg.study --config configs/study/sample.yaml output_dir=$(DEMO_STUDY)

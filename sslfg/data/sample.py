@@ -17,6 +17,7 @@ Per class, `per_class` train images are drawn with a fixed seed and split 90/10 
 `test_per_class` test images are drawn from t10k. The folder is built under a temporary name and
 renamed when complete, so a run that is interrupted leaves no half-written `<out>`; a second run
 with the same parameters returns at once. Two runs for the same `<out>` must not overlap.
+`build_from_fashion_mnist` does all this for any per-image rendering (`sslfg.data.cluttered`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,6 +65,10 @@ SEED = 0
 VAL_FRACTION = 0.1
 _FORMAT_VERSION = 1  # bump when the output layout changes, so old folders are rebuilt
 
+Row = tuple[int, str, int]  # (class_id, part, index in that part's idx file)
+Parts = dict[str, tuple[np.ndarray, np.ndarray]]  # part -> (images (N, 28, 28) uint8, labels (N,))
+Render = Callable[[Row], tuple[np.ndarray, Sequence[object]]]  # row -> (grey image, extra csv values)
+
 
 def prepare_sample(
     out_dir: str | os.PathLike[str],
@@ -87,25 +93,42 @@ def prepare_sample(
     Returns:
         `out_dir` as a Path.
     """
+    params = {"dataset": "fashion-mnist", "licence": "MIT (Zalando Research)"}
+    return build_from_fashion_mnist(out_dir, params, per_class, test_per_class, _copy_garment, (),
+                                    cache_dir=cache_dir, system_dir=system_dir, builder="sslfg.data.sample")
+
+
+def _copy_garment(data: Parts) -> Render:
+    return lambda row: (data[row[1]][0][row[2]], ())
+
+
+def build_from_fashion_mnist(
+    out_dir: str | os.PathLike[str],
+    params: dict[str, object],
+    per_class: int,
+    test_per_class: int,
+    renderer: Callable[[Parts], Render],
+    extra_columns: Sequence[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None,
+    system_dir: str | os.PathLike[str],
+    builder: str,
+) -> Path:
+    """Build `out_dir` from the sample's rows (see `prepare_sample`), each image drawn by `renderer(parts)(row)`,
+    which also gives the row's values of `extra_columns` for the csv files. `params` (plus the split sizes)
+    identify a build in the marker; `builder` (the module) is named in errors."""
     out = Path(out_dir)
     if per_class < 2 or test_per_class < 1:
         raise ValueError(f"need per_class >= 2 and test_per_class >= 1, got {per_class}, {test_per_class}")
-    params = {
-        "dataset": "fashion-mnist",
-        "licence": "MIT (Zalando Research)",
-        "per_class": per_class,
-        "test_per_class": test_per_class,
-        "val_fraction": VAL_FRACTION,
-        "seed": SEED,
-        "version": _FORMAT_VERSION,
-    }
+    params = {**params, "per_class": per_class, "test_per_class": test_per_class, "val_fraction": VAL_FRACTION,
+              "seed": SEED, "version": _FORMAT_VERSION}
     if out.exists():
         if _read_marker(out) == params:
-            logger.info("sample dataset already complete: %s", out)
+            logger.info("dataset already complete: %s", out)
             return out
         if not (out / MARKER).exists():
             raise DataError(
-                f"{out} exists but was not built by sslfg.data.sample (no {MARKER} file); remove it or "
+                f"{out} exists but was not built by {builder} (no {MARKER} file); remove it or "
                 "choose another output folder."
             )
         logger.info("%s was built with other parameters; rebuilding it", out)
@@ -116,7 +139,7 @@ def prepare_sample(
     train_val = _pick_per_class(data["train"][1], per_class, rng, "train", source)
     test = _pick_per_class(data["test"][1], test_per_class, rng, "test", source)
     n_val = max(1, round(per_class * VAL_FRACTION))
-    # Rows of (class_id, part, index); train_val rows are drawn in random order within a class.
+    # train_val rows are drawn in random order within a class.
     splits = {
         "train": sorted(row for rows in train_val for row in rows[n_val:]),
         "val": sorted(row for rows in train_val for row in rows[:n_val]),
@@ -128,7 +151,7 @@ def prepare_sample(
     if partial.exists():
         shutil.rmtree(partial)
     try:
-        _write_layout(partial, data, splits)
+        _write_layout(partial, splits, renderer(data), extra_columns)
         (partial / MARKER).write_text(json.dumps(params, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -186,9 +209,7 @@ def _read_part(source: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _pick_per_class(
-    labels: np.ndarray, n: int, rng: np.random.Generator, part: str, source: Path
-) -> list[list[tuple[int, str, int]]]:
+def _pick_per_class(labels: np.ndarray, n: int, rng: np.random.Generator, part: str, source: Path) -> list[list[Row]]:
     """For each class, `n` random indices of `labels` as (class_id, part, index) rows, in drawing order."""
     picked = []
     for class_id in range(len(CLASS_NAMES)):
@@ -202,29 +223,27 @@ def _pick_per_class(
     return picked
 
 
-def _write_layout(
-    root: Path,
-    data: dict[str, tuple[np.ndarray, np.ndarray]],
-    splits: dict[str, list[tuple[int, str, int]]],
-) -> None:
-    """Write the PNGs and csv files of `splits` (rows of (class_id, part, index)) under `root`."""
+def _write_layout(root: Path, splits: dict[str, list[Row]], render: Render, extra_columns: Sequence[str]) -> None:
+    """Write the PNGs (drawn by `render`) and csv files of `splits` under `root`."""
     rows = splits["train_val"] + splits["test"]
     for class_id, part in {(c, p) for c, p, _ in rows}:
         (root / "images" / part / str(class_id)).mkdir(parents=True, exist_ok=True)
 
-    def save(row: tuple[int, str, int]) -> None:
+    def save(row: Row) -> Sequence[object]:
         class_id, part, index = row
-        path = root / "images" / part / str(class_id) / f"{index}.png"
-        Image.fromarray(data[part][0][index]).save(path, compress_level=1)
+        image, extra = render(row)
+        Image.fromarray(image).save(root / "images" / part / str(class_id) / f"{index}.png", compress_level=1)
+        return extra
 
     # Writing 12k tiny files is file-system bound; threads overlap it (about 3x faster).
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(save, rows))  # list() re-raises the first error
+        extras = dict(zip(rows, pool.map(save, rows), strict=True))  # re-raises the first error
     for split, rows in splits.items():
         with open(root / f"{split}.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["class_id", "dir"])
-            writer.writerows((class_id, f"{part}/{class_id}/{index}.png") for class_id, part, index in rows)
+            writer.writerow(["class_id", "dir", *extra_columns])
+            writer.writerows((class_id, f"{part}/{class_id}/{index}.png", *extras[class_id, part, index])
+                             for class_id, part, index in rows)
     with open(root / "classid_classname.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class_id", "class_name"])
@@ -284,8 +303,13 @@ def _download_to(cache: Path, searched: tuple[Path, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build the sample dataset and print its folder."""
-    parser = argparse.ArgumentParser(prog="python -m sslfg.data.sample", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="data/sample", help="output folder (default: data/sample)")
+    command_line(argv, "sslfg.data.sample", __doc__, "data/sample", prepare_sample)
+
+
+def command_line(argv: list[str] | None, module: str, doc: str, default_out: str, prepare: Callable[..., Path]) -> None:
+    """The command line of a builder `module` (`prepare` has prepare_sample's signature): build, print the folder."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
     parser.add_argument("--per-class", type=int, default=1000, help="train_val images per class")
     parser.add_argument("--test-per-class", type=int, default=200, help="test images per class")
     parser.add_argument(
@@ -294,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = prepare_sample(args.out, args.per_class, args.test_per_class, cache_dir=args.cache)
+        out = prepare(args.out, args.per_class, args.test_per_class, cache_dir=args.cache)
     except ValueError as err:  # DataError included: a message for the user, not a traceback
         parser.exit(1, f"error: {err}\n")
     print(out)
