@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
-from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # torchvision's own, batched
 
 from sslfg.data.transforms import TwoViewTransform, blur_kernel_size, gaussian_kernel1d, geometric_steps
@@ -70,7 +70,7 @@ class TwoViewCrops:
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         crops, params = [], []
         for blur_p, solarize_p in zip(self.aug.blur_p, self.aug.solarize_p, strict=True):
-            crops.append(pil_to_tensor(self.geometry(img)))
+            crops.append(TF.pil_to_tensor(self.geometry(img)))
             params.append(draw_view_params(self.aug, self.jitter, blur_p, solarize_p))
         return crops[0], crops[1], torch.stack(params)
 
@@ -143,14 +143,12 @@ def photometric(u8: torch.Tensor, p: torch.Tensor, mean: Sequence[float], std: S
                 hue: bool = True) -> torch.Tensor:
     """One view of a batch: uint8 crops (B, 3, S, S) and their parameters (B, NUM_PARAMS) -> the normalised
     float32 view, as TwoViewTransform's jitter, grayscale, blur, solarize, ToDtype and Normalize."""
-    x = u8.float() / 255
+    x = TF.to_dtype(u8, torch.float32, scale=True)  # torchvision's own, as the worker path
     x = colour_jitter(x, p, hue)
     x = torch.where(_per_sample(p[:, GRAYSCALE] > 0), grayscale(x).expand_as(x), x)
     x = gaussian_blur(x, p[:, SIGMA])
     x = torch.where(_per_sample(p[:, SOLARIZE] > 0) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return TF.normalize(x, list(mean), list(std))
 
 
 AugmentOn = Literal["workers", "device"]
