@@ -88,18 +88,21 @@ def evaluate(model: nn.Module, dataset, accelerator: Accelerator, batch_size: in
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, image_size: int, device: torch.device, batch: int, repeats: int = 3) -> float:
-    """Inference images/s at a batch size, on random images, after one warm-up pass."""
+def throughput(model: nn.Module, image_size: int, accelerator: Accelerator, batch: int, repeats: int = 3) -> float:
+    """Inference images/s at a batch size, on random images, after one warm-up pass, under the run's
+    autocast (bf16/fp16 inference is what the run's precision promises; fp32 would understate it)."""
     model.eval()
+    device = accelerator.device
     x = torch.randn(batch, 3, image_size, image_size, device=device)
-    model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tic = time.perf_counter()
-    for _ in range(repeats):
+    with accelerator.autocast():
         model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return batch * repeats / (time.perf_counter() - tic)
 
 
@@ -185,7 +188,7 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
     result = evaluate(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
-        speed = {f"images_per_second.batch{b}": round(throughput(net, cfg.data.image_size, accelerator.device, b), 1)
+        speed = {f"images_per_second.batch{b}": round(throughput(net, cfg.data.image_size, accelerator, b), 1)
                  for b in THROUGHPUT_BATCHES}
         # the summary holds epochs, num_classes and data.skipped_images (dropped by data.on_bad_image=skip)
         record = {**summary, "dataset": cfg.data.root, "train_split": cfg.data.train_split,

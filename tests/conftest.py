@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,12 @@ import pytest
 from PIL import Image
 
 from sslfg.schema import PretrainConfig
+
+# Every in-process Accelerator of the suite runs on the CPU, also on a GPU machine: the resume tests compare
+# runs bitwise, which GPU kernels do not promise. accelerate reads this when it picks the device; tests
+# written for a GPU use torch.cuda directly, which stays visible. Subprocesses inherit it
+# (tests/reliability/procs.py also hides CUDA from those that `accelerate launch` starts).
+os.environ["ACCELERATE_USE_CPU"] = "true"
 
 TINY_MODEL = dict(name="vit_tiny_patch16_224", patch_size=4, kwargs=dict(embed_dim=32, depth=2, num_heads=2),
                   proj_hidden_dim=64, pred_hidden_dim=64)

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from eval import finetune as finetune_cli
 from sslfg.cli import run_cli
 from sslfg.config import ConfigError
+from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
-from sslfg.finetune import build_classifier, finetune
+from sslfg.finetune import build_classifier, finetune, throughput
 from sslfg.models.glsim import GLSim, ViTClassifier
 from sslfg.pretrain import pretrain
 from sslfg.schema import FinetuneConfig
@@ -111,3 +112,12 @@ def test_ila_fine_tune_keeps_the_backbone_frozen(tiny_data: Path, tmp_path: Path
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["adapter"] == adapter and metrics["params.trainable"] == info["params.trainable"]
     assert metrics["init"].endswith("backbone.safetensors")
+
+
+def test_inference_throughput_runs_under_the_runs_autocast() -> None:
+    """metrics.json's images_per_second is the run's precision: under bf16 the layers compute in bf16."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    dtypes = []
+    model.register_forward_hook(lambda _module, _inputs, output: dtypes.append(output.dtype))
+    assert throughput(model, 8, make_accelerator("bf16"), batch=2, repeats=2) > 0
+    assert dtypes == [torch.bfloat16] * 3  # the warm-up pass and both timed passes

@@ -1,8 +1,10 @@
 """The shared training loop on a toy regression: when it reads values back to the host, and which
-callbacks run on a step fp16's GradScaler skips."""
+callbacks run on a step fp16's GradScaler skips; and the CPU placement the suite's loops get on a GPU machine."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import PartialState
 from torch import Tensor, nn
 
 from sslfg.data.sampling import EpochBatchSampler, seeded_loader
@@ -18,6 +21,7 @@ from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog
 from sslfg.schema import LoopConfig
+from tests.reliability import procs
 
 HOST_READS = (Tensor.tolist, Tensor.item, Tensor.__float__, Tensor.__int__, Tensor.__bool__)
 
@@ -105,3 +109,18 @@ def test_skipped_step_skips_the_update_callback_but_not_the_step_callback(tmp_pa
     assert updates == [0, 1, 3, 4]
     assert torch.equal(weights[2], weights[1]) and not torch.equal(weights[3], weights[2])
     assert accelerator.scaler.get_scale() == pytest.approx(2.0**16 / 2)  # one overflow halves the scale
+
+
+def test_suite_trains_on_the_cpu_where_cuda_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA reported present, an in-process accelerator of the suite is on the CPU (tests/conftest.py),
+    and the subprocesses the reliability helpers start (also under `accelerate launch`) see no GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    PartialState._reset_state()  # a process-wide singleton: pick the device afresh, as a first test would
+    try:
+        assert make_accelerator().device.type == "cpu"
+    finally:
+        PartialState._reset_state()
+    probe = "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"
+    out = subprocess.run([sys.executable, "-c", probe], env=procs.ENV, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "''"  # what CUDA reads as: no device

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from sslfg.engine.checkpoint import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# On the CPU even where CUDA exists: two processes would need two GPUs, and bitwise resume CPU kernels.
+# `accelerate launch` resets ACCELERATE_USE_CPU for its workers, so CUDA is hidden from them instead.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
 TIMEOUT = 300
 
 
