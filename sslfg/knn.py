@@ -2,11 +2,20 @@
 
 Every function L2-normalises the features it is given (in float32), so the similarity is always
 cosine whether or not the caller normalised them; normalising twice changes nothing that matters.
-Search is exact in both backends:
+Search is exact in both backends and runs on `device` (default: the bank's device; the evaluation
+commands pass the accelerator's):
 
-- "faiss": `faiss.IndexFlatIP` on float32, moved to every GPU faiss sees (faiss-gpu build) with
-  `index_cpu_to_all_gpus`; otherwise on the CPU. Results come back on the queries' device.
-- "torch": `queries @ bank.T` + `topk` on the bank's device (GPU when the features are there).
+- "faiss": `faiss.IndexFlatIP` on float32; on a CUDA device, when faiss is a GPU build, the index is
+  copied to that one device (this process's GPU, never every visible one). faiss is imported on
+  first use: without it, "faiss" falls back to "torch" with a warning.
+- "torch": `queries @ bank.T` + `topk` on the device.
+- "auto" (the default): faiss where it can search on the device (faiss-cpu on the CPU, a faiss GPU
+  build on CUDA), else torch. No faiss GPU wheel matches torch's CUDA 13 build, so on a GPU this
+  is torch on the GPU unless a faiss GPU build was installed in place of faiss-cpu.
+
+`float16=True` stores the normalised bank in float16 (half the memory of a big bank; similarities
+to about 1e-3): faiss as a flat fp16 scalar-quantizer index (`GpuClonerOptions.useFloat16` on a
+GPU), torch as a half tensor. Results come back on the queries' device.
 
 Queries go through the search `chunk_size` at a time, so the memory a search adds beyond the
 features is bounded: one normalised float32 copy of the bank (faiss: plus the index's own copy while
@@ -22,20 +31,22 @@ are returned as the original ids. Ties in the vote go to the lowest class id on 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Literal
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["faiss", "torch"]
+Backend = Literal["auto", "faiss", "torch"]
+Device = torch.device | str | None
 Neighbours = tuple[torch.Tensor, torch.Tensor]  # similarities (Q, k) float32, bank indices (Q, k) int64
-BACKENDS: tuple[str, ...] = ("faiss", "torch")
+BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 CHUNK_SIZE = 512  # queries per search block: 512 x 500k similarities = 1.0 GB for the torch backend
 RETRIEVAL_CHUNK_SIZE = 256  # queries per full-ranking block: ~50 bytes x 256 x N (320 MB at N = 25k)
 
@@ -73,22 +84,63 @@ def _check_search(bank: torch.Tensor, queries: torch.Tensor, k: int, backend: st
         raise ValueError(f"unknown kNN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int) -> Neighbours:
-    bank_n = F.normalize(bank.float(), dim=1)
+def _faiss() -> ModuleType | None:
+    """The faiss module, or None when it is not installed (imported here, on first use)."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:
+        return None
+
+
+def _faiss_gpus(faiss: ModuleType | None) -> int:
+    return faiss.get_num_gpus() if faiss is not None and hasattr(faiss, "StandardGpuResources") else 0
+
+
+def resolve_backend(backend: str, device: Device) -> tuple[str, str]:
+    """(the backend that runs on `device`, why): "auto" picks faiss where faiss can search on the
+    device, else torch; "faiss" without faiss installed falls back to torch."""
+    device = torch.device(device or "cpu")
+    faiss = _faiss()
+    if backend == "torch":
+        return "torch", "knn.backend=torch"
+    if faiss is None:
+        return "torch", "faiss is not installed"
+    if backend == "faiss":
+        return "faiss", "knn.backend=faiss"
+    if device.type == "cuda" and not _faiss_gpus(faiss):
+        return "torch", "auto: this faiss has no GPU support (faiss-cpu); torch searches on the GPU"
+    return "faiss", f"auto: faiss {'on the GPU' if device.type == 'cuda' else 'on the CPU'}"
+
+
+def _search_torch(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int, device: torch.device,
+                  float16: bool) -> Neighbours:
+    dtype = torch.float16 if float16 else torch.float32
+    bank_n = F.normalize(bank.to(device).float(), dim=1).to(dtype)
     sims, idx = [], []
     for start in range(0, len(queries), chunk_size):
-        q = F.normalize(queries[start : start + chunk_size].to(bank.device).float(), dim=1)
-        s, i = (q @ bank_n.T).topk(k, dim=1)  # sorted, most similar first
+        q = F.normalize(queries[start : start + chunk_size].to(device).float(), dim=1).to(dtype)
+        s, i = (q @ bank_n.T).float().topk(k, dim=1)  # sorted, most similar first
         sims.append(s)
         idx.append(i)
     return torch.cat(sims), torch.cat(idx)
 
 
-def _search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int) -> Neighbours:
-    index = faiss.IndexFlatIP(bank.shape[1])
+def _search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int, device: torch.device,
+                  float16: bool) -> Neighbours:
+    faiss = _faiss()
+    dim = bank.shape[1]
+    on_gpu = device.type == "cuda" and _faiss_gpus(faiss) > 0
+    if float16 and not on_gpu:  # a flat (exhaustive) index over fp16-stored vectors
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexFlatIP(dim)
     index.add(F.normalize(bank.float(), dim=1).cpu().numpy())  # the index keeps its own copy; ours is freed here
-    if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
+    if on_gpu:  # this process's GPU only; `resources` must outlive the searches
+        resources = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = float16
+        gpu = device.index if device.index is not None else torch.cuda.current_device()
+        index = faiss.index_cpu_to_gpu(resources, gpu, index, options)
     sims, idx = [], []
     for start in range(0, len(queries), chunk_size):
         q = F.normalize(queries[start : start + chunk_size].float(), dim=1).cpu().numpy()
@@ -100,9 +152,10 @@ def _search_faiss(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk_size:
 
 @torch.no_grad()
 def knn_search(
-    bank: torch.Tensor, queries: torch.Tensor, k: int, backend: Backend = "faiss", chunk_size: int = CHUNK_SIZE
+    bank: torch.Tensor, queries: torch.Tensor, k: int, backend: Backend = "auto", chunk_size: int = CHUNK_SIZE,
+    device: Device = None, float16: bool = False,
 ) -> Neighbours:
-    """Exact cosine top-k of each query in the bank.
+    """Exact cosine top-k of each query in the bank, searched on `device` (None: the bank's).
 
     bank (N, D) and queries (Q, D) are float features, normalised here. k is clamped to N (k > N
     means "every bank item"). Returns similarities (Q, k') float32 and bank indices (Q, k') int64,
@@ -114,7 +167,12 @@ def knn_search(
     k = min(k, len(bank))
     if len(queries) == 0:
         return queries.new_zeros(0, k, dtype=torch.float32), queries.new_zeros(0, k, dtype=torch.long)
-    sims, idx = (_search_faiss if backend == "faiss" else _search_torch)(bank, queries, k, chunk_size)
+    device = torch.device(device) if device is not None else bank.device
+    runs, why = resolve_backend(backend, device)
+    if runs != backend and backend == "faiss":
+        log.warning("kNN: knn.backend=faiss but %s; searching with torch (pip install faiss-cpu to use faiss)", why)
+    search = _search_faiss if runs == "faiss" else _search_torch
+    sims, idx = search(bank, queries, k, chunk_size, device, float16)
     return sims.to(queries.device), idx.to(queries.device)
 
 
@@ -169,7 +227,7 @@ def knn_scores(
     k: int,
     temperature: float = 0.07,
     num_classes: int | None = None,
-    backend: Backend = "faiss",
+    backend: Backend = "auto",
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The vote matrix of the weighted kNN classifier.
@@ -192,7 +250,7 @@ def knn_classify(
     k: int,
     temperature: float = 0.07,
     num_classes: int | None = None,
-    backend: Backend = "faiss",
+    backend: Backend = "auto",
     chunk_size: int = CHUNK_SIZE,
 ) -> torch.Tensor:
     """Predicted class id (Q,) int64 of each query: argmax of the exp(sim / T) votes of its k nearest
@@ -222,12 +280,15 @@ def knn_evaluate(
     query_labels: torch.Tensor,
     ks: Sequence[int] = (10, 20, 100, 200),
     temperature: float = 0.07,
-    backend: Backend = "faiss",
+    backend: Backend = "auto",
     chunk_size: int = CHUNK_SIZE,
+    device: Device = None,
+    float16: bool = False,
 ) -> dict[str, float]:
     """kNN accuracies of the queries against the bank, DINO protocol (`eval_knn.py`'s knn_classifier).
 
-    bank (N, D), bank_labels (N,), queries (Q, D), query_labels (Q,). One search for the largest k
+    bank (N, D), bank_labels (N,), queries (Q, D), query_labels (Q,); search and votes run on `device`
+    (None: where the tensors are), `float16` as in `knn_search`. One search for the largest k
     serves every k (each k uses the first k neighbours) and the 1-NN. A k larger than the bank is
     dropped with one warning naming it and the bank size (`usable_ks` gives the ks kept). Returns a
     flat dict of fractions in [0, 1]: "knn.k{k}.top1" and "knn.k{k}.top5" for each kept k, and
@@ -252,7 +313,9 @@ def knn_evaluate(
         dropped = [k for k in ks if k not in kept]
         log.warning("kNN: k %s dropped: larger than the bank of %d items (kept k %s)",
                     ", ".join(map(str, dropped)), len(bank), ", ".join(map(str, kept)) or "1 only")
-    sims, idx = knn_search(bank, queries, max([1, *kept]), backend, chunk_size)
+    if device is not None:
+        bank, bank_labels, queries, query_labels = (t.to(device) for t in (bank, bank_labels, queries, query_labels))
+    sims, idx = knn_search(bank, queries, max([1, *kept]), backend, chunk_size, float16=float16)
     labels = query_labels.to(idx.device, torch.long)
     classes = torch.unique(torch.cat([bank_labels.to(idx.device, torch.long), labels]), sorted=True)
     neighbours = torch.searchsorted(classes, bank_labels.to(idx.device, torch.long))[idx]
@@ -272,17 +335,36 @@ def knn_evaluate(
     return {key: n / len(queries) for key, n in hits.items()}
 
 
+def order_keys(sims: torch.Tensor) -> torch.Tensor:
+    """int64 keys (Q, N), unique within a row, whose ascending order is the reverse of a stable
+    descending sort of the float32 similarities (Q, N): a larger key ranks before, by similarity, then
+    by lower index."""
+    bits = (sims.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 ties with 0.0, as floats do
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # IEEE order as integer order
+    n = sims.shape[1]
+    return ordered * (1 << 32) + (n - 1 - torch.arange(n, device=sims.device))
+
+
+def _class_blocks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(items sorted by label (stable), start and size in that order of each one's class block)."""
+    order = labels.argsort(stable=True)
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    return order, (counts.cumsum(0) - counts).repeat_interleave(counts), counts.repeat_interleave(counts)
+
+
 @torch.no_grad()
 def retrieval_metrics(
-    features: torch.Tensor, labels: torch.Tensor, chunk_size: int = RETRIEVAL_CHUNK_SIZE
+    features: torch.Tensor, labels: torch.Tensor, chunk_size: int = RETRIEVAL_CHUNK_SIZE, device: Device = None
 ) -> dict[str, float]:
     """Leave-one-out retrieval over one set (LoDisc protocol): every item queries all the others.
 
-    features (N, D) float, normalised here; labels (N,) int. Each query's own row is removed by
-    index, so exact duplicates of it stay in its ranking. The ranking is by cosine similarity, ties
-    in index order (a stable sort), computed in full on the features' device, chunk_size queries at
-    a time (about 50 x chunk_size x N bytes; the work is O(N^2 log N), fine for test sets of
-    tens of thousands: N = 25k took 90 s and 350 MB on a shared 2-core CPU).
+    features (N, D) float, normalised here; labels (N,) int; computed on `device` (None: the features').
+    Each query's own row is removed by index, so exact duplicates of it stay in its ranking. The
+    ranking is by cosine similarity, ties in index order (a stable sort), and it is exact without
+    sorting the N similarities: only the ranks of the query's same-label items matter, and the rank of
+    each is the number of items above it, counted for all of them at once by placing every item among
+    the sorted same-label similarities (`order_keys`, `torch.searchsorted`), O(N log n_class) per
+    query. chunk_size queries at a time (about 40 x chunk_size x N bytes), taken class by class.
 
     Returns fractions in [0, 1]:
     - "top1": the nearest other item has the query's label;
@@ -299,23 +381,30 @@ def retrieval_metrics(
         raise ValueError(f"leave-one-out retrieval needs at least 2 items, got {n}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    x = F.normalize(features.float(), dim=1)
-    labels = labels.to(x.device)
-    ranks = torch.arange(1, n, device=x.device, dtype=torch.float64)  # 1-based ranks of the N - 1 others
+    x = F.normalize(features.to(device).float() if device is not None else features.float(), dim=1)
+    order, block_start, block_size = _class_blocks(labels.to(x.device))
     top1 = top5 = ap_count = 0
     ap_sum = 0.0
     for start in range(0, n, chunk_size):
-        q = torch.arange(start, min(start + chunk_size, n), device=x.device)
+        q, first, size = (t[start : start + chunk_size] for t in (order, block_start, block_size))
+        slot = torch.arange(int(size.max()), device=x.device)  # positions in the query's class block
+        members = order[(first[:, None] + slot).clamp(max=n - 1)]
+        relevant = (slot < size[:, None]) & (members != q[:, None])  # the other items of the query's class
         sims = x[q] @ x.T
-        sims[torch.arange(len(q), device=x.device), q] = -torch.inf  # self sorts last (others are >= -1)
-        order = sims.sort(dim=1, descending=True, stable=True).indices[:, :-1]
-        relevant = labels[order] == labels[q, None]  # (chunk, N - 1)
-        top1 += int(relevant[:, 0].sum())
-        top5 += int(relevant[:, :5].any(dim=1).sum())
-        found = relevant.cumsum(dim=1)
-        n_rel = found[:, -1]
+        sims[torch.arange(len(q), device=x.device), q] = -torch.inf  # self: below every other item
+        keys = order_keys(sims)
+        targets = torch.where(relevant, keys.gather(1, members), torch.iinfo(torch.int64).max).sort(dim=1).values
+        below = torch.searchsorted(targets, keys)  # per item: how many same-label keys are smaller
+        counts = torch.zeros(len(q), len(slot) + 1, dtype=torch.long, device=x.device).scatter_add_(
+            1, below, torch.ones_like(below))
+        above = counts.flip(1).cumsum(1).flip(1)[:, 1:]  # (chunk, slots): items ranked above target p
+        n_rel = relevant.sum(1)
         has = n_rel > 0
-        precision_sum = (found / ranks * relevant).sum(dim=1)
-        ap_sum += float((precision_sum[has] / n_rel[has]).sum())
+        best = above.gather(1, (n_rel - 1).clamp(min=0)[:, None])[:, 0]  # items above the best same-label item
+        top1 += int((has & (best == 0)).sum())
+        top5 += int((has & (best < 5)).sum())
+        # target p (ascending) has rank above + 1 and n_rel - p same-label items at or above it
+        precision = (n_rel[:, None] - slot).double() / (above + 1) * (slot < n_rel[:, None])
+        ap_sum += float((precision.sum(1)[has] / n_rel[has]).sum())
         ap_count += int(has.sum())
     return {"top1": top1 / n, "top5": top5 / n, "mAP": ap_sum / ap_count if ap_count else float("nan")}

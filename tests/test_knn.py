@@ -7,9 +7,19 @@ import math
 import pytest
 import torch
 
-from sslfg.knn import knn_classify, knn_evaluate, knn_scores, knn_search, retrieval_metrics, usable_ks
+import sslfg.knn
+from sslfg.knn import (
+    knn_classify,
+    knn_evaluate,
+    knn_scores,
+    knn_search,
+    order_keys,
+    resolve_backend,
+    retrieval_metrics,
+    usable_ks,
+)
 
-BACKENDS = ["faiss", "torch"]
+BACKENDS = ["faiss", "torch"]  # "auto" is one of them, by resolve_backend
 T = 0.07
 
 
@@ -190,6 +200,25 @@ def test_retrieval_matches_loop_reference() -> None:
     assert retrieval_metrics(features[:2], labels[:2])["top1"] == 1.0  # the duplicate pair finds each other
 
 
+def test_retrieval_with_exact_ties_matches_the_stable_sort_reference() -> None:
+    # rows of +-1 (all of norm 2): every similarity is a multiple of 1/4, exact in float32, so many items tie
+    # and the ranking depends on the tie order (lower index first); class sizes 1 to ~30
+    g = torch.Generator().manual_seed(3)
+    for n, classes in ((40, 2), (33, 9), (12, 12)):
+        features = torch.randint(0, 2, (n, 4), generator=g).float() * 2 - 1
+        labels = torch.randint(0, classes, (n,), generator=g) * 5  # ids with gaps
+        ref = ref_retrieval(features, labels)
+        for chunk_size in (1, 7, 256):
+            got = retrieval_metrics(features, labels, chunk_size=chunk_size, device="cpu")
+            assert got == pytest.approx(ref, abs=1e-12)
+
+
+def test_order_keys_order_like_a_stable_descending_sort() -> None:
+    sims = torch.tensor([[0.5, -0.0, 0.0, -1.0, 0.5, 1e-30, -1e-30, -torch.inf, 0.25]])
+    expected = sims.sort(dim=1, descending=True, stable=True).indices
+    assert torch.equal(order_keys(sims).argsort(dim=1, descending=True), expected)
+
+
 def test_retrieval_without_same_class_pairs_has_nan_map() -> None:
     m = retrieval_metrics(torch.randn(4, 3), torch.arange(4))
     assert m["top1"] == m["top5"] == 0.0 and math.isnan(m["mAP"])
@@ -260,6 +289,42 @@ NAN_BANK[2, 1] = math.nan
 def test_bad_inputs_raise_clear_errors(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_auto_backend_and_lazy_faiss_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert resolve_backend("auto", "cpu")[0] == "faiss"  # faiss-cpu is installed here
+    assert resolve_backend("auto", "cuda:0")[0] == "torch"  # faiss-cpu cannot search on a GPU: torch does
+    assert resolve_backend("torch", "cpu")[0] == "torch"
+    bank, bank_labels, queries, query_labels = data(60, 20, 8, 4)
+    expected = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(5,), backend="torch")
+    monkeypatch.setattr(sslfg.knn, "_faiss", lambda: None)  # as if faiss were not installed
+    assert resolve_backend("auto", "cpu") == ("torch", "faiss is not installed")
+    with caplog.at_level("WARNING", logger="sslfg.knn"):
+        assert knn_evaluate(bank, bank_labels, queries, query_labels, ks=(5,), backend="faiss") == expected
+    assert "knn.backend=faiss but faiss is not installed; searching with torch" in caplog.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_bank_finds_the_float32_neighbours(backend: str) -> None:
+    bank, _, queries, _ = data(300, 40, 16, 4, seed=5)
+    sims, idx = knn_search(bank, queries, 10, backend)
+    sims16, idx16 = knn_search(bank, queries, 10, backend, float16=True)
+    assert sims16.dtype == torch.float32
+    torch.testing.assert_close(sims16, sims, rtol=0, atol=2e-3)  # fp16 holds [-1, 1] to 2^-11
+    assert (idx16 == idx).float().mean() > 0.9  # near-ties may swap
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_search_on_the_gpu_device_matches_cpu() -> None:
+    bank, bank_labels, queries, query_labels = data(500, 100, 16, 10)
+    cpu = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(10, 50), backend="torch")
+    for backend in BACKENDS:  # inputs on the CPU, search on the GPU (faiss: a GPU build, else its CPU index)
+        assert knn_evaluate(bank, bank_labels, queries, query_labels, ks=(10, 50), backend=backend,
+                            device="cuda") == cpu
+    assert retrieval_metrics(queries, query_labels, device="cuda") == pytest.approx(
+        retrieval_metrics(queries, query_labels), abs=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
