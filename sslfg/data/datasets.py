@@ -240,12 +240,13 @@ class CsvSplitDataset(_ImageListDataset):
                 bad.append(f"{where}: {','.join(values[2:])!r} are not four numbers")
                 continue
             x0, y0, x1, y1 = box
+            text = f"{where}: ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
             if not all(math.isfinite(v) for v in box):
-                bad.append(f"{where}: {box} is not finite")
+                bad.append(f"{text} is not finite")
             elif x0 < 0 or y0 < 0:
-                bad.append(f"{where}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) starts outside the image (negative x0 or y0)")
+                bad.append(f"{text} starts outside the image (negative x0 or y0)")
             elif x1 <= x0 or y1 <= y0:
-                bad.append(f"{where}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty (needs x0 < x1 and y0 < y1)")
+                bad.append(f"{text} is empty (needs x0 < x1 and y0 < y1)")
             boxes.append((x0, y0, x1, y1))
         if bad:
             raise DataError(f"{self.csv_path}: bad object boxes: {_summarise(bad)}. Boxes are x0,y0,x1,y1 in pixels of "

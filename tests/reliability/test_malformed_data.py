@@ -7,6 +7,8 @@ step, a warning that says what was done, or documented behaviour (README "Data l
   row naming a folder: errors; test classes without training images and images listed in both the
   training and the test split: warnings naming them.
 - EXIF orientation: applied, so a phone photo loads upright.
+- Object boxes (issue 13, `data.boxes`): a missing box column, a non-numeric, empty, negative or non-finite
+  box, and a box past its image's edge are errors naming the csv and the row.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from PIL import Image
 
 from eval import knn
+from sslfg.data.boxes import eval_boxes
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError, load_image
 from sslfg.schema import DataConfig
@@ -224,3 +227,54 @@ def test_phone_jpeg_loads_upright(tmp_path: Path) -> None:
     upright = np.asarray(load_image(tmp_path / "phone.jpg")).mean(axis=2)
     assert upright.shape == (32, 16)
     assert upright[:14].min() > 200 and upright[18:].max() < 50
+
+
+# --- issue 13: object-box columns (data.boxes) --------------------------------------------------------------
+
+def _boxed(root: Path, boxes: list[str], header: str = "class_id,dir,x0,y0,x1,y1") -> None:
+    """root/train.csv with one 16x16 noise image per row and the given box text per row."""
+    _csv_data(root, {"train": [(i % 2, f"{i}.png") for i in range(len(boxes))]})
+    rows = "".join(f"{i % 2},{i}.png,{box}\n" for i, box in enumerate(boxes))
+    (root / "train.csv").write_text(f"{header}\n{rows}")
+
+
+@pytest.mark.parametrize(("box", "why"), [
+    ("a,1,5,5", r"'a,1,5,5' are not four numbers"),
+    (",1,5,5", r"',1,5,5' are not four numbers"),
+    ("5,1,5,9", r"\(5, 1, 5, 9\) is empty \(needs x0 < x1 and y0 < y1\)"),
+    ("1,9,5,2", r"\(1, 9, 5, 2\) is empty"),
+    ("-1,0,5,5", r"\(-1, 0, 5, 5\) starts outside the image"),
+    ("nan,0,5,5", r"\(nan, 0, 5, 5\) is not finite"),
+])
+def test_malformed_box_is_an_error_naming_file_and_row(tmp_path: Path, box: str, why: str) -> None:
+    _boxed(tmp_path, ["0,0,16,16", "2,3,4,5", box])
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train.csv'}: bad object boxes: data row 3 \(line 4\): {why}"):
+        build_dataset(_cfg(tmp_path, boxes=True), "train")
+    assert build_dataset(_cfg(tmp_path), "train").boxes is None  # data.boxes=false ignores the columns
+
+
+def test_data_boxes_without_box_columns_is_an_error_naming_the_csv(tmp_path: Path) -> None:
+    _csv_data(tmp_path, {"train": [(0, "a.png"), (1, "b.png")]})
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train.csv'} has no column 'x0', 'y0', 'x1', 'y1'.*"
+                                        r"data.boxes is true: add the box columns, or set data.boxes=false"):
+        build_dataset(_cfg(tmp_path, boxes=True), "train")
+    with pytest.raises(DataError, match="data.boxes is true but data.format is 'folder'"):
+        build_dataset(_cfg(tmp_path, boxes=True, format="folder"), "train")
+
+
+def test_box_past_the_image_is_an_error_naming_file_and_row(tmp_path: Path) -> None:
+    """The right and bottom edges need the image size: eval_boxes reads it from the header and checks."""
+    _boxed(tmp_path, ["0,0,16,16", "2,3,16.5,5"])
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train.csv'}, data row 2 \(line 3\): object box "
+                                        r"\(2, 3, 16.5, 5\) lies outside its 16x16 image"):
+        eval_boxes(build_dataset(_cfg(tmp_path, boxes=True), "train"), 16, 1.0)
+
+
+def test_malformed_box_through_the_cli_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    _boxed(data, ["0,0,16,16", "4,4,2,9"])
+    message = user_error(knn.main, ["--random-init", "--model", "vit_tiny_patch16_224", TINY, f"data.root={data}",
+                                    "data.train_split=train", "data.test_split=train", "data.boxes=true",
+                                    "data.image_size=16", "data.num_workers=0", f"output_dir={tmp_path / 'out'}"],
+                         capsys)
+    assert message.startswith(f"{data / 'train.csv'}: bad object boxes: data row 2 (line 3)")
