@@ -1,4 +1,4 @@
-"""Object boxes: read from the csv layout, carried through the eval transform (resize + centre crop) exactly."""
+"""Object boxes: read from the csv layout (and from CUB's files), carried through the eval transform exactly."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from sslfg.data.boxes import eval_boxes, loaded_size, transform_box
+from sslfg.data.cub import convert_cub
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.data.transforms import eval_transform
@@ -119,3 +120,50 @@ def test_loaded_size_applies_exif_orientation(tmp_path: Path) -> None:
         exif[0x0112] = orientation
         Image.new("RGB", (40, 20)).save(path, exif=exif)
         assert loaded_size(str(path)) == expected
+
+
+def _fake_cub(root: Path) -> None:
+    """A 3-image CUB_200_2011 tree: two classes, 1-based ids, images of known sizes, one test image."""
+    images = {1: ("001.Albatross/a_1.jpg", (40, 30)), 2: ("002.Auklet/b_2.jpg", (30, 50)),
+              3: ("001.Albatross/a_3.jpg", (20, 20))}
+    for _, (rel, size) in images.items():
+        (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size).save(root / "images" / rel)
+    (root / "images.txt").write_text("".join(f"{i} {rel}\n" for i, (rel, _) in images.items()))
+    (root / "image_class_labels.txt").write_text("1 1\n2 2\n3 1\n")
+    (root / "train_test_split.txt").write_text("1 1\n2 1\n3 0\n")
+    (root / "bounding_boxes.txt").write_text("1 5.0 4.0 20.0 10.0\n2 0.0 10.0 30.0 40.0\n3 2.5 3.0 7.0 8.0\n")
+    (root / "classes.txt").write_text("1 001.Albatross\n2 002.Auklet\n")
+
+
+def test_cub_converter_writes_0_based_ids_and_xyxy_boxes(tmp_path: Path) -> None:
+    _fake_cub(tmp_path)
+    convert_cub(tmp_path)
+    assert (tmp_path / "train_val.csv").read_text().splitlines() == [
+        "class_id,dir,x0,y0,x1,y1", "0,001.Albatross/a_1.jpg,5,4,25,14", "1,002.Auklet/b_2.jpg,0,10,30,50"]
+    assert (tmp_path / "test.csv").read_text().splitlines() == [
+        "class_id,dir,x0,y0,x1,y1", "0,001.Albatross/a_3.jpg,2.5,3,9.5,11"]
+    assert (tmp_path / "classid_classname.csv").read_text().splitlines() == [
+        "class_id,class_name", "0,001.Albatross", "1,002.Auklet"]
+    cfg = DataConfig(root=str(tmp_path), boxes=True)
+    train = build_dataset(cfg, "train_val")
+    assert train.classes == ["001.Albatross", "002.Auklet"] and train.labels == [0, 1]
+    # 40x30 -> 26x20 (x by 0.65, y by 2/3), columns 3..22 kept; 30x50 -> 20x33 (y by 0.66), rows 6..25 kept
+    # (round(6.5) = 6, as torchvision rounds); the second box is clipped at the crop's bottom
+    expected = torch.tensor([[5 * 0.65 - 3, 4 * 2 / 3, 25 * 0.65 - 3, 14 * 2 / 3], [0, 10 * 0.66 - 6, 20, 20]])
+    assert torch.allclose(eval_boxes(train, 20, 1.0), expected)
+    with pytest.raises(DataError, match="train_val.csv.*already exist; remove them or choose another --out"):
+        convert_cub(tmp_path)  # never overwrites
+
+
+def test_cub_converter_names_the_bad_annotation(tmp_path: Path) -> None:
+    _fake_cub(tmp_path)
+    (tmp_path / "bounding_boxes.txt").write_text("1 5.0 4.0 20.0 10.0\n2 0.0 10.0 30.0 40.0\n")
+    with pytest.raises(DataError, match=r"bounding_boxes.txt and .*images.txt list different image ids \(3\)"):
+        convert_cub(tmp_path, tmp_path / "out")
+    (tmp_path / "bounding_boxes.txt").write_text("1 5.0 4.0 20.0 10.0\n2 0.0 10.0 30.0 40.0\n3 a b c d\n")
+    with pytest.raises(DataError, match=r"bounding_boxes.txt: image 3 has box 'a b c d'"):
+        convert_cub(tmp_path, tmp_path / "out")
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(DataError, match=r"classes.txt not found; --cub must be the CUB_200_2011 folder"):
+        convert_cub(tmp_path, tmp_path / "out")
