@@ -13,6 +13,7 @@ the recipe and the data, builds the backbone, prints the start-up summary and ex
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +24,13 @@ import torch.nn.functional as F
 from sslfg.cli import run_cli, run_evaluation
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
-from sslfg.knn import knn_classify, knn_evaluate, retrieval_metrics, usable_ks
+from sslfg.knn import knn_classify, knn_evaluate, resolve_backend, retrieval_metrics, usable_ks
 from sslfg.schema import EvalConfig
 
 __all__ = ["knn_classify", "retrieval_metrics", "main"]
 
 GRID_QUERIES, GRID_NEIGHBOURS = 8, 5
+log = logging.getLogger(__name__)
 
 
 def neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds, path: Path, seed: int) -> None:
@@ -52,15 +54,19 @@ def evaluate(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] 
     queries, query_labels, query_ds = split_features(cfg, vit, accelerator, cfg.data.test_split, out)
     if not accelerator.is_main_process:
         return None
-    k = cfg.knn
+    k, device = cfg.knn, accelerator.device
+    backend, why = resolve_backend(k.backend, device)
+    log.info("kNN search: %s on %s (%s)", backend, device, why)
     metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=k.ks, temperature=k.temperature,
-                           backend=k.backend)
+                           backend=backend, device=device, float16=k.float16)
     if k.retrieval:
-        metrics |= {f"retrieval.{name}": v for name, v in retrieval_metrics(queries, query_labels).items()}
+        retrieval = retrieval_metrics(queries, query_labels, device=device)
+        metrics |= {f"retrieval.{name}": v for name, v in retrieval.items()}
     protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
                 "ks": usable_ks(k.ks, len(bank)), "ks_requested": k.ks,  # a k above the bank size is dropped
                 "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
-                "backend": k.backend, "bank_size": len(bank), "queries": len(queries),
+                "backend": backend, "search_device": device.type, "float16_bank": k.float16,
+                "bank_size": len(bank), "queries": len(queries),
                 "skipped_images": skipped_images(bank_ds, query_ds)}
     if k.figures:
         neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,

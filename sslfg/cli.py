@@ -30,6 +30,8 @@ from sslfg.summary import startup_summary
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError)
 COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starting so is an example command
+# the other processes wait at a barrier while the main one runs kNN, retrieval and t-SNE alone
+EVAL_TIMEOUT_S = 6 * 3600
 
 # (cfg, backbone, accelerator, output dir) -> (metrics, protocol) on the main process, None elsewhere
 Evaluate = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
@@ -164,7 +166,7 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, eval
     summary, is written to <output_dir>/<name>.json and printed."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
     if not args.check:  # before any time is spent
         out = ensure_writable(output_dir(cfg, {"backbone": backbone_spec(cfg)[0]}))
         if cfg.output:

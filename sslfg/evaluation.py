@@ -76,7 +76,7 @@ def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     f = cfg.features
     features, labels = cached_features(
         vit, dataset, split, out_dir / "features" if f.cache else None, accelerator, f.batch_size,
-        cfg.data.num_workers, f.kind, f.last_n,
+        cfg.data.num_workers, f.kind, f.last_n, f.precision,
     )
     return features, labels, dataset
 

@@ -1,14 +1,20 @@
 """Frozen-feature extraction shared by every evaluation: batched, sharded over processes, cached.
 
 Features are cached on disk under a key that hashes the backbone's actual weights, the dataset's
-file list and labels, the split, the eval transform and the feature type, so a changed
-checkpoint or dataset never reuses stale features.
+file list and labels, the split, the eval transform, the feature type and the precision, so a
+changed checkpoint, dataset or precision never reuses stale features.
+
+Precision (`features.precision`): "fp32" runs the backbone in float32 (under the accelerator's own
+autocast, if any: the online kNN's training one), with TF32 matmuls on CUDA; "bf16" under bf16
+autocast (on CPU too), features returned as float32 either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -20,9 +26,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sslfg.engine.accelerator import tf32
 from sslfg.models.backbone import forward_tokens
 
 FeatureKind = Literal["cls", "mean", "lastn", "pixels"]
+Precision = Literal["fp32", "bf16"]
 
 
 def pool_features(vit: VisionTransformer, x: Tensor, kind: FeatureKind = "cls", last_n: int = 4) -> Tensor:
@@ -38,6 +46,15 @@ def pool_features(vit: VisionTransformer, x: Tensor, kind: FeatureKind = "cls", 
     return tokens[:, 0] if kind == "cls" else tokens[:, vit.num_prefix_tokens :].mean(dim=1)
 
 
+@contextlib.contextmanager
+def feature_precision(precision: Precision, device: torch.device) -> Iterator[None]:
+    """The frozen backbone's numerics: TF32 on CUDA, and bf16 autocast for "bf16" ("fp32" adds no
+    autocast context, so an enclosing one still applies)."""
+    bf16 = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with tf32(device), bf16:
+        yield
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of every tensor of the state dict, in order: identifies the weights, not the file."""
     h = hashlib.sha256()
@@ -47,11 +64,12 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(weights: str, dataset: object, split: str, transform: object, kind: str, last_n: int) -> str:
+def cache_key(weights: str, dataset: object, split: str, transform: object, kind: str, last_n: int,
+              precision: str = "fp32") -> str:
     """Hash of everything the features depend on. `dataset` needs `paths` and `labels`."""
     h = hashlib.sha256()
     spec = {"weights": weights, "split": split, "transform": repr(transform), "kind": kind,
-            "last_n": last_n if kind == "lastn" else 0}
+            "last_n": last_n if kind == "lastn" else 0, "precision": precision}
     h.update(json.dumps(spec, sort_keys=True).encode())
     h.update(json.dumps([list(map(str, dataset.paths)), list(map(int, dataset.labels))]).encode())
     return h.hexdigest()[:20]
@@ -60,7 +78,7 @@ def cache_key(weights: str, dataset: object, split: str, transform: object, kind
 @torch.no_grad()
 def extract_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, accelerator: Accelerator,
                      batch_size: int = 256, num_workers: int = 4, kind: FeatureKind = "cls", last_n: int = 4,
-                     desc: str = "features") -> tuple[Tensor, Tensor]:
+                     desc: str = "features", precision: Precision = "fp32") -> tuple[Tensor, Tensor]:
     """Features (N, D') float32 and labels (N,) int64 on the CPU, in dataset order, on every process.
 
     Each process embeds its shard; `gather_for_metrics` reassembles them and drops the samples
@@ -73,7 +91,7 @@ def extract_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, 
     vit = vit.to(accelerator.device).eval()
     features, labels = [], []
     for images, targets in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True):
-        with accelerator.autocast():
+        with accelerator.autocast(), feature_precision(precision, accelerator.device):
             f = pool_features(vit, images, kind, last_n).float()
         f, targets = accelerator.gather_for_metrics((f.contiguous(), targets.to(accelerator.device)))
         features.append(f.cpu())
@@ -83,16 +101,17 @@ def extract_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, 
 
 def cached_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, split: str, cache_dir: Path | None,
                     accelerator: Accelerator, batch_size: int = 256, num_workers: int = 4,
-                    kind: FeatureKind = "cls", last_n: int = 4) -> tuple[Tensor, Tensor]:
+                    kind: FeatureKind = "cls", last_n: int = 4, precision: Precision = "fp32") -> tuple[Tensor, Tensor]:
     """`extract_features`, read from / written to `cache_dir` (None: no cache)."""
+    extract = (vit, dataset, accelerator, batch_size, num_workers, kind, last_n, split, precision)
     if cache_dir is None:
-        return extract_features(vit, dataset, accelerator, batch_size, num_workers, kind, last_n, desc=split)
-    key = cache_key(weights_digest(vit), dataset, split, getattr(dataset, "transform", None), kind, last_n)
+        return extract_features(*extract)
+    key = cache_key(weights_digest(vit), dataset, split, getattr(dataset, "transform", None), kind, last_n, precision)
     path = Path(cache_dir) / f"{split}-{key}.safetensors"
     if path.is_file():
         stored = load_file(str(path))
         return stored["features"], stored["labels"]
-    features, labels = extract_features(vit, dataset, accelerator, batch_size, num_workers, kind, last_n, desc=split)
+    features, labels = extract_features(*extract)
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

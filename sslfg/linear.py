@@ -42,7 +42,7 @@ from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.rundir import prepare_run_dir
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation import skipped_images, split_features
-from sslfg.features import pool_features
+from sslfg.features import feature_precision, pool_features
 from sslfg.schema import DataConfig, EvalConfig, LinearConfig, LoopConfig
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
 
     def compute_loss(batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         images, labels = (t.to(accelerator.device, non_blocking=True) for t in batch)
-        with torch.no_grad():
+        with torch.no_grad(), feature_precision(cfg.features.precision, accelerator.device):
             features = pool_features(vit, images, cfg.features.kind, cfg.features.last_n).float()
         logits = head(features)[0]
         return {"loss": F.cross_entropy(logits, labels), "top1": (logits.argmax(dim=1) == labels).float().mean()}

@@ -206,6 +206,7 @@ class FeatureConfig:
     batch_size: int = bounded(AT_LEAST_1, 256)  # per process
     crop_ratio: float = bounded("(0, 1]", 0.875)  # eval transform: resize to size/crop_ratio, centre crop
     cache: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: extract under bf16 autocast (part of the cache key)
 
 
 @dataclass
@@ -214,7 +215,9 @@ class KnnConfig:
 
     ks: list[int] = bounded(AT_LEAST_1, factory=lambda: [10, 20, 100, 200])  # 1-NN is always reported
     temperature: float = bounded(POSITIVE, 0.07)
-    backend: Literal["faiss", "torch"] = "faiss"
+    # auto: faiss where it can search on the device (faiss-cpu on the CPU), else torch (so torch on a GPU)
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    float16: bool = False  # store the bank in float16: half the memory of a big bank, similarities to ~1e-3
     retrieval: bool = True
     figures: bool = True
 

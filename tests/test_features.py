@@ -55,3 +55,16 @@ def test_cache_is_reused_and_keyed_by_weights(tiny_data: Path, tmp_path: Path) -
     assert len(list(tmp_path.glob("train-*.safetensors"))) == 2 and not torch.equal(a[0], b[0])
     cached_features(tiny_vit(0), ds, "train", tmp_path, acc, batch_size=8, num_workers=0, kind="mean")
     assert len(list(tmp_path.glob("train-*.safetensors"))) == 3  # the feature type is part of the key
+
+
+def test_bf16_precision_is_close_to_fp32_and_part_of_the_cache_key(tiny_data: Path, tmp_path: Path) -> None:
+    ds, acc = tiny_split(tiny_data), make_accelerator()
+    fp32 = cached_features(tiny_vit(0), ds, "train", tmp_path, acc, batch_size=8, num_workers=0)
+    bf16 = cached_features(tiny_vit(0), ds, "train", tmp_path, acc, batch_size=8, num_workers=0, precision="bf16")
+    assert len(list(tmp_path.glob("train-*.safetensors"))) == 2  # bf16 did not reuse the fp32 features
+    assert bf16[0].dtype == torch.float32 and torch.equal(bf16[1], fp32[1])
+    assert not torch.equal(bf16[0], fp32[0])  # really computed in bf16 ...
+    cos = torch.nn.functional.cosine_similarity(bf16[0], fp32[0], dim=1)
+    assert cos.min() > 0.99  # ... and close to fp32 (bf16 keeps 8 bits of mantissa)
+    again = cached_features(tiny_vit(0), ds, "train", tmp_path, acc, batch_size=8, num_workers=0, precision="bf16")
+    assert torch.equal(again[0], bf16[0])  # read back from its own cache entry
