@@ -48,6 +48,16 @@ PATCH_DIVIDES_IMAGE = Relation(
     lambda patch, size: f"use a data.image_size of {_sizes_near(size, patch)}, or a patch size that divides {size}",
 )
 
+# timm's other poolings add parameters sslfg never runs (it reads the CLS token after the final norm): they get
+# no gradient, which DDP refuses with several processes, and the option would silently change nothing
+CLS_TOKEN_POOLING = Relation(
+    ("kwargs",), lambda kwargs: kwargs.get("global_pool", "token") in ("token", ""),
+    "{0}: global_pool must be 'token' (timm's default for ViTs) or '': LoDisc, GLSim and the features use the "
+    "CLS token after the final norm, so avg (its fc_norm, which also drops that norm) or map (its attention "
+    "pool) would leave parameters without gradient, which DDP rejects with several processes",
+    lambda kwargs: f"remove global_pool ({kwargs['global_pool']!r}) from model.kwargs",
+)
+
 
 @dataclass
 class DataConfig:
@@ -113,6 +123,8 @@ class ModelConfig:
     keep_ratio: float = bounded("(0, 1]", 0.30)
     # the location score sums the last n blocks' CLS attention; 0: every block (LoDisc)
     attention_layers: int = bounded(NON_NEGATIVE, 0)
+
+    relations: ClassVar = (CLS_TOKEN_POOLING,)
 
 
 @dataclass
@@ -283,6 +295,8 @@ class EvalConfig:
         Relation(("random_init", "pretrained"), lambda random, pretrained: not (random and pretrained),
                  "{0} and {1} contradict each other", lambda *_: "keep one of them"),
     )
+
+    relations: ClassVar = (CLS_TOKEN_POOLING,)
 
 
 @dataclass

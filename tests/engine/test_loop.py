@@ -1,5 +1,6 @@
 """The shared training loop on a toy regression: when it reads values back to the host, and which
-callbacks run on a step fp16's GradScaler skips; and the CPU placement the suite's loops get on a GPU machine."""
+callbacks run on a step fp16's GradScaler skips; models whose unused parameters DDP would reject; and the CPU
+placement the suite's loops get on a GPU machine."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from torch import Tensor, nn
 
+from sslfg.config import ConfigError, load_config
 from sslfg.data.sampling import EpochBatchSampler, seeded_loader
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog
-from sslfg.schema import LoopConfig
+from sslfg.models.lodisc import LoDisc
+from sslfg.schema import FinetuneConfig, LoopConfig, ModelConfig, PretrainConfig
+from tests.conftest import TINY_MODEL
 from tests.reliability import procs
 
 HOST_READS = (Tensor.tolist, Tensor.item, Tensor.__float__, Tensor.__int__, Tensor.__bool__)
@@ -124,3 +128,23 @@ def test_suite_trains_on_the_cpu_where_cuda_exists(monkeypatch: pytest.MonkeyPat
     probe = "import os; print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"
     out = subprocess.run([sys.executable, "-c", probe], env=procs.ENV, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "''"  # what CUDA reads as: no device
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_global_pool_that_leaves_parameters_unused_is_refused(pool: str) -> None:
+    """timm's avg/map pooling adds parameters that a step never reaches (sslfg reads the CLS token), which DDP
+    rejects: the recipe is refused naming the key; the pooling the schema accepts leaves none unused."""
+    for schema in (PretrainConfig, FinetuneConfig):
+        with pytest.raises(ConfigError, match=rf"model.kwargs = .*global_pool.*DDP.*remove global_pool \('{pool}'\)"):
+            load_config(None, [f"model.kwargs={{global_pool: {pool}}}"], schema)
+    load_config(None, ["model.kwargs={global_pool: token}"], PretrainConfig)
+
+    def unused(global_pool: str) -> list[str]:
+        cfg = ModelConfig(**{**TINY_MODEL, "kwargs": {**TINY_MODEL["kwargs"], "global_pool": global_pool}})
+        model = LoDisc(cfg, 16)
+        model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))["loss"].backward()
+        return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+    assert unused("token") == []
+    left_out = unused(pool)
+    assert left_out and all(n.split(".")[1] in ("fc_norm", "attn_pool") for n in left_out), left_out
