@@ -10,7 +10,7 @@ import contextlib
 import difflib
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -258,25 +258,31 @@ def grid_size(vit: VisionTransformer) -> int:
 def cls_attention(vit: VisionTransformer) -> Iterator[list[Tensor]]:
     """Collects each block's head-averaged CLS-to-patch attention (B, N) during a forward.
 
-    timm's fused attention never materialises the probabilities, so inside this context the
-    blocks run the explicit path and a hook on `attn_drop` (the identity in eval mode, and the
-    place the softmax output passes through) reads them. Only the momentum encoder uses it.
+    The blocks keep their own attention path (timm's fused kernel never materialises the
+    probabilities, and the explicit path would hold B·H·N² logits per block: ~1 GB at ViT-B, 224 px,
+    256 images). Instead a hook on each block's `attn.qkv` takes q of the CLS token and k of every
+    token from its output and computes only the CLS row, softmax(q_cls·kᵀ·scale), in float32 whatever
+    the autocast: B·H·N numbers per block. Only the momentum encoder uses it.
     """
     maps: list[Tensor] = []
     start = vit.num_prefix_tokens
 
-    def hook(_module: torch.nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-        maps.append(inputs[0][:, :, 0, start:].float().mean(dim=1))
+    def reader(attn: torch.nn.Module) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _inputs: tuple[Tensor, ...], qkv: Tensor) -> None:
+            b, n, _ = qkv.shape
+            with torch.autocast(qkv.device.type, enabled=False):
+                q, k, _ = qkv.float().reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+                q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)  # (B, H, 1, hd), (B, H, N, hd), as the block
+                probs = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, N)
+            maps.append(probs[:, :, 0, start:].mean(dim=1))
 
-    fused = [blk.attn.fused_attn for blk in vit.blocks]
-    handles = [blk.attn.attn_drop.register_forward_hook(hook) for blk in vit.blocks]
-    for blk in vit.blocks:
-        blk.attn.fused_attn = False
+        return hook
+
+    handles = [blk.attn.qkv.register_forward_hook(reader(blk.attn)) for blk in vit.blocks]
     try:
         yield maps
     finally:
-        for blk, was_fused, handle in zip(vit.blocks, fused, handles, strict=True):
-            blk.attn.fused_attn = was_fused
+        for handle in handles:
             handle.remove()
 
 
