@@ -1,15 +1,15 @@
 """Where a frozen backbone looks, against the object boxes of the test split (sslfg.localisation).
 
-    python -m eval.localise --checkpoint runs/lodisc_cluttered
-    python -m eval.localise --checkpoint runs/lodisc_cluttered --dataset configs/datasets/cluttered.yaml
-    python -m eval.localise --random-init --checkpoint runs/lodisc_cluttered   # the floor, same architecture
+    python -m eval.localise --checkpoint runs/cluttered_lodisc   # on the run's own data (its config.yaml)
+    python -m eval.localise --random-init --checkpoint runs/cluttered_lodisc   # the floor, same architecture
 
 LoDisc keep precision: the fraction of the ⌊localise.keep_ratio·N⌋ patches with the highest location
 score of the backbone's own CLS attention whose centre lies inside the object box, next to chance (the
 fraction of all patches inside) and lift (their ratio); GLS box: IoU with the object box and the fraction
 of the object inside it (localise.top_k patches most similar to CLS). Images go through the evaluations'
 resize + centre crop (features.crop_ratio), and the boxes with them. Writes <output_dir>/localise.json
-and figures/localise.png (localise.figure_samples test images). The test split needs boxes (data.boxes).
+and figures/localise.png (localise.figure_samples test images). The test split needs boxes (data.boxes);
+--dataset PATH evaluates on other data, e.g. configs/datasets/cluttered.yaml.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import pytest
 
 import train_ssl
 from eval import finetune as finetune_cli
-from eval import knn, linear
+from eval import knn, linear, localise
 from sslfg.config import save_config
 from sslfg.data import stats
 from sslfg.pretrain import pretrain
@@ -43,9 +43,11 @@ from tests.conftest import TINY_MODEL, tiny_config, write_csv_dataset
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_START = ("python ", "accelerate ", "make ")
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
-                                     "eval.finetune": finetune_cli.main, "sslfg.data.stats": stats.main}
+                                     "eval.finetune": finetune_cli.main, "sslfg.data.stats": stats.main,
+                                     "eval.localise": localise.main}
 NOT_CHECKABLE = ("sslfg.study", "sslfg.report", "sslfg.data.sample")  # no --check: import + main only
-RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton")  # -> the tiny pretraining run
+RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton",
+            "runs/cluttered_lodisc")  # -> the tiny pretraining run
 FINETUNE_CONFIGS = ("runs/glsim_sample/config.yaml",)  # -> the tiny fine-tuning recipe
 WEIGHTS = re.compile(r"\S*\.safetensors$")  # a user's pretrained weights file: dropped with its flag
 REPO_PATH = re.compile(r"(?<![\w/.<-])((?:configs|sslfg|eval|tests|docs|bench)/[\w./-]*\w|train_ssl\.py|Makefile)")
