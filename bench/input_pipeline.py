@@ -225,7 +225,7 @@ def main() -> None:
                     views = plain if kind == "synthetic" else pipelines[path]
                     speed[key].append(trainer.images_per_second(feed, views, args.steps, args.warmup))
 
-    default = (resolve_augment_on(cfg.data.augment_on, device), cfg.data.num_workers, default_threads)
+    default = (resolve_augment_on(cfg.data.augment_on, device, size), cfg.data.num_workers, default_threads)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(
         f"### Input pipeline: sample recipe (data/sample, {size} px, batch {batch}, local_view "

@@ -80,7 +80,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     set_seed(cfg.seed)
 
     views = two_view_pipeline(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std,
-                              resolve_augment_on(cfg.data.augment_on, accelerator.device))
+                              resolve_augment_on(cfg.data.augment_on, accelerator.device, cfg.data.image_size))
     dataset = build_dataset(cfg.data, cfg.data.train_split, views.transform)
     sampler = EpochBatchSampler(len(dataset), t.batch_size, accelerator.process_index, accelerator.num_processes,
                                 cfg.seed, multiple_of=t.grad_accum_steps)

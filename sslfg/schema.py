@@ -80,7 +80,7 @@ class DataConfig:
     on_bad_image: Literal["error", "skip"] = "error"
     # pretraining's two-view augmentation: workers (PIL, per image, in the loader workers), device (workers crop
     # and flip, the batch gets its colour, blur and solarize on the training device: sslfg.data.batch_augment),
-    # auto (what bench/input_pipeline.py measured faster: sslfg.data.batch_augment.resolve_augment_on)
+    # auto (what bench/input_pipeline.py measured faster: device on a GPU; on a CPU up to 64 px: resolve_augment_on)
     augment_on: Literal["workers", "device", "auto"] = "auto"
     # csv layout: every split csv has object-box columns x0,y0,x1,y1 (pixels of the original image, x1/y1 exclusive)
     boxes: bool = False

@@ -154,11 +154,18 @@ def photometric(u8: torch.Tensor, p: torch.Tensor, mean: Sequence[float], std: S
 AugmentOn = Literal["workers", "device"]
 
 
-def resolve_augment_on(setting: str, device: torch.device) -> AugmentOn:
-    """`data.augment_on`; `auto` is `device` everywhere: bench/input_pipeline.py measured the batched path
-    faster on this project's CPU (per core and in the training loop, see bench/README.md), and on a GPU
-    the photometric work leaves the loader workers altogether."""
-    return "workers" if setting == "workers" else "device"
+CPU_DEVICE_MAX_SIZE = 64  # auto on a CPU: the batched path up to this image size, PIL workers above
+
+
+def resolve_augment_on(setting: str, device: torch.device, image_size: int) -> AugmentOn:
+    """`data.augment_on`; `auto` picks what bench/input_pipeline.py measured faster (bench/README.md). On a
+    GPU: device, the photometric work leaves the loader workers altogether. On a CPU, per core, both views:
+    batched 2.95x faster than PIL at 28 px (the sample recipe), 0.75x at 112 px and 0.42x at 224 px, where
+    the blur (kernel ~S/10) and hue on every pixel outweigh PIL's per-image overhead: device up to
+    CPU_DEVICE_MAX_SIZE, workers above."""
+    if setting != "auto":
+        return "workers" if setting == "workers" else "device"
+    return "device" if device.type == "cuda" or image_size <= CPU_DEVICE_MAX_SIZE else "workers"
 
 
 @dataclass

@@ -183,9 +183,13 @@ def test_each_image_is_augmented_alone() -> None:
                                          ba.photometric(u8[3:], p[3:], MEAN, STD)]))
 
 
-def test_augment_on_setting(tmp_path: Path) -> None:
-    assert ba.resolve_augment_on("workers", torch.device("cuda")) == "workers"
-    assert ba.resolve_augment_on("device", torch.device("cpu")) == "device"
+def test_augment_on_setting() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ba.resolve_augment_on("workers", cuda, 28) == "workers"
+    assert ba.resolve_augment_on("device", cpu, 224) == "device"
+    # auto: the measured faster path (bench/input_pipeline.py)
+    assert [ba.resolve_augment_on("auto", cpu, s) for s in (28, 64, 112, 224)] == ["device"] * 2 + ["workers"] * 2
+    assert ba.resolve_augment_on("auto", cuda, 224) == "device"
     with pytest.raises(ConfigError, match="data.augment_on"):
         load_config(None, ["data.augment_on=gpu"], PretrainConfig)
 
