@@ -30,10 +30,13 @@ def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
 
     q (B, D) carries the gradient; k (B, D) is a target. Row i of this process matches column
     i + B·rank of the gathered keys.
+    The logits are float32 with autocast off here: under bf16 autocast `q @ keys.T` would run in bf16
+    (8 bits of mantissa on similarities divided by T = 0.2).
     """
     rank, _ = _rank_and_world()
-    q = F.normalize(q.float(), dim=1)
-    keys = gather_keys(F.normalize(k.float(), dim=1))
-    logits = q @ keys.T / temperature
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        keys = gather_keys(F.normalize(k.float(), dim=1))
+        logits = q @ keys.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
     return F.cross_entropy(logits, labels) * (2 * temperature)
