@@ -128,9 +128,9 @@ def save_crop_figure(images: Tensor, boxes: Tensor, crops: Tensor, scores: Tenso
 
 def save_localisation_figure(images: Tensor, boxes: Tensor, keep_idx: Tensor, gls: Tensor, patch_size: int,
                              path: Path, title: str) -> Path:
-    """One row per image: the image with the object box (green), LoDisc's kept patches (the rest dimmed)
-    and the GLS box (red), each with the object box. images (B, 3, H, W) in [0, 1]; boxes and gls (B, 4)
-    as (x0, y0, x1, y1) with exclusive ends."""
+    """One row per image: the image with the object box (green), LoDisc's kept patches (outlined in
+    yellow, the rest dimmed) and the GLS box (red), each with the object box. images (B, 3, H, W) in
+    [0, 1]; boxes and gls (B, 4) as (x0, y0, x1, y1) with exclusive ends."""
     scale = max(1, 128 // images.shape[-1])
     columns = [images, kept_overlay(images, keep_idx, patch_size), images]
     side, pad, head = images.shape[-1] * scale, 4, 20
@@ -138,17 +138,23 @@ def save_localisation_figure(images: Tensor, boxes: Tensor, keep_idx: Tensor, gl
     draw = ImageDraw.Draw(sheet)
     draw.text((pad, 4), title, fill="black")
 
-    def rectangle(box: Tensor, left: int, top: int, colour: tuple[int, int, int]) -> None:
+    def rectangle(box: Tensor, left: int, top: int, colour: tuple[int, int, int], width: int = 2) -> None:
         x0, y0, x1, y1 = (round(float(v) * scale) for v in box)
-        draw.rectangle([left + x0, top + y0, left + x1 - 1, top + y1 - 1], outline=colour, width=2)
+        draw.rectangle([left + x0, top + y0, left + x1 - 1, top + y1 - 1], outline=colour, width=width)
 
     for row in range(len(images)):
         top = head + pad + row * (side + pad)
         for col, pictures in enumerate(columns):
             left = pad + col * (side + pad)
             sheet.paste(_to_pil(pictures[row], scale), (left, top))
-            rectangle(boxes[row], left, top, (0, 200, 0))
+        grid = images.shape[-1] // patch_size
+        for idx in keep_idx[row].tolist():  # outlined: on a dark background dimming alone does not show them
+            r, c = divmod(idx, grid)
+            cell = torch.tensor([c, r, c + 1, r + 1]) * patch_size
+            rectangle(cell, pad + side + pad, top, (230, 200, 0), width=1)
         rectangle(gls[row], pad + 2 * (side + pad), top, (230, 0, 0))
+        for col in range(3):  # the object box last, on top
+            rectangle(boxes[row], pad + col * (side + pad), top, (0, 200, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
