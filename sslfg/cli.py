@@ -191,7 +191,11 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, eval
     return result
 
 
+RATIO_SUFFIXES = ("lift",)  # metrics that are ratios, not fractions: printed as they are, not in %
+
+
 def format_table(metrics: dict[str, float]) -> str:
-    """Metric keys as a two-column markdown table, values in %."""
-    rows = [f"| {key} | {100 * value:.2f} |" for key, value in metrics.items()]
-    return "\n".join(["| metric | % |", "|---|---|", *rows])
+    """Metric keys as a two-column markdown table: fractions in %, ratios (e.g. keep lift) as ×."""
+    rows = [f"| {key} | {value:.2f}× |" if key.endswith(RATIO_SUFFIXES) else f"| {key} | {100 * value:.2f} % |"
+            for key, value in metrics.items()]
+    return "\n".join(["| metric | value |", "|---|---|", *rows])
