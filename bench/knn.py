@@ -47,6 +47,7 @@ from common import markdown_table, median_spread, paired_ratios
 from sslfg.knn import CHUNK_SIZE, knn_classify, weighted_votes
 
 EXACT = ("matmul", "faiss", "torch", "sklearn")
+CPU = torch.device("cpu")
 NAMES = {"matmul": "bare matmul + topk (floor)", "faiss": "sslfg faiss (IndexFlatIP)", "torch": "sslfg torch",
          "sklearn": "scikit-learn brute (cosine)"}
 
@@ -76,14 +77,23 @@ def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
-def measured(fn: Callable[[], object]) -> tuple[object, float, float]:
-    """(result, seconds, peak RSS rise during the call in MiB)."""
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    base = rss_kib("VmRSS")
+def measured(fn: Callable[[], object], device: torch.device = CPU) -> tuple[object, float, float]:
+    """(result, seconds, peak memory rise during the call in MiB: RSS on the CPU, torch's allocator on CUDA,
+    which does not see a faiss GPU index's own allocations)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        base = rss_kib("VmRSS") * 1024
     tic = time.perf_counter()
     out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - tic
-    return out, seconds, (rss_kib("VmHWM") - base) / 1024
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_kib("VmHWM") * 1024
+    return out, seconds, (peak - base) / 2**20
 
 
 def floor(bank: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
@@ -134,17 +144,21 @@ def worker(args: argparse.Namespace) -> dict:
     k, t = args.k, args.temperature
     if args.worker == "ivf":
         return ivf(bank, bank_labels, queries, args) | {"labels": query_labels.tolist()}
+    device = torch.device(args.device)
     if args.worker == "matmul":
         bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    if args.worker != "sklearn":  # the features where an evaluation has them: on the search device
+        bank, bank_labels, queries = bank.to(device), bank_labels.to(device), queries.to(device)
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object] = {
         "matmul": lambda b, y, q: floor(b, q, k),
-        "faiss": lambda b, y, q: knn_classify(b, y, q, k, t, backend="faiss"),
-        "torch": lambda b, y, q: knn_classify(b, y, q, k, t, backend="torch"),
+        "faiss": lambda b, y, q: knn_classify(b, y, q, k, t, backend="faiss", float16=args.float16),
+        "torch": lambda b, y, q: knn_classify(b, y, q, k, t, backend="torch", float16=args.float16),
         "sklearn": lambda b, y, q: sklearn_predict(b, y, q, k, t),
     }[args.worker]
     fn(bank[:1000], bank_labels[:1000], queries[:64])  # small, so that it leaves no freed heap to reuse
-    out, seconds, mib = measured(lambda: fn(bank, bank_labels, queries))
-    preds = None if args.worker == "matmul" else np.asarray(out).tolist()
+    out, seconds, mib = measured(lambda: fn(bank, bank_labels, queries), device)
+    preds = None if args.worker == "matmul" else torch.as_tensor(np.asarray(out) if args.worker == "sklearn"
+                                                                  else out).cpu().tolist()
     return {"seconds": seconds, "mib": mib, "preds": preds, "labels": query_labels.tolist()}
 
 
@@ -170,7 +184,8 @@ def main(argv: list[str]) -> None:
           f"T = {args.temperature}, noise {args.noise} in {args.intrinsic or args.dim} dims, chunk {CHUNK_SIZE}; "
           f"torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
-          f"{args.rounds} round(s)")
+          f"{args.rounds} round(s); device {args.device}, float16 bank {args.float16}, "
+          f"faiss GPUs {faiss.get_num_gpus() if hasattr(faiss, 'StandardGpuResources') else 0}")
     names = [*dict.fromkeys([*args.variants, "faiss"]), *(["ivf"] if args.ivf else [])]  # faiss: the reference
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(args.rounds):  # one fresh process per variant and round, order ABC CBA ...
@@ -221,6 +236,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ivf", action="store_true", help="also time an approximate IndexIVFFlat")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists; 0: round(4 sqrt(bank))")
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--device", default="cpu", help="search device: cpu, cuda, cuda:1 ... (faiss on a GPU needs a "
+                   "faiss GPU build; otherwise faiss searches on the CPU)")
+    p.add_argument("--float16", action="store_true", help="store the bank in float16 (faiss and torch variants)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

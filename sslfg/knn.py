@@ -209,12 +209,12 @@ def _check_classify(bank: torch.Tensor, bank_labels: torch.Tensor, temperature: 
 
 def _neighbour_classes(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int, temperature: float,
-    num_classes: int | None, backend: Backend, chunk_size: int,
+    num_classes: int | None, backend: Backend, chunk_size: int, float16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checked search: similarities (Q, k'), the contiguous class index of each neighbour (Q, k'),
     and the original class id of each index (C,)."""
     _check_classify(bank, bank_labels, temperature)
-    sims, idx = knn_search(bank, queries, k, backend, chunk_size)
+    sims, idx = knn_search(bank, queries, k, backend, chunk_size, float16=float16)
     contiguous, classes = _class_index(bank_labels.to(idx.device), num_classes)
     return sims, contiguous[idx], classes
 
@@ -252,12 +252,14 @@ def knn_classify(
     num_classes: int | None = None,
     backend: Backend = "auto",
     chunk_size: int = CHUNK_SIZE,
+    float16: bool = False,
 ) -> torch.Tensor:
     """Predicted class id (Q,) int64 of each query: argmax of the exp(sim / T) votes of its k nearest
     bank items (cosine), ties to the lowest class id. bank (N, D), bank_labels (N,), queries (Q, D);
-    k is clamped to N. Returns original class ids, on the queries' device."""
+    k is clamped to N; search on the bank's device, `float16` as in `knn_search`. Returns original
+    class ids, on the queries' device."""
     sims, neighbours, classes = _neighbour_classes(bank, bank_labels, queries, k, temperature, num_classes, backend,
-                                                   chunk_size)
+                                                   chunk_size, float16)
     preds = [
         weighted_votes(sims[s : s + chunk_size], neighbours[s : s + chunk_size], len(classes), temperature)
         .argmax(dim=1)  # first maximum: the lowest class id among tied votes
