@@ -103,7 +103,7 @@ def test_finetune_dataset_flag_check_and_test_table(tiny_data: Path, tmp_path: P
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     for key in ("test.top1", "test.top5", "test.mean_per_class"):  # the evaluations' table format
-        assert f"| {key} | {100 * metrics[key]:.2f} |" in out
+        assert f"| {key} | {100 * metrics[key]:.2f} % |" in out
     assert f"metrics: {tmp_path / 'ft' / 'metrics.json'}" in out
     assert metrics["data.test.images"] == 8 and metrics["data.root"] == str(tiny_data)
 
