@@ -20,7 +20,7 @@ from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed, s
 from sslfg.data.transforms import denormalize
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
-from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
+from sslfg.engine.loop import LoopState, compile_modules, run_loop, steps_per_epoch
 from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
@@ -87,6 +87,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     loader = seeded_loader(dataset, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
 
     model = LoDisc(cfg.model, cfg.data.image_size)
+    if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
+        compile_modules(model.encoder.blocks, accelerator.device)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
     schedules = build_schedules(cfg, t.epochs * per_epoch, global_batch, per_epoch)

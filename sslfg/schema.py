@@ -158,6 +158,8 @@ class TrainConfig(LoopConfig):
     weight_decay: float = bounded(NON_NEGATIVE, 0.1)
     weight_decay_end: float = bounded("(-inf, inf)", -1.0)  # <0: constant weight decay
     betas: tuple[float, float] = bounded(RATE, (0.9, 0.999))  # torch AdamW defaults, as MoCo v3
+    # torch.compile the online encoder's blocks (forward and backward); on the CPU it needs a C++ compiler
+    compile: bool = False
     momentum: float = bounded(RATE, 0.99)  # EMA m0, cosine to 1
     figure_samples: int = bounded(NON_NEGATIVE, 6)  # training images in the mask figure; 0 disables it
     # online kNN (k 20) of the online encoder every n epochs and at step 0; 0: off
@@ -296,8 +298,6 @@ class EvalConfig:
                  "{0} and {1} contradict each other", lambda *_: "keep one of them"),
     )
 
-    relations: ClassVar = (CLS_TOKEN_POOLING,)
-
 
 @dataclass
 class FinetuneModelConfig:
@@ -315,6 +315,8 @@ class FinetuneModelConfig:
     adapter: Literal["none", "ila", "ila+", "ila++"] = "none"  # ILA (METHODS §3): frozen backbone + adapters
     adapter_width: int = bounded(AT_LEAST_1, 8)
     adapter_positions: list[int] = bounded(NON_NEGATIVE, factory=list)  # empty: after blocks depth/3-1 and 2·depth/3-1
+
+    relations: ClassVar = (CLS_TOKEN_POOLING,)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sslfg.config import ConfigError
 from sslfg.data.sampling import EpochBatchSampler
 from sslfg.engine.checkpoint import checkpoint_dirs, save_checkpoint
 from sslfg.engine.metrics import MetricsLog
@@ -77,6 +78,22 @@ class LoopState:
     def images_per_second(self) -> float:
         """Training throughput of the loop so far, all processes together."""
         return round(self.images_seen / max(self.seconds, 1e-9), 1)
+
+
+def compile_modules(modules: Iterable[torch.nn.Module], device: torch.device) -> None:
+    """`train.compile`: torch.compile each module in place (state-dict keys, hence checkpoints, stay as they are).
+    On the CPU inductor builds C++ kernels: without a C++ compiler that is a ConfigError now, not a traceback at
+    the first step."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler  # heavy: only when asked for
+
+        try:
+            get_cpp_compiler()
+        except Exception as e:  # inductor's InvalidCxxCompiler, whatever it searched
+            raise ConfigError("train.compile: torch.compile on the CPU builds C++ kernels but finds no C++ compiler "
+                              "(g++, or $CXX); install one (apt-get install g++) or set train.compile=false") from e
+    for module in modules:
+        module.compile()
 
 
 def steps_per_epoch(sampler: EpochBatchSampler, accum: int) -> int:
