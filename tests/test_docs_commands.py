@@ -11,8 +11,8 @@ How each is checked:
 - Placeholders stand for what a user has and this machine lacks (see `substitute`): run directories
   become a tiny pretraining run built here, a fine-tuning run's config.yaml a tiny fine-tuning recipe,
   and a pretrained weights file is dropped with its flag (`--checkpoint W --model M` becomes
-  `--random-init --model M`, `init=W` and `model.weights=W` become scratch): everything but that file's
-  load is checked. A command that names a configs/ recipe or data.root gets `data.root=<tiny dataset>`
+  `--random-init --model M`, `init=W` and `model.weights=W` become scratch, as do `model.pretrained=true`
+  and `--pretrained`): everything but that file's load is checked. A command that names a configs/ recipe or data.root gets `data.root=<tiny dataset>`
   (csv and imagefolder layouts in one folder), data.images_dir=images, data.num_classes=0 and
   data.num_workers=0 appended, and for eval.finetune train.warmup_steps=0 (the tiny data gives fewer
   steps than a recipe's warmup).
@@ -98,6 +98,10 @@ def substitute(entry: str, args: list[str], run: Path, ft_config: Path, data_roo
             continue  # scratch
         elif sep and key == "data.root":
             arg = f"data.root={data_root}"
+        elif arg == "model.pretrained=true":  # hub weights need the network or a cache: checked from scratch
+            continue
+        elif arg == "--pretrained":
+            arg = "--random-init"
         out.append(arg)
     if "--checkpoint" in out and WEIGHTS.match(out[out.index("--checkpoint") + 1]):
         i = out.index("--checkpoint")
