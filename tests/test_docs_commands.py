@@ -12,7 +12,8 @@ How each is checked:
   become a tiny pretraining run built here, a fine-tuning run's config.yaml a tiny fine-tuning recipe,
   and a pretrained weights file is dropped with its flag (`--checkpoint W --model M` becomes
   `--random-init --model M`, `init=W` and `model.weights=W` become scratch, as do `model.pretrained=true`
-  and `--pretrained`): everything but that file's load is checked. A command that names a configs/ recipe or data.root gets `data.root=<tiny dataset>`
+  and `--pretrained`): everything but that file's load is checked. A command that names a configs/ recipe
+  or data.root gets `data.root=<tiny dataset>`
   (csv and imagefolder layouts in one folder), data.images_dir=images, data.num_classes=0 and
   data.num_workers=0 appended, and for eval.finetune train.warmup_steps=0 (the tiny data gives fewer
   steps than a recipe's warmup).
