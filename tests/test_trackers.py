@@ -62,7 +62,9 @@ def test_wandb_offline_gets_the_scalars_and_the_config(tmp_path: Path, monkeypat
     train_ssl.main([*pretrain_args(data, run), "train.max_steps=2", "train.log_with=[tensorboard, wandb]"])
 
     records = wandb_records(next(run.glob("wandb/offline-run-*/run-*.wandb")))
-    updates = [item for r in records if r.HasField("config") for item in r.config.update]
+    # the config reaches the file as config records, or inside the run record when it is written after them
+    updates = [item for r in records for item in (r.config.update if r.HasField("config") else
+                                                  r.run.config.update if r.HasField("run") else [])]
     config = {item.key: json.loads(item.value_json) for item in updates}
     resolved = load_config(run / "config.yaml", [], PretrainConfig)
     expected = flat_config(resolved)
