@@ -169,9 +169,6 @@ class TrainConfig(LoopConfig):
     # LoDisc keep precision (sslfg.localisation) of the momentum encoder every n epochs and at step 0; 0: off
     loc_every: int = bounded(NON_NEGATIVE, 0)
     loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many data.test_split images (with boxes)
-    # LoDisc keep precision (sslfg.localisation) of the momentum encoder every n epochs and at step 0; 0: off
-    loc_every: int = bounded(NON_NEGATIVE, 0)
-    loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many data.test_split images (with boxes)
 
     relations: ClassVar = (
         Relation(("warmup_epochs", "epochs"), lambda warmup, epochs: warmup < epochs,
@@ -263,16 +260,6 @@ class LocaliseConfig:
 
 
 @dataclass
-class LocaliseConfig:
-    """eval.localise: where a frozen backbone looks (sslfg.localisation)."""
-
-    keep_ratio: float = bounded("(0, 1]", 0.30)  # LoDisc's kept fraction, from the backbone's own CLS attention
-    attention_layers: int = bounded(NON_NEGATIVE, 0)  # rank by the last n blocks; 0: every block
-    top_k: int = bounded(AT_LEAST_1, 8)  # GLS patches that define the box (GLSim's default)
-    figure_samples: int = bounded(NON_NEGATIVE, 6)  # test images in figures/localise.png; 0: no figure
-
-
-@dataclass
 class EvalConfig:
     """Everything `eval.knn`, `eval.linear` and `eval.localise` read."""
 
@@ -288,7 +275,6 @@ class EvalConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
-    localise: LocaliseConfig = field(default_factory=LocaliseConfig)
     localise: LocaliseConfig = field(default_factory=LocaliseConfig)
 
     relations: ClassVar = (
