@@ -51,6 +51,7 @@ class CommandLine:
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Runs `main(argv)`; a user error prints `error: <message>` (no traceback) and returns 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise to a user
     try:
         main(argv)
     except USER_ERRORS as e:

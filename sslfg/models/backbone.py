@@ -352,6 +352,9 @@ def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "in
     if source is not None and (source / CHECKPOINT_MODEL).is_file():
         name, kwargs = _run_architecture(source.parent.parent, name, kwargs, key)
         return name, kwargs, str(source / CHECKPOINT_MODEL)
+    if source is not None and not source.exists():
+        raise ConfigError(f"{key}: '{source}' does not exist (resolved to {source.resolve()}); give an sslfg run "
+                          "directory, a checkpoint folder or a weights file")
     if source is not None and not source.is_file():
         if source.is_dir():
             _refuse_unfinished_run(source, key)
