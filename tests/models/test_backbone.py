@@ -141,7 +141,8 @@ def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         backbone_source(str(tmp_path / "runs" / "typo"), NAME, {}, key="--checkpoint")
     message = str(e.value)
-    assert message.startswith(f"--checkpoint: '{tmp_path / 'runs' / 'typo'}' does not exist") and "neither" not in message
+    assert message.startswith(f"--checkpoint: '{tmp_path / 'runs' / 'typo'}' does not exist")
+    assert "neither" not in message
 
 
 def test_a_checkpoint_folder_is_understood_with_the_runs_architecture(tmp_path: Path) -> None:
