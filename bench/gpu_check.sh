@@ -35,6 +35,7 @@ if [ "$DRY" = 1 ]; then
   MEM="--models vit_tiny_patch16_224 --img-size 32 --batch 2"
   MOM="--model vit_tiny_patch16_224 --img-size 32 --batch 2 --repeats 1"
   SMOKE_IMAGES=64 SMOKE="train.batch_size=16 train.max_steps=3 train.epochs=1 train.knn_samples=32"
+  PIPE="--variants workers:0:1,device:0:1 --rounds 1 --steps 2 --warmup 1"
 else
   DEV=cuda
   S_MODELS=("vit_small_patch16_224 --batch 256" "vit_base_patch16_224 --batch 128")
@@ -43,6 +44,7 @@ else
   MEM="--models vit_small_patch16_224,vit_base_patch16_224 --img-size 448 --batch 32"
   MOM="--model vit_base_patch16_224 --img-size 448 --batch 128"
   SMOKE_IMAGES=2048 SMOKE="train.batch_size=128 train.max_steps=100 train.epochs=10"
+  PIPE="--variants workers:4:0,device:4:0 --rounds 3"
 fi
 {
   echo "# GPU check ($([ "$DRY" = 1 ] && echo "dry run: toy sizes on the CPU" || echo "full"))"
@@ -77,6 +79,12 @@ stage "kNN, exact, on $DEV" "$PYB" knn.py $KNN --dim 384 --device $DEV --variant
 stage "Momentum pass with the CLS attention read-out" "$PYB" momentum_pass.py $MOM --device $DEV --amp bf16
 # shellcheck disable=SC2086
 stage "Peak memory of one training step" "$PYB" memory.py $MEM --device $DEV --amp bf16
+if [ -f data/sample/train_val.csv ]; then
+  # shellcheck disable=SC2086
+  stage "Input pipeline: PIL workers against the batched augmentation on $DEV" "$PYB" input_pipeline.py --device $DEV $PIPE
+else
+  { echo; echo "## Input pipeline"; echo; echo "skipped: data/sample is missing (make data builds it offline)"; } >> "$REPORT"
+fi
 DATA=$(cd "$OUT" && pwd)/smoke_data
 "$PY" - "$DATA" "$SMOKE_IMAGES" <<'PYEOF'
 import sys
