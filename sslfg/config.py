@@ -1,7 +1,8 @@
 """Typed configuration: YAML recipes with `_base_` inheritance and dotted `key=value` overrides, loaded
 into the dataclass schema of `sslfg.schema`. Unknown keys, wrong types, numbers outside the range a
 field declares (`bounded`) and keys that contradict each other (a class's `relations`) are errors
-naming the key, the value and the file or command line that set it."""
+naming the key, the value and the file or command line that set it; a key the schema lists in its
+`moved_keys` (where an earlier recipe had it) is an error naming its new place."""
 
 from __future__ import annotations
 
