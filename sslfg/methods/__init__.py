@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from sslfg.config import ConfigError
 from sslfg.methods.base import MomentumMethod
+from sslfg.methods.byol import BYOL
 from sslfg.methods.dino import DINO
 from sslfg.methods.local import LocalConfig
 from sslfg.methods.mocov3 import MoCoV3
@@ -18,6 +19,7 @@ from sslfg.methods.mocov3 import MoCoV3
 METHODS: dict[str, type[MomentumMethod]] = {
     "mocov3": MoCoV3,
     "dino": DINO,
+    "byol": BYOL,
 }
 
 
