@@ -1,8 +1,10 @@
-"""Self-supervised pretraining (LoDisc, or MoCo v3 with model.local_weight=0).
+"""Self-supervised pretraining: MoCo v3, BYOL or DINO (`method.name`), with or without LoDisc's local branch
+(`method.local.weight`; 0 switches it off).
 
     accelerate launch train_ssl.py --config configs/pretrain/sample.yaml train.epochs=2
     python train_ssl.py --config configs/pretrain/lodisc_vit_s16_cub.yaml data.root=/data/CUB_200_2011 --check
-    python train_ssl.py --config configs/pretrain/sample.yaml model.local_weight=0 output_dir=runs/mocov3
+    python train_ssl.py --config configs/pretrain/sample.yaml method.local.weight=0 output_dir=runs/mocov3
+    python train_ssl.py --config configs/pretrain/dino_sample.yaml
     python train_ssl.py --config runs/sample_lodisc/config.yaml resume=auto
 
 --check validates the recipe and the data, builds the model, prints the start-up summary and exits.

@@ -1,4 +1,4 @@
-"""Pieces shared by the benchmarks: device choice, the three LoDisc variants, one training step,
+"""Pieces shared by the benchmarks: device choice, the three LoDisc variants, any method, one training step,
 interleaved timing and markdown tables."""
 
 from __future__ import annotations
@@ -13,18 +13,24 @@ from pathlib import Path
 import torch
 
 from sslfg.config import load_config
-from sslfg.models.lodisc import LoDisc
+from sslfg.methods import MethodConfig, MomentumMethod, build_method
 from sslfg.schema import ModelConfig, PretrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CONFIG = ROOT / "configs" / "pretrain" / "sample.yaml"
 
-# Same backbone and heads; only the local branch differs. MoCo v3 is the baseline of every ratio.
+# Same backbone and heads; only the local branch (method.local) differs. MoCo v3 is the baseline of every ratio.
 VARIANTS: dict[str, dict[str, object]] = {
-    "MoCo v3": {"local_weight": 0.0},
-    "LoDisc zero_fill": {"local_view": "zero_fill"},
-    "LoDisc drop_tokens": {"local_view": "drop_tokens"},
+    "MoCo v3": {"weight": 0.0},
+    "LoDisc zero_fill": {"view": "zero_fill"},
+    "LoDisc drop_tokens": {"view": "drop_tokens"},
 }
+
+
+def with_local(method: MethodConfig | None, **local: object) -> MethodConfig:
+    """`method` (default: the schema's, MoCo v3 + local) with some method.local keys replaced."""
+    method = method or MethodConfig()
+    return dataclasses.replace(method, local=dataclasses.replace(method.local, **local))
 
 
 def sample_config() -> PretrainConfig:
@@ -52,24 +58,27 @@ def synchronize(device: torch.device) -> None:
 
 
 def build(
-    cfg: ModelConfig, image_size: int, device: torch.device, seed: int = 0
-) -> tuple[LoDisc, torch.optim.Optimizer]:
-    """A LoDisc model in training mode and an AdamW over its trainable parameters; same seed, same weights."""
+    cfg: ModelConfig, image_size: int, device: torch.device, seed: int = 0, method: MethodConfig | None = None
+) -> tuple[MomentumMethod, torch.optim.Optimizer]:
+    """The method (default: the schema's, LoDisc) in training mode and an AdamW over its trainable parameters;
+    same seed, same weights."""
     torch.manual_seed(seed)
-    model = LoDisc(cfg, image_size).to(device).train()
+    model = build_method(cfg, method or MethodConfig(), image_size).to(device).train()
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
 
 
 def build_variants(
-    cfg: ModelConfig, image_size: int, device: torch.device
-) -> dict[str, tuple[LoDisc, torch.optim.Optimizer]]:
+    cfg: ModelConfig, image_size: int, device: torch.device, method: MethodConfig | None = None
+) -> dict[str, tuple[MomentumMethod, torch.optim.Optimizer]]:
     """One (model, optimizer) per entry of VARIANTS, all with the same initial weights."""
     return {
-        name: build(dataclasses.replace(cfg, **overrides), image_size, device) for name, overrides in VARIANTS.items()
+        name: build(cfg, image_size, device, method=with_local(method, **overrides))
+        for name, overrides in VARIANTS.items()
     }
 
 
-def train_step(model: LoDisc, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor, amp: str) -> None:
+def train_step(model: MomentumMethod, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
+               amp: str) -> None:
     """Forward, backward, AdamW step and one EMA update: what the training loop does per step."""
     with autocast(x1.device, amp):
         loss = model(x1, x2)["loss"]

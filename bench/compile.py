@@ -58,8 +58,8 @@ def main() -> None:
     batch = args.batch or 128
     x1, x2 = two_views(batch, size, device)
 
-    eager, eager_opt = build(model_cfg, size, device)
-    compiled, compiled_opt = build(model_cfg, size, device)
+    eager, eager_opt = build(model_cfg, size, device, method=cfg.method)
+    compiled, compiled_opt = build(model_cfg, size, device, method=cfg.method)
     compile_modules(compiled.encoder.blocks, device)
 
     def timed(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:

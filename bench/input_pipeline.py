@@ -54,28 +54,28 @@ from sslfg.data.transforms import TwoViewTransform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
 from sslfg.engine.metrics import MetricsLog
-from sslfg.models.lodisc import LoDisc
+from sslfg.methods import MomentumMethod, build_method
 from sslfg.pretrain import build_schedules
 from sslfg.schema import PretrainConfig
 
 
 class Trainer:
-    """What `sslfg.pretrain.pretrain` assembles around the loop: accelerator, LoDisc, AdamW, schedules."""
+    """What `sslfg.pretrain.pretrain` assembles around the loop: accelerator, the method, AdamW, schedules."""
 
     def __init__(self, cfg: PretrainConfig, sampler: EpochBatchSampler, run_dir: Path) -> None:
         t = cfg.train
         self.cfg, self.sampler, self.run_dir = cfg, sampler, run_dir
         self.accelerator = make_accelerator(t.mixed_precision, t.grad_accum_steps)
         torch.manual_seed(cfg.seed)
-        model = LoDisc(cfg.model, cfg.data.image_size)
+        model = build_method(cfg.model, cfg.method, cfg.data.image_size)
         per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
-        self.schedules = build_schedules(cfg, t.epochs * per_epoch, t.batch_size, per_epoch)
+        self.schedules = build_schedules(cfg, model, t.epochs * per_epoch, t.batch_size, per_epoch)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             trainable, lr=float(self.schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.lodisc: LoDisc = self.accelerator.unwrap_model(self.model)
+        self.method: MomentumMethod = self.accelerator.unwrap_model(self.model)
         self.metrics = MetricsLog(run_dir, enabled=True)
 
     def images_per_second(self, loader: Iterable[Any], views: TwoViewPipeline, steps: int, warmup: int) -> float:
@@ -83,12 +83,10 @@ class Trainer:
         stamps: list[float] = []
 
         def compute_loss(batch: Any) -> dict[str, torch.Tensor]:  # as sslfg.pretrain's
-            out = self.model(*views.to_device(batch[0], self.accelerator.device))
-            out.pop("keep_idx", None)
-            return out
+            return self.model(*views.to_device(batch[0], self.accelerator.device))
 
         def after_step(step: int) -> None:
-            self.lodisc.update_momentum(float(self.schedules["momentum"][step]))
+            self.method.update_momentum(float(self.schedules["momentum"][step]))
             stamps.append(time.perf_counter())
 
         train = dataclasses.replace(self.cfg.train, max_steps=warmup + steps)
@@ -229,7 +227,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPUs"
     print(
         f"### Input pipeline: sample recipe (data/sample, {size} px, batch {batch}, local_view "
-        f"{cfg.model.local_view}), {where}, {args.rounds} rounds x {args.steps} steps\n"
+        f"{cfg.method.local.view}), {where}, {args.rounds} rounds x {args.steps} steps\n"
     )
     rows = []
     for path, w, t in variants:

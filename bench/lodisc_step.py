@@ -2,7 +2,7 @@
 
 A step is what the training loop does per batch: LoDisc forward, backward, AdamW step and one EMA
 update (`update_momentum(0.99)`). Three variants share backbone, heads, initial weights and batch
-(random tensors): MoCo v3 (`local_weight: 0`), LoDisc `zero_fill` and LoDisc `drop_tokens`.
+(random tensors): MoCo v3 (`method.local.weight: 0`), LoDisc `zero_fill` and LoDisc `drop_tokens`.
 Alongside, the parts that differ between them are timed on the same 2B images: the online encoder
 forward + backward, the momentum pass with fused attention (MoCo v3), the momentum pass that reads
 the attention maps and picks the kept patches (LoDisc), and each local view's masked pass.
@@ -40,15 +40,16 @@ from common import (
     two_views,
 )
 
+from sslfg.methods import MethodConfig, MomentumMethod
+from sslfg.methods.local import zero_fill
 from sslfg.models.backbone import forward_tokens
-from sslfg.models.lodisc import LoDisc, zero_fill
 from sslfg.schema import ModelConfig
 
 BASE = "MoCo v3"
 TARGETS = {"LoDisc zero_fill": 1.3, "LoDisc drop_tokens": 1.15}
 
 
-def parts(model: LoDisc, x: torch.Tensor, amp: str) -> dict[str, Callable[[], object]]:
+def parts(model: MomentumMethod, x: torch.Tensor, amp: str) -> dict[str, Callable[[], object]]:
     """The pieces of a step that the variants do differently, on x (2B, 3, S, S)."""
     enc, mom = model.encoder, model.momentum_encoder
     with torch.no_grad(), autocast(x.device, amp):
@@ -76,9 +77,10 @@ def parts(model: LoDisc, x: torch.Tensor, amp: str) -> dict[str, Callable[[], ob
     }
 
 
-def bench_setup(title: str, cfg: ModelConfig, image_size: int, batch: int, args: argparse.Namespace) -> str:
+def bench_setup(title: str, cfg: ModelConfig, image_size: int, batch: int, args: argparse.Namespace,
+                method: MethodConfig | None = None) -> str:
     device = pick_device(args.device)
-    models = build_variants(cfg, image_size, device)
+    models = build_variants(cfg, image_size, device, method)
     x1, x2 = two_views(batch, image_size, device)
     fns: dict[str, Callable[[], object]] = {
         name: (lambda m=model, o=opt: train_step(m, o, x1, x2, args.amp)) for name, (model, opt) in models.items()
@@ -93,7 +95,7 @@ def bench_setup(title: str, cfg: ModelConfig, image_size: int, batch: int, args:
     lines = [
         f"### {title}",
         "",
-        f"{cfg.name} {m0.timm_kwargs}, N = {n} patches, keep {models['LoDisc zero_fill'][0].cfg.keep_ratio}, "
+        f"{cfg.name} {m0.timm_kwargs}, N = {n} patches, keep {models['LoDisc zero_fill'][0].local.cfg.keep_ratio}, "
         f"batch {batch} (2B = {2 * batch} images per pass), amp {args.amp}, {machine(device)}, "
         f"{args.repeats} rounds after {args.warmup} warm-up",
         "",
@@ -138,15 +140,16 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model:
-        setups = [(args.model, ModelConfig(name=args.model, patch_size=args.patch_size), args.img_size, args.batch)]
+        setups = [(args.model, ModelConfig(name=args.model, patch_size=args.patch_size), args.img_size, args.batch,
+                   None)]
     else:
         sample = sample_config()
         setups = [
-            ("vit_tiny geometry, 64 px, patch 8", ModelConfig(name="vit_tiny_patch16_224", patch_size=8), 64, 32),
-            ("sample recipe model", sample.model, sample.data.image_size, sample.train.batch_size),
+            ("vit_tiny geometry, 64 px, patch 8", ModelConfig(name="vit_tiny_patch16_224", patch_size=8), 64, 32, None),
+            ("sample recipe model", sample.model, sample.data.image_size, sample.train.batch_size, sample.method),
         ]
-    for title, cfg, image_size, batch in setups:
-        print(bench_setup(title, cfg, image_size, batch, args), flush=True)
+    for title, cfg, image_size, batch, method in setups:
+        print(bench_setup(title, cfg, image_size, batch, args, method), flush=True)
 
 
 if __name__ == "__main__":

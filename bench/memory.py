@@ -9,7 +9,7 @@ first training step (forward, backward, AdamW step, EMA update) on random (B, 3,
   the RSS before it; both include the Python and torch runtime.
 "step" = peak − after build: activations, gradients, AdamW's state (created by the first step,
 the same for every variant) and temporaries. "model" is what building LoDisc added. Ratios are
-to MoCo v3 (`local_weight: 0`) with the same backbone and batch.
+to MoCo v3 (`method.local.weight: 0`) with the same backbone and batch.
 
     python bench/memory.py [--models vit_tiny_patch16_224,vit_small_patch16_224] [--batch 16] [--img-size 224]
 """
@@ -17,7 +17,6 @@ to MoCo v3 (`local_weight: 0`) with the same backbone and batch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import resource
@@ -25,7 +24,17 @@ import subprocess
 import sys
 
 import torch
-from common import VARIANTS, build, machine, markdown_table, pick_device, synchronize, train_step, two_views
+from common import (
+    VARIANTS,
+    build,
+    machine,
+    markdown_table,
+    pick_device,
+    synchronize,
+    train_step,
+    two_views,
+    with_local,
+)
 
 from sslfg.schema import ModelConfig
 
@@ -58,11 +67,11 @@ def peak(device: torch.device) -> int:
 def measure(model_name: str, variant: str, args: argparse.Namespace) -> dict[str, int]:
     """The child's work: what building added, memory after building, and the step's peak (bytes)."""
     device = pick_device(args.device)
-    cfg = dataclasses.replace(ModelConfig(name=model_name), **VARIANTS[variant])
+    cfg = ModelConfig(name=model_name)
     x1, x2 = two_views(args.batch, args.img_size, device)
     gc.collect()
     base = memory_now(device)
-    model, optimizer = build(cfg, args.img_size, device)
+    model, optimizer = build(cfg, args.img_size, device, method=with_local(None, **VARIANTS[variant]))
     gc.collect()
     synchronize(device)
     reset_peak(device)

@@ -1,7 +1,8 @@
 """Typed configuration: YAML recipes with `_base_` inheritance and dotted `key=value` overrides, loaded
 into the dataclass schema of `sslfg.schema`. Unknown keys, wrong types, numbers outside the range a
 field declares (`bounded`) and keys that contradict each other (a class's `relations`) are errors
-naming the key, the value and the file or command line that set it."""
+naming the key, the value and the file or command line that set it; a key the schema lists in its
+`moved_keys` (where an earlier recipe had it) is an error naming its new place."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ _EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 _SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 _DEFAULT = "the schema default"
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+# the ranges most schema fields use (`bounded`); RATE: dropout, smoothing, momentum, betas: 1 would stop learning
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = "[1, inf)", "[0, inf)", "(0, inf)"
+PROBABILITY, RATE = "[0, 1]", "[0, 1)"
 
 
 class ConfigError(ValueError):
@@ -186,6 +190,7 @@ class _Converter:
     def __init__(self, schema: type, sources: dict[str, str]) -> None:
         self.sources = sources
         self.keys = list(_keys(schema, ""))
+        self.moved: dict[str, str] = getattr(schema, "moved_keys", {})  # old dotted key -> where it lives now
 
     def error(self, key: str, message: str, hint: str = "") -> ConfigError:
         path = key.split("[")[0]
@@ -219,6 +224,8 @@ class _Converter:
             raise ConfigError(f"{statement} ({sources}); {relation.fix(*values)}")
 
     def unknown(self, key: str, prefix: str, names: list[str]) -> ConfigError:
+        if key in self.moved:
+            return self.error(key, f"'{key}' has moved: use {self.moved[key]}")
         candidates = [k for k in self.keys if not prefix.startswith(k + ".")]  # never the section itself
         close = difflib.get_close_matches(key, candidates, n=1)
         if close:

@@ -21,9 +21,10 @@ from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes, loaded_size, transform_box
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
+from sslfg.methods import MomentumMethod
+from sslfg.methods.local import keep_indices
 from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
 from sslfg.models.glsim import GLSim, gls_boxes
-from sslfg.models.lodisc import LoDisc, keep_indices
 from sslfg.online_knn import _evenly_spaced
 from sslfg.schema import FeatureConfig, PretrainConfig
 
@@ -103,8 +104,8 @@ def backbone_looks(vit: VisionTransformer, images: Tensor, keep_ratio: float, to
 
 
 class OnlineLocalisation:
-    """LoDisc keep precision during pretraining: the patches the momentum encoder keeps (its attention at
-    model.keep_ratio, also for MoCo v3 runs, so that arms compare at equal budget) on up to
+    """LoDisc keep precision during pretraining: the patches the teacher (momentum) encoder keeps (its attention
+    at method.local.keep_ratio, also with the local branch off, so that arms compare at equal budget) on up to
     `train.loc_samples` evenly spaced test images, eval-transformed (not augmented)."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
@@ -119,7 +120,7 @@ class OnlineLocalisation:
         self.batch_size = cfg.train.batch_size
 
     @torch.no_grad()
-    def __call__(self, model: LoDisc) -> dict[str, float]:
+    def __call__(self, model: MomentumMethod) -> dict[str, float]:
         encoder = model.momentum_encoder
         was_training = encoder.training
         device = next(encoder.parameters()).device

@@ -1,4 +1,5 @@
-"""LoDisc / MoCo v3 pretraining: builds everything from a PretrainConfig and runs the loop.
+"""Pretraining with any method of `sslfg.methods` (MoCo v3, DINO, ..., each with or without LoDisc's local
+branch): builds everything from a PretrainConfig and runs the loop.
 
 Called by `train_ssl.py`; importable so that studies and tests run it in-process.
 """
@@ -26,8 +27,8 @@ from sslfg.engine.rundir import prepare_run_dir, write_json
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
 from sslfg.localisation import OnlineLocalisation
+from sslfg.methods import MomentumMethod, build_method
 from sslfg.models.backbone import export_backbone, pretrained_record
-from sslfg.models.lodisc import LoDisc
 from sslfg.online_knn import OnlineKnn
 from sslfg.schema import PretrainConfig
 from sslfg.summary import startup_summary
@@ -40,21 +41,24 @@ def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
     return cfg.train.base_lr * global_batch / 256
 
 
-def build_schedules(cfg: PretrainConfig, total_steps: int, global_batch: int, per_epoch: int) -> dict:
-    """lr (scaled by global batch / 256, warmup + cosine), weight decay and EMA momentum per step."""
+def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: int, global_batch: int,
+                    per_epoch: int) -> dict:
+    """lr (scaled by global batch / 256, warmup + cosine), weight decay and the method's own values (EMA
+    momentum, ...) per step."""
     t = cfg.train
     lr = scaled_lr(cfg, global_batch)
     wd_end = t.weight_decay if t.weight_decay_end < 0 else t.weight_decay_end
     return {
         "lr": cosine_schedule(lr, t.min_lr, total_steps, warmup_steps=round(t.warmup_epochs * per_epoch)),
         "weight_decay": cosine_schedule(t.weight_decay, wd_end, total_steps),
-        "momentum": cosine_schedule(t.momentum, 1.0, total_steps),
+        **method.schedules(total_steps, per_epoch),
     }
 
 
 @torch.no_grad()
-def mask_figure(model: LoDisc, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path, title: str) -> None:
-    """The two views of a few fixed training images and the patches the local branch keeps."""
+def mask_figure(model: MomentumMethod, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path,
+                title: str) -> None:
+    """The two views of a few fixed training images and the patches the local branch keeps (or would keep)."""
     n = min(cfg.train.figure_samples, len(dataset))
     seeded = SeededDataset(dataset)
     indices = torch.linspace(0, len(dataset) - 1, n).long().tolist()
@@ -86,12 +90,12 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
                                 cfg.seed, multiple_of=t.grad_accum_steps)
     loader = seeded_loader(dataset, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
 
-    model = LoDisc(cfg.model, cfg.data.image_size)
+    model = build_method(cfg.model, cfg.method, cfg.data.image_size)
     if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
         compile_modules(model.encoder.blocks, accelerator.device)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
-    schedules = build_schedules(cfg, t.epochs * per_epoch, global_batch, per_epoch)
+    schedules = build_schedules(cfg, model, t.epochs * per_epoch, global_batch, per_epoch)
     summary = startup_summary(cfg.data, {cfg.data.train_split: dataset}, key_sources(cfg), {
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
@@ -104,7 +108,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=float(schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    lodisc: LoDisc = accelerator.unwrap_model(model)
+    method: MomentumMethod = accelerator.unwrap_model(model)
 
     start = load_checkpoint(accelerator, resume_from) if resume_from else 0
     if resume_from:
@@ -112,43 +116,46 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=start if resume_from else None,
                          trackers=t.log_with, config=cfg)
     if accelerator.is_main_process and start == 0 and t.figure_samples > 0:
-        mask_figure(lodisc, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
+        mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
 
     def compute_loss(batch):
-        out = model(*views.to_device(batch[0], accelerator.device))  # data.augment_on: device augments here
-        out.pop("keep_idx", None)
-        return out
+        return model(*views.to_device(batch[0], accelerator.device))  # data.augment_on: device augments here
+
+    own = [k for k in schedules if k not in ("lr", "weight_decay")]
+
+    def before_step(s: int) -> None:  # the method's scheduled values of this step (DINO's teacher temperature)
+        method.set_step({k: float(schedules[k][s]) for k in own})
 
     online_knn = OnlineKnn(cfg, accelerator) if t.knn_every > 0 else None
     if online_knn is not None and start == 0:
-        metrics.log(0, online_knn(lodisc.encoder))
+        metrics.log(0, online_knn(method.encoder))
     online_loc = OnlineLocalisation(cfg) if t.loc_every > 0 and accelerator.is_main_process else None
     if online_loc is not None and start == 0:
-        metrics.log(0, online_loc(lodisc))
+        metrics.log(0, online_loc(method))
 
     state = LoopState(schedules=schedules, start_step=start)
 
     def after_update(s: int) -> None:  # only after an applied optimizer step (fp16 skips some)
-        lodisc.update_momentum(float(schedules["momentum"][s]))
+        method.update_momentum(float(schedules["momentum"][s]))
 
     def after_step(s: int) -> None:  # after every step, applied or not: evaluation must not be lost
         if online_knn is not None and (s + 1) % (t.knn_every * per_epoch) == 0:
             tic = time.perf_counter()
-            metrics.log(s + 1, online_knn(lodisc.encoder))
+            metrics.log(s + 1, online_knn(method.encoder))
             state.seconds -= time.perf_counter() - tic  # evaluating is not training: keep images/s comparable
         if online_loc is not None and (s + 1) % (t.loc_every * per_epoch) == 0:
             tic = time.perf_counter()
-            metrics.log(s + 1, online_loc(lodisc))
+            metrics.log(s + 1, online_loc(method))
             state.seconds -= time.perf_counter() - tic
 
     step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics, compute_loss,
-                    after_update=after_update, after_step=after_step)
+                    before_step=before_step, after_update=after_update, after_step=after_step)
     metrics.close()
 
     if accelerator.is_main_process:
-        export_backbone(lodisc.encoder, cfg.model.name, lodisc.timm_kwargs, run_dir)
+        export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir)
         if t.figure_samples > 0:
-            mask_figure(lodisc, dataset, views, cfg, run_dir / "figures" / "masks_end.png",
+            mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_end.png",
                         f"kept patches, step {step}")
         summary |= {
             "step": step, "total_steps": int(len(schedules["lr"])), "epochs": t.epochs,

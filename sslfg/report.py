@@ -320,8 +320,8 @@ class Report:
                      "centre lies in the object box; chance = the fraction of all patches inside it; lift = "
                      "precision / chance (1: no better than chance); GLS IoU and coverage = the box around the "
                      "top-k patches most similar to CLS against the object box. The last column is the keep "
-                     "precision logged during pretraining, from the momentum encoder that picks LoDisc's patches "
-                     "(MoCo v3 too, at the same keep ratio).", "", *localisation, ""]
+                     "precision logged during pretraining, from the teacher (momentum) encoder that picks LoDisc's "
+                     "patches (every method, local branch on or off, at the same keep ratio).", "", *localisation, ""]
         if self.cfg.finetune.arms:
             text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20: **{best}** (selected on "
                      "the test-split kNN it reports, as the study's question is which pretraining to keep).", "",

@@ -11,30 +11,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from sslfg.config import ConfigError, Relation, bounded
+from sslfg.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, RATE, Relation, bounded
+from sslfg.methods import MethodConfig
+from sslfg.models.backbone import sizes_near
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AT_LEAST_1, NON_NEGATIVE, POSITIVE = "[1, inf)", "[0, inf)", "(0, inf)"
-PROBABILITY, RATE = "[0, 1]", "[0, 1)"  # RATE: dropout, smoothing, momentum, betas: 1 would stop learning
-
-
-def _sizes_near(size: int, patch: int) -> str:
-    """The two image sizes around `size` that `patch` divides."""
-    below = max(patch, size // patch * patch)
-    return f"{below} or {below + patch}"
-
-
-def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
-    """ConfigError unless `patch_size` (of the built timm model `name`) divides `image_size`: timm would
-    silently cut off the last pixel rows and columns. Catches the timm default patch sizes that the
-    schema's relation (model.patch_size, when set) cannot know."""
-    if image_size % patch_size:
-        raise ConfigError(
-            f"data.image_size: {image_size} is not a multiple of the patch size {patch_size} of {name}, so the "
-            f"last {image_size % patch_size} pixel rows and columns would be cut off; use a data.image_size of "
-            f"{_sizes_near(image_size, patch_size)}, or set model.patch_size to a divisor of {image_size}"
-        )
 
 
 def _patches(patch: int, size: int) -> int:
@@ -45,7 +27,7 @@ def _patches(patch: int, size: int) -> int:
 PATCH_DIVIDES_IMAGE = Relation(
     ("model.patch_size", "data.image_size"), lambda patch, size: patch == 0 or size % patch == 0,
     "{0} must divide {1}: the last pixel rows and columns of every image would be cut off",
-    lambda patch, size: f"use a data.image_size of {_sizes_near(size, patch)}, or a patch size that divides {size}",
+    lambda patch, size: f"use a data.image_size of {sizes_near(size, patch)}, or a patch size that divides {size}",
 )
 
 # timm's other poolings add parameters sslfg never runs (it reads the CLS token after the final norm): they get
@@ -103,7 +85,7 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    """Backbone plus the LoDisc method (METHODS §1)."""
+    """The backbone every method trains (the method and its heads: `method`, sslfg.methods)."""
 
     name: str = "vit_small_patch16_224"  # any timm ViT
     patch_size: int = bounded(NON_NEGATIVE, 0)  # 0: the timm default for `name`
@@ -112,17 +94,6 @@ class ModelConfig:
     # timm's weights for `name` (name.tag or hf-hub:org/repo) from the Hugging Face cache, downloaded if online
     pretrained: bool = False
     drop_path_rate: float = bounded(RATE, 0.0)
-    use_projector: bool = True  # false reproduces the reference code, which never runs it
-    proj_hidden_dim: int = bounded(AT_LEAST_1, 4096)
-    pred_hidden_dim: int = bounded(AT_LEAST_1, 4096)
-    projector_dropout: float = bounded(RATE, 0.2)  # LoDisc's Dropout after each hidden layer of the projector
-    predictor_dropout: float = bounded(RATE, 0.2)
-    temperature: float = bounded(POSITIVE, 0.2)
-    local_weight: float = bounded(NON_NEGATIVE, 1.0)  # 0 gives plain MoCo v3
-    local_view: Literal["zero_fill", "drop_tokens"] = "zero_fill"
-    keep_ratio: float = bounded("(0, 1]", 0.30)
-    # the location score sums the last n blocks' CLS attention; 0: every block (LoDisc)
-    attention_layers: int = bounded(NON_NEGATIVE, 0)
 
     relations: ClassVar = (CLS_TOKEN_POOLING,)
 
@@ -160,13 +131,12 @@ class TrainConfig(LoopConfig):
     betas: tuple[float, float] = bounded(RATE, (0.9, 0.999))  # torch AdamW defaults, as MoCo v3
     # torch.compile the online encoder's blocks (forward and backward); on the CPU it needs a C++ compiler
     compile: bool = False
-    momentum: float = bounded(RATE, 0.99)  # EMA m0, cosine to 1
     figure_samples: int = bounded(NON_NEGATIVE, 6)  # training images in the mask figure; 0 disables it
     # online kNN (k 20) of the online encoder every n epochs and at step 0; 0: off
     knn_every: int = bounded(NON_NEGATIVE, 0)
     # at most this many bank (data.train_split) and query (data.test_split) images
     knn_samples: int = bounded(AT_LEAST_1, 2000)
-    # LoDisc keep precision (sslfg.localisation) of the momentum encoder every n epochs and at step 0; 0: off
+    # LoDisc keep precision (sslfg.localisation) of the teacher encoder every n epochs and at step 0; 0: off
     loc_every: int = bounded(NON_NEGATIVE, 0)
     loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many data.test_split images (with boxes)
 
@@ -192,19 +162,29 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     relations: ClassVar = (
         PATCH_DIVIDES_IMAGE,
         Relation(("model.weights", "model.pretrained"), lambda weights, pretrained: not (weights and pretrained),
                  "{0} and {1} are two initialisations", lambda *_: "keep one of them"),
-        # as sslfg.models.lodisc.num_kept: ⌊keep_ratio·N⌋, which would otherwise be raised to one patch silently
-        Relation(("model.keep_ratio", "model.patch_size", "data.image_size"),
+        # as sslfg.methods.local.num_kept: ⌊keep_ratio·N⌋, which would otherwise be raised to one patch silently
+        Relation(("method.local.keep_ratio", "model.patch_size", "data.image_size"),
                  lambda keep, patch, size: patch == 0 or math.floor(keep * _patches(patch, size) + 1e-9) >= 1,
                  "{0} keeps no patch of the grid of {1} and {2}",
-                 lambda _, patch, size: f"raise model.keep_ratio to at least {1 / _patches(patch, size):.3g} "
+                 lambda _, patch, size: f"raise method.local.keep_ratio to at least {1 / _patches(patch, size):.3g} "
                                         f"(one of {_patches(patch, size)} patches)"),
     )
+    # keys of earlier recipes -> their place now: sslfg.config names the new key instead of "unknown key"
+    moved_keys: ClassVar = {
+        "model.local_weight": "method.local.weight", "model.local_view": "method.local.view",
+        "model.keep_ratio": "method.local.keep_ratio", "model.attention_layers": "method.local.attention_layers",
+        **{f"model.{key}": f"method.mocov3.{key}" for key in (
+            "temperature", "use_projector", "proj_hidden_dim", "pred_hidden_dim", "projector_dropout",
+            "predictor_dropout")},
+        "train.momentum": "method.mocov3.momentum (each method has its own: method.<name>.momentum)",
+    }
 
 
 @dataclass
@@ -370,7 +350,7 @@ class StudyPretrainConfig:
     epochs: int = bounded(NON_NEGATIVE, 0)
     # alternative budget: the epochs that fit this many minutes for all arms of one seed
     minutes: float = bounded(NON_NEGATIVE, 0.0)
-    # arm name -> {dotted key: value} applied to the recipe (e.g. {model.local_weight: 0} for MoCo v3)
+    # arm name -> {dotted key: value} applied to the recipe (e.g. {method.local.weight: 0} for MoCo v3)
     arms: dict[str, Any] = field(default_factory=dict)
 
     relations: ClassVar = (

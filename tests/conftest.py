@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from sslfg.methods import METHODS, MomentumMethod, build_method
 from sslfg.schema import PretrainConfig
 
 # Every in-process Accelerator of the suite runs on the CPU, also on a GPU machine: the resume tests compare
@@ -17,8 +20,25 @@ from sslfg.schema import PretrainConfig
 # (tests/reliability/procs.py also hides CUDA from those that `accelerate launch` starts).
 os.environ["ACCELERATE_USE_CPU"] = "true"
 
-TINY_MODEL = dict(name="vit_tiny_patch16_224", patch_size=4, kwargs=dict(embed_dim=32, depth=2, num_heads=2),
-                  proj_hidden_dim=64, pred_hidden_dim=64)
+TINY_MODEL = dict(name="vit_tiny_patch16_224", patch_size=4, kwargs=dict(embed_dim=32, depth=2, num_heads=2))
+# every head width of every registered method (its method.<name>.*_dim keys) at 64: tiny heads for any method
+TINY_HEADS = {f"method.{name}.{f.name}": 64 for name, cls in METHODS.items()
+              for f in dataclasses.fields(cls.Config) if f.name.endswith("_dim")}
+# the same as a recipe's `method` mapping: {"mocov3": {"proj_hidden_dim": 64, ...}, ...}
+TINY_METHOD: dict[str, dict[str, int]] = {}
+for _key, _value in TINY_HEADS.items():
+    _, _name, _field = _key.split(".")
+    TINY_METHOD.setdefault(_name, {})[_field] = _value
+
+
+def set_keys(cfg: object, dotted: dict[str, object]) -> None:
+    """Sets dotted keys ("method.mocov3.temperature") of a config dataclass tree in place."""
+    for key, value in dotted.items():
+        *path, last = key.split(".")
+        target = cfg
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, last, value)
 
 
 def write_csv_dataset(root: Path, n_train: int = 24, n_test: int = 8, size: int = 16, classes: int = 3) -> Path:
@@ -51,8 +71,20 @@ def tiny_config(data_root: Path, output_dir: Path, **train: object) -> PretrainC
     cfg.data.root, cfg.data.image_size, cfg.data.num_workers, cfg.data.train_split = str(data_root), 16, 0, "train"
     for key, value in TINY_MODEL.items():
         setattr(cfg.model, key, value)
+    set_keys(cfg, TINY_HEADS)
     cfg.train.epochs, cfg.train.batch_size, cfg.train.checkpoint_every, cfg.train.log_every = 2, 8, 2, 1
     cfg.train.figure_samples = 2
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg
+
+
+def tiny_method(name: str = "mocov3", **dotted: object) -> MomentumMethod:
+    """Method `name` with tiny heads on the tiny ViT at 16 px (a 4x4 grid), in training mode, seed 0;
+    `dotted` sets keys of its PretrainConfig, e.g. tiny_method(**{"method.local.weight": 0})."""
+    cfg = PretrainConfig()
+    for key, value in TINY_MODEL.items():
+        setattr(cfg.model, key, value)
+    set_keys(cfg, {**TINY_HEADS, "method.name": name, **dotted})
+    torch.manual_seed(0)
+    return build_method(cfg.model, cfg.method, image_size=16).train()

@@ -119,9 +119,9 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
 
 
 def test_unknown_key_in_yaml_suggests_the_nearest(tmp_path: Path) -> None:
-    path = write(tmp_path / "x.yaml", "model:\n  keep_ratoi: 0.5\n")
+    path = write(tmp_path / "x.yaml", "method:\n  local:\n    keep_ratoi: 0.5\n")
     assert error(path, [], PretrainConfig) == (
-        f"unknown key 'model.keep_ratoi' (in {path}); did you mean 'model.keep_ratio'?"
+        f"unknown key 'method.local.keep_ratoi' (in {path}); did you mean 'method.local.keep_ratio'?"
     )
 
 
@@ -130,7 +130,7 @@ def test_unknown_key_in_override(tmp_path: Path) -> None:
     assert error(path, ["train.epoch=3"], PretrainConfig) == (
         "unknown key 'train.epoch' (in command line); did you mean 'train.epochs'?"
     )
-    assert "did you mean 'model.keep_ratio'" in error(None, ["keep_ratio=0.5"], PretrainConfig)
+    assert "did you mean 'method.local.keep_ratio'" in error(None, ["keep_ratio=0.5"], PretrainConfig)
 
 
 def test_unknown_key_without_close_match_lists_the_section() -> None:
@@ -140,9 +140,9 @@ def test_unknown_key_without_close_match_lists_the_section() -> None:
 
 
 def test_wrong_type_names_key_and_source(tmp_path: Path) -> None:
-    path = write(tmp_path / "x.yaml", "model: {keep_ratio: abc}\nseed: 2\n")
-    assert error(path, [], PretrainConfig) == f"model.keep_ratio: expected float, got str 'abc' (in {path})"
-    assert error(path, ["model.keep_ratio=0.1", "seed=x"], PretrainConfig) == (
+    path = write(tmp_path / "x.yaml", "method: {local: {keep_ratio: abc}}\nseed: 2\n")
+    assert error(path, [], PretrainConfig) == f"method.local.keep_ratio: expected float, got str 'abc' (in {path})"
+    assert error(path, ["method.local.keep_ratio=0.1", "seed=x"], PretrainConfig) == (
         "seed: expected int, got str 'x' (in command line)"
     )
     assert error(None, ["name=12"]) == "name: expected str, got int 12 (in command line)"
@@ -258,7 +258,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
             "data.root='1e5'",
             "data.mean=[0.5, 0.25, 0.125]",
             "model.kwargs={depth: 6, dims: [1, 2]}",
-            "model.use_projector=false",
+            "method.mocov3.use_projector=false",
             "train.base_lr=1.5e-7",
             "train.mixed_precision=no",
         ],
@@ -334,11 +334,11 @@ OUT_OF_RANGE = [
     ("train.grad_accum_steps=0", FinetuneConfig, "expected an integer ≥ 1, got 0"),
     ("train.checkpoint_every=0", PretrainConfig, "expected an integer ≥ 1, got 0"),
     ("train.max_steps=-1", PretrainConfig, "expected an integer ≥ 0, got -1"),
-    ("model.keep_ratio=0", PretrainConfig, "expected a number in (0, 1], got 0"),
-    ("model.keep_ratio=1.01", PretrainConfig, "expected a number in (0, 1], got 1.01"),
-    ("model.temperature=0", PretrainConfig, "expected a number > 0, got 0"),
-    ("model.temperature=-.inf", PretrainConfig, "expected a number > 0, got -inf"),
-    ("train.momentum=1", PretrainConfig, "expected a number in [0, 1), got 1"),
+    ("method.local.keep_ratio=0", PretrainConfig, "expected a number in (0, 1], got 0"),
+    ("method.local.keep_ratio=1.01", PretrainConfig, "expected a number in (0, 1], got 1.01"),
+    ("method.mocov3.temperature=0", PretrainConfig, "expected a number > 0, got 0"),
+    ("method.mocov3.temperature=-.inf", PretrainConfig, "expected a number > 0, got -inf"),
+    ("method.mocov3.momentum=1", PretrainConfig, "expected a number in [0, 1), got 1"),
     ("train.base_lr=0", PretrainConfig, "expected a number > 0, got 0"),
     ("train.min_lr=-1e-6", PretrainConfig, "expected a number ≥ 0, got -1e-06"),
     ("train.lr=.nan", FinetuneConfig, "expected a number > 0, got nan"),
@@ -382,19 +382,22 @@ def test_every_default_is_in_range_and_consistent(tmp_path: Path) -> None:
 
 
 def test_range_error_names_the_file_that_set_the_value(tmp_path: Path) -> None:
-    base = write(tmp_path / "base.yaml", "model: {keep_ratio: 0.0}\n")
+    base = write(tmp_path / "base.yaml", "method: {local: {keep_ratio: 0.0}}\n")
     recipe = write(tmp_path / "recipe.yaml", "_base_: base.yaml\nseed: 1\n")
-    assert error(recipe, [], PretrainConfig) == f"model.keep_ratio: expected a number in (0, 1], got 0.0 (in {base})"
-    assert load_config(recipe, ["model.keep_ratio=0.5"], PretrainConfig).model.keep_ratio == 0.5  # overridden: fine
+    assert error(recipe, [], PretrainConfig) == (
+        f"method.local.keep_ratio: expected a number in (0, 1], got 0.0 (in {base})")
+    overridden = load_config(recipe, ["method.local.keep_ratio=0.5"], PretrainConfig)
+    assert overridden.method.local.keep_ratio == 0.5  # overridden: fine
 
 
 @pytest.mark.parametrize(("override", "schema"), [
-    ("model.keep_ratio=1", PretrainConfig), ("train.momentum=0", PretrainConfig), ("augment.flip_p=0", PretrainConfig),
+    ("method.local.keep_ratio=1", PretrainConfig), ("method.mocov3.momentum=0", PretrainConfig),
+    ("augment.flip_p=0", PretrainConfig),
     ("augment.flip_p=1", PretrainConfig), ("augment.crop_scale=[0.5, 0.5]", PretrainConfig),
     ("data.num_workers=0", PretrainConfig), ("model.patch_size=0", PretrainConfig),
     ("train.max_steps=0", PretrainConfig),
     ("train.min_lr=0.01", FinetuneConfig), ("augment.resize_ratio=1", FinetuneConfig),
-    ("linear.val_fraction=0.5", EvalConfig), ("model.local_weight=0", PretrainConfig),
+    ("linear.val_fraction=0.5", EvalConfig), ("method.local.weight=0", PretrainConfig),
     ("train.weight_decay_end=-1", PretrainConfig), ("pretrain.epochs=0", StudyConfig),
 ])
 def test_values_on_the_boundary_are_accepted(override: str, schema: type) -> None:
@@ -419,8 +422,8 @@ def _get(cfg: object, key: str) -> object:
     (["model.patch_size=5", "data.image_size=28"], FinetuneConfig,
      "model.patch_size = 5 must divide data.image_size = 28"),
     (["pretrain.epochs=10", "pretrain.minutes=30"], StudyConfig, "pretrain.epochs = 10 and pretrain.minutes = 30.0"),
-    (["model.keep_ratio=0.02", "model.patch_size=4", "data.image_size=28"], PretrainConfig,
-     "model.keep_ratio = 0.02 keeps no patch"),  # ⌊0.02 · 49⌋ = 0
+    (["method.local.keep_ratio=0.02", "model.patch_size=4", "data.image_size=28"], PretrainConfig,
+     "method.local.keep_ratio = 0.02 keeps no patch"),  # ⌊0.02 · 49⌋ = 0
     (["model.top_k=17", "model.patch_size=8", "data.image_size=32"], FinetuneConfig,
      "model.top_k = 17 must be at most the number of patches"),  # 4 × 4 = 16
 
@@ -442,8 +445,9 @@ def test_relation_error_names_each_keys_source(tmp_path: Path) -> None:
 
 def test_grid_relations_accept_their_limits() -> None:
     grid = ["model.patch_size=4", "data.image_size=28"]  # 7 × 7 = 49 patches
-    assert load_config(None, [*grid, "model.keep_ratio=0.0205"], PretrainConfig).model.keep_ratio == 0.0205  # 1
-    assert "at least 0.0204 (one of 49 patches)" in error(None, [*grid, "model.keep_ratio=0.02"], PretrainConfig)
+    one_patch = load_config(None, [*grid, "method.local.keep_ratio=0.0205"], PretrainConfig)
+    assert one_patch.method.local.keep_ratio == 0.0205  # 1 patch
+    assert "at least 0.0204 (one of 49 patches)" in error(None, [*grid, "method.local.keep_ratio=0.02"], PretrainConfig)
     assert load_config(None, [*grid, "model.top_k=49"], FinetuneConfig).model.top_k == 49
     assert "at most 49" in error(None, [*grid, "model.top_k=50"], FinetuneConfig)
 

@@ -33,12 +33,12 @@ from sslfg.localisation import (
     keep_precision,
     yxyx_to_xyxy,
 )
+from sslfg.methods import METHODS, build_method
 from sslfg.models.backbone import forward_tokens, load_backbone
-from sslfg.models.lodisc import LoDisc
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config
-from tests.models.test_lodisc import reference_kept
+from tests.methods.references import reference_kept
 from tests.test_finetune import ft_config
 
 # A 4 × 4 grid of 8 px patches (32 px image); patch (r, c) has index 4r + c and centre (8c + 4, 8r + 4).
@@ -145,7 +145,7 @@ def reference_keep_precision(vit: torch.nn.Module, images: torch.Tensor, boxes: 
 def test_online_keep_precision_is_the_momentum_encoders_on_eval_images(boxed_data: Path, tmp_path: Path) -> None:
     cfg = boxed_config(boxed_data, tmp_path / "run", loc_samples=5)
     cfg.model.drop_path_rate = 0.1  # measured without drop path, and the momentum encoder keeps its mode
-    model = LoDisc(cfg.model, 16)
+    model = build_method(cfg.model, cfg.method, 16)
     got = OnlineLocalisation(cfg)(model)
     assert model.momentum_encoder.training
 
@@ -156,7 +156,7 @@ def test_online_keep_precision_is_the_momentum_encoders_on_eval_images(boxed_dat
     scale = 18 / 20
     boxes = [tuple(min(max(v * scale - 1, 0), 16) for v in dataset.boxes[i]) for i in picks]  # crop offset 1
     model.momentum_encoder.eval()
-    precision, chance = reference_keep_precision(model.momentum_encoder, images, boxes, cfg.model.keep_ratio, 4)
+    precision, chance = reference_keep_precision(model.momentum_encoder, images, boxes, cfg.method.local.keep_ratio, 4)
     assert got["online_loc.keep_precision"] == pytest.approx(precision)
     assert got["online_loc.keep_chance"] == pytest.approx(chance)
     assert got["online_loc.keep_lift"] == pytest.approx(precision / chance)
@@ -166,7 +166,7 @@ def test_online_keep_precision_leaves_the_training_run_unchanged(boxed_data: Pat
     runs = {}
     for every in (0, 1):
         cfg = boxed_config(boxed_data, tmp_path / f"loc{every}", loc_every=every, loc_samples=8)  # 2 epochs, 3 steps
-        cfg.model.predictor_dropout, cfg.model.drop_path_rate = 0.2, 0.1  # random ops the probe must not shift
+        cfg.method.mocov3.predictor_dropout, cfg.model.drop_path_rate = 0.2, 0.1  # random ops the probe must not shift
         runs[every] = pretrain(cfg)
     weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs.values()]
     assert weights[0].keys() == weights[1].keys()
@@ -177,12 +177,18 @@ def test_online_keep_precision_leaves_the_training_run_unchanged(boxed_data: Pat
     assert plain == [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_mocov3_runs_log_keep_precision_too(boxed_data: Path, tmp_path: Path) -> None:
-    cfg = boxed_config(boxed_data, tmp_path / "moco", loc_every=1, loc_samples=8, max_steps=1)
-    cfg.model.local_weight = 0
-    records = [json.loads(line) for line in (pretrain(cfg) / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_without_local_branch_logs_keep_precision_and_masks(name: str, boxed_data: Path,
+                                                                         tmp_path: Path) -> None:
+    """The teacher's kept patches exist for every method, local branch on or off: the keep precision and the
+    mask figures of plain MoCo v3, BYOL and DINO runs compare with LoDisc's."""
+    cfg = boxed_config(boxed_data, tmp_path / name, loc_every=1, loc_samples=8, max_steps=1)
+    cfg.method.name, cfg.method.local.weight, cfg.train.figure_samples = name, 0, 2
+    run = pretrain(cfg)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     values = [r["online_loc.keep_precision"] for r in records if "online_loc.keep_precision" in r]
-    assert len(values) == 1 and 0 <= values[0] <= 1
+    assert len(values) == 1 and 0 <= values[0] <= 1  # at step 0 (max_steps 1 ends before the epoch does)
+    assert (run / "figures" / "masks_start.png").is_file() and (run / "figures" / "masks_end.png").is_file()
 
 
 def test_online_keep_precision_needs_boxes(tiny_data: Path, tmp_path: Path) -> None:

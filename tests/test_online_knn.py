@@ -49,7 +49,7 @@ def test_online_knn_leaves_the_training_run_unchanged(tiny_data: Path, tmp_path:
     for every in (0, 1):
         cfg = tiny_config(tiny_data, tmp_path / f"knn{every}", figure_samples=0)  # 2 epochs of 3 steps
         cfg.train.knn_every, cfg.train.knn_samples = every, 20
-        cfg.model.predictor_dropout = 0.2  # a random op in every step: the evaluation must not shift its stream
+        cfg.method.mocov3.predictor_dropout = 0.2  # a random op in every step: the evaluation must not shift its stream
         runs[every] = pretrain(cfg)
     weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs.values()]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -21,7 +21,7 @@ from sslfg.report import build_report
 from sslfg.report import main as report_main
 from sslfg.schema import StudyConfig
 from sslfg.study import Study
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_METHOD, TINY_MODEL
 from tests.reliability.procs import command, finish, start
 from tests.test_localisation import write_boxed_dataset
 
@@ -34,7 +34,7 @@ def write_recipes(data: Path, folder: Path, seeds: list[int], finetune_arms: boo
     """Dataset, pretraining, fine-tuning and study recipes for the tiny data; returns the study's."""
     folder.mkdir(parents=True, exist_ok=True)
     dataset = {"data": {"root": str(data), **DATA}}
-    pretrain = {"_base_": "dataset.yaml", "model": TINY_MODEL,
+    pretrain = {"_base_": "dataset.yaml", "model": TINY_MODEL, "method": TINY_METHOD,
                 "train": {"epochs": 1, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "figure_samples": 2,
                           "knn_every": 1, "knn_samples": 20}}
     finetune = {"_base_": "dataset.yaml", "model": {**VIT, "top_k": 3},
@@ -42,7 +42,7 @@ def write_recipes(data: Path, folder: Path, seeds: list[int], finetune_arms: boo
     study = {
         "output_dir": str(folder / "study"), "dataset": str(folder / "dataset.yaml"), "seeds": seeds,
         "pretrain": {"config": str(folder / "pretrain.yaml"), "epochs": 2,
-                     "arms": {"mocov3": {"model.local_weight": 0}, "lodisc": {"model.local_view": "zero_fill"}}},
+                     "arms": {"mocov3": {"method.local.weight": 0}, "lodisc": {"method.local.view": "zero_fill"}}},
         "evaluate": {"knn": ["knn.ks=[20]", "features.batch_size=8"], "linear": ["linear.lrs=[0.1, 1.0]"]},
         "finetune": {"arms": {"glsim": {"config": str(folder / "finetune.yaml")},
                               "ila": {"config": str(folder / "finetune.yaml"), "model.adapter": "ila",
@@ -117,7 +117,7 @@ def test_killed_study_continues_without_redoing_finished_arms(tiny_data: Path, t
                             (typed, lambda argv, main=main, kind=kind: (ran.append((kind, argv)), main(argv))))
     assert run_cli(study_module.main, ["--config", str(config)]) == 0
     assert (weights.stat().st_mtime_ns, first.read_text()) == before
-    assert not any(kind == "pretrain" and "model.local_weight=0" in argv for kind, argv in ran)
+    assert not any(kind == "pretrain" and "method.local.weight=0" in argv for kind, argv in ran)
     assert sum(kind == "pretrain" for kind, _ in ran) == 1  # lodisc only
     assert (root / "report" / "report.md").is_file()
     for arm in ("knn.mocov3", "pretrain.lodisc", "knn.random", "finetune.glsim", "finetune.ila"):

@@ -1,4 +1,4 @@
-"""End to end through the command line: outputs, exported backbone, EMA cadence, user errors."""
+"""End to end through the command line: outputs, exported backbone, user errors (EMA cadence: tests/methods)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import train_ssl
 from sslfg import load_backbone
 from sslfg.cli import run_cli
 from sslfg.config import ConfigError, save_config
+from sslfg.methods import build_method
 from sslfg.models.backbone import forward_tokens
-from sslfg.models.lodisc import LoDisc
 from sslfg.pretrain import pretrain
 from tests.conftest import tiny_config
 
@@ -37,7 +37,7 @@ def test_run_directory_and_backbone_export(tiny_data: Path, tmp_path: Path) -> N
     assert [e.step for e in board.Scalars("loss")] == [1, 2, 3]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "loss_global", "loss_local", "lr", "weight_decay", "momentum"} <= records[-1].keys()
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["keep_ratio"] == 0.3
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"]["local"]["keep_ratio"] == 0.3
 
     # The documented timm call rebuilds the trained encoder exactly.
     meta = json.loads((run / "backbone.json").read_text())
@@ -45,7 +45,7 @@ def test_run_directory_and_backbone_export(tiny_data: Path, tmp_path: Path) -> N
     kwargs = meta["kwargs"]
     vit = timm.create_model(meta["name"], pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs)
     vit.eval()
-    trained = LoDisc(cfg.model, 16)
+    trained = build_method(cfg.model, cfg.method, 16)
     trained.load_state_dict(load_file(str(run / "checkpoints" / "step_00000003" / "model.safetensors")))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -54,31 +54,18 @@ def test_run_directory_and_backbone_export(tiny_data: Path, tmp_path: Path) -> N
         torch.testing.assert_close(load_backbone(run)(x), expected)
 
 
-def test_ema_runs_once_per_optimizer_step_with_accumulation(tiny_data: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[float] = []
-    forwards: list[int] = []
-    original_update, original_forward = LoDisc.update_momentum, LoDisc.forward
-    monkeypatch.setattr(LoDisc, "update_momentum", lambda self, m: (calls.append(m), original_update(self, m)))
-    monkeypatch.setattr(LoDisc, "forward", lambda self, a, b: (forwards.append(1), original_forward(self, a, b))[1])
-    cfg = tiny_config(tiny_data, tmp_path / "run", batch_size=4, grad_accum_steps=2, max_steps=3, figure_samples=0)
-    pretrain(cfg)
-    assert len(forwards) == 6 and len(calls) == 3
-    assert calls[0] == 0.99 and calls[0] < calls[1] < calls[2] < 1  # the momentum schedule, step by step
-
-
 def test_mocov3_baseline_has_no_local_branch(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=2, figure_samples=0)
-    cfg.model.local_weight = 0.0
+    cfg.method.local.weight = 0.0
     run = pretrain(cfg)
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_local" not in record and record["loss"] == record["loss_global"]
 
 
 def test_bad_config_key_names_it_and_suggests(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(train_ssl.main, ["model.keep_ratoi=0.5"]) == 2
+    assert run_cli(train_ssl.main, ["method.local.keep_ratoi=0.5"]) == 2
     err = capsys.readouterr().err
-    assert "model.keep_ratoi" in err and "model.keep_ratio" in err and "Traceback" not in err
+    assert "method.local.keep_ratoi" in err and "'method.local.keep_ratio'" in err and "Traceback" not in err
 
 
 def test_missing_and_corrupt_images_name_the_culprit(tiny_data: Path, tmp_path: Path,
@@ -118,7 +105,7 @@ def test_init_from_local_weights_file(tiny_data: Path, tmp_path: Path) -> None:
     first = pretrain(tiny_config(tiny_data, tmp_path / "first", max_steps=1, figure_samples=0))
     cfg = tiny_config(tiny_data, tmp_path / "second", max_steps=1, figure_samples=0)
     cfg.model.weights = str(first / "backbone.safetensors")
-    model = LoDisc(cfg.model, 16)
+    model = build_method(cfg.model, cfg.method, 16)
     exported = load_file(str(first / "backbone.safetensors"))
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in exported.items())
     assert all(torch.equal(model.momentum_encoder.state_dict()[k], v) for k, v in exported.items())
@@ -126,4 +113,4 @@ def test_init_from_local_weights_file(tiny_data: Path, tmp_path: Path) -> None:
     assert json.loads((run / "summary.json").read_text())["init"] == cfg.model.weights
     cfg.model.weights = str(tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="model.weights"):
-        LoDisc(cfg.model, 16)
+        build_method(cfg.model, cfg.method, 16)

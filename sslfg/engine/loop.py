@@ -111,12 +111,14 @@ def run_loop(
     run_dir: Path,
     log: MetricsLog,
     compute_loss: Callable[[Any], dict[str, Tensor]],
+    before_step: Callable[[int], None] | None = None,
     after_update: Callable[[int], None] | None = None,
     after_step: Callable[[int], None] | None = None,
 ) -> int:
     """Trains from `state.start_step` to the end of the schedule (or `train.max_steps`).
 
-    compute_loss(batch) returns {"loss": scalar, ...more scalars to log}; after_update(step) runs
+    compute_loss(batch) returns {"loss": scalar, ...more scalars to log}; before_step(step) runs before each
+    forward of that optimizer step (every micro-batch of it); after_update(step) runs
     once per optimizer step that was applied (the EMA update: not after a step fp16's GradScaler
     skipped), after_step(step) once per optimizer step, applied or not (the online kNN). Returns the
     last step reached; a stop signal raises `Interrupted` after the step in flight and its checkpoint.
@@ -139,6 +141,8 @@ def run_loop(
                         group["lr"] = float(state.schedules["lr"][step])
                         wd = float(state.schedules["weight_decay"][step])
                         group["weight_decay"] = wd * group.get("wd_scale", 1.0)
+                    if before_step is not None:
+                        before_step(step)
                     out = compute_loss(batch)
                     names = sorted(out)
                     values = torch.stack([out[k].detach().float() for k in names])  # stays on the device

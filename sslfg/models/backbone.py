@@ -36,7 +36,25 @@ from torch import Tensor
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import CHECKPOINTS, checkpoint_dirs, unsafe_load_reason
-from sslfg.schema import check_patch_grid
+
+
+def sizes_near(size: int, patch: int) -> str:
+    """The two image sizes around `size` that `patch` divides."""
+    below = max(patch, size // patch * patch)
+    return f"{below} or {below + patch}"
+
+
+def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
+    """ConfigError unless `patch_size` (of the built timm model `name`) divides `image_size`: timm would
+    silently cut off the last pixel rows and columns. Catches the timm default patch sizes that the
+    schema's relation (model.patch_size, when set) cannot know."""
+    if image_size % patch_size:
+        raise ConfigError(
+            f"data.image_size: {image_size} is not a multiple of the patch size {patch_size} of {name}, so the "
+            f"last {image_size % patch_size} pixel rows and columns would be cut off; use a data.image_size of "
+            f"{sizes_near(image_size, patch_size)}, or set model.patch_size to a divisor of {image_size}"
+        )
+
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"

@@ -65,3 +65,17 @@ def mlp(
         elif last_bn:
             layers.append(GlobalBatchNorm1d(d_out, affine=False))
     return nn.Sequential(*layers)
+
+
+def global_batch_norm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm1d replaced, in place, by a GlobalBatchNorm1d with the same settings, state and
+    mode, so that heads built elsewhere (lightly's use BatchNorm1d) normalise over the batch of every process."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            bn = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn.train(child.training))
+        else:
+            global_batch_norm(child)
+    return module

@@ -26,7 +26,7 @@ from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, run_loop
 from sslfg.engine.metrics import MetricsLog
-from sslfg.models.lodisc import LoDisc
+from sslfg.methods import build_method
 from sslfg.pretrain import pretrain
 from sslfg.schema import FinetuneConfig, LoopConfig, ModelConfig, PretrainConfig
 from tests.conftest import TINY_MODEL, tiny_config
@@ -146,7 +146,7 @@ def test_global_pool_that_leaves_parameters_unused_is_refused(pool: str) -> None
 
     def unused(global_pool: str) -> list[str]:
         cfg = ModelConfig(**{**TINY_MODEL, "kwargs": {**TINY_MODEL["kwargs"], "global_pool": global_pool}})
-        model = LoDisc(cfg, 16)
+        model = build_method(cfg, PretrainConfig().method, 16)
         model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))["loss"].backward()
         return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 

@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 from sslfg.config import ConfigError
 from sslfg.models.backbone import backbone_source, create_vit
 from sslfg.models.glsim import GLSim
-from sslfg.models.lodisc import LoDisc
-from sslfg.schema import ModelConfig
+from tests.conftest import tiny_method
 
 NAME = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -90,10 +89,7 @@ def test_position_embeddings_are_resampled_to_another_grid(tmp_path: Path) -> No
 
 
 def test_pretraining_checkpoint_model_file_gives_the_online_encoder(tmp_path: Path) -> None:
-    cfg = ModelConfig(name=NAME, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
-                      proj_hidden_dim=64, pred_hidden_dim=64)
-    torch.manual_seed(2)
-    lodisc = LoDisc(cfg, image_size=16)
+    lodisc = tiny_method()
     with torch.no_grad():  # the momentum encoder differs from the online one, as after training
         for p in lodisc.momentum_encoder.parameters():
             p.add_(1.0)
@@ -148,10 +144,7 @@ def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
 def test_a_checkpoint_folder_is_understood_with_the_runs_architecture(tmp_path: Path) -> None:
     run = killed_run(tmp_path)
     step = run / "checkpoints" / "step_00000002"
-    cfg = ModelConfig(name=NAME, patch_size=4, kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2},
-                      proj_hidden_dim=64, pred_hidden_dim=64)
-    torch.manual_seed(4)
-    lodisc = LoDisc(cfg, image_size=16)
+    lodisc = tiny_method()
     save(lodisc.state_dict(), step / "model.safetensors")
     name, kwargs, weights = backbone_source(str(step), "vit_small_patch16_224", {}, key="init")
     assert (name, weights) == (NAME, str(step / "model.safetensors"))

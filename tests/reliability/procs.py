@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sslfg.engine.checkpoint import checkpoint_dirs
+from tests.conftest import TINY_HEADS
 
 ROOT = Path(__file__).resolve().parents[2]
 # On the CPU even where CUDA exists: two processes would need two GPUs, and bitwise resume CPU kernels.
@@ -25,12 +26,13 @@ TIMEOUT = 300
 
 
 def pretrain_args(data: Path, out: Path, batch: int = 8, **extra: object) -> list[str]:
-    """train_ssl.py key=value overrides of a tiny LoDisc run (24 images, batch 8: 3 steps an epoch)."""
+    """train_ssl.py key=value overrides of a tiny LoDisc run (24 images, batch 8: 3 steps an epoch); tiny heads
+    for every method, so `method.name=...` in `extra` trains any of them."""
     args = {
         "data.root": data, "data.image_size": 16, "data.num_workers": 0, "data.train_split": "train",
         "model.name": "vit_tiny_patch16_224", "model.patch_size": 4,
-        "model.kwargs": "{embed_dim: 32, depth: 2, num_heads: 2}", "model.proj_hidden_dim": 64,
-        "model.pred_hidden_dim": 64, "train.epochs": 2, "train.checkpoint_every": 100, "train.figure_samples": 0,
+        "model.kwargs": "{embed_dim: 32, depth: 2, num_heads: 2}", **TINY_HEADS, "train.epochs": 2,
+        "train.checkpoint_every": 100, "train.figure_samples": 0,
         "train.log_every": 1, "train.batch_size": batch, "output_dir": out, **extra,
     }
     return [f"{key}={value}" for key, value in args.items()]

@@ -17,8 +17,8 @@ from tests.reliability.procs import finetune_args, pretrain_args
 # (files to write in tmp_path, command-line arguments ({tmp} = tmp_path), what the message must name)
 CASES = {
     "unknown key in a file": (
-        {"recipe.yaml": "model:\n  keep_ratoi: 0.5\n"}, ["--config", "{tmp}/recipe.yaml"],
-        ["unknown key 'model.keep_ratoi'", "{tmp}/recipe.yaml", "did you mean 'model.keep_ratio'"]),
+        {"recipe.yaml": "method:\n  local:\n    keep_ratoi: 0.5\n"}, ["--config", "{tmp}/recipe.yaml"],
+        ["unknown key 'method.local.keep_ratoi'", "{tmp}/recipe.yaml", "did you mean 'method.local.keep_ratio'"]),
     "unknown section on the command line": (
         {}, ["trian.epochs=3"], ["unknown key 'trian'", "command line"]),
     "wrong type in a file": (
@@ -45,12 +45,14 @@ CASES = {
     "zero epochs on the command line": (
         {}, ["train.epochs=0"], ["train.epochs: expected an integer ≥ 1, got 0 (in command line)"]),
     "keep_ratio 0": (
-        {}, ["model.keep_ratio=0"], ["model.keep_ratio: expected a number in (0, 1], got 0 (in command line)"]),
+        {}, ["method.local.keep_ratio=0"],
+        ["method.local.keep_ratio: expected a number in (0, 1], got 0 (in command line)"]),
     "probability above 1": (
         {"recipe.yaml": "augment: {blur_p: [1.0, 1.5]}\n"}, ["--config", "{tmp}/recipe.yaml"],
         ["augment.blur_p[1]: expected a number in [0, 1], got 1.5 (in {tmp}/recipe.yaml)"]),
     "not-a-number temperature": (
-        {}, ["model.temperature=.nan"], ["model.temperature: expected a number > 0, got nan (in command line)"]),
+        {}, ["method.mocov3.temperature=.nan"],
+        ["method.mocov3.temperature: expected a number > 0, got nan (in command line)"]),
     "crop scale bounds reversed": (
         {}, ["augment.crop_scale=[0.9, 0.2]"],
         ["augment.crop_scale: expected lower ≤ upper, got [0.9, 0.2] (in command line)"]),

@@ -17,6 +17,7 @@ import train_ssl
 from eval import finetune as finetune_cli
 from eval import knn
 from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.methods import METHODS
 from tests.conftest import write_csv_dataset
 from tests.reliability.procs import command, finetune_args, finish, pretrain_args, start
 
@@ -32,7 +33,7 @@ def uneven_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pretrained(uneven_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same pretraining on one process (batch 8) and on two (batch 4 each)."""
     root = tmp_path_factory.mktemp("pretrain")
-    fixed = {"model.projector_dropout": 0.0, "model.predictor_dropout": 0.0}  # per-process RNG would differ
+    fixed = {"method.mocov3.projector_dropout": 0.0, "method.mocov3.predictor_dropout": 0.0}  # per-process RNG
     two = start(command(["train_ssl.py", *pretrain_args(uneven_data, root / "two", 4, **fixed)], processes=2))
     train_ssl.main(pretrain_args(uneven_data, root / "one", 8, **fixed))
     finish(two)
@@ -52,6 +53,28 @@ def test_two_processes_equal_one_process_with_double_batch(pretrained: tuple[Pat
             assert abs(a[key] - b[key]) < 1e-4 * abs(a[key]), (key, a, b)
     weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs]
     assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "mocov3"])  # mocov3 (+ local): the test above
+def test_every_method_on_two_processes_equals_one_process_with_double_batch(name: str, uneven_data: Path,
+                                                                          tmp_path: Path) -> None:
+    """Each method with its local branch: the same losses, weights and buffers (DINO's centre, from the
+    all-process mean of the teacher outputs) with batch 4 on each of two processes as with 8 on one."""
+    fixed = {"method.name": name, "train.epochs": 1}
+    two = start(command(["train_ssl.py", *pretrain_args(uneven_data, tmp_path / "two", 4, **fixed)], processes=2))
+    train_ssl.main(pretrain_args(uneven_data, tmp_path / "one", 8, **fixed))
+    finish(two)
+    runs = [tmp_path / "one", tmp_path / "two"]
+    metrics = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    assert len(metrics[0]) == len(metrics[1]) == 3
+    for a, b in zip(*metrics, strict=True):
+        for key in ("loss", "loss_global", "loss_local"):
+            assert abs(a[key] - b[key]) < 1e-4 * abs(a[key]), (key, a, b)
+    weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert name != "dino" or weights[0]["center"].abs().sum() > 0  # the centre moved, and is compared below
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-4, msg=key)
 

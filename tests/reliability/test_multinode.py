@@ -22,7 +22,8 @@ from tests.conftest import write_csv_dataset
 from tests.reliability.procs import finish, free_port, pretrain_args, start
 
 N_TRAIN, N_TEST = 25, 11  # one global batch of 8 leaves an image out each epoch; 11 test images: uneven shards
-FIXED = {"model.projector_dropout": 0.0, "model.predictor_dropout": 0.0}  # per-process dropout RNG would differ
+# per-process dropout RNG would differ
+FIXED = {"method.mocov3.projector_dropout": 0.0, "method.mocov3.predictor_dropout": 0.0}
 
 
 def machines(entry: list[str]) -> list[subprocess.Popen]:

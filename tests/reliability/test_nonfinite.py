@@ -17,7 +17,7 @@ from sslfg import finetune as finetune_module
 from sslfg.cli import run_cli
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import NonFiniteLossError
-from sslfg.models.lodisc import LoDisc
+from sslfg.methods import MoCoV3
 from sslfg.pretrain import pretrain
 from tests.conftest import tiny_config
 from tests.reliability.procs import finetune_args, pretrain_args
@@ -34,9 +34,9 @@ def snapshot(run: Path) -> dict[str, bytes]:
 def poison_pretraining(monkeypatch: pytest.MonkeyPatch, run: Path, seen: dict, call: int = POISONED_CALL) -> list:
     """LoDisc's loss becomes NaN at call `call`; the checkpoint as it is then goes into `seen`. Returns the
     list that gets one item per forward."""
-    forward, calls = LoDisc.forward, []
+    forward, calls = MoCoV3.forward, []
 
-    def poisoned(self: LoDisc, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
+    def poisoned(self: MoCoV3, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
         out = forward(self, x1, x2)
         calls.append(1)
         if len(calls) == call:
@@ -44,7 +44,7 @@ def poison_pretraining(monkeypatch: pytest.MonkeyPatch, run: Path, seen: dict, c
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(LoDisc, "forward", poisoned)
+    monkeypatch.setattr(MoCoV3, "forward", poisoned)
     return calls
 
 

@@ -10,15 +10,21 @@ import torch
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.methods import METHODS
 from sslfg.pretrain import pretrain
 from tests.conftest import tiny_config
 from tests.reliability.procs import assert_same_optimizer, final_state
 
 
-def test_interrupted_mid_epoch_run_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:
-    straight = pretrain(tiny_config(tiny_data, tmp_path / "straight"))  # 3 steps per epoch, 6 in all
+@pytest.mark.parametrize("name", METHODS)
+def test_interrupted_mid_epoch_run_resumes_exactly(name: str, tiny_data: Path, tmp_path: Path) -> None:
+    """Every method with its local branch (DINO: its centre and teacher temperature too)."""
+    straight_cfg = tiny_config(tiny_data, tmp_path / "straight")  # 3 steps per epoch, 6 in all
+    straight_cfg.method.name = name
+    straight = pretrain(straight_cfg)
     # Stop mid-epoch at step 2, with loader workers this time: augmentations must not depend on them.
     cfg = tiny_config(tiny_data, tmp_path / "resumed", max_steps=2)
+    cfg.method.name = name
     cfg.data.num_workers = 2
     resumed = pretrain(cfg)
     assert [p.name for p in checkpoint_dirs(resumed)] == ["step_00000002"]

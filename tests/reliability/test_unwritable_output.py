@@ -58,7 +58,7 @@ def fill_disk(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
 # what a run must not have reached: (module, name) of the functions that read data and build the model
 ENTRIES = {
     "pretrain": (train_ssl.main, lambda data, out: pretrain_args(data, out),
-                 [("sslfg.pretrain", "build_dataset"), ("sslfg.pretrain", "LoDisc")]),
+                 [("sslfg.pretrain", "build_dataset"), ("sslfg.pretrain", "build_method")]),
     "finetune": (finetune_cli.main, lambda data, out: finetune_args(data, out),
                  [("sslfg.finetune", "build_dataset"), ("sslfg.finetune", "build_classifier")]),
     "eval.knn": (knn.main, lambda data, out: ["--random-init", "--model", "vit_tiny_patch16_224", *TINY,

@@ -1,0 +1,119 @@
+"""What every momentum (student–teacher) method shares: the two encoders and their heads, one EMA
+update per optimizer step, a teacher pass that can also read every block's CLS attention, and the
+loss assembly with the optional local branch (METHODS §1, §6).
+
+A method subclass gives its `Config` (the `method.<name>` keys), its heads (`build_heads`) and its
+pair loss (`pair_loss`); everything else is here. State-dict names are the same for every method:
+`encoder`, `projector`, `predictor` (the student), `momentum_encoder`, `momentum_projector` (the
+teacher), so checkpoints, `sslfg.load_backbone` and the figures read any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from lightly.models.utils import update_momentum
+from torch import Tensor, nn
+
+from sslfg.engine.schedules import cosine_schedule
+from sslfg.methods.local import LocalBranch
+from sslfg.models.backbone import cls_attention, create_vit, forward_tokens, grid_size, timm_kwargs
+
+if TYPE_CHECKING:
+    from sslfg.schema import ModelConfig
+
+
+class MomentumMethod(nn.Module):
+    """Student (encoder → projector → predictor) and teacher (EMA of encoder and projector).
+
+    forward(x1, x2) takes two views (B, 3, H, W) and returns {"loss", "loss_global"} and, with the
+    local branch on, "loss_local": loss = global + method.local.weight · local, only tensors the loss
+    is made of (the kept patches come from `kept_patches`).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
+        super().__init__()
+        self.cfg = getattr(method, self.name)  # this method's own section, method.<name>
+        self.timm_kwargs = timm_kwargs(image_size, model.patch_size, model.kwargs)
+        self.encoder = create_vit(model.name, self.timm_kwargs, model.weights, model.drop_path_rate,
+                                  pretrained=model.pretrained)
+        self.patch_size = image_size // grid_size(self.encoder)
+        self.local = LocalBranch(method.local, self.patch_size, len(self.encoder.blocks))
+        self.projector, self.predictor = self.build_heads(self.encoder.embed_dim)
+        self.momentum_encoder = copy.deepcopy(self.encoder)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+
+    def build_heads(self, dim: int) -> tuple[nn.Module, nn.Module]:
+        """(projector, predictor) on the CLS of width `dim`; the teacher gets a copy of the projector only
+        (nn.Identity for a predictor the method does not have)."""
+        raise NotImplementedError
+
+    def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        """The loss between the student's outputs [s1, s2] and the teacher's [t1, t2] of the other view:
+        the pairs (s1, t2) and (s2, t1)."""
+        raise NotImplementedError
+
+    def schedules(self, total_steps: int, per_epoch: int) -> dict[str, np.ndarray]:
+        """Per-step values this method needs besides lr and weight decay (logged with them): the EMA
+        momentum, from method.<name>.momentum to 1 on a half cosine."""
+        return {"momentum": cosine_schedule(self.cfg.momentum, 1.0, total_steps)}
+
+    def set_step(self, values: dict[str, float]) -> None:
+        """Called before each step's forward with that step's scheduled values (DINO's teacher temperature)."""
+
+    def observe_teacher(self, teacher: list[Tensor]) -> None:
+        """Called after the loss of each forward with the teacher outputs of both views (DINO's centre)."""
+
+    def momentum_parameters(self) -> list[nn.Parameter]:
+        return [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        """p_m ← m·p_m + (1−m)·p for encoder and projector (never the predictor)."""
+        update_momentum(self.encoder, self.momentum_encoder, m)
+        update_momentum(self.projector, self.momentum_projector, m)
+
+    def student(self, x1: Tensor, x2: Tensor) -> list[Tensor]:
+        # One encoder pass over both views (LayerNorm is per token, so this equals two passes);
+        # the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL.
+        cls = forward_tokens(self.encoder, torch.cat([x1, x2]))[:, 0].chunk(2)
+        return [self.predictor(self.projector(c)) for c in cls]
+
+    @torch.no_grad()
+    def teacher_cls(self, x: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
+        """The teacher encoder's CLS (B, D) and, from the same pass if asked, every block's CLS-to-patch
+        attention [(B, N)] × L (else [])."""
+        with cls_attention(self.momentum_encoder) if attention else contextlib.nullcontext([]) as maps:
+            cls = forward_tokens(self.momentum_encoder, x)[:, 0]
+        return cls, maps
+
+    @torch.no_grad()
+    def teacher_outputs(self, cls: Tensor) -> list[Tensor]:
+        """The teacher head on the CLS of both views (2B, D), per view."""
+        return [self.momentum_projector(c) for c in cls.chunk(2)]
+
+    def kept_patches(self, x: Tensor) -> Tensor:
+        """The patches the local branch keeps for images x, (B, K) ascending (also with the branch off)."""
+        return self.local.keep(self.teacher_cls(x, attention=True)[1])
+
+    def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
+        student = self.student(x1, x2)
+        x = torch.cat([x1, x2])
+        cls, maps = self.teacher_cls(x, attention=self.local.on)
+        teacher = self.teacher_outputs(cls)
+        loss_global = self.pair_loss(student, teacher)
+        out = {"loss_global": loss_global, "loss": loss_global}
+        if self.local.on:
+            loss_local = self.local.loss(self, student, x, self.local.keep(maps))
+            out.update(loss_local=loss_local, loss=loss_global + self.local.cfg.weight * loss_local)
+        self.observe_teacher(teacher)
+        return out

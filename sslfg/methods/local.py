@@ -1,0 +1,102 @@
+"""LoDisc's location-wise masked local discrimination as a branch any momentum method can switch on
+(METHODS §1, steps 3–6).
+
+The teacher's CLS attention ranks the patches (location score), the top ⌊keep_ratio·N⌋ are kept,
+the teacher embeds the other view with only those patches (`zero_fill` or `drop_tokens`), and the
+method's own pair loss is taken between the student's output on one view and the teacher's output
+on the masked other view, weighted by `method.local.weight`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+
+from sslfg.config import NON_NEGATIVE, ConfigError, bounded
+from sslfg.models.backbone import forward_tokens
+
+if TYPE_CHECKING:
+    from sslfg.methods.base import MomentumMethod
+
+
+@dataclass
+class LocalConfig:
+    """`method.local`: the local branch, for every method."""
+
+    weight: float = bounded(NON_NEGATIVE, 1.0)  # λ; 0 switches the branch off (plain MoCo v3, BYOL, DINO)
+    view: Literal["zero_fill", "drop_tokens"] = "zero_fill"  # LoDisc's masked input; drop_tokens: only kept tokens
+    keep_ratio: float = bounded("(0, 1]", 0.30)
+    # the location score sums the last n blocks' CLS attention; 0: every block (LoDisc)
+    attention_layers: int = bounded(NON_NEGATIVE, 0)
+
+
+def location_score(cls_attn: Tensor) -> Tensor:
+    """s = Σ_l log a_l, (B, N), from per-block CLS-to-patch attention (L, B, N).
+
+    Ranks patches like the reference's element-wise product of all layers' maps, without the
+    underflow that product suffers in low precision.
+    """
+    return cls_attn.float().clamp_min(torch.finfo(torch.float32).tiny).log().sum(0)
+
+
+def num_kept(num_patches: int, keep_ratio: float) -> int:
+    """⌊keep_ratio·N⌋ (at least one patch); the epsilon guards 0.29·100 = 28.999…"""
+    return max(1, math.floor(keep_ratio * num_patches + 1e-9))
+
+
+def keep_indices(cls_attn: Tensor, keep_ratio: float) -> Tensor:
+    """Indices of the ⌊keep_ratio·N⌋ patches with the highest location score, (B, K), ascending."""
+    score = location_score(cls_attn)
+    k = num_kept(score.shape[1], keep_ratio)
+    return score.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def zero_fill(images: Tensor, keep_idx: Tensor, patch_size: int) -> Tensor:
+    """Images (B, C, H, W) with every patch not in keep_idx set to zero (the mean colour)."""
+    b, c, h, w = images.shape
+    g = h // patch_size
+    keep = torch.zeros(b, g * g, dtype=images.dtype, device=images.device)
+    keep.scatter_(1, keep_idx, 1.0)
+    keep = keep.view(b, 1, g, 1, g, 1)
+    return (images.view(b, c, g, patch_size, g, patch_size) * keep).view(b, c, h, w)
+
+
+class LocalBranch:
+    """Kept patches from the teacher's attention, the masked view, and the local term of the loss.
+
+    No parameters of its own: the teacher encoder and head, and the pair loss, are the method's.
+    """
+
+    def __init__(self, cfg: LocalConfig, patch_size: int, depth: int) -> None:
+        if not 0 <= cfg.attention_layers <= depth:
+            raise ConfigError(f"method.local.attention_layers: expected 0 (every block) to {depth}, "
+                              f"got {cfg.attention_layers}")
+        self.cfg = cfg
+        self.patch_size = patch_size
+
+    @property
+    def on(self) -> bool:
+        return self.cfg.weight != 0
+
+    def keep(self, maps: list[Tensor]) -> Tensor:
+        """The kept patches (B, K), ascending, from every block's CLS attention [(B, N)] × L."""
+        maps = maps[-self.cfg.attention_layers :] if self.cfg.attention_layers else maps
+        return keep_indices(torch.stack(maps), self.cfg.keep_ratio)
+
+    @torch.no_grad()
+    def masked_cls(self, encoder: nn.Module, x: Tensor, keep_idx: Tensor) -> Tensor:
+        """The teacher's CLS (B, D) of images x with only the patches keep_idx (B, K) left."""
+        if self.cfg.view == "zero_fill":
+            return forward_tokens(encoder, zero_fill(x, keep_idx, self.patch_size))[:, 0]
+        return forward_tokens(encoder, x, keep_idx=keep_idx)[:, 0]
+
+    def loss(self, method: MomentumMethod, student: list[Tensor], x: Tensor, keep_idx: Tensor) -> Tensor:
+        """The method's pair loss between the student outputs [s1, s2] and the teacher outputs of the
+        masked views of x = cat(x1, x2) (2B, ...), whose kept patches are keep_idx (2B, K)."""
+        with torch.no_grad():
+            teacher = method.teacher_outputs(self.masked_cls(method.momentum_encoder, x, keep_idx))
+        return method.pair_loss(student, teacher)

@@ -1,0 +1,83 @@
+"""DINO against its formulas: cross-entropy between the centred, sharpened teacher softmax and the student
+log-softmax, the centre's EMA over the teacher outputs, the teacher temperature warm-up, the head."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sslfg.methods.dino import DINOConfig, dino_cross_entropy, teacher_temperatures
+from tests.conftest import tiny_method
+from tests.methods.references import outputs
+
+
+def reference_h(teacher: torch.Tensor, student: torch.Tensor, center: torch.Tensor, tt: float, ts: float
+                ) -> torch.Tensor:
+    """-1/B Σ_b Σ_k p_t[b,k]·log p_s[b,k]; p_t = exp((t−c)/τ_t) / Σ exp(...), log p_s = s/τ_s − log Σ exp(s/τ_s),
+    in float64 with the maximum subtracted by hand."""
+    t = (teacher.double() - center.double()) / tt
+    e = (t - t.max(1, keepdim=True).values).exp()
+    p_t = e / e.sum(1, keepdim=True)
+    z = student.double() / ts
+    m = z.max(1, keepdim=True).values
+    log_p_s = z - m - (z - m).exp().sum(1, keepdim=True).log()
+    return -(p_t * log_p_s).sum(1).mean()
+
+
+def test_cross_entropy_matches_formula() -> None:
+    torch.manual_seed(0)
+    t, s, c = torch.randn(5, 12) * 3, torch.randn(5, 12) * 3, torch.randn(1, 12)
+    got = dino_cross_entropy(t, s, c, 0.04, 0.1)
+    torch.testing.assert_close(got.double(), reference_h(t, s, c, 0.04, 0.1), rtol=1e-5, atol=1e-6)
+    # the centre shifts every logit of a row alike only when it is constant: a real centre changes the target
+    assert not torch.allclose(got, dino_cross_entropy(t, s, torch.zeros(1, 12), 0.04, 0.1))
+
+
+def test_loss_local_term_and_centre_update() -> None:
+    """global = (H(t2,s1) + H(t1,s2))/2 and local = (H(tm2,s1) + H(tm1,s2))/2 on the explicitly masked views,
+    both with the centre before this step; then c ← 0.9·c + 0.1·mean over both views' teacher outputs."""
+    model = tiny_method("dino", **{"method.local.weight": 0.5})
+    with torch.no_grad():
+        model.center.copy_(torch.randn_like(model.center))
+    model.set_step({"teacher_temp": 0.05, "momentum": 0.996})
+    c0 = model.center.clone()
+    x1, x2 = torch.randn(2, 4, 3, 16, 16)
+    out = model(x1, x2)
+    (s1, s2), (t1, t2), (tm1, tm2), _ = outputs(model, x1, x2)
+
+    def h(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return reference_h(t, s, c0, 0.05, 0.1)
+
+    g, loc = (h(t2, s1) + h(t1, s2)) / 2, (h(tm2, s1) + h(tm1, s2)) / 2
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["loss_global"].double(), g, **tol)
+    torch.testing.assert_close(out["loss_local"].double(), loc, **tol)
+    torch.testing.assert_close(out["loss"].double(), g + 0.5 * loc, **tol)
+    torch.testing.assert_close(model.center, 0.9 * c0 + 0.1 * torch.cat([t1, t2]).mean(0, keepdim=True), **tol)
+    assert "center" in model.state_dict()  # a buffer: checkpoints hold it
+
+
+def test_teacher_temperature_warms_up_per_epoch() -> None:
+    cfg = DINOConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3)
+    temps = teacher_temperatures(cfg, total_steps=10, per_epoch=2)  # linspace(0.04, 0.07, 3) per epoch, then 0.07
+    assert temps == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07, 0.07, 0.07, 0.07, 0.07])
+    assert teacher_temperatures(DINOConfig(warmup_teacher_temp_epochs=0), 3, 1) == pytest.approx([0.07] * 3)
+    model = tiny_method("dino")
+    assert model.schedules(10, 2)["teacher_temp"] == pytest.approx(teacher_temperatures(model.cfg, 10, 2))
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_head_has_a_weight_normalised_last_layer(norm_last_layer: bool) -> None:
+    model = tiny_method("dino", **{"method.dino.norm_last_layer": norm_last_layer})
+    head = model.projector
+    weight = head.last_layer.weight  # g·v/‖v‖ per output unit, g = 1 at the start
+    torch.testing.assert_close(weight.norm(dim=1), torch.ones(64))
+    g = head.last_layer.parametrizations.weight.original0
+    assert g.requires_grad is not norm_last_layer  # DINO: the norm fixed to 1 unless norm_last_layer is false
+    x = torch.randn(3, 32)
+    expected = torch.nn.functional.normalize(head.mlp(x), dim=-1) @ weight.T
+    torch.testing.assert_close(head(x), expected)
+    torch.testing.assert_close(copy.deepcopy(head)(x), head(x))  # the teacher's copy computes the same
+    assert isinstance(model.predictor, torch.nn.Identity)

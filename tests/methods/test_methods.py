@@ -1,0 +1,88 @@
+"""What every registered method shares: the registry, the `method` keys and the moved old keys, gradients
+only to the student, one EMA update per optimizer step with gradient accumulation, and the same state-dict
+names for the figures and the exported backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslfg.config import ConfigError, load_config
+from sslfg.methods import METHODS, build_method
+from sslfg.pretrain import pretrain
+from sslfg.schema import PretrainConfig
+from tests.conftest import tiny_config, tiny_method
+
+
+def test_registry_refuses_an_unknown_method_naming_the_known_ones() -> None:
+    cfg = PretrainConfig()
+    cfg.method.name = "simclr"
+    known = ", ".join(METHODS)
+    with pytest.raises(ConfigError, match=rf"method.name: unknown method 'simclr'; known methods: {known}"):
+        build_method(cfg.model, cfg.method, 16)
+    with pytest.raises(ConfigError, match=r"method.name: expected one of " + ", ".join(f"'{m}'" for m in METHODS)):
+        load_config(None, ["method.name=simclr"], PretrainConfig)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("model.local_weight=0", "method.local.weight"), ("model.local_view=drop_tokens", "method.local.view"),
+    ("model.keep_ratio=0.5", "method.local.keep_ratio"),
+    ("model.attention_layers=1", "method.local.attention_layers"),
+    ("model.temperature=0.1", "method.mocov3.temperature"),
+    ("model.proj_hidden_dim=8", "method.mocov3.proj_hidden_dim"),
+    ("model.pred_hidden_dim=8", "method.mocov3.pred_hidden_dim"),
+    ("model.use_projector=false", "method.mocov3.use_projector"),
+    ("model.projector_dropout=0", "method.mocov3.projector_dropout"),
+    ("model.predictor_dropout=0", "method.mocov3.predictor_dropout"),
+    ("train.momentum=0.9", "method.mocov3.momentum"),
+])
+def test_old_keys_name_their_new_place(old: str, new: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"'{old.split('=')[0]}' has moved: use {new}\b.*\(in command line\)"):
+        load_config(None, [old], PretrainConfig)
+    recipe = tmp_path / "old.yaml"
+    section, key = old.split("=")[0].split(".")
+    recipe.write_text(f"{section}:\n  {key}: {old.split('=')[1]}\n")
+    with pytest.raises(ConfigError, match=rf"has moved: use {new}\b.*\(in {recipe}\)"):
+        load_config(recipe, [], PretrainConfig)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_each_method_has_its_own_keys_with_ranges(name: str) -> None:
+    cfg = load_config(None, [f"method.name={name}", f"method.{name}.momentum=0.9"], PretrainConfig)
+    assert cfg.method.name == name and getattr(cfg.method, name).momentum == 0.9
+    with pytest.raises(ConfigError, match=rf"method.{name}.momentum: expected a number in \[0, 1\), got 1"):
+        load_config(None, [f"method.{name}.momentum=1"], PretrainConfig)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("local", [0.0, 1.0])
+def test_gradients_reach_the_student_only(name: str, local: float) -> None:
+    model = tiny_method(name, **{"method.local.weight": local})
+    x1, x2 = torch.randn(2, 4, 3, 16, 16)
+    out = model(x1, x2)
+    assert set(out) == ({"loss", "loss_global", "loss_local"} if local else {"loss", "loss_global"})
+    out["loss"].backward()
+    student = [*model.encoder.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student if p.requires_grad)
+    assert all(p.grad is None and not p.requires_grad for p in model.momentum_parameters())
+    names = {k.split(".")[0] for k in model.state_dict()}  # the names checkpoints and load_backbone read
+    assert {"encoder", "projector", "momentum_encoder", "momentum_projector"} <= names
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_ema_runs_once_per_optimizer_step_with_accumulation(name: str, tiny_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = METHODS[name]
+    calls: list[float] = []
+    forwards: list[int] = []
+    original_update, original_forward = cls.update_momentum, cls.forward
+    monkeypatch.setattr(cls, "update_momentum", lambda self, m: (calls.append(m), original_update(self, m)))
+    monkeypatch.setattr(cls, "forward", lambda self, a, b: (forwards.append(1), original_forward(self, a, b))[1])
+    cfg = tiny_config(tiny_data, tmp_path / "run", batch_size=4, grad_accum_steps=2, max_steps=3, figure_samples=0)
+    cfg.method.name = name
+    pretrain(cfg)
+    assert len(forwards) == 6 and len(calls) == 3
+    m0 = cls.Config().momentum
+    assert calls[0] == m0 and m0 < calls[1] < calls[2] < 1  # the method's momentum schedule, step by step
