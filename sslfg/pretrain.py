@@ -157,13 +157,11 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         if t.figure_samples > 0:
             mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_end.png",
                         f"kept patches, step {step}")
-        summary |= {
-            "step": step, "total_steps": int(len(schedules["lr"])), "epochs": t.epochs,
-            "global_batch": global_batch, "num_processes": accelerator.num_processes,
+        summary |= {  # the start-up facts (epochs, global batch, processes, skipped images) are already in it
+            "step": step, "total_steps": int(len(schedules["lr"])),
             "seconds": round(state.seconds, 2),
             "images_per_second": state.images_per_second,
             "checkpoint": str(checkpoint_dirs(run_dir)[-1]),
-            "data.skipped_images": len(dataset.skipped),  # dropped by data.on_bad_image=skip, each logged
         }
         write_json(run_dir / "summary.json", summary)
     # No end_training(): it destroys the process group, which a study's next arm in this process needs.
