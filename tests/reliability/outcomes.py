@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from sslfg.cli import run_cli
+from sslfg.engine.checkpoint import checkpoint_dirs
 
 
 def user_error(main: Callable[[Sequence[str] | None], object], argv: Sequence[str],
@@ -32,3 +37,20 @@ class Recorder:
     def __call__(self, *args, **kwargs):
         self.calls += 1
         return self.function(*args, **kwargs)
+
+
+def assert_same_training(one: Path, two: Path, steps: list[int]) -> dict[str, torch.Tensor]:
+    """Two pretraining runs at the same global batch (one process against two processes or machines) logged
+    `steps` with the same lr and momentum, losses within 1e-4 relative, and end with the same weights and
+    buffers within 1e-4; returns the first run's final checkpoint tensors."""
+    metrics = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two)]
+    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == steps
+    for a, b in zip(*metrics, strict=True):
+        assert a["lr"] == b["lr"] and a["momentum"] == b["momentum"]
+        for key in ("loss", "loss_global", "loss_local"):
+            assert abs(a[key] - b[key]) < 1e-4 * abs(a[key]), (key, a, b)
+    weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in (one, two)]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-4, msg=key)
+    return weights[0]

@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import train_ssl
 from eval import knn
-from sslfg.engine.checkpoint import checkpoint_dirs
 from tests.conftest import write_csv_dataset
+from tests.reliability.outcomes import assert_same_training
 from tests.reliability.procs import finish, free_port, pretrain_args, start
 
 N_TRAIN, N_TEST = 25, 11  # one global batch of 8 leaves an image out each epoch; 11 test images: uneven shards
@@ -56,16 +54,7 @@ def test_two_machines_pretrain_as_one_process_with_the_global_batch(pretrained: 
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     assert [s["num_processes"] for s in summaries] == [1, 2]
     assert summaries[0]["global_batch"] == summaries[1]["global_batch"] == 8
-    metrics = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
-    assert [m["step"] for m in metrics[1]] == [m["step"] for m in metrics[0]] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(*metrics, strict=True):
-        assert a["lr"] == b["lr"] and a["momentum"] == b["momentum"]
-        for key in ("loss", "loss_global", "loss_local"):
-            assert abs(a[key] - b[key]) < 1e-4 * abs(a[key]), (key, a, b)
-    weights = [load_file(str(checkpoint_dirs(r)[-1] / "model.safetensors")) for r in runs]
-    assert weights[0].keys() == weights[1].keys()
-    for key, value in weights[0].items():
-        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-4, msg=key)
+    assert_same_training(*runs, steps=[1, 2, 3, 4, 5, 6])
 
 
 def test_two_machines_knn_as_one_process(pretrained: tuple[Path, Path], data: Path, tmp_path: Path) -> None:
