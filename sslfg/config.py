@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from sslfg.files import write_text
+
 T = TypeVar("T")
 _CLI = "command line"
 _SOURCES = "_sslfg_key_sources"  # attribute of a loaded config: its `key_sources`
@@ -370,11 +372,6 @@ def _plain(value: Any) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write `cfg` as YAML, atomically; `load_config(path, [], type(cfg))` gives it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = to_dict(cfg)
-    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=None,
+                               allow_unicode=True))
 

@@ -14,8 +14,8 @@ from torch import Tensor
 from sslfg.config import ConfigError, key_sources, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
-from sslfg.engine.rundir import write_json
 from sslfg.features import cached_features
+from sslfg.files import write_json
 from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
 from sslfg.schema import EvalConfig, PretrainConfig
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sslfg.engine.accelerator import tf32
+from sslfg.files import atomic_path
 from sslfg.models.backbone import forward_tokens
 
 FeatureKind = Literal["cls", "mean", "lastn", "pixels"]
@@ -113,9 +114,7 @@ def cached_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, s
         return stored["features"], stored["labels"]
     features, labels = extract_features(*extract)
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp))
     accelerator.wait_for_everyone()
     return features, labels

@@ -25,9 +25,10 @@ from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
 from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir, write_json
+from sslfg.engine.rundir import prepare_run_dir
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
+from sslfg.files import write_json
 from sslfg.localisation import finetune_test_boxes, glsim_localisation
 from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, pretrained_record, timm_kwargs
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores

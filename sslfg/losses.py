@@ -7,17 +7,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from sslfg.distributed import rank_and_world
 
 
 @torch.no_grad()
 def gather_keys(k: Tensor) -> Tensor:
     """Concatenates (B, D) from all processes in rank order, (W·B, D); no gradient."""
-    _, world = _rank_and_world()
+    _, world = rank_and_world()
     if world == 1:
         return k
     out = [torch.empty_like(k) for _ in range(world)]
@@ -33,7 +29,7 @@ def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
     The logits are float32 with autocast off here: under bf16 autocast `q @ keys.T` would run in bf16
     (8 bits of mantissa on similarities divided by T = 0.2).
     """
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world()
     with torch.autocast(q.device.type, enabled=False):
         q = F.normalize(q.float(), dim=1)
         keys = gather_keys(F.normalize(k.float(), dim=1))

@@ -23,9 +23,10 @@ from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, compile_modules, run_loop, steps_per_epoch
 from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir, write_json
+from sslfg.engine.rundir import prepare_run_dir
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
+from sslfg.files import write_json
 from sslfg.localisation import OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
 from sslfg.models.backbone import export_backbone, pretrained_record

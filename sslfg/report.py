@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sslfg.cli import run_cli  # noqa: E402
 from sslfg.config import ConfigError, load_config  # noqa: E402
+from sslfg.files import write_text  # noqa: E402
 from sslfg.schema import StudyConfig  # noqa: E402
 from sslfg.studydir import (  # noqa: E402
     KNN_KEY,
@@ -328,10 +329,7 @@ class Report:
                      *self.finetune_table(), "", *self.finetune_localisation(), *self.finetune_differences(), ""]
         text += ["## Protocols", "", *self.protocols(), "", "## Figures", "", *self.figures(best),
                  "## Commands", "", *self.commands(), ""]
-        path = self.out / "report.md"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(text))
-        tmp.replace(path)
+        write_text(self.out / "report.md", "\n".join(text))
         return self.out
 
 

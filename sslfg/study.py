@@ -46,8 +46,9 @@ from eval import localise as localise_cli
 from sslfg.cli import USER_ERRORS, parse_cli, run_cli
 from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data.datasets import build_dataset
+from sslfg.distributed import is_main_process, world_size
 from sslfg.engine.preemption import Interrupted
-from sslfg.engine.rundir import write_json
+from sslfg.files import write_json
 from sslfg.report import build_report
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
 from sslfg.studydir import (
@@ -86,10 +87,6 @@ class Arm:
     @property
     def command(self) -> str:
         return f"{ENTRY_POINTS[self.kind][0]} {shlex.join(self.argv)}"
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def overrides(settings: dict[str, Any]) -> list[str]:
@@ -213,7 +210,7 @@ class Study:
 
     def run(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        if _is_main():
+        if is_main_process():
             save_config(self.cfg, self.root / STUDY_FILE)
             if not (self.root / "machine.json").is_file():
                 write_json(self.root / "machine.json", machine())
@@ -227,7 +224,7 @@ class Study:
             for seed in self.cfg.seeds:
                 for arm in self.finetune_arms(seed, best):
                     self.run_arm(arm)
-        return build_report(self.root) if _is_main() else self.root / "report"
+        return build_report(self.root) if is_main_process() else self.root / "report"
 
     def run_arm(self, arm: Arm) -> None:
         done = done_path(self.root, arm.id)
@@ -242,7 +239,7 @@ class Study:
             raise type(e)(f"study arm {arm.id}: {e}") from e
         except Interrupted as e:  # its checkpoint is written; the study's own command continues it (resume=auto)
             raise Interrupted(e.signum, e.step, e.checkpoint, "", e.is_main, f"study arm {arm.id}: ") from None
-        if _is_main():
+        if is_main_process():
             write_json(done, {"id": arm.id, "command": arm.command, "seconds": round(time.perf_counter() - tic, 1)})
 
     def pretrain_epochs(self) -> int:
@@ -263,10 +260,10 @@ class Study:
             summary = read_json(self.root / "calibration" / name / "summary.json")
             seconds_per_step[name] = summary["seconds"] / summary["step"]
         cfg = load_config(config, args, PretrainConfig)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
         per_epoch = len(build_dataset(cfg.data, cfg.data.train_split)) // (cfg.train.batch_size * world)
         epochs = max(1, math.floor(p.minutes * 60 / (sum(seconds_per_step.values()) * max(per_epoch, 1))))
-        if _is_main():
+        if is_main_process():
             write_json(budget_file, {"epochs": epochs, "minutes": p.minutes, "steps_per_epoch": per_epoch,
                                      "seconds_per_step": seconds_per_step})
         log.info("budget: %.1f minutes per seed → %d epochs for every pretraining arm", p.minutes, epochs)
@@ -278,13 +275,13 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "gpu": gpu, "processes": int(os.environ.get("WORLD_SIZE", "1")), "python": platform.python_version(),
+            "gpu": gpu, "processes": world_size(), "python": platform.python_version(),
             "torch": torch.__version__}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     report = Study(load_config(*parse_cli(argv, __doc__), StudyConfig)).run()
-    if _is_main():
+    if is_main_process():
         print(f"report: {report / 'report.md'}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -11,6 +10,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
+
+from sslfg.distributed import world_size
 
 
 def make_accelerator(mixed_precision: str = "no", grad_accum_steps: int = 1, timeout_s: float = 0) -> Accelerator:
@@ -21,7 +22,7 @@ def make_accelerator(mixed_precision: str = "no", grad_accum_steps: int = 1, tim
     `timeout_s` > 0 replaces the process group's collective timeout (torch's default: 10 minutes for
     NCCL), for commands whose main process works alone while the others wait at a barrier.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     # accelerate keeps its settings in process-wide singletons; a second run in the same process
     # (a study, a test) must not inherit the first one's precision or accumulation.
     AcceleratorState._reset_state()

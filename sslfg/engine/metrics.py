@@ -14,6 +14,7 @@ from typing import Any
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, TensorBoardTracker, get_available_trackers
 
 from sslfg.config import ConfigError, to_dict
+from sslfg.files import write_text
 
 METRICS_FILE = "metrics.jsonl"
 PROJECT = "sslfg"  # the tracker project (wandb, comet_ml) or experiment (mlflow, aim)
@@ -34,9 +35,7 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None and self.path.exists():
             kept = [line for line in _complete_lines(self.path) if json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
         self.file = self.path.open("a")

@@ -15,7 +15,6 @@ steps; under `accelerate launch` the launcher relays SIGTERM/SIGINT and kills th
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -27,6 +26,8 @@ from types import FrameType, TracebackType
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+
+from sslfg.distributed import world_size
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def continue_command(argv: Sequence[str], resume_key: str) -> str:
     """The command line of this process with `resume_key=auto` in place of any value it had ('': as is)."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     entry = ["-m", spec.name] if spec is not None else [sys.argv[0]]
-    processes = os.environ.get("WORLD_SIZE", "1")
+    processes = str(world_size())
     launcher = ["python"] if processes == "1" else ["accelerate", "launch", "--multi_gpu", "--num_processes", processes]
     args = [a for a in argv if not (resume_key and a.startswith(f"{resume_key}="))]
     return shlex.join([*launcher, *entry, *args, *([f"{resume_key}=auto"] if resume_key else [])])

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
@@ -39,11 +37,3 @@ def ensure_writable(folder: str | Path, key: str = "output_dir") -> Path:
         raise ConfigError(f"{key}: cannot write to '{folder}' ({e.strerror or e}); choose another {key}") from e
     return folder
 
-
-def write_json(path: Path, data: Any) -> Path:
-    """Writes `data` as JSON through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-    return path

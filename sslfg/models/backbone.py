@@ -36,6 +36,7 @@ from torch import Tensor
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import CHECKPOINTS, checkpoint_dirs, unsafe_load_reason
+from sslfg.files import atomic_path, write_json
 
 
 def sizes_near(size: int, patch: int) -> str:
@@ -349,12 +350,9 @@ def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], r
     """Writes backbone.safetensors + backbone.json so that `load_backbone(run_dir)` rebuilds it."""
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
-    tmp = run_dir / f".{BACKBONE_WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(run_dir / BACKBONE_WEIGHTS)
-    meta_tmp = run_dir / f".{BACKBONE_META}.tmp"
-    meta_tmp.write_text(json.dumps({"name": name, "kwargs": kwargs}, indent=2))
-    meta_tmp.replace(run_dir / BACKBONE_META)
+    with atomic_path(run_dir / BACKBONE_WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    write_json(run_dir / BACKBONE_META, {"name": name, "kwargs": kwargs})
     return run_dir / BACKBONE_WEIGHTS
 
 

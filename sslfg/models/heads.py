@@ -7,9 +7,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from sslfg.distributed import world_size
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -21,7 +19,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or _world_size() == 1:
+        if not self.training or world_size() == 1:
             return super().forward(x)
         count = torch.full((1,), x.shape[0], dtype=torch.float32, device=x.device)
         xf = x.float()
