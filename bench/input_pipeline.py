@@ -49,7 +49,7 @@ from sslfg.data.batch_augment import (
     two_view_pipeline,
 )
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
+from sslfg.data.loader import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
 from sslfg.data.transforms import TwoViewTransform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError, check_warmup, key_sources, save_config
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, seeded_loader
+from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.data.transforms import denormalize, finetune_transforms
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume

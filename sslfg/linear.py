@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from sslfg.config import ConfigError, save_config
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, sample_seed, seeded_loader
+from sslfg.data.loader import EpochBatchSampler, sample_seed, seeded_loader
 from sslfg.data.transforms import crop_flip_transform
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from sslfg.config import key_sources, save_config
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
 from sslfg.data.datasets import build_dataset
-from sslfg.data.sampling import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
+from sslfg.data.loader import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
 from sslfg.data.transforms import denormalize
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume

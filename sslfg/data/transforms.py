@@ -3,7 +3,7 @@ linear-probe augmentation and the evaluation transform.
 
 Every random choice comes from torch's global RNG (torchvision.transforms.v2 draws with
 torch.rand / torch.randint / Tensor.uniform_, never with Python's `random`), so seeding torch's
-CPU generator per sample (`sslfg.data.sampling.SeededDataset`) reproduces the augmentations
+CPU generator per sample (`sslfg.data.loader.SeededDataset`) reproduces the augmentations
 exactly on resume. Resampling is bilinear, as in MoCo v3 and LoDisc (torchvision's default), except the
 fine-tuning recipe's bicubic resize (GLSim); PIL resizing antialiases.
 """

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sslfg.config import ConfigError
-from sslfg.data.sampling import EpochBatchSampler
+from sslfg.data.loader import EpochBatchSampler
 from sslfg.engine.checkpoint import checkpoint_dirs, save_checkpoint
 from sslfg.engine.metrics import MetricsLog
 from sslfg.engine.preemption import Interrupted, StopSignals

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from sslfg.config import ConfigError, load_config
-from sslfg.data.sampling import EpochBatchSampler, seeded_loader
+from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, run_loop

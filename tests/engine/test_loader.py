@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sslfg.config import ConfigError
-from sslfg.data.sampling import EpochBatchSampler, SeededDataset
+from sslfg.data.loader import EpochBatchSampler, SeededDataset
 
 
 def test_two_processes_split_each_global_batch_of_one_process() -> None:
