@@ -13,19 +13,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sslfg.config import ConfigError, check_warmup, key_sources, save_config
+from sslfg.config import ConfigError, check_warmup, key_sources
 from sslfg.data.datasets import build_dataset
-from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.data.transforms import denormalize, finetune_transforms
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
-from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
-from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.loop import LoopState, steps_per_epoch
+from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
 from sslfg.files import write_json
@@ -61,7 +57,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, accelerator: Accelerator, batch_size: int, num_workers: int) -> dict:
+def test_accuracy(model: nn.Module, dataset, accelerator: Accelerator, batch_size: int, num_workers: int) -> dict:
     """Test top-1, top-5, per-class and mean per-class accuracy (in [0, 1]) over every process, and
     the number of test images they cover."""
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
@@ -126,26 +122,19 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
     and mean per-class accuracy and their file to `on_metrics`; `check` stops after the summary, before
     anything is written."""
     t = cfg.train
-    accelerator = make_accelerator(t.mixed_precision, t.grad_accum_steps)
     resume = cfg.resume or ("auto" if cfg.eval_only else "")
-    run_dir = Path(cfg.output_dir)
-    if not check:
-        run_dir = prepare_run_dir(cfg.output_dir, resume)
-        resume_from = resolve_resume(resume, run_dir)
-        if cfg.eval_only and resume_from is None:
-            raise ConfigError(f"eval_only: no checkpoint in {run_dir / 'checkpoints'}; train first or set resume=PATH")
-        if accelerator.is_main_process and not cfg.eval_only:
-            save_config(cfg, run_dir / "config.yaml")
-    set_seed(cfg.seed)
+    run = open_run(cfg, cfg.output_dir, resume, make_accelerator(t.mixed_precision, t.grad_accum_steps), check,
+                   write_config=not cfg.eval_only)
+    accelerator, run_dir = run.accelerator, run.run_dir
+    if cfg.eval_only and not check and run.resume_from is None:
+        raise ConfigError(f"eval_only: no checkpoint in {run_dir / 'checkpoints'}; train first or set resume=PATH")
 
     train_tf, test_tf = finetune_transforms(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std)
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train_tf)
     test_ds = build_dataset(cfg.data, cfg.data.test_split, test_tf)
     num_classes = cfg.data.num_classes or max(train_ds.num_classes, test_ds.num_classes)
     model, info = build_classifier(cfg, num_classes)
-    sampler = EpochBatchSampler(len(train_ds), t.batch_size, accelerator.process_index, accelerator.num_processes,
-                                cfg.seed, multiple_of=t.grad_accum_steps)
-    loader = seeded_loader(train_ds, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    sampler, loader = run.loader(train_ds, t.batch_size, t.grad_accum_steps)
     total = t.epochs * steps_per_epoch(sampler, t.grad_accum_steps)
     if not cfg.eval_only:
         check_warmup(cfg, "train.warmup_steps", total)
@@ -166,27 +155,23 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
         return run_dir
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                                 momentum=t.sgd_momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = load_checkpoint(accelerator, resume_from) if resume_from else 0
-    if resume_from:
-        log.info("%s from %s (step %d)", "testing" if cfg.eval_only else "resuming", resume_from, step)
+    model, optimizer = run.start(model, optimizer, "testing" if cfg.eval_only else "resuming")
+    step = run.start_step
 
     timing = {}
     if not cfg.eval_only:
-        metrics_log = MetricsLog(run_dir, accelerator.is_main_process, resume_step=step if resume_from else None,
-                                 trackers=cfg.train.log_with, config=cfg)
+        metrics_log = run.metrics(t.log_with, cfg)
 
         def compute_loss(batch):
             images, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)
             return {"loss": classification_loss(model(images), labels, cfg.model.label_smoothing)}
 
         state = LoopState(schedules=schedules, start_step=step, lr_key="train.lr")
-        step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics_log, compute_loss)
-        metrics_log.close()
+        step = run.train(model, optimizer, loader, sampler, t, state, metrics_log, compute_loss)
         timing = {"train.seconds": round(state.seconds, 2),
                   "train.images_per_second": state.images_per_second}
 
-    result = evaluate(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
+    result = test_accuracy(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
         speed = {f"images_per_second.batch{b}": round(throughput(net, cfg.data.image_size, accelerator, b), 1)

@@ -32,14 +32,12 @@ from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from sslfg.config import ConfigError, save_config
+from sslfg.config import ConfigError
 from sslfg.data.datasets import build_dataset
-from sslfg.data.loader import EpochBatchSampler, sample_seed, seeded_loader
+from sslfg.data.loader import sample_seed
 from sslfg.data.transforms import crop_flip_transform
-from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
-from sslfg.engine.loop import LoopState, run_loop
-from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.loop import LoopState
+from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.features import feature_precision, pool_features
@@ -288,14 +286,10 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     if len(dataset) < lin.batch_size * world:
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "
                           f"({lin.batch_size} × {world} processes); lower linear.batch_size")
-    run_dir = out / FULL_RUN_DIR
-    prepare_run_dir(str(run_dir), lin.resume, resume_key="linear.resume")
-    resume_from = resolve_resume(lin.resume, run_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-
-    sampler = EpochBatchSampler(len(dataset), lin.batch_size, accelerator.process_index, world, cfg.seed)
-    loader = seeded_loader(dataset, sampler, d.num_workers, pin_memory=accelerator.device.type == "cuda")
+    # not reseeded: the eval command seeded torch when it built the backbone, and the RNG states this probe's
+    # checkpoints hold stay what they always were
+    run = open_run(cfg, out / FULL_RUN_DIR, lin.resume, accelerator, resume_key="linear.resume", seed_rngs=False)
+    sampler, loader = run.loader(dataset, lin.batch_size)
     per_epoch, total = sampler.batches_per_epoch, lin.epochs * sampler.batches_per_epoch
     train = LoopConfig(epochs=lin.epochs, batch_size=lin.batch_size, checkpoint_every=per_epoch,
                        log_every=min(10, per_epoch))
@@ -303,11 +297,8 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     schedules = {"lr": cosine_schedule(lr, 0.0, total), "weight_decay": np.full(total, lin.weight_decay)}
     head = LinearHeads(test_x.shape[1], max(dataset.num_classes, test_ds.num_classes), 1, cfg.seed)
     optimizer = torch.optim.SGD(head.param_groups([lr], lin.weight_decay), lr=lr, momentum=lin.momentum)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    start = load_checkpoint(accelerator, resume_from) if resume_from else 0
-    if resume_from:
-        log.info("resuming the linear probe from %s (step %d)", resume_from, start)
-    metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=start if resume_from else None)
+    head, optimizer = run.start(head, optimizer, "resuming the linear probe")
+    metrics = run.metrics()
     vit = vit.to(accelerator.device).eval().requires_grad_(False)
 
     def compute_loss(batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
@@ -317,9 +308,8 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         logits = head(features)[0]
         return {"loss": F.cross_entropy(logits, labels), "top1": (logits.argmax(dim=1) == labels).float().mean()}
 
-    state = LoopState(schedules=schedules, start_step=start, lr_key="linear.lr", resume_key="linear.resume")
-    step = run_loop(accelerator, head, optimizer, loader, sampler, train, state, run_dir, metrics, compute_loss)
-    metrics.close()
+    state = LoopState(schedules=schedules, start_step=run.start_step, lr_key="linear.lr", resume_key=run.resume_key)
+    step = run.train(head, optimizer, loader, sampler, train, state, metrics, compute_loss)
     if not accelerator.is_main_process:
         return {}, {}
     dev = accelerator.device
@@ -330,7 +320,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         "epochs": lin.epochs, "batch_size": lin.batch_size * world, "optimizer": "sgd", "momentum": lin.momentum,
         "weight_decay": lin.weight_decay, "schedule": "cosine to 0 per step", "head_init": f"normal(0, {INIT_STD})",
         "feature_norm": "none", "augmentation": "RandomResizedCrop(scale 0.08-1) + horizontal flip",
-        "steps": step, "resumed_from_step": start, "train_size": len(dataset), "test_size": len(test_y),
-        "run_dir": str(run_dir), "skipped_images": skipped_images(dataset, test_ds),
+        "steps": step, "resumed_from_step": run.start_step, "train_size": len(dataset), "test_size": len(test_y),
+        "run_dir": str(run.run_dir), "skipped_images": skipped_images(dataset, test_ds),
     }
     return {"linear.top1": float(top1[0]), "linear.top5": float(top5[0])}, protocol

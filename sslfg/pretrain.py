@@ -6,24 +6,21 @@ Called by `train_ssl.py`; importable so that studies and tests run it in-process
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
-from sslfg.config import key_sources, save_config
+from sslfg.config import key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
 from sslfg.data.datasets import build_dataset
-from sslfg.data.loader import EpochBatchSampler, SeededDataset, sample_seed, seeded_loader
+from sslfg.data.loader import SeededDataset, sample_seed
 from sslfg.data.transforms import denormalize
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.engine.checkpoint import checkpoint_dirs, load_checkpoint, resolve_resume
-from sslfg.engine.loop import LoopState, compile_modules, run_loop, steps_per_epoch
-from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
+from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
@@ -33,8 +30,6 @@ from sslfg.models.backbone import export_backbone, pretrained_record
 from sslfg.online_knn import OnlineKnn
 from sslfg.schema import PretrainConfig
 from sslfg.summary import startup_summary
-
-log = logging.getLogger(__name__)
 
 
 def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
@@ -75,21 +70,13 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     """Runs (or resumes) a pretraining run; returns its run directory. The start-up summary goes to
     `on_summary` (main process) and into summary.json; `check` stops after it, before anything is written."""
     t = cfg.train
-    accelerator = make_accelerator(t.mixed_precision, t.grad_accum_steps)
-    run_dir = Path(cfg.output_dir)
-    if not check:
-        run_dir = prepare_run_dir(cfg.output_dir, cfg.resume)
-        resume_from = resolve_resume(cfg.resume, run_dir)
-        if accelerator.is_main_process:
-            save_config(cfg, run_dir / "config.yaml")
-    set_seed(cfg.seed)
+    run = open_run(cfg, cfg.output_dir, cfg.resume, make_accelerator(t.mixed_precision, t.grad_accum_steps), check)
+    accelerator, run_dir = run.accelerator, run.run_dir
 
     views = two_view_pipeline(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std,
                               resolve_augment_on(cfg.data.augment_on, accelerator.device, cfg.data.image_size))
     dataset = build_dataset(cfg.data, cfg.data.train_split, views.transform)
-    sampler = EpochBatchSampler(len(dataset), t.batch_size, accelerator.process_index, accelerator.num_processes,
-                                cfg.seed, multiple_of=t.grad_accum_steps)
-    loader = seeded_loader(dataset, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    sampler, loader = run.loader(dataset, t.batch_size, t.grad_accum_steps)
 
     model = build_method(cfg.model, cfg.method, cfg.data.image_size)
     if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
@@ -108,15 +95,10 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         return run_dir
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=float(schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = run.start(model, optimizer)
     method: MomentumMethod = accelerator.unwrap_model(model)
-
-    start = load_checkpoint(accelerator, resume_from) if resume_from else 0
-    if resume_from:
-        log.info("resuming from %s (step %d)", resume_from, start)
-    metrics = MetricsLog(run_dir, accelerator.is_main_process, resume_step=start if resume_from else None,
-                         trackers=t.log_with, config=cfg)
-    if accelerator.is_main_process and start == 0 and t.figure_samples > 0:
+    metrics = run.metrics(t.log_with, cfg)
+    if accelerator.is_main_process and run.start_step == 0 and t.figure_samples > 0:
         mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
 
     def compute_loss(batch):
@@ -128,13 +110,13 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         method.set_step({k: float(schedules[k][s]) for k in own})
 
     online_knn = OnlineKnn(cfg, accelerator) if t.knn_every > 0 else None
-    if online_knn is not None and start == 0:
+    if online_knn is not None and run.start_step == 0:
         metrics.log(0, online_knn(method.encoder))
     online_loc = OnlineLocalisation(cfg) if t.loc_every > 0 and accelerator.is_main_process else None
-    if online_loc is not None and start == 0:
+    if online_loc is not None and run.start_step == 0:
         metrics.log(0, online_loc(method))
 
-    state = LoopState(schedules=schedules, start_step=start)
+    state = LoopState(schedules=schedules, start_step=run.start_step)
 
     def after_update(s: int) -> None:  # only after an applied optimizer step (fp16 skips some)
         method.update_momentum(float(schedules["momentum"][s]))
@@ -149,9 +131,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
             metrics.log(s + 1, online_loc(method))
             state.seconds -= time.perf_counter() - tic
 
-    step = run_loop(accelerator, model, optimizer, loader, sampler, t, state, run_dir, metrics, compute_loss,
-                    before_step=before_step, after_update=after_update, after_step=after_step)
-    metrics.close()
+    step = run.train(model, optimizer, loader, sampler, t, state, metrics, compute_loss,
+                     before_step=before_step, after_update=after_update, after_step=after_step)
 
     if accelerator.is_main_process:
         export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir)

@@ -1,0 +1,95 @@
+"""One training run's set-up, the same for pretraining, fine-tuning and the full linear probe: the run directory
+and the checkpoint it resumes from, config.yaml, the seed, the seeded training loader, the prepared model and
+optimizer with that checkpoint's state, the metrics log and the loop. Each command adds only what is its own:
+datasets, model, schedules, loss, and what it writes at the end.
+
+    run = open_run(cfg, cfg.output_dir, cfg.resume, make_accelerator(...))
+    sampler, loader = run.loader(dataset, batch_size)
+    model, optimizer = run.start(model, optimizer)
+    metrics = run.metrics()
+    step = run.train(model, optimizer, loader, sampler, loop, LoopState(schedules, run.start_step), metrics, loss)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+
+from sslfg.config import save_config
+from sslfg.data.loader import EpochBatchSampler, seeded_loader
+from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
+from sslfg.engine.loop import LoopState, run_loop
+from sslfg.engine.metrics import MetricsLog
+from sslfg.engine.rundir import prepare_run_dir
+from sslfg.schema import LoopConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Where a run writes and what it continues from; `start` sets `start_step`."""
+
+    accelerator: Accelerator
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint to continue from; None: a fresh run (always with `check`)
+    seed: int
+    num_workers: int  # of the training loader
+    resume_key: str = "resume"  # the key that continues this run, as errors name it
+    start_step: int = 0
+
+    def loader(self, dataset: Dataset, batch_size: int, grad_accum_steps: int = 1) -> tuple[EpochBatchSampler,
+                                                                                            DataLoader]:
+        """This process's seeded batches of `dataset` (`sslfg.data.loader`), every epoch ending on an optimizer step."""
+        a = self.accelerator
+        sampler = EpochBatchSampler(len(dataset), batch_size, a.process_index, a.num_processes, self.seed,
+                                    multiple_of=grad_accum_steps)
+        return sampler, seeded_loader(dataset, sampler, self.num_workers, pin_memory=a.device.type == "cuda")
+
+    def start(self, model: nn.Module, optimizer: Optimizer, resuming: str = "resuming") -> tuple[nn.Module, Optimizer]:
+        """The prepared model and optimizer, with the state of `resume_from` when there is one (`start_step`
+        becomes its step, and the log says `resuming` from where)."""
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.resume_from:
+            self.start_step = load_checkpoint(self.accelerator, self.resume_from)
+            log.info("%s from %s (step %d)", resuming, self.resume_from, self.start_step)
+        return model, optimizer
+
+    def metrics(self, trackers: Sequence[str] = ("tensorboard",), config: Any = None) -> MetricsLog:
+        """The run's metrics log, cut back to `start_step` when resuming (`MetricsLog`)."""
+        return MetricsLog(self.run_dir, self.accelerator.is_main_process,
+                          resume_step=self.start_step if self.resume_from else None, trackers=trackers, config=config)
+
+    def train(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader, sampler: EpochBatchSampler,
+              loop: LoopConfig, state: LoopState, metrics: MetricsLog,
+              compute_loss: Callable[[Any], dict[str, Tensor]], **hooks: Callable[[int], None]) -> int:
+        """`run_loop` (its `hooks`: before_step, after_update, after_step), then closes `metrics`; the last step."""
+        step = run_loop(self.accelerator, model, optimizer, loader, sampler, loop, state, self.run_dir, metrics,
+                        compute_loss, **hooks)
+        metrics.close()
+        return step
+
+
+def open_run(cfg: Any, output_dir: str | Path, resume: str, accelerator: Accelerator, check: bool = False,
+             resume_key: str = "resume", write_config: bool = True, seed_rngs: bool = True) -> Run:
+    """Creates and checks the run directory, finds the checkpoint `resume` names ('' | 'auto' | a path), writes
+    `cfg` to config.yaml (main process, with `write_config`) and seeds every RNG with `cfg.seed` (with
+    `seed_rngs`). With `check` nothing is written. `cfg` has `seed` and `data.num_workers`."""
+    run_dir, resume_from = Path(output_dir), None
+    if not check:
+        run_dir = prepare_run_dir(str(output_dir), resume, resume_key)
+        resume_from = resolve_resume(resume, run_dir)
+        if write_config and accelerator.is_main_process:
+            save_config(cfg, run_dir / "config.yaml")
+    if seed_rngs:
+        set_seed(cfg.seed)
+    return Run(accelerator, run_dir, resume_from, cfg.seed, cfg.data.num_workers, resume_key)
