@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
@@ -34,7 +34,7 @@ COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starti
 EVAL_TIMEOUT_S = 6 * 3600
 
 # (cfg, backbone, accelerator, output dir) -> (metrics, protocol) on the main process, None elsewhere
-Evaluate = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
+Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
 # (cfg, number of processes) -> the schedule facts of an evaluation's start-up summary
 Schedule = Callable[[EvalConfig, int], dict[str, Any]]
 
@@ -67,6 +67,15 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print(f"error: {INTERRUPTED}", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
+
+
+def console(main: Callable[[Sequence[str] | None], object]) -> Callable[[], NoReturn]:
+    """The function a console command of pyproject.toml's [project.scripts] calls: `main` through `run_cli`,
+    its status the process's exit status (what `sys.exit(run_cli(main))` is in a script)."""
+    def cli() -> NoReturn:
+        sys.exit(run_cli(main))
+
+    return cli
 
 
 def user_message(error: BaseException) -> str:
@@ -159,11 +168,11 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
     print(f"metrics: {path}")
 
 
-def run_evaluation(argv: Sequence[str] | None, description: str, name: str, evaluate: Evaluate,
+def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
                    schedule: Schedule | None = None) -> dict:
     """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
     backbone and the train/test datasets; prints the start-up summary (and stops there with --check);
-    `evaluate` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
+    `measure` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
     summary, is written to <output_dir>/<name>.json and printed."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
@@ -182,7 +191,7 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, eval
         print_summary(summary)
     if args.check:
         return summary
-    produced = evaluate(cfg, vit, accelerator, out)
+    produced = measure(cfg, vit, accelerator, out)
     result: dict = {}
     if accelerator.is_main_process and produced is not None:
         metrics, protocol = produced

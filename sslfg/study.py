@@ -6,17 +6,19 @@ fine-tuning arms → report.
     accelerate launch -m sslfg.study --config configs/study/cub.yaml     # every arm on all processes
     python -m sslfg.report runs/study_sample                             # rebuild the report only
 
-Every arm runs through its real entry point (train_ssl.py, eval.knn, eval.linear, eval.finetune, and
-eval.localise when the dataset has object boxes) in this process, with the command line it would take
-on its own; that command is recorded with its result. A finished arm is skipped when the study runs
-again; an unfinished pretraining or fine-tuning arm continues from its newest checkpoint (they all run
-with resume=auto). A stop signal
-(SIGTERM, SIGUSR1, Ctrl-C) ends the arm in flight with a checkpoint and the study with that arm's exit
-status; the same command then continues the study where it stopped.
+Every arm runs through its real command (sslfg.commands: pretrain, knn, linear, finetune, and localise
+when the dataset has object boxes) in this process, with the command line it would take on its own
+(`python train_ssl.py ...`, `python -m eval.knn ...`); that command is recorded with its result. A
+finished arm is skipped when the study runs again; an unfinished pretraining or fine-tuning arm
+continues from its newest checkpoint (they all run with resume=auto). A stop signal (SIGTERM, SIGUSR1,
+Ctrl-C) ends the arm in flight with a checkpoint and the study with that arm's exit status; the same
+command then continues the study where it stopped.
 
 Equal budget: every pretraining arm trains the same epochs at the same batch, hence the same
 optimizer steps; every fine-tuning arm likewise. Fine-tuning starts from the pretraining arm with
 the best mean kNN k20 top-1 over the seeds (or the arm named in its `init`).
+
+The console command `sslfg-study` takes the same arguments.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import math
 import os
 import platform
 import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,12 +39,12 @@ from typing import Any
 import torch
 import yaml
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn as knn_cli
-from eval import linear as linear_cli
-from eval import localise as localise_cli
-from sslfg.cli import USER_ERRORS, parse_cli, run_cli
+from sslfg.cli import USER_ERRORS, console, parse_cli
+from sslfg.commands import finetune as finetune_command
+from sslfg.commands import knn as knn_command
+from sslfg.commands import linear as linear_command
+from sslfg.commands import localise as localise_command
+from sslfg.commands import pretrain as pretrain_command
 from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data.datasets import build_dataset
 from sslfg.distributed import is_main_process, world_size
@@ -67,11 +68,11 @@ log = logging.getLogger(__name__)
 
 # kind -> (how a user types the entry point, its main(argv))
 ENTRY_POINTS: dict[str, tuple[str, Callable[[Sequence[str] | None], object]]] = {
-    "pretrain": ("python train_ssl.py", train_ssl.main),
-    "knn": ("python -m eval.knn", knn_cli.main),
-    "linear": ("python -m eval.linear", linear_cli.main),
-    "finetune": ("python -m eval.finetune", finetune_cli.main),
-    "localise": ("python -m eval.localise", localise_cli.main),
+    "pretrain": ("python train_ssl.py", pretrain_command.main),
+    "knn": ("python -m eval.knn", knn_command.main),
+    "linear": ("python -m eval.linear", linear_command.main),
+    "finetune": ("python -m eval.finetune", finetune_command.main),
+    "localise": ("python -m eval.localise", localise_command.main),
 }
 CALIBRATION_STEPS = 5  # optimizer steps timed per pretraining arm for a budget in minutes
 
@@ -285,5 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"report: {report / 'report.md'}")
 
 
+cli = console(main)
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    cli()

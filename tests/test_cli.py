@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn, linear
 from sslfg.cli import run_cli
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn, linear
+from sslfg.commands import pretrain as train_ssl
 from sslfg.config import save_config
 from sslfg.data import stats
 from sslfg.pretrain import pretrain
@@ -132,6 +133,15 @@ def test_evaluations_check_builds_and_stops(tiny_run: Path, tmp_path: Path, caps
     assert printed_summary(capsys.readouterr().out)["command"] == "linear"
     assert run_cli(knn.main, ["--checkpoint", str(tiny_run / "nosuch"), "--check"]) == 2  # still validated
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_a_console_command_runs_on_its_arguments_and_exits_with_the_status(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["sslfg-knn", "--checkpoint", str(tmp_path / "nosuch"), "--check"])
+    with pytest.raises(SystemExit) as stop:
+        knn.cli()
+    assert stop.value.code == 2 and "nosuch" in capsys.readouterr().err  # a user error: run_cli's status 2
 
 
 @pytest.mark.parametrize("main", [train_ssl.main, knn.main, linear.main, finetune_cli.main, stats.main])

@@ -1,8 +1,10 @@
 """Every command in README.md and in each entry point's --help exists and runs with --check, and every
 repository path they mention exists.
 
-Commands are the README's indented lines (4 spaces) starting with `python `, `accelerate ` or `make `,
-and the lines under "example:"/"examples:" in each --help; a trailing `# comment` is dropped.
+Commands are the README's indented lines (4 spaces) starting with `python `, `accelerate `, `make ` or a
+console command (`sslfg-knn ...`, pyproject.toml's [project.scripts]), and the lines under
+"example:"/"examples:" in each --help; a trailing `# comment` is dropped. A console command is checked as
+the entry point it equals (CONSOLE, itself checked against pyproject.toml).
 
 How each is checked:
 - train_ssl.py, eval.knn, eval.linear, eval.finetune run in this process through their `main` with
@@ -27,14 +29,15 @@ import importlib
 import re
 import shlex
 import shutil
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn, linear, localise
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn, linear, localise
+from sslfg.commands import pretrain as train_ssl
 from sslfg.config import save_config
 from sslfg.data import stats
 from sslfg.pretrain import pretrain
@@ -42,7 +45,10 @@ from sslfg.schema import FinetuneConfig
 from tests.conftest import TINY_MODEL, tiny_config, write_csv_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_START = ("python ", "accelerate ", "make ")
+# console command -> the entry point it equals
+CONSOLE = {"sslfg-pretrain": "train_ssl.py", "sslfg-knn": "eval.knn", "sslfg-linear": "eval.linear",
+           "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-study": "sslfg.study"}
+COMMAND_START = ("python ", "accelerate ", "make ", *(f"{name} " for name in CONSOLE))
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
                                      "eval.finetune": finetune_cli.main, "sslfg.data.stats": stats.main,
                                      "eval.localise": localise.main}
@@ -72,15 +78,18 @@ def strip_comment(line: str) -> str:
 
 
 def entry_and_args(command: str) -> tuple[str, list[str]]:
-    """`python -m X a b`, `python X.py a b`, `accelerate launch [opts] -m X a b` -> (X, [a, b])."""
+    """`python -m X a b`, `python X.py a b`, `accelerate launch [opts] -m X a b` -> (X, [a, b]);
+    a console command `sslfg-x a b` (also after `accelerate launch [opts]`) -> (what it equals, [a, b])."""
     words = shlex.split(command)
     if words[:2] == ["accelerate", "launch"]:
         words = words[2:]
         while words and words[0].startswith("--"):
             words = words[2:] if words[0] == "--num_processes" else words[1:]
-        words = ["python", *words]
-    assert words[0] == "python", command
-    return (words[2], words[3:]) if words[1] == "-m" else (words[1], words[2:])
+    elif words[0] == "python":
+        words = words[1:]
+    if words[0] in CONSOLE:
+        return CONSOLE[words[0]], words[1:]
+    return (words[1], words[2:]) if words[0] == "-m" else (words[0], words[1:])
 
 
 def substitute(entry: str, args: list[str], run: Path, ft_config: Path, data_root: Path) -> list[str]:
@@ -177,3 +186,15 @@ def test_every_repository_path_mentioned_exists(capsys: pytest.CaptureFixture[st
     missing = [(where, path) for where, text in texts for path in REPO_PATH.findall(text)
                if not (ROOT / path).exists()]
     assert not missing
+
+
+def test_console_commands_are_the_entry_points() -> None:
+    """pyproject.toml's console commands are CONSOLE's, each runs the main of the entry point it equals."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(CONSOLE)
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        entry = CONSOLE[name]
+        shim = entry.removesuffix(".py")  # train_ssl.py -> the module train_ssl
+        assert callable(getattr(importlib.import_module(module), function)), name
+        assert importlib.import_module(module).main is importlib.import_module(shim).main, name

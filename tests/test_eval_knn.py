@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eval import knn
 from sslfg.cli import run_cli
+from sslfg.commands import knn
 from sslfg.pretrain import pretrain
 from tests.conftest import tiny_config
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval import finetune as finetune_cli
 from sslfg.cli import run_cli
+from sslfg.commands import finetune as finetune_cli
 from sslfg.config import ConfigError
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs

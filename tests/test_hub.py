@@ -15,9 +15,9 @@ import torch
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn
+from sslfg.commands import pretrain as train_ssl
 from sslfg.config import ConfigError
 from sslfg.models.backbone import create_vit, pretrained_record
 from tests.conftest import write_csv_dataset

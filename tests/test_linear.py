@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from eval import linear
 from sslfg.cli import run_cli
+from sslfg.commands import linear
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.linear import LinearHeads, epoch_batches, fast_probe, stratified_holdout, train_heads
 from sslfg.models.backbone import create_vit

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from eval.localise import main as localise_main
 from sslfg.cli import run_cli
+from sslfg.commands.localise import main as localise_main
 from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform, finetune_transforms

@@ -13,8 +13,8 @@ import yaml
 from accelerate.tracking import get_available_trackers
 from wandb.proto import wandb_internal_pb2
 
-import train_ssl
 from sslfg.cli import run_cli
+from sslfg.commands import pretrain as train_ssl
 from sslfg.config import load_config
 from sslfg.engine.metrics import flat_config
 from sslfg.schema import PretrainConfig

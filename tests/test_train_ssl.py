@@ -13,9 +13,9 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train_ssl
 from sslfg import load_backbone
 from sslfg.cli import run_cli
+from sslfg.commands import pretrain as train_ssl
 from sslfg.config import ConfigError, save_config
 from sslfg.methods import build_method
 from sslfg.models.backbone import forward_tokens

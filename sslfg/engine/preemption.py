@@ -92,11 +92,18 @@ class StopSignals:
 
 
 def continue_command(argv: Sequence[str], resume_key: str) -> str:
-    """The command line of this process with `resume_key=auto` in place of any value it had ('': as is)."""
+    """The command line of this process with `resume_key=auto` in place of any value it had ('': as is).
+    It ran as `python -m X`, `python X.py` or an installed console command: a script without .py (e.g.
+    .venv/bin/sslfg-pretrain), given by its name, which `accelerate launch --no_python` runs too."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    entry = ["-m", spec.name] if spec is not None else [sys.argv[0]]
-    processes = str(world_size())
-    launcher = ["python"] if processes == "1" else ["accelerate", "launch", "--multi_gpu", "--num_processes", processes]
+    console = spec is None and not sys.argv[0].endswith(".py")
+    entry = ["-m", spec.name] if spec is not None else [Path(sys.argv[0]).name] if console else [sys.argv[0]]
+    processes = world_size()
+    if processes == 1:
+        launcher = [] if console else ["python"]
+    else:
+        no_python = ["--no_python"] if console else []
+        launcher = ["accelerate", "launch", *no_python, "--multi_gpu", "--num_processes", str(processes)]
     args = [a for a in argv if not (resume_key and a.startswith(f"{resume_key}="))]
     return shlex.join([*launcher, *entry, *args, *([f"{resume_key}=auto"] if resume_key else [])])
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import knn
 from sslfg import cli
+from sslfg.commands import knn
 from sslfg.engine.accelerator import make_accelerator
 from tests.reliability.procs import ENV, ROOT, command
 from tests.test_eval_knn import TINY, data_args
@@ -18,7 +18,7 @@ from tests.test_eval_knn import TINY, data_args
 WORKER = """
 import sys, time
 import torch.distributed as dist
-from eval import knn
+from sslfg.commands import knn
 from sslfg import cli
 from sslfg.engine.accelerator import make_accelerator
 acc = make_accelerator(timeout_s=float(sys.argv[1]))

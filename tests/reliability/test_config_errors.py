@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import train_ssl
-from eval import finetune as finetune_cli
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import pretrain as train_ssl
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import finetune_args, pretrain_args
 

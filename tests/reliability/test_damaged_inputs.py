@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn
 from sslfg.cli import run_cli
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn
+from sslfg.commands import pretrain as train_ssl
 from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import CsvSplitDataset, build_dataset
 from sslfg.data.images import DataError

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn
+from sslfg.commands import pretrain as train_ssl
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.methods import METHODS
 from tests.conftest import write_csv_dataset

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval import knn
+from sslfg.commands import knn
 from sslfg.data.boxes import eval_boxes
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError, load_image

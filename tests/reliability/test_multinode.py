@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import train_ssl
-from eval import knn
+from sslfg.commands import knn
+from sslfg.commands import pretrain as train_ssl
 from tests.conftest import write_csv_dataset
 from tests.reliability.outcomes import assert_same_training
 from tests.reliability.procs import finish, free_port, pretrain_args, start

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_ssl
-from eval import finetune as finetune_cli
 from sslfg import finetune as finetune_module
 from sslfg.cli import run_cli
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import pretrain as train_ssl
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.methods import MoCoV3

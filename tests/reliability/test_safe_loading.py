@@ -19,10 +19,10 @@ import pytest
 import torch
 import yaml
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn, linear
 from sslfg.cli import run_cli
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn, linear
+from sslfg.commands import pretrain as train_ssl
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import finetune_args, pretrain_args
 from tests.test_eval_knn import TINY, data_args

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn
+from sslfg.commands import pretrain as train_ssl
 from tests.reliability.outcomes import Recorder, user_error
 from tests.reliability.procs import finetune_args, pretrain_args
 from tests.test_eval_knn import TINY, data_args

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import train_ssl
-from eval import finetune as finetune_cli
-from eval import knn
 from sslfg.cli import run_cli
+from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn
+from sslfg.commands import pretrain as train_ssl
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.models.backbone import backbone_source, create_vit, load_backbone
 from tests.reliability.outcomes import user_error

@@ -1,0 +1,43 @@
+"""Linear probe on frozen features: fast lr sweep on cached features, or the full LoDisc recipe (METHODS §4).
+
+    python -m eval.linear --checkpoint runs/lodisc_cub   # on the run's own data (its config.yaml)
+    python -m eval.linear --checkpoint runs/lodisc_cub --dataset configs/datasets/cub.yaml --check
+    python -m eval.linear --checkpoint runs/lodisc_cub linear.mode=full
+    python -m eval.linear --checkpoint runs/lodisc_cub linear.mode=full linear.resume=auto
+    python -m eval.linear --random-init --checkpoint runs/lodisc_cub   # the floor
+    accelerate launch --multi_gpu --num_processes 2 -m eval.linear --checkpoint runs/lodisc_cub linear.mode=full
+
+fast (default): one head per lr in linear.lrs trained at once on cached features; the lr is chosen on
+`train` + data.val_split when the dataset has both, else on linear.val_fraction held out of
+data.train_split; that lr is retrained on data.train_split and reported on data.test_split.
+full: augmented images through the frozen backbone at linear.lr, no sweep; checkpoints every epoch
+in <output_dir>/linear_full. Without --dataset, --config or data.root, a run directory's own data
+settings are used. --check validates the recipe and the data, builds the backbone, prints the
+start-up summary and exits.
+The console command `sslfg-linear` takes the same arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sslfg.cli import console, run_evaluation
+from sslfg.linear import run_fast_probe, run_full_probe
+from sslfg.schema import EvalConfig
+
+
+def schedule(cfg: EvalConfig, num_processes: int) -> dict[str, Any]:
+    """The probe's schedule for the start-up summary: learning rates after scaling by batch / 256."""
+    lin = cfg.linear
+    lrs = lin.lrs if lin.mode == "fast" else [lin.lr]
+    return {"linear.mode": lin.mode, "epochs": lin.epochs, "global_batch": lin.batch_size * num_processes,
+            "lr": [lr * lin.batch_size / 256 for lr in lrs]}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run_evaluation(argv, __doc__, "linear", lambda cfg, vit, accelerator, out: (
+        run_fast_probe if cfg.linear.mode == "fast" else run_full_probe)(cfg, vit, accelerator, out), schedule)
+
+
+cli = console(main)
