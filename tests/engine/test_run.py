@@ -1,0 +1,54 @@
+"""open_run and Run on their own: what a check, a fresh run and a resumed run write and restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslfg.config import ConfigError
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.engine.checkpoint import save_checkpoint
+from sslfg.engine.run import open_run
+from sslfg.schema import PretrainConfig
+
+
+def linear_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(3, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_check_writes_nothing_and_seeds(tmp_path: Path) -> None:
+    cfg = PretrainConfig(seed=4)
+    run = open_run(cfg, tmp_path / "run", "", make_accelerator(), check=True)
+    assert not (tmp_path / "run").exists() and run.resume_from is None
+    first = torch.rand(1)
+    open_run(cfg, tmp_path / "run", "", make_accelerator(), check=True)
+    assert torch.equal(torch.rand(1), first)
+
+
+def test_fresh_run_then_resume(tmp_path: Path) -> None:
+    cfg, out = PretrainConfig(), tmp_path / "run"
+    run = open_run(cfg, out, "", make_accelerator())
+    assert (out / "config.yaml").is_file() and run.resume_from is None
+    model, optimizer = run.start(*linear_model())
+    assert run.start_step == 0
+    save_checkpoint(run.accelerator, out, step=7, keep=1)
+    saved = model.weight.detach().clone()
+
+    with pytest.raises(ConfigError, match="linear.resume=auto"):  # a fresh run would lose the checkpoint
+        open_run(cfg, out, "", make_accelerator(), resume_key="linear.resume")
+
+    run = open_run(cfg, out, "auto", make_accelerator(), write_config=False)
+    assert run.resume_from == out / "checkpoints" / "step_00000007"
+    model, _ = run.start(*linear_model())
+    assert run.start_step == 7 and torch.equal(model.weight, saved)
+
+
+def test_loader_batches_whole_optimizer_steps(tmp_path: Path) -> None:
+    cfg = PretrainConfig()
+    cfg.data.num_workers = 0
+    run = open_run(cfg, tmp_path, "", make_accelerator(), check=True)
+    sampler, loader = run.loader(list(range(10)), batch_size=2, grad_accum_steps=2)
+    assert sampler.batches_per_epoch == 4 and [len(batch) for batch in loader] == [2, 2, 2, 2]
