@@ -286,9 +286,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     if len(dataset) < lin.batch_size * world:
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "
                           f"({lin.batch_size} × {world} processes); lower linear.batch_size")
-    # not reseeded: the eval command seeded torch when it built the backbone, and the RNG states this probe's
-    # checkpoints hold stay what they always were
-    run = open_run(cfg, out / FULL_RUN_DIR, lin.resume, accelerator, resume_key="linear.resume", seed_rngs=False)
+    run = open_run(cfg, out / FULL_RUN_DIR, lin.resume, accelerator, resume_key="linear.resume")
     sampler, loader = run.loader(dataset, lin.batch_size)
     per_epoch, total = sampler.batches_per_epoch, lin.epochs * sampler.batches_per_epoch
     train = LoopConfig(epochs=lin.epochs, batch_size=lin.batch_size, checkpoint_every=per_epoch,

@@ -80,16 +80,15 @@ class Run:
 
 
 def open_run(cfg: Any, output_dir: str | Path, resume: str, accelerator: Accelerator, check: bool = False,
-             resume_key: str = "resume", write_config: bool = True, seed_rngs: bool = True) -> Run:
+             resume_key: str = "resume", write_config: bool = True) -> Run:
     """Creates and checks the run directory, finds the checkpoint `resume` names ('' | 'auto' | a path), writes
-    `cfg` to config.yaml (main process, with `write_config`) and seeds every RNG with `cfg.seed` (with
-    `seed_rngs`). With `check` nothing is written. `cfg` has `seed` and `data.num_workers`."""
+    `cfg` to config.yaml (main process, with `write_config`) and seeds every RNG with `cfg.seed`. With `check`
+    nothing is written. `cfg` has `seed` and `data.num_workers`."""
     run_dir, resume_from = Path(output_dir), None
     if not check:
         run_dir = prepare_run_dir(str(output_dir), resume, resume_key)
         resume_from = resolve_resume(resume, run_dir)
         if write_config and accelerator.is_main_process:
             save_config(cfg, run_dir / "config.yaml")
-    if seed_rngs:
-        set_seed(cfg.seed)
+    set_seed(cfg.seed)
     return Run(accelerator, run_dir, resume_from, cfg.seed, cfg.data.num_workers, resume_key)
