@@ -1,6 +1,7 @@
 """Fine-tuning with the GLSim head or the plain ViT head (METHODS §2) on the shared training loop.
 
-Called by `eval/finetune.py`; importable so that studies and tests run it in-process.
+Called by `sslfg.commands.finetune` (`python -m eval.finetune`, `sslfg-finetune`); importable so that studies and
+tests run it in-process.
 """
 
 from __future__ import annotations

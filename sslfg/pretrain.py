@@ -1,7 +1,8 @@
 """Pretraining with any method of `sslfg.methods` (MoCo v3, DINO, ..., each with or without LoDisc's local
 branch): builds everything from a PretrainConfig and runs the loop.
 
-Called by `train_ssl.py`; importable so that studies and tests run it in-process.
+Called by `sslfg.commands.pretrain` (`train_ssl.py`, `sslfg-pretrain`); importable so that studies and tests run it
+in-process.
 """
 
 from __future__ import annotations
