@@ -1,10 +1,11 @@
-# make demo: venv + install + sample data + the sample study (pretraining arms, evaluations, fine-tuning, report).
+# make demo: venv + install + sample data + the cluttered study's seed 0 (pretraining arms, evaluations, localisation,
+# fine-tuning, report).
 # make test: the test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
-DEMO_STUDY := runs/study_sample
+DEMO_STUDY := runs/study_cluttered
 
 .PHONY: setup data demo test test-all lint clean
 
@@ -20,8 +21,8 @@ data: setup
 	$(BIN)/python -m sslfg.data.cluttered --out data/cluttered
 
 demo: data
-	$(BIN)/python -m sslfg.study --config configs/study/sample.yaml output_dir=$(DEMO_STUDY)
-	@echo "results: $(DEMO_STUDY)/report/report.md (tables, curves, masks, crops, neighbours); runs in $(DEMO_STUDY)/seed0/"
+	$(BIN)/python -m sslfg.study --config configs/study/cluttered.yaml output_dir=$(DEMO_STUDY)
+	@echo "results: $(DEMO_STUDY)/report/report.md (accuracies, localisation, curves, kept patches, GLS boxes, crops); runs in $(DEMO_STUDY)/seed0/"
 
 test: setup
 	$(BIN)/python -m pytest -q
