@@ -65,6 +65,7 @@ def _paired(a: list[dict | None], b: list[dict | None], key: str) -> list[float]
 def _settings(spec: Any) -> str:
     """An arm's spec in a table cell: its recipe's file name and its overrides."""
     spec = dict(spec or {})
+    spec.pop("vs", None)  # not a setting: the arm its differences are also taken against
     recipe = [Path(spec.pop("config")).name + (":" if spec else "")] if "config" in spec else []
     return " ".join([*recipe, *(f"`{k}={json.dumps(v)}`" for k, v in spec.items())]) or "the recipe as is"
 
@@ -150,11 +151,13 @@ class Report:
         reference = self.arms[0]
         lines = ["Paired by seed (arm − other, points of %). The last column asks whether the mean kNN margin "
                  "exceeds its seed spread (the std of the paired differences, n ≥ 2); reference arm: "
-                 f"**{reference}**.", "",
+                 f"**{reference}**, and for an arm with `vs:` also that arm.", "",
                  "| arm | vs | Δ kNN k20 | Δ linear | beats it beyond the seed spread |", "|---|---|---|---|---|"]
         others = ["random"] if any(self.evals("random", "knn")) else []
         for arm in self.arms:
-            for other in [*others, *([reference] if arm != reference else [])]:
+            spec = self.cfg.pretrain.arms[arm]
+            vs = [spec["vs"]] if isinstance(spec, dict) and spec.get("vs") else []  # the arm it is a variant of
+            for other in dict.fromkeys([*others, *([reference] if arm != reference else []), *vs]):
                 d_knn = self.paired(arm, other, KNN, "knn")
                 d_lin = self.paired(arm, other, LINEAR, "linear")
                 if len(d_knn) >= 2:

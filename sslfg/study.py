@@ -99,13 +99,16 @@ def overrides(settings: dict[str, Any]) -> list[str]:
     return [f"{key}={text(value)}" for key, value in settings.items()]
 
 
+ARM_KEYS = {"pretrain": ("config", "vs"), "finetune": ("config", "init")}  # an arm's own keys, not overrides
+
+
 def _split_spec(name: str, spec: Any, section: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An arm's {config, init, dotted key: value...} → (its own keys, its overrides)."""
+    """An arm's {config, vs | init, dotted key: value...} → (its own keys, its overrides)."""
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{section}.arms.{name}: expected a mapping of dotted keys to values, got {spec!r}")
-    own = {k: spec[k] for k in ("config", "init") if k in spec}
+    own = {k: spec[k] for k in ARM_KEYS[section] if k in spec}
     return own, {k: v for k, v in spec.items() if k not in own}
 
 
@@ -134,6 +137,10 @@ class Study:
         self.cfg, self.root = cfg, Path(cfg.output_dir)
         self.data = load_config(cfg.dataset, [], EvalConfig).data
         for name, spec in cfg.pretrain.arms.items():
+            vs = _split_spec(name, spec, "pretrain")[0].get("vs")
+            if vs is not None and (vs == name or vs not in cfg.pretrain.arms):
+                raise ConfigError(f"pretrain.arms.{name}.vs: '{vs}' is not another pretraining arm "
+                                  f"({', '.join(a for a in cfg.pretrain.arms if a != name)})")
             _check(PretrainConfig, *self._pretrain_args(name, spec, cfg.seeds[0], cfg.pretrain.epochs), self.data.root)
         for name, spec in cfg.finetune.arms.items():
             own, _ = _split_spec(name, spec, "finetune")

@@ -199,3 +199,39 @@ def test_a_study_on_data_with_boxes_reports_where_each_arm_looks(tmp_path: Path)
     assert f"| glsim | 1 | {100 * glsim['test.gls_iou']:.2f} | {100 * glsim['test.gls_coverage']:.2f} |" in report
     assert "python -m eval.localise --checkpoint" in report and "](localise_lodisc.png)" in report
     assert (root / "report" / "curves.png").stat().st_size > 1000
+
+
+def test_an_arm_with_vs_is_also_compared_with_that_arm(tiny_data: Path, tmp_path: Path) -> None:
+    """`vs: other` adds the row arm − other to the differences: mean ± std of the per-seed kNN and linear
+    differences (points of %), and the verdict mean > std; a `vs` that names no other arm is refused."""
+    config = write_recipes(tiny_data, tmp_path, seeds=[0, 1, 2], finetune_arms=False)
+    arms = "pretrain.arms={mocov3: {method.local.weight: 0}, byol: {}, byol_local: {vs: byol}}"
+    cfg = load_config(config, [arms], StudyConfig)
+    study = Study(cfg)  # a valid vs passes the checks, and is not passed to the run as a setting
+    assert not any(a.startswith("vs=") for arm in study.pretrain_arms(0, 1) for a in arm.argv)
+    root = Path(cfg.output_dir)
+    study_module.save_config(cfg, root / study_module.STUDY_FILE)
+    knn = {"mocov3": [0.50, 0.52, 0.51], "byol": [0.40, 0.45, 0.41], "byol_local": [0.46, 0.47, 0.49]}
+    lin = {"mocov3": [0.6, 0.6, 0.6], "byol": [0.5, 0.5, 0.5], "byol_local": [0.51, 0.49, 0.53]}
+    for arm in knn:
+        for seed in range(3):
+            out = root / f"seed{seed}" / arm / "eval"
+            out.mkdir(parents=True)
+            common = {"feature": "cls", "image_size": 16}  # what the Protocols section reads
+            (out / "knn.json").write_text(json.dumps({"knn.k20.top1": knn[arm][seed], **common}))
+            (out / "linear.json").write_text(json.dumps({"linear.top1": lin[arm][seed], **common}))
+    text = (build_report(root) / "report.md").read_text()
+
+    def row(a: str, b: str) -> str:
+        d_knn = [100 * (x - y) for x, y in zip(knn[a], knn[b], strict=True)]
+        d_lin = [100 * (x - y) for x, y in zip(lin[a], lin[b], strict=True)]
+        mean = [sum(d) / 3 for d in (d_knn, d_lin)]
+        std = [math.sqrt(sum((x - m) ** 2 for x in d) / 2) for d, m in zip((d_knn, d_lin), mean, strict=True)]
+        verdict = "yes" if mean[0] > std[0] else "no"
+        return f"| {a} | {b} | {mean[0]:.2f} ± {std[0]:.2f} | {mean[1]:.2f} ± {std[1]:.2f} | {verdict} |"
+
+    assert row("byol_local", "byol") in text  # kNN +5.33 ± 3.06: beyond the spread
+    assert row("byol_local", "mocov3") in text and row("byol", "mocov3") in text
+    assert "| byol | byol |" not in text and "vs=" not in text
+    with pytest.raises(ConfigError, match=r"pretrain.arms.byol_local.vs: 'nope' is not another pretraining arm"):
+        Study(load_config(config, [arms.replace("vs: byol", "vs: nope")], StudyConfig))
