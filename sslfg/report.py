@@ -36,6 +36,7 @@ from sslfg.studydir import (  # noqa: E402
     finetune_dir,
     pretrain_dir,
     read_json,
+    split_spec,
 )
 
 KNN, MAP, LINEAR = KNN_KEY, "retrieval.mAP", "linear.top1"
@@ -62,12 +63,11 @@ def _paired(a: list[dict | None], b: list[dict | None], key: str) -> list[float]
     return [x[key] - y[key] for x, y in zip(a, b, strict=True) if x and y and key in x and key in y]
 
 
-def _settings(spec: Any) -> str:
-    """An arm's spec in a table cell: its recipe's file name and its overrides."""
-    spec = dict(spec or {})
-    spec.pop("vs", None)  # not a setting: the arm its differences are also taken against
-    recipe = [Path(spec.pop("config")).name + (":" if spec else "")] if "config" in spec else []
-    return " ".join([*recipe, *(f"`{k}={json.dumps(v)}`" for k, v in spec.items())]) or "the recipe as is"
+def _settings(name: str, spec: Any, section: str) -> str:
+    """An arm's spec in a table cell: its recipe's file name and its overrides (not its other own keys)."""
+    own, settings = split_spec(name, spec, section)
+    recipe = [Path(own["config"]).name + (":" if settings else "")] if "config" in own else []
+    return " ".join([*recipe, *(f"`{k}={json.dumps(v)}`" for k, v in settings.items())]) or "the recipe as is"
 
 
 class Report:
@@ -108,7 +108,7 @@ class Report:
         for arm in [*(f for f in FLOOR_NOTES if any(self.evals(f, "knn"))), *self.arms]:
             knn, lin = self.evals(arm, "knn"), self.evals(arm, "linear")
             n = sum(r is not None for r in knn)
-            what = FLOOR_NOTES.get(arm) or _settings(self.cfg.pretrain.arms[arm])
+            what = FLOOR_NOTES.get(arm) or _settings(arm, self.cfg.pretrain.arms[arm], "pretrain")
             runs = [s for s in self.summaries(arm) if s] if arm in self.arms else []
             steps = f"{runs[0]['step']} × {runs[0]['global_batch']}" if runs else "–"
             minutes = stats([r["seconds"] / 60 for r in runs], scale=1) if runs else "–"
@@ -155,9 +155,8 @@ class Report:
                  "| arm | vs | Δ kNN k20 | Δ linear | beats it beyond the seed spread |", "|---|---|---|---|---|"]
         others = ["random"] if any(self.evals("random", "knn")) else []
         for arm in self.arms:
-            spec = self.cfg.pretrain.arms[arm]
-            vs = [spec["vs"]] if isinstance(spec, dict) and spec.get("vs") else []  # the arm it is a variant of
-            for other in dict.fromkeys([*others, *([reference] if arm != reference else []), *vs]):
+            vs = split_spec(arm, self.cfg.pretrain.arms[arm], "pretrain")[0].get("vs")  # the arm it is a variant of
+            for other in dict.fromkeys([*others, *([reference] if arm != reference else []), *([vs] if vs else [])]):
                 d_knn = self.paired(arm, other, KNN, "knn")
                 d_lin = self.paired(arm, other, LINEAR, "linear")
                 if len(d_knn) >= 2:
@@ -178,8 +177,9 @@ class Report:
                 continue
             first = done[0]
             init = Path(first["init"]).parent.name if first.get("init") else "scratch"  # the pretraining arm
+            recipe = _settings(arm, spec, "finetune")
             lines.append(
-                f"| {arm} | {init} | {_settings(spec)} | {len(done)} | {stats([_get(r, 'test.top1') for r in runs])} |"
+                f"| {arm} | {init} | {recipe} | {len(done)} | {stats([_get(r, 'test.top1') for r in runs])} |"
                 f" {stats([_get(r, 'test.mean_per_class') for r in runs])} | {first['params.trainable']:,} / "
                 f"{first['params.total']:,} | {first['step']} | "
                 f"{stats([r['train.seconds'] / 60 if r else None for r in runs], scale=1)} | "

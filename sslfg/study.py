@@ -62,6 +62,7 @@ from sslfg.studydir import (
     finetune_dir,
     pretrain_dir,
     read_json,
+    split_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -99,19 +100,6 @@ def overrides(settings: dict[str, Any]) -> list[str]:
     return [f"{key}={text(value)}" for key, value in settings.items()]
 
 
-ARM_KEYS = {"pretrain": ("config", "vs"), "finetune": ("config", "init")}  # an arm's own keys, not overrides
-
-
-def _split_spec(name: str, spec: Any, section: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An arm's {config, vs | init, dotted key: value...} → (its own keys, its overrides)."""
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{section}.arms.{name}: expected a mapping of dotted keys to values, got {spec!r}")
-    own = {k: spec[k] for k in ARM_KEYS[section] if k in spec}
-    return own, {k: v for k, v in spec.items() if k not in own}
-
-
 def _check(schema: type, config: str, args: list[str], where: str, data_root: str) -> Any:
     """Loads an arm's config now, so that a typo in the last arm stops the study before the first."""
     try:
@@ -137,13 +125,13 @@ class Study:
         self.cfg, self.root = cfg, Path(cfg.output_dir)
         self.data = load_config(cfg.dataset, [], EvalConfig).data
         for name, spec in cfg.pretrain.arms.items():
-            vs = _split_spec(name, spec, "pretrain")[0].get("vs")
+            vs = split_spec(name, spec, "pretrain")[0].get("vs")
             if vs is not None and (vs == name or vs not in cfg.pretrain.arms):
                 raise ConfigError(f"pretrain.arms.{name}.vs: '{vs}' is not another pretraining arm "
                                   f"({', '.join(a for a in cfg.pretrain.arms if a != name)})")
             _check(PretrainConfig, *self._pretrain_args(name, spec, cfg.seeds[0], cfg.pretrain.epochs), self.data.root)
         for name, spec in cfg.finetune.arms.items():
-            own, _ = _split_spec(name, spec, "finetune")
+            own, _ = split_spec(name, spec, "finetune")
             if own.get("init", "best") not in ("best", "scratch", *cfg.pretrain.arms):
                 raise ConfigError(f"finetune.arms.{name}.init: '{own['init']}' is not best, scratch or a pretraining "
                                   f"arm ({', '.join(cfg.pretrain.arms)})")
@@ -152,14 +140,14 @@ class Study:
     # ---- the arms ----------------------------------------------------------------------------
 
     def _pretrain_args(self, name: str, spec: Any, seed: int, epochs: int) -> tuple[str, list[str], str]:
-        own, settings = _split_spec(name, spec, "pretrain")
+        own, settings = split_spec(name, spec, "pretrain")
         budget = {"train.epochs": epochs} if epochs else {}
         run = {"seed": seed, "output_dir": str(pretrain_dir(self.root, seed, name)), "resume": "auto"}
         return own.get("config", self.cfg.pretrain.config), overrides({**settings, **budget, **run}), \
             f"pretrain.arms.{name}"
 
     def _finetune_args(self, name: str, spec: Any, seed: int, init: str) -> tuple[str, list[str], str]:
-        own, settings = _split_spec(name, spec, "finetune")
+        own, settings = split_spec(name, spec, "finetune")
         budget = {"train.epochs": self.cfg.finetune.epochs} if self.cfg.finetune.epochs else {}
         run = {"seed": seed, "init": init, "output_dir": str(finetune_dir(self.root, seed, name)), "resume": "auto"}
         return own.get("config", ""), overrides({**settings, **budget, **run}), f"finetune.arms.{name}"
@@ -208,7 +196,7 @@ class Study:
     def finetune_arms(self, seed: int, best: str) -> list[Arm]:
         arms = []
         for name, spec in self.cfg.finetune.arms.items():
-            init = _split_spec(name, spec, "finetune")[0].get("init", "best")
+            init = split_spec(name, spec, "finetune")[0].get("init", "best")
             source = "" if init == "scratch" else str(pretrain_dir(self.root, seed, best if init == "best" else init))
             config, args, _ = self._finetune_args(name, spec, seed, source)
             arms.append(Arm(arm_id(seed, "finetune", name), "finetune", ["--config", config, *args]))

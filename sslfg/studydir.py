@@ -17,7 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sslfg.config import ConfigError
+
 FLOORS = ("random", "pixels")
+ARM_KEYS = {"pretrain": ("config", "vs"), "finetune": ("config", "init")}  # an arm's own keys, not overrides
 KNN_KEY = "knn.k20.top1"  # the study's headline metric
 STUDY_FILE = "study.yaml"
 
@@ -67,3 +70,13 @@ def best_pretrain_arm(root: Path, seeds: Sequence[int], arms: Sequence[str]) -> 
         if values:
             scores[arm] = sum(values) / len(values)
     return max(scores, key=scores.__getitem__) if scores else None
+
+
+def split_spec(name: str, spec: Any, section: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An arm's {config, vs | init, dotted key: value...} → (its own keys, its overrides)."""
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{section}.arms.{name}: expected a mapping of dotted keys to values, got {spec!r}")
+    own = {k: spec[k] for k in ARM_KEYS[section] if k in spec}
+    return own, {k: v for k, v in spec.items() if k not in own}
