@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sslfg.config import key_sources
@@ -89,6 +90,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
+        # the weight the teacher's initial values keep at the end (∏ m): near 1, the init picks LoDisc's patches
+        "teacher.momentum_start": model.momentum_start(), "teacher.init_share": float(np.prod(schedules["momentum"])),
         **pretrained_record(model.encoder)})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from sslfg.config import ConfigError
+from sslfg.config import NON_NEGATIVE, ConfigError, bounded
 from sslfg.methods.base import MomentumMethod
 from sslfg.methods.byol import BYOL
 from sslfg.methods.dino import DINO
@@ -28,6 +28,9 @@ def _method_config() -> type:
     fields: list[tuple[str, Any, Any]] = [
         ("name", Literal[tuple(METHODS)], dataclasses.field(default="mocov3")),
         ("local", LocalConfig, dataclasses.field(default_factory=LocalConfig)),
+        # the teacher's EMA start as a half-life in optimizer steps, m0 = 2^(-1/h), replacing
+        # method.<name>.momentum; a short run needs a short one or the teacher stays its random init; 0: off
+        ("teacher_half_life", float, bounded(NON_NEGATIVE, 0.0)),
         *((name, cls.Config, dataclasses.field(default_factory=cls.Config)) for name, cls in METHODS.items()),
     ]
     cls = dataclasses.make_dataclass("MethodConfig", fields)

@@ -41,6 +41,7 @@ class MomentumMethod(nn.Module):
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         super().__init__()
         self.cfg = getattr(method, self.name)  # this method's own section, method.<name>
+        self.teacher_half_life = method.teacher_half_life
         self.timm_kwargs = timm_kwargs(image_size, model.patch_size, model.kwargs)
         self.encoder = create_vit(model.name, self.timm_kwargs, model.weights, model.drop_path_rate,
                                   pretrained=model.pretrained)
@@ -62,10 +63,16 @@ class MomentumMethod(nn.Module):
         the pairs (s1, t2) and (s2, t1)."""
         raise NotImplementedError
 
+    def momentum_start(self) -> float:
+        """m0: 2^(-1/h) for a teacher half-life of h steps (after h steps at m0 the teacher's past weighs
+        half), else method.<name>.momentum."""
+        h = self.teacher_half_life
+        return 0.5 ** (1 / h) if h > 0 else self.cfg.momentum
+
     def schedules(self, total_steps: int, per_epoch: int) -> dict[str, np.ndarray]:
         """Per-step values this method needs besides lr and weight decay (logged with them): the EMA
-        momentum, from method.<name>.momentum to 1 on a half cosine."""
-        return {"momentum": cosine_schedule(self.cfg.momentum, 1.0, total_steps)}
+        momentum, from `momentum_start()` to 1 on a half cosine."""
+        return {"momentum": cosine_schedule(self.momentum_start(), 1.0, total_steps)}
 
     def set_step(self, values: dict[str, float]) -> None:
         """Called before each step's forward with that step's scheduled values (DINO's teacher temperature)."""
