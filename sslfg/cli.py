@@ -169,11 +169,11 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
-                   schedule: Schedule | None = None) -> dict:
+                   schedule: Schedule | None = None, needs_labels: bool = True) -> dict:
     """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
-    backbone and the train/test datasets; prints the start-up summary (and stops there with --check);
-    `measure` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
-    summary, is written to <output_dir>/<name>.json and printed."""
+    backbone and the train/test datasets (labelled, unless not `needs_labels`); prints the start-up
+    summary (and stops there with --check); `measure` returns (metrics, protocol) on the main process
+    (None elsewhere); the result, with the summary, is written to <output_dir>/<name>.json and printed."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
@@ -183,6 +183,12 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
     datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
+    unlabelled = [d.source for d in datasets.values() if d.num_classes == 0]
+    if needs_labels and unlabelled:
+        raise ConfigError(f"eval.{name} needs labelled images, and {unlabelled[0]} has no labels (data.format="
+                          f"{cfg.data.format}, data.labels={str(cfg.data.labels).lower()}): evaluate on a labelled "
+                          "dataset (--dataset PATH or data.root=...), or write these images' features with "
+                          "sslfg-embed (python -m eval.embed)")
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
              "backbone": info["backbone"], "features.global_batch": cfg.features.batch_size * world}

@@ -66,6 +66,24 @@ class DataConfig:
     augment_on: Literal["workers", "device", "auto"] = "auto"
     # csv layout: every split csv has object-box columns x0,y0,x1,y1 (pixels of the original image, x1/y1 exclusive)
     boxes: bool = False
+    # false: the images without their labels (csv: only the dir column is read; imagefolder: every image under
+    # root/<split>, its folders not classes), for pretraining; format folder never has labels
+    labels: bool = True
+
+
+@dataclass
+class EvalDataConfig:
+    """The labelled dataset a pretraining run's online kNN (train.knn_every) and keep precision (train.loc_every)
+    read instead of `data` (e.g. when `data` has no labels): the layout keys of `data`, read with labels and
+    through the run's own data.image_size, mean and std. root "": `data` itself."""
+
+    root: str = ""
+    format: Literal["csv", "imagefolder"] = "csv"
+    images_dir: str = "images"
+    train_split: str = "train_val"  # the online kNN's bank
+    test_split: str = "test"  # its queries, and the keep precision's images
+    num_classes: int = bounded(NON_NEGATIVE, 0)
+    boxes: bool = False
 
 
 @dataclass
@@ -160,6 +178,7 @@ class PretrainConfig:
     seed: int = bounded(NON_NEGATIVE, 0)
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
+    eval_data: EvalDataConfig = field(default_factory=EvalDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
