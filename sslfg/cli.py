@@ -135,8 +135,13 @@ def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = Tr
     return CommandLine([p for p in (args.config, args.dataset) if p], list(args.overrides), check and args.check)
 
 
-def parse_eval_cli(argv: Sequence[str] | None, description: str) -> CommandLine:
-    """Flags of the eval commands → config files, key=value overrides and --check for `load_config`."""
+# a command's own flag -> the config key it sets, its type and help
+Option = tuple[str, str, type, str]
+
+
+def parse_eval_cli(argv: Sequence[str] | None, description: str, options: Sequence[Option] = ()) -> CommandLine:
+    """Flags of the eval commands (and a command's own `options`) → config files, key=value overrides and
+    --check for `load_config`."""
     parser = command_parser(description)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
     parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory (its config.yaml gives the "
@@ -146,9 +151,12 @@ def parse_eval_cli(argv: Sequence[str] | None, description: str) -> CommandLine:
     parser.add_argument("--pretrained", action="store_true", help="timm's weights for --model (name.tag or "
                         "hf-hub:org/repo) from the Hugging Face cache")
     parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON here")
+    for flag, key, kind, text in options:
+        parser.add_argument(flag, dest=key, type=kind, metavar=key.rpartition(".")[2].upper(), help=f"{text} ({key})")
     _add_common(parser)
     args = parser.parse_intermixed_args(argv)
     flags = {"checkpoint": args.checkpoint, "model": args.model, "output": args.output}
+    flags |= {key: getattr(args, key) for _, key, _, _ in options}
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     overrides += ["random_init=true"] if args.random_init else []
     overrides += ["pretrained=true"] if args.pretrained else []

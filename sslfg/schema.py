@@ -259,8 +259,17 @@ class LocaliseConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """eval.embed: the frozen features of one split as .npy shards (sslfg.embed)."""
+
+    split: str = ""  # the split to embed (a csv name or a folder); "": data.train_split; format folder: every image
+    dtype: Literal["float16", "float32"] = "float32"  # float32: what faiss reads; float16: half the disk
+    shard_size: int = bounded(AT_LEAST_1, 100_000)  # rows per .npy file, the unit a stopped run does not redo
+
+
+@dataclass
 class EvalConfig:
-    """Everything `eval.knn`, `eval.linear` and `eval.localise` read."""
+    """Everything `eval.knn`, `eval.linear`, `eval.localise` and `eval.embed` read."""
 
     checkpoint: str = ""  # an sslfg run directory or a weights file
     random_init: bool = False  # the floor: the checkpoint's (or model's) architecture, random weights
@@ -275,6 +284,7 @@ class EvalConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     localise: LocaliseConfig = field(default_factory=LocaliseConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     relations: ClassVar = (
         Relation(("checkpoint", "pretrained"), lambda checkpoint, pretrained: not (checkpoint and pretrained),

@@ -28,13 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny csv dataset with a box (the bright square's quadrant) on every row, as the cluttered sample."""
-    root = write_csv_dataset(tmp_path_factory.mktemp("labelled"))
-    for split in ("train", "test", "train_val"):
-        path = root / f"{split}.csv"
-        head, *rows = path.read_text().splitlines()
-        path.write_text("\n".join([f"{head},x0,y0,x1,y1", *(f"{row},0,0,16,16" for row in rows)]) + "\n")
-    return root
+    """The tiny csv dataset with the object's box on every row, as the cluttered sample."""
+    return write_csv_dataset(tmp_path_factory.mktemp("labelled"), boxes=True)
 
 
 @pytest.fixture(scope="module")
