@@ -96,6 +96,7 @@ def write_embeddings(cfg: EvalConfig, vit: VisionTransformer, dataset: Any, mani
     done = {s["file"] for s in manifest["shards"] if s["complete"] and (out / s["file"]).is_file()}
     for shard in manifest["shards"]:
         shard["complete"] = shard["file"] in done
+    manifest["complete"] = len(done) == len(manifest["shards"])
     if done:
         log.info("%s: %d of %d shards already complete, embedding the other %d", out, len(done),
                  len(manifest["shards"]), len(manifest["shards"]) - len(done))

@@ -66,27 +66,29 @@ def test_unlabelled_folder_has_no_label_column(data: Path, tmp_path: Path) -> No
 
 def test_a_stopped_embedding_recomputes_only_the_missing_shards(data: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    out, calls = tmp_path / "out", []
+    out, calls, stop_at = tmp_path / "out", [], [2]
     extract = sslfg.embed.extract_features
 
     def counted(*a, **k):
         calls.append(len(a[1]))
-        if len(calls) == 2 and stop:
-            raise KeyboardInterrupt  # a stop while the second shard is computed
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt  # a stop while that shard is computed
         return extract(*a, **k)
 
     monkeypatch.setattr(sslfg.embed, "extract_features", counted)
-    stop = True
     assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 130
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["complete"] for s in manifest["shards"]] == [True, False, False] and not manifest["complete"]
     first = (out / "shard-00000.npy").stat().st_mtime_ns
-    stop, calls[:] = False, []
+    stop_at[0], calls[:] = 0, []
     embed.main(args(data, out, "--shard-size", "10"))
     assert calls == [10, 4]  # shards 1 and 2 only
     assert (out / "shard-00000.npy").stat().st_mtime_ns == first
     (out / "shard-00002.npy").unlink()  # a lost shard is recomputed too
-    calls[:] = []
+    stop_at[0], calls[:] = 1, []
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 130
+    assert not json.loads((out / "manifest.json").read_text())["complete"]  # says so while it is missing
+    stop_at[0], calls[:] = 0, []
     embed.main(args(data, out, "--shard-size", "10"))
     assert calls == [4]
     embed.main(args(data, tmp_path / "whole", "--shard-size", "10"))

@@ -114,10 +114,11 @@ def test_evaluation_on_unlabelled_data_is_one_error_line(main, flat: Path, label
         args = ["--random-init", "--model", "vit_tiny_patch16_224", "model_kwargs={embed_dim: 32, depth: 2, "
                 "num_heads: 2, patch_size: 4}", "data.image_size=16", "data.num_workers=0", *data,
                 f"output_dir={tmp_path}"]
-        assert run_cli(main, args) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"error: eval.{name} needs labelled images"), err
-        assert "sslfg-embed" in err[0]
+        for check in ([], ["--check"]):  # --check meets it too
+            assert run_cli(main, [*args, *check]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"error: eval.{name} needs labelled images"), err
+            assert "sslfg-embed" in err[0]
     assert not list(tmp_path.glob("*.json"))
 
 
