@@ -15,13 +15,16 @@ import pytest
 from sslfg.cli import run_cli
 from sslfg.commands import knn, linear
 from sslfg.commands import pretrain as train_ssl
+from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.methods import METHODS
 from sslfg.pretrain import pretrain
-from sslfg.schema import DataConfig
+from sslfg.schema import DataConfig, StudyConfig
+from sslfg.study import Study
 from tests.conftest import tiny_config, write_csv_dataset
 from tests.reliability.procs import pretrain_args
+from tests.test_study import write_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,3 +143,16 @@ def test_pretrain_without_labels_then_evaluate_on_labelled_data(labelled: Path, 
               "data.num_workers=0", "knn.ks=[3]", "knn.figures=false", "features.batch_size=8"])
     result = json.loads((tmp_path / "run" / "eval" / "knn.json").read_text())
     assert result["protocol.bank_size"] == 24 and 0 <= result["knn.k3.top1"] <= 1
+
+
+def test_a_study_evaluates_with_labels(labelled: Path, tmp_path: Path) -> None:
+    """A pretraining arm may withhold the labels; the study's own dataset, which every evaluation reads, may not
+    (its kNN would fail only after the first arm's training)."""
+    config = write_recipes(labelled, tmp_path, seeds=[0], finetune_arms=False)
+    study = Study(load_config(config, ["pretrain.arms={withheld: {data.labels: false}}"], StudyConfig))
+    assert "withheld" in study.cfg.pretrain.arms  # its recipe checked with the labels withheld
+    dataset = tmp_path / "dataset.yaml"
+    dataset.write_text(dataset.read_text().replace("data:\n", "data:\n  labels: false\n"))
+    with pytest.raises(ConfigError, match=f"dataset: the study evaluates every arm with labels .* {dataset} has none"):
+        Study(load_config(config, [], StudyConfig))
+    assert not (tmp_path / "study").exists()
