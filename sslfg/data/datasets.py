@@ -406,7 +406,8 @@ def build_dataset(
 ) -> CsvSplitDataset | ImageFolderDataset | UnlabelledFolderDataset:
     """The dataset `cfg` describes, for `split` (a csv name or a folder; ignored by format "folder"), with
     `cfg.on_bad_image` applied. A split other than `cfg.train_split` takes its classes from the training
-    split and is checked against it (`check_classes`; `check_leakage` for `cfg.test_split`)."""
+    split and is checked against it (`check_classes`; `check_leakage` for `cfg.test_split`). With `cfg.labels`
+    false a csv split is read without class ids and an imagefolder split as plain images under root/<split>."""
     if not cfg.root:
         raise DataError(
             "data.root must be set to the dataset folder, e.g. data.root=data/sample, or include a "
