@@ -135,8 +135,13 @@ def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = Tr
     return CommandLine([p for p in (args.config, args.dataset) if p], list(args.overrides), check and args.check)
 
 
-def parse_eval_cli(argv: Sequence[str] | None, description: str) -> CommandLine:
-    """Flags of the eval commands → config files, key=value overrides and --check for `load_config`."""
+# a command's own flag -> the config key it sets, its type and help
+Option = tuple[str, str, type, str]
+
+
+def parse_eval_cli(argv: Sequence[str] | None, description: str, options: Sequence[Option] = ()) -> CommandLine:
+    """Flags of the eval commands (and a command's own `options`) → config files, key=value overrides and
+    --check for `load_config`."""
     parser = command_parser(description)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
     parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory (its config.yaml gives the "
@@ -146,9 +151,12 @@ def parse_eval_cli(argv: Sequence[str] | None, description: str) -> CommandLine:
     parser.add_argument("--pretrained", action="store_true", help="timm's weights for --model (name.tag or "
                         "hf-hub:org/repo) from the Hugging Face cache")
     parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON here")
+    for flag, key, kind, text in options:
+        parser.add_argument(flag, dest=key, type=kind, metavar=key.rpartition(".")[2].upper(), help=f"{text} ({key})")
     _add_common(parser)
     args = parser.parse_intermixed_args(argv)
     flags = {"checkpoint": args.checkpoint, "model": args.model, "output": args.output}
+    flags |= {key: getattr(args, key) for _, key, _, _ in options}
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     overrides += ["random_init=true"] if args.random_init else []
     overrides += ["pretrained=true"] if args.pretrained else []
@@ -169,11 +177,11 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
-                   schedule: Schedule | None = None) -> dict:
+                   schedule: Schedule | None = None, needs_labels: bool = True) -> dict:
     """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
-    backbone and the train/test datasets; prints the start-up summary (and stops there with --check);
-    `measure` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
-    summary, is written to <output_dir>/<name>.json and printed."""
+    backbone and the train/test datasets (labelled, unless not `needs_labels`); prints the start-up
+    summary (and stops there with --check); `measure` returns (metrics, protocol) on the main process
+    (None elsewhere); the result, with the summary, is written to <output_dir>/<name>.json and printed."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
@@ -183,6 +191,12 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
     datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
+    unlabelled = [d.source for d in datasets.values() if d.num_classes == 0]
+    if needs_labels and unlabelled:
+        raise ConfigError(f"eval.{name} needs labelled images, and {unlabelled[0]} has no labels (data.format="
+                          f"{cfg.data.format}, data.labels={str(cfg.data.labels).lower()}): evaluate on a labelled "
+                          "dataset (--dataset PATH or data.root=...), or write these images' features with "
+                          "sslfg-embed (python -m eval.embed)")
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
              "backbone": info["backbone"], "features.global_batch": cfg.features.batch_size * world}

@@ -25,7 +25,7 @@ from sslfg.methods import MomentumMethod
 from sslfg.methods.local import keep_indices
 from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
 from sslfg.models.glsim import GLSim, gls_boxes
-from sslfg.online_knn import _evenly_spaced
+from sslfg.online_knn import _evenly_spaced, evaluation_data
 from sslfg.schema import FeatureConfig, PretrainConfig
 
 CROP_RATIO = FeatureConfig().crop_ratio  # the evaluations' resize + centre crop
@@ -109,10 +109,10 @@ class OnlineLocalisation:
     `train.loc_samples` evenly spaced test images, eval-transformed (not augmented)."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
-        d = cfg.data
+        d = evaluation_data(cfg)
         dataset = build_dataset(d, d.test_split, eval_transform(d.image_size, d.mean, d.std, CROP_RATIO))
         if dataset.boxes is None:
-            raise ConfigError(f"train.loc_every: keep precision needs object boxes, and data.test_split "
+            raise ConfigError(f"train.loc_every: keep precision needs object boxes, and the test split "
                               f"'{d.test_split}' of {d.root} has none; add box columns or set train.loc_every=0")
         subset = _evenly_spaced(dataset, cfg.train.loc_samples)  # the online kNN's choice of images
         self.images = torch.stack([image for image, _ in subset])

@@ -3,6 +3,8 @@ user sees progress (or collapse) while training rather than after it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
@@ -13,26 +15,33 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.features import extract_features
 from sslfg.knn import knn_evaluate
-from sslfg.schema import PretrainConfig
+from sslfg.schema import DataConfig, PretrainConfig
 
 K = 20
 
 
+def evaluation_data(cfg: PretrainConfig) -> DataConfig:
+    """What the online evaluations read: `eval_data`'s labelled dataset at the run's image size and normalisation
+    when eval_data.root is set, else `data`."""
+    if not cfg.eval_data.root:
+        return cfg.data
+    return dataclasses.replace(cfg.data, **dataclasses.asdict(cfg.eval_data), labels=True)
+
+
 class OnlineKnn:
     """kNN top-1 (k 20, DINO protocol, CLS features) of up to `train.knn_samples` evenly spaced
-    test images against as many training images."""
+    test images against as many training images, of `evaluation_data` (labelled)."""
 
     def __init__(self, cfg: PretrainConfig, accelerator: Accelerator) -> None:
-        transform = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std)
-        bank = build_dataset(cfg.data, cfg.data.train_split, transform)
-        if bank.num_classes == 0:
-            raise ConfigError("train.knn_every: online kNN needs labelled data (a csv or imagefolder dataset)")
-        queries = build_dataset(cfg.data, cfg.data.test_split, transform)
+        data = evaluation_data(cfg)
+        transform = eval_transform(data.image_size, data.mean, data.std)
+        bank = build_dataset(data, data.train_split, transform)
+        queries = build_dataset(data, data.test_split, transform)
         self.bank, self.queries = (_evenly_spaced(d, cfg.train.knn_samples) for d in (bank, queries))
         if len(self.bank) < K:  # a smaller bank would answer k 20 with fewer neighbours under the k20 name
             raise ConfigError(f"train.knn_samples: the online kNN (k {K}) needs at least {K} bank images, got "
                               f"{len(self.bank)} (train.knn_samples={cfg.train.knn_samples}, {len(bank)} in "
-                              f"data.train_split); raise train.knn_samples or set train.knn_every=0")
+                              f"{bank.source}); raise train.knn_samples or set train.knn_every=0")
         self.accelerator = accelerator
         self.batch_size = cfg.train.batch_size
 

@@ -7,6 +7,7 @@ in-process.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +30,11 @@ from sslfg.files import write_json
 from sslfg.localisation import OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
 from sslfg.models.backbone import export_backbone, pretrained_record
-from sslfg.online_knn import OnlineKnn
+from sslfg.online_knn import OnlineKnn, evaluation_data
 from sslfg.schema import PretrainConfig
 from sslfg.summary import startup_summary
+
+log = logging.getLogger(__name__)
 
 
 def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
@@ -51,6 +54,32 @@ def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: in
         "weight_decay": cosine_schedule(t.weight_decay, wd_end, total_steps),
         **method.schedules(total_steps, per_epoch),
     }
+
+
+def online_evaluations(cfg: PretrainConfig, accelerator) -> tuple[OnlineKnn | None, OnlineLocalisation | None,
+                                                                  dict[str, str]]:
+    """The online kNN (train.knn_every) and keep precision (train.loc_every) the recipe asks for, built now so that
+    --check meets every error their first evaluation would, and a start-up summary line for each saying on which
+    data it runs, or that it is off and why: on data without labels (and no eval_data.root) the kNN is off, and
+    so is the keep precision unless that data has boxes, each with one logged warning."""
+    t, data = cfg.train, evaluation_data(cfg)
+    labelled = data.format != "folder" and data.labels
+    wanted = {"online_knn": (t.knn_every, labelled, lambda: OnlineKnn(cfg, accelerator)),
+              "online_loc": (t.loc_every, labelled or data.boxes, lambda: OnlineLocalisation(cfg))}
+    built, notes = {}, {}
+    for name, (every, possible, build) in wanted.items():
+        key = f"train.{name.removeprefix('online_')}_every"
+        if every == 0:
+            continue
+        if not possible:
+            notes[name] = (f"off: {data.root} has no labels (data.format={data.format}, data.labels={data.labels}); "
+                           f"set eval_data.root to a labelled dataset to run it, or {key}=0")
+            if accelerator.is_main_process:
+                log.warning("%s=%d: %s", key, every, notes[name])
+            continue
+        built[name] = build()
+        notes[name] = f"every {every} epochs on {data.root} ({'eval_data' if cfg.eval_data.root else 'data'})"
+    return built.get("online_knn"), built.get("online_loc"), notes
 
 
 @torch.no_grad()
@@ -86,13 +115,14 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
     schedules = build_schedules(cfg, model, t.epochs * per_epoch, global_batch, per_epoch)
+    online_knn, online_loc, online_notes = online_evaluations(cfg, accelerator)
     summary = startup_summary(cfg.data, {cfg.data.train_split: dataset}, key_sources(cfg), {
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
         # the weight the teacher's initial values keep at the end (∏ m): near 1, the init picks LoDisc's patches
         "teacher.momentum_start": model.momentum_start(), "teacher.init_share": float(np.prod(schedules["momentum"])),
-        **pretrained_record(model.encoder)})
+        **pretrained_record(model.encoder), **online_notes})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:
@@ -113,10 +143,9 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     def before_step(s: int) -> None:  # the method's scheduled values of this step (DINO's teacher temperature)
         method.set_step({k: float(schedules[k][s]) for k in own})
 
-    online_knn = OnlineKnn(cfg, accelerator) if t.knn_every > 0 else None
     if online_knn is not None and run.start_step == 0:
         metrics.log(0, online_knn(method.encoder))
-    online_loc = OnlineLocalisation(cfg) if t.loc_every > 0 and accelerator.is_main_process else None
+    online_loc = online_loc if accelerator.is_main_process else None
     if online_loc is not None and run.start_step == 0:
         metrics.log(0, online_loc(method))
 

@@ -66,6 +66,24 @@ class DataConfig:
     augment_on: Literal["workers", "device", "auto"] = "auto"
     # csv layout: every split csv has object-box columns x0,y0,x1,y1 (pixels of the original image, x1/y1 exclusive)
     boxes: bool = False
+    # false: the images without their labels (csv: only the dir column is read; imagefolder: every image under
+    # root/<split>, its folders not classes), for pretraining; format folder never has labels
+    labels: bool = True
+
+
+@dataclass
+class EvalDataConfig:
+    """The labelled dataset a pretraining run's online kNN (train.knn_every) and keep precision (train.loc_every)
+    read instead of `data` (e.g. when `data` has no labels): the layout keys of `data`, read with labels and
+    through the run's own data.image_size, mean and std. root "": `data` itself."""
+
+    root: str = ""
+    format: Literal["csv", "imagefolder"] = "csv"
+    images_dir: str = "images"
+    train_split: str = "train_val"  # the online kNN's bank
+    test_split: str = "test"  # its queries, and the keep precision's images
+    num_classes: int = bounded(NON_NEGATIVE, 0)
+    boxes: bool = False
 
 
 @dataclass
@@ -160,6 +178,7 @@ class PretrainConfig:
     seed: int = bounded(NON_NEGATIVE, 0)
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
+    eval_data: EvalDataConfig = field(default_factory=EvalDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -240,8 +259,17 @@ class LocaliseConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """eval.embed: the frozen features of one split as .npy shards (sslfg.embed)."""
+
+    split: str = ""  # the split to embed (a csv name or a folder); "": data.train_split; format folder: every image
+    dtype: Literal["float16", "float32"] = "float32"  # float32: what faiss reads; float16: half the disk
+    shard_size: int = bounded(AT_LEAST_1, 100_000)  # rows per .npy file, the unit a stopped run does not redo
+
+
+@dataclass
 class EvalConfig:
-    """Everything `eval.knn`, `eval.linear` and `eval.localise` read."""
+    """Everything `eval.knn`, `eval.linear`, `eval.localise` and `eval.embed` read."""
 
     checkpoint: str = ""  # an sslfg run directory or a weights file
     random_init: bool = False  # the floor: the checkpoint's (or model's) architecture, random weights
@@ -256,6 +284,7 @@ class EvalConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     localise: LocaliseConfig = field(default_factory=LocaliseConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     relations: ClassVar = (
         Relation(("checkpoint", "pretrained"), lambda checkpoint, pretrained: not (checkpoint and pretrained),

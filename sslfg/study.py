@@ -124,6 +124,11 @@ class Study:
             raise ConfigError("seeds: the study needs at least one seed")
         self.cfg, self.root = cfg, Path(cfg.output_dir)
         self.data = load_config(cfg.dataset, [], EvalConfig).data
+        if self.data.format == "folder" or not self.data.labels:  # the study's evaluations would fail after training
+            raise ConfigError(f"dataset: the study evaluates every arm with labels (kNN, linear probe, fine-tuning), "
+                              f"and {cfg.dataset} has none (data.format={self.data.format}, data.labels="
+                              f"{str(self.data.labels).lower()}); name a labelled dataset recipe, and withhold its "
+                              "labels from a pretraining arm with data.labels: false")
         for name, spec in cfg.pretrain.arms.items():
             vs = split_spec(name, spec, "pretrain")[0].get("vs")
             if vs is not None and (vs == name or vs not in cfg.pretrain.arms):

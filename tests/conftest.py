@@ -41,12 +41,14 @@ def set_keys(cfg: object, dotted: dict[str, object]) -> None:
         setattr(target, last, value)
 
 
-def write_csv_dataset(root: Path, n_train: int = 24, n_test: int = 8, size: int = 16, classes: int = 3) -> Path:
-    """Images of a bright square on noise whose colour depends on the class, in the GLSim layout."""
+def write_csv_dataset(root: Path, n_train: int = 24, n_test: int = 8, size: int = 16, classes: int = 3,
+                      boxes: bool = False) -> Path:
+    """Images of a bright square on noise whose colour depends on the class, in the GLSim layout; `boxes` adds the
+    square's box as the columns x0,y0,x1,y1."""
     rng = np.random.default_rng(0)
     colours = rng.integers(0, 256, (classes, 3))
     for split, n in (("train", n_train), ("test", n_test)):
-        rows = ["class_id,dir"]
+        rows = ["class_id,dir" + (",x0,y0,x1,y1" if boxes else "")]
         for i in range(n):
             c = i % classes
             img = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
@@ -55,7 +57,7 @@ def write_csv_dataset(root: Path, n_train: int = 24, n_test: int = 8, size: int 
             rel = f"{split}/{c}/{i:04d}.png"
             (root / "images" / split / str(c)).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(root / "images" / rel)
-            rows.append(f"{c},{rel}")
+            rows.append(f"{c},{rel}" + (f",{x},{y},{x + size // 2},{y + size // 2}" if boxes else ""))
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     (root / "train_val.csv").write_text((root / "train.csv").read_text())
     return root

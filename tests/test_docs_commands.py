@@ -15,8 +15,8 @@ How each is checked:
   and a pretrained weights file is dropped with its flag (`--checkpoint W --model M` becomes
   `--random-init --model M`, `init=W` and `model.weights=W` become scratch, as do `model.pretrained=true`
   and `--pretrained`): everything but that file's load is checked. A command that names a configs/ recipe
-  or data.root gets `data.root=<tiny dataset>`
-  (csv and imagefolder layouts in one folder), data.images_dir=images, data.num_classes=0 and
+  or data.root gets `data.root=<tiny dataset>` (an eval_data.root becomes it too)
+  (csv and imagefolder layouts in one folder, with object boxes), data.images_dir=images, data.num_classes=0 and
   data.num_workers=0 appended, and for eval.finetune train.warmup_steps=0 (the tiny data gives fewer
   steps than a recipe's warmup).
 - sslfg.study, sslfg.report and sslfg.data.sample (no --check: they run a whole study or build data)
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from sslfg.commands import embed, knn, linear, localise
 from sslfg.commands import finetune as finetune_cli
-from sslfg.commands import knn, linear, localise
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import save_config
 from sslfg.data import stats
@@ -47,14 +47,15 @@ from tests.conftest import TINY_MODEL, tiny_config, write_csv_dataset
 ROOT = Path(__file__).resolve().parents[1]
 # console command -> the entry point it equals
 CONSOLE = {"sslfg-pretrain": "train_ssl.py", "sslfg-knn": "eval.knn", "sslfg-linear": "eval.linear",
-           "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-study": "sslfg.study"}
+           "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-embed": "eval.embed",
+           "sslfg-study": "sslfg.study"}
 COMMAND_START = ("python ", "accelerate ", "make ", *(f"{name} " for name in CONSOLE))
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
                                      "eval.finetune": finetune_cli.main, "sslfg.data.stats": stats.main,
-                                     "eval.localise": localise.main}
+                                     "eval.localise": localise.main, "eval.embed": embed.main}
 NOT_CHECKABLE = ("sslfg.study", "sslfg.report", "sslfg.data.sample")  # no --check: import + main only
 RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton",
-            "runs/cluttered_lodisc")  # -> the tiny pretraining run
+            "runs/cluttered_lodisc", "runs/cluttered_unlabelled")  # -> the tiny pretraining run
 FINETUNE_CONFIGS = ("runs/glsim_sample/config.yaml",)  # -> the tiny fine-tuning recipe
 WEIGHTS = re.compile(r"\S*\.safetensors$")  # a user's pretrained weights file: dropped with its flag
 REPO_PATH = re.compile(r"(?<![\w/.<-])((?:configs|sslfg|eval|tests|docs|bench)/[\w./-]*\w|train_ssl\.py|Makefile)")
@@ -106,8 +107,8 @@ def substitute(entry: str, args: list[str], run: Path, ft_config: Path, data_roo
             arg = str(ft_config)
         elif sep and key in ("init", "model.weights") and WEIGHTS.match(value):
             continue  # scratch
-        elif sep and key == "data.root":
-            arg = f"data.root={data_root}"
+        elif sep and key in ("data.root", "eval_data.root"):
+            arg = f"{key}={data_root}"
         elif arg == "model.pretrained=true":  # hub weights need the network or a cache: checked from scratch
             continue
         elif arg == "--pretrained":
@@ -129,7 +130,7 @@ def placeholders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     """(tiny pretraining run, tiny fine-tuning recipe, data root holding the csv and imagefolder layouts);
     256 training images: one batch of the largest recipe."""
     tmp = tmp_path_factory.mktemp("docs")
-    root = write_csv_dataset(tmp / "data", n_train=256, n_test=16, size=8)
+    root = write_csv_dataset(tmp / "data", n_train=256, n_test=16, size=8, boxes=True)  # boxes: the cluttered recipes
     for split in ("train", "test"):  # imagefolder: root/<split>/<class>/<image>
         shutil.copytree(root / "images" / split, root / split)
     cfg = tiny_config(root, tmp / "run", max_steps=1, figure_samples=0)

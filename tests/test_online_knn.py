@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from sslfg.config import ConfigError
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
@@ -59,8 +57,12 @@ def test_online_knn_leaves_the_training_run_unchanged(tiny_data: Path, tmp_path:
     assert plain == [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_online_knn_needs_labels(tmp_path: Path, tiny_data: Path) -> None:
+def test_online_knn_reads_eval_data(tmp_path: Path, tiny_data: Path) -> None:
+    """On unlabelled data it reads eval_data, at the run's image size and normalisation (was: an error at step 0;
+    without eval_data it is now off: tests/test_unlabelled.py)."""
     cfg = tiny_config(tiny_data, tmp_path / "run")
     cfg.data.format, cfg.data.root, cfg.train.knn_every = "folder", str(tiny_data / "images"), 1
-    with pytest.raises(ConfigError, match="train.knn_every"):
-        OnlineKnn(cfg, make_accelerator())
+    cfg.eval_data.root, cfg.eval_data.train_split = str(tiny_data), "train"
+    knn = OnlineKnn(cfg, make_accelerator())
+    assert (len(knn.bank), len(knn.queries)) == (24, 8)
+    assert knn.bank[0][0].shape == (3, 16, 16) and knn.bank[0][1] == 0

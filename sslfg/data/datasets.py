@@ -138,7 +138,8 @@ class CsvSplitDataset(_ImageListDataset):
     empty classes. An image listed twice is an error. Error messages give both the 1-based data row
     and the file line (which counts the header as line 1). `check_images=False` only lists the split
     (no file is checked or decoded), for cross-split checks. `boxes=True` reads the columns
-    x0,y0,x1,y1 into `boxes` (see the module docstring).
+    x0,y0,x1,y1 into `boxes` (see the module docstring). `labelled=False` reads only `dir` (and the
+    boxes): every label is -1, there are no classes (data.labels=false).
     """
 
     _per_sample = ("paths", "labels", "boxes", "lines", "rows")
@@ -154,6 +155,7 @@ class CsvSplitDataset(_ImageListDataset):
         train: _ImageListDataset | None = None,
         check_images: bool = True,
         boxes: bool = False,
+        labelled: bool = True,
     ) -> None:
         super().__init__(transform, on_bad_image)
         self.root = _existing_dir(root)
@@ -168,7 +170,7 @@ class CsvSplitDataset(_ImageListDataset):
             )
 
         names_path = os.path.join(self.root, CLASS_NAMES_FILE)
-        names = _read_class_names(names_path) if os.path.isfile(names_path) else None
+        names = _read_class_names(names_path) if labelled and os.path.isfile(names_path) else None
         if names is not None and num_classes > 0 and len(names) != num_classes:
             raise DataError(
                 f"{names_path} lists {len(names)} classes but num_classes is {num_classes}; "
@@ -188,23 +190,28 @@ class CsvSplitDataset(_ImageListDataset):
             bound, rule = 0, "; fix the csv"
 
         box_hint = " (data.boxes is true: add the box columns, or set data.boxes=false)" if boxes else ""
-        rows = _read_table(self.csv_path, ("class_id", "dir") + (BOX_COLUMNS if boxes else ()), box_hint)
+        label_hint = "; for images without labels set data.labels=false" if labelled else ""
+        label_column = ("class_id",) if labelled else ()
+        rows = _read_table(self.csv_path, label_column + ("dir",) + (BOX_COLUMNS if boxes else ()),
+                           box_hint + label_hint)
         if not rows:
             raise DataError(f"{self.csv_path} has a header but no data rows; the split is empty.")
+        if not labelled:  # a class id of -1 (no class) in front: the columns keep their places below
+            rows = [(line, ["-1", *values]) for line, values in rows]
         self.lines = [line for line, _ in rows]  # file line of each sample, for error messages
         self.rows = list(range(1, len(rows) + 1))  # 1-based data row of each sample
-        self.labels = self._parse_labels(rows, bound, rule)
+        self.labels = self._parse_labels(rows, bound, rule) if labelled else [-1] * len(rows)
         if boxes:
             self.boxes = self._parse_boxes(rows)
         dirs = [values[1] for _, values in rows]
         self._check_duplicates(dirs)
-        if not bound:
+        if labelled and not bound:
             self._check_ids_are_contiguous()
         self.paths = [os.path.join(self.images_root, d) for d in dirs]
         if check_images and on_bad_image != "skip":  # skip: the scan drops missing files with the unreadable ones
             self._check_files_exist()
 
-        self.num_classes = bound or max(self.labels) + 1  # from every listed row, skipped or not
+        self.num_classes = (bound or max(self.labels) + 1) if labelled else 0  # from every listed row, skipped or not
         self.classes = names if names is not None else [str(i) for i in range(self.num_classes)]
         if check_images:
             self._apply_policy(on_bad_image)
@@ -399,7 +406,8 @@ def build_dataset(
 ) -> CsvSplitDataset | ImageFolderDataset | UnlabelledFolderDataset:
     """The dataset `cfg` describes, for `split` (a csv name or a folder; ignored by format "folder"), with
     `cfg.on_bad_image` applied. A split other than `cfg.train_split` takes its classes from the training
-    split and is checked against it (`check_classes`; `check_leakage` for `cfg.test_split`)."""
+    split and is checked against it (`check_classes`; `check_leakage` for `cfg.test_split`). With `cfg.labels`
+    false a csv split is read without class ids and an imagefolder split as plain images under root/<split>."""
     if not cfg.root:
         raise DataError(
             "data.root must be set to the dataset folder, e.g. data.root=data/sample, or include a "
@@ -417,6 +425,11 @@ def build_dataset(
         return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image)
     if cfg.format not in ("csv", "imagefolder"):
         raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
+    if not cfg.labels:  # the split's images only: no classes to share or check between splits
+        if cfg.format == "csv":
+            return CsvSplitDataset(cfg.root, split, cfg.images_dir, transform=transform, on_bad_image=cfg.on_bad_image,
+                                   boxes=cfg.boxes, labelled=False)
+        return UnlabelledFolderDataset(os.path.join(cfg.root, split), transform, cfg.on_bad_image)
     train = _training_listing(cfg, split)
     dataset: CsvSplitDataset | ImageFolderDataset
     if cfg.format == "csv":

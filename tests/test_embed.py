@@ -1,0 +1,138 @@
+"""eval.embed (issue 23 §2): .npy shards, images.csv and manifest.json that numpy and faiss read; the same files on
+two gloo processes as on one; a stopped embedding resumes without recomputing its complete shards; a folder it
+does not own is refused; the README's similarity search runs on its output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sslfg.embed
+from sslfg.cli import run_cli
+from sslfg.commands import embed
+from tests.conftest import write_csv_dataset
+from tests.reliability.procs import command, finish, start
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--random-init", "--model", "vit_tiny_patch16_224",
+         "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2, patch_size: 4}"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv_dataset(tmp_path_factory.mktemp("embed_data"), n_train=24, n_test=11)
+
+
+def args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*MODEL, f"data.root={data}", "data.image_size=16", "data.num_workers=0", "data.train_split=train",
+            "features.batch_size=4", f"output_dir={out}", *extra]
+
+
+def shards(out: Path) -> np.ndarray:
+    return np.concatenate([np.load(f) for f in sorted(out.glob("shard-*.npy"))])
+
+
+def test_shards_table_and_manifest(data: Path, tmp_path: Path) -> None:
+    manifest = embed.main(args(data, tmp_path / "a", "--shard-size", "10"))
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["images.csv", "manifest.json", "shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
+    x = shards(tmp_path / "a")
+    assert x.shape == (24, 32) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert [np.load(tmp_path / "a" / s["file"]).shape[0] for s in manifest["shards"]] == [10, 10, 4]
+    stored = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert stored == manifest and stored["complete"] and all(s["complete"] for s in stored["shards"])
+    assert (stored["model"], stored["dim"], stored["count"], stored["dtype"]) == ("vit_tiny_patch16_224", 32, 24,
+                                                                                "float32")
+    assert "Normalize" in stored["transform"] and stored["labels"]
+    rows = list(csv.DictReader((tmp_path / "a" / "images.csv").open()))
+    assert [r["index"] for r in rows] == [str(i) for i in range(24)]
+    assert [(Path(r["path"]).parent.name, r["label"]) for r in rows] == [(str(i % 3), str(i % 3)) for i in range(24)]
+    one = embed.main(args(data, tmp_path / "b", "--dtype", "float16"))  # one shard, half precision
+    assert len(one["shards"]) == 1 and np.load(tmp_path / "b" / "shard-00000.npy").dtype == np.float16
+    np.testing.assert_allclose(shards(tmp_path / "b"), x, rtol=1e-2, atol=1e-2)
+
+
+def test_unlabelled_folder_has_no_label_column(data: Path, tmp_path: Path) -> None:
+    embed.main(args(data / "images" / "test", tmp_path / "out", "data.format=folder"))
+    header, *rows = (tmp_path / "out" / "images.csv").read_text().splitlines()
+    assert header == "index,path" and len(rows) == 11 and shards(tmp_path / "out").shape == (11, 32)
+
+
+def test_a_stopped_embedding_recomputes_only_the_missing_shards(data: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    out, calls, stop_at = tmp_path / "out", [], [2]
+    extract = sslfg.embed.extract_features
+
+    def counted(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt  # a stop while that shard is computed
+        return extract(*a, **k)
+
+    monkeypatch.setattr(sslfg.embed, "extract_features", counted)
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 130
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["complete"] for s in manifest["shards"]] == [True, False, False] and not manifest["complete"]
+    first = (out / "shard-00000.npy").stat().st_mtime_ns
+    stop_at[0], calls[:] = 0, []
+    embed.main(args(data, out, "--shard-size", "10"))
+    assert calls == [10, 4]  # shards 1 and 2 only
+    assert (out / "shard-00000.npy").stat().st_mtime_ns == first
+    (out / "shard-00002.npy").unlink()  # a lost shard is recomputed too
+    stop_at[0], calls[:] = 1, []
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 130
+    assert not json.loads((out / "manifest.json").read_text())["complete"]  # says so while it is missing
+    stop_at[0], calls[:] = 0, []
+    embed.main(args(data, out, "--shard-size", "10"))
+    assert calls == [4]
+    embed.main(args(data, tmp_path / "whole", "--shard-size", "10"))
+    np.testing.assert_array_equal(shards(out), shards(tmp_path / "whole"))
+
+
+def test_a_folder_it_does_not_own_is_refused(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    embed.main(args(data, tmp_path / "emb", "--shard-size", "10"))
+    capsys.readouterr()
+    for out, extra, why in ((tmp_path / "mine", [], "files that are not an embedding (notes.txt)"),
+                            (tmp_path / "emb", ["--shard-size", "5"], "shard_size 10 there, 5 now"),
+                            (tmp_path / "emb", ["data.train_split=test"], "key ")):
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        assert run_cli(embed.main, args(data, out, *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: output_dir: {out} holds") and why in err[0], err
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_two_processes_write_what_one_process_writes(data: Path, tmp_path: Path) -> None:
+    """11 test images, shards of 5, feature batch 4: no shard divides evenly over 2 processes x 4."""
+    common = args(data, tmp_path)[:-1]  # without output_dir
+    two = start(command(["-m", "eval.embed", *common, "--split", "test", "--shard-size", "5",
+                         f"output_dir={tmp_path / '2'}"], processes=2))
+    embed.main([*common, "--split", "test", "--shard-size", "5", f"output_dir={tmp_path / '1'}"])
+    finish(two)
+    one, two = tmp_path / "1", tmp_path / "2"
+    assert (one / "images.csv").read_text() == (two / "images.csv").read_text()
+    assert [np.load(p).shape for p in sorted(two.glob("shard-*.npy"))] == [(5, 32), (5, 32), (1, 32)]
+    np.testing.assert_allclose(shards(one), shards(two), rtol=1e-5, atol=1e-5)
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (one, two)]
+    assert manifests[0] == manifests[1]
+
+
+def test_readme_similarity_search_runs(data: Path, tmp_path: Path) -> None:
+    """The README's numpy + faiss snippet, on an embedding made here (its `out = ...` line pointed at it)."""
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(import glob.*?)```", text, re.S).group(1)
+    assert len(snippet.splitlines()) <= 6
+    embed.main(args(data, tmp_path / "emb", "--shard-size", "10"))
+    namespace: dict = {}
+    exec(re.sub(r'out = ".*"', f'out = "{tmp_path / "emb"}"', snippet), namespace)  # noqa: S102 - our README
+    neighbours = namespace["neighbours"]
+    assert neighbours.shape == (5, 4) and (neighbours[:, 0] == np.arange(5)).all()  # each image is its own nearest
+    shutil.rmtree(tmp_path / "emb")
