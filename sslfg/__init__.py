@@ -8,6 +8,15 @@ import os
 # A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from sslfg.api import (  # noqa: E402
+    embed_images,
+    evaluate_knn,
+    evaluate_linear,
+    load_recipe,
+    load_transform,
+    run_pretraining,
+)
 from sslfg.models.backbone import load_backbone  # noqa: E402
 
-__all__ = ["load_backbone"]
+__all__ = ["embed_images", "evaluate_knn", "evaluate_linear", "load_backbone", "load_recipe", "load_transform",
+           "run_pretraining"]

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     manifest = write_embeddings(cfg, vit, dataset, manifest, accelerator, ensure_writable(out))
     if accelerator.is_main_process:
         print(f"embeddings: {out} ({manifest['count']} x {manifest['dim']} {manifest['dtype']})")
-    return manifest
+    return manifest | {"output_dir": str(out)}
 
 
 cli = console(main)
