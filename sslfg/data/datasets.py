@@ -36,6 +36,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,8 @@ _MAX_LISTED = 5  # problems spelled out in one error message; the rest are count
 _SCAN_THREADS = 8  # PIL decodes without the GIL: the skip-mode scan reads this many images at once
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+_CLASS_ID = re.compile("-?[0-9]+")  # a minus is read only to say that the id is negative
+CLASS_ID_RULE = "no spaces, signs, decimals, underscores or non-ASCII digits"
 
 Transform = Callable[[Image.Image], Any]
 Box = tuple[float, float, float, float]
@@ -214,10 +217,9 @@ class CsvSplitDataset(_ImageListDataset):
         where `bound` comes from and what to do."""
         labels, bad = [], []
         for row, (line, (value, *_)) in enumerate(rows, start=1):
-            try:
-                label = int(value)
-            except ValueError:
-                bad.append(f"data row {row} (line {line}): {value!r} is not an integer")
+            label = _class_id(value)
+            if label is None:
+                bad.append(f"data row {row} (line {line}): {value!r} is not a class id")
                 continue
             if label < 0:
                 bad.append(f"data row {row} (line {line}): class_id {label} is negative")
@@ -226,7 +228,7 @@ class CsvSplitDataset(_ImageListDataset):
             labels.append(label)
         if bad:
             raise DataError(f"{self.csv_path}: bad class_id values: {_summarise(bad)}. Class ids are 0-based integers"
-                            f"{rule}.")
+                            f" written as plain digits 0-9 ({CLASS_ID_RULE}){rule}.")
         return labels
 
     def _parse_boxes(self, rows: list[tuple[int, list[str]]]) -> list[Box]:
@@ -353,6 +355,10 @@ class ImageFolderDataset(_ImageListDataset):
                 "or remove or rename the folders (data.train_split names the training split)."
             )
         self.num_classes = len(self.classes)
+        loose = sorted(e.path for e in os.scandir(self.split_dir) if e.is_file() and has_image_extension(e.name))
+        if loose:
+            log.warning("%s: skipped %d images beside the class folders (%s): an image outside a class folder has no "
+                        "class. Move them into their class folder.", self.split_dir, len(loose), _summarise(loose))
         self.paths, self.labels, empty = [], [], []
         for name in folders:
             files = _find_images(os.path.join(self.split_dir, name))
@@ -486,13 +492,18 @@ def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tup
     """Read a UTF-8 csv file with a header; returns (file line, values of `columns`) for each data row.
     `hint` ends the missing-column error.
 
-    Header names and values are stripped of surrounding whitespace; blank lines are skipped; a
-    UTF-8 byte-order mark (spreadsheet exports) is ignored.
+    Header names and values are stripped of surrounding whitespace, except class ids (`_class_id`); blank
+    lines are skipped; a UTF-8 byte-order mark (spreadsheet exports) is ignored. A header naming a column
+    twice is an error: which of the two holds the data would be a guess.
     """
     reader = csv.reader(io.StringIO(_read_utf8(path), newline=""))
     header = [name.strip() for name in next(reader, [])]
     if not header:
         raise DataError(f"{path} is empty; expected a header line such as {','.join(columns)}.")
+    twice = sorted({name for name in header if name and header.count(name) > 1})
+    if twice:
+        raise DataError(f"{path}: the header names {', '.join(map(repr, twice))} more than once ({header}); "
+                        "rename or remove the extra column so each name appears once.")
     absent = [c for c in columns if c not in header]
     if absent:
         raise DataError(
@@ -508,7 +519,8 @@ def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tup
             raise DataError(
                 f"{path}, line {reader.line_num}: {len(values)} fields, too few for the header {header}."
             )
-        rows.append((reader.line_num, [values[i].strip() for i in index]))
+        rows.append((reader.line_num, [values[i] if c == "class_id" else values[i].strip()
+                                       for c, i in zip(columns, index, strict=True)]))
     return rows
 
 
@@ -534,16 +546,22 @@ def _read_class_names(path: str) -> list[str]:
     """classid_classname.csv -> names indexed by class id; ids must be exactly 0..n-1."""
     names: dict[int, str] = {}
     for line, (value, name) in _read_table(path, ("class_id", "class_name")):
-        try:
-            class_id = int(value)
-        except ValueError:
-            raise DataError(f"{path}, line {line}: class_id {value!r} is not an integer.") from None
+        class_id = _class_id(value)
+        if class_id is None:
+            raise DataError(f"{path}, line {line}: class_id {value!r} is not a class id: plain digits 0-9 "
+                            f"({CLASS_ID_RULE}).")
         if class_id in names:
             raise DataError(f"{path}, line {line}: class_id {class_id} appears twice.")
         names[class_id] = name
     if sorted(names) != list(range(len(names))):
         raise DataError(f"{path}: class ids must be exactly 0..{len(names) - 1}, each once.")
     return [names[i] for i in range(len(names))]
+
+
+def _class_id(value: str) -> int | None:
+    """`value` as a class id, or None unless it is plain ASCII digits: int() would also read "0_2", "٢",
+    "+2" and " 2" as a number, so a typo or a stray character would silently become another class."""
+    return int(value) if _CLASS_ID.fullmatch(value) else None
 
 
 def _missing_files(paths: list[str]) -> list[int]:
@@ -568,11 +586,29 @@ def _missing_files(paths: list[str]) -> list[int]:
 
 
 def _find_images(top: str) -> list[str]:
-    """Image files under `top`, recursively (following links), hidden entries skipped, sorted."""
-    found = []
+    """Image files under `top`, recursively, sorted; hidden entries skipped. Linked folders are followed once:
+    a folder already walked (by its real path) or one above `top` is skipped, so a link loop cannot list an
+    image twice. Files without an image extension and skipped links are logged with the reason."""
+    found, others, links = [], [], []
+    walked = {os.path.realpath(top)}
     for folder, dirs, files in os.walk(top, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(folder, f) for f in files if not f.startswith(".") and has_image_extension(f)]
+        kept = []
+        for d in (d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(folder, d))
+            if real in walked or os.path.realpath(top).startswith(real + os.sep):
+                links.append(os.path.join(folder, d))
+            else:
+                walked.add(real)
+                kept.append(d)
+        dirs[:] = kept
+        for f in (f for f in files if not f.startswith(".")):
+            (found if has_image_extension(f) else others).append(os.path.join(folder, f))
+    if links:
+        log.warning("%s: skipped %d linked folders already walked or above it (a link loop, or a second link to one "
+                    "folder, would list its images again): %s", top, len(links), _summarise(links))
+    if others:
+        log.info("%s: skipped %d files without an image extension (%s): %s", top, len(others),
+                 " ".join(IMAGE_EXTENSIONS), _summarise(others))
     return sorted(found)
 
 

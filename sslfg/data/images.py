@@ -13,7 +13,12 @@ import numpy as np
 from PIL import Image, ImageOps
 from PIL.ExifTags import Base as ExifTag
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# The extensions every layout finds images by: the raster formats PIL decodes itself (the csv layout
+# loads any file PIL reads, whatever its name, so the folder layouts must not drop what it accepts).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".pcx", ".sgi", ".qoi",
+)
 
 # 16-bit and 32-bit integer greyscale modes; they hold more than 8 bits and need rescaling,
 # because PIL's own convert("L") clips everything above 255 to white.
@@ -45,7 +50,9 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
       whatever colour the file stores under them.
     - 16-bit greyscale (I;16, I;16B, ...) and 32-bit integer I: treated as 16-bit values,
       clipped to 0..65535 and scaled linearly to 0..255 (65535 -> 255, 32768 -> 128).
-    - Float F: PIL's conversion (values clipped to 0..255).
+    - Float F (e.g. 32-bit float TIFFs): values in [0, 1] are scaled to 0..255 (1.0 -> 255); otherwise
+      values in [0, 255] are taken as 8-bit levels (rounded); any other range (negative, above 255, NaN)
+      is a DataError naming the file, as there is no way to tell what the numbers mean.
     - Animated GIF / multi-page TIFF: the first frame.
 
     Raises:
@@ -57,6 +64,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return _to_rgb(_upright(img))
+    except DataError as err:  # decoded, but the pixels cannot be read as an image
+        raise DataError(f"{path} is {err}") from None
     except _DECODE_ERRORS as err:
         raise _load_error(path, err) from err
 
@@ -82,7 +91,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         values = np.asarray(img).astype(np.int64).clip(0, 65535)
         grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # rounded, exact at 0 and 65535
         return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_float_levels(np.asarray(img, dtype=np.float64))).convert("RGB")
     return img.convert("RGB")  # a copy for RGB: the caller closes the file-backed original
+
+
+def _float_levels(values: np.ndarray) -> np.ndarray:
+    """Float pixels -> uint8 levels (see `load_image`): PIL's own conversion would clip a [0, 1] image to black."""
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(values).all() and 0 <= low and high <= 255):
+        raise DataError(f"a float image with values in [{low:g}, {high:g}]; float images must hold values in "
+                        "[0, 1] (scaled to 0..255) or [0, 255] (8-bit levels). Rescale it to one of them, or save it "
+                        "as an 8- or 16-bit image.")
+    scale = 255 if high <= 1 else 1
+    return np.rint(values * scale).astype(np.uint8)
 
 
 def _load_error(path: str, err: BaseException) -> DataError:

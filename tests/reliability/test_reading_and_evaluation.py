@@ -1,0 +1,157 @@
+"""Round 3 (issue 22), data reading and evaluation: cases that gave a silent wrong result, an unclear message
+or a traceback, each now an error naming the culprit and the next step, a warning, or a recorded fact.
+
+- csv: class ids are plain ASCII digits only; a header naming a column twice is an error (item 10).
+- ImageFolder discovery: linked folders followed once, images beside the class folders and files without an
+  image extension logged as skipped, one extension list for every layout (item 8).
+- Float TIFFs in [0, 1] load with their values; a dataset whose channel std is 0 is an error (item 9).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sslfg.data import stats
+from sslfg.data.datasets import build_dataset
+from sslfg.data.images import IMAGE_EXTENSIONS, DataError, load_image
+from sslfg.schema import DataConfig
+
+RNG = np.random.default_rng(0)
+
+
+def _noise(path: Path, size: int = 16, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def _csv(root: Path, split: str, text: str, images: tuple[str, ...] = ("a.png", "b.png", "c.png")) -> None:
+    for name in images:
+        if not (root / "images" / name).exists():
+            _noise(root / "images" / name)
+    (root / f"{split}.csv").write_text(text, encoding="utf-8")
+
+
+def _cfg(root: Path, **kwargs: object) -> DataConfig:
+    return DataConfig(root=str(root), train_split="train", **kwargs)  # type: ignore[arg-type]
+
+
+# --- item 10: csv class ids and headers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0_2", "\u0662", " 2", "2.0", "+2", "2 ", "0x2", "\uff12"])
+def test_class_id_that_int_would_accept_is_an_error_naming_file_row_and_value(tmp_path: Path, value: str) -> None:
+    """int() reads "0_2" and "٢" as 2: the row would silently join class 2."""
+    _csv(tmp_path, "train", f"class_id,dir\n0,a.png\n1,b.png\n{value},c.png\n")
+    with pytest.raises(DataError) as info:
+        build_dataset(_cfg(tmp_path), "train")
+    assert f"{tmp_path / 'train.csv'}: bad class_id values: data row 3 (line 4): {value!r} is not a class id" in str(
+        info.value)
+    assert "plain digits 0-9" in str(info.value)
+
+
+def test_class_names_file_with_a_non_ascii_id_is_an_error(tmp_path: Path) -> None:
+    _csv(tmp_path, "train", "class_id,dir\n0,a.png\n1,b.png\n")
+    (tmp_path / "classid_classname.csv").write_text("class_id,class_name\n0,ant\n\u0661,bee\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"classid_classname.csv, line 3: class_id '\u0661' is not a class id"):
+        build_dataset(_cfg(tmp_path), "train")
+
+
+@pytest.mark.parametrize("header", ["class_id,dir,class_id", "class_id,dir,dir", "class_id,dir,note,note"])
+def test_header_naming_a_column_twice_is_an_error(tmp_path: Path, header: str) -> None:
+    _csv(tmp_path, "train", f"{header}\n0,a.png,1,x\n1,b.png,0,y\n")
+    twice = header.split(",")[-1]
+    with pytest.raises(DataError, match=rf"train.csv: the header names '{twice}' more than once"):
+        build_dataset(_cfg(tmp_path), "train")
+
+
+# --- item 8: ImageFolder discovery -----------------------------------------------------------------------------
+
+def _folders(root: Path, classes: dict[str, int], split: str = "train") -> None:
+    for name, count in classes.items():
+        for i in range(count):
+            _noise(root / split / name / f"{i}.png")
+
+
+def test_link_loop_does_not_multiply_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: os.walk followed every link again, down to the OS's limit (3 images became dozens)."""
+    _folders(tmp_path, {"ant": 3, "bee": 3})
+    os.symlink(".", tmp_path / "train" / "ant" / "again")  # a loop: ant/again/again/...
+    (tmp_path / "train" / "bee" / "sub").mkdir()
+    os.symlink("..", tmp_path / "train" / "bee" / "sub" / "back")  # the class folder, linked inside it
+    os.symlink(tmp_path / "train" / "ant", tmp_path / "train" / "bee" / "elsewhere")  # a real folder: followed
+    with caplog.at_level(logging.INFO):
+        dataset = build_dataset(_cfg(tmp_path, format="imagefolder"), "train")
+    assert dataset.labels == [0] * 3 + [1] * 6
+    assert "skipped 1 linked folders already walked or above it" in caplog.text
+    assert str(tmp_path / "train" / "ant" / "again") in caplog.text
+    assert str(tmp_path / "train" / "bee" / "sub" / "back") in caplog.text
+    os.symlink("../..", tmp_path / "train" / "bee" / "up")  # above the folder layout's root: never walked
+    assert len(build_dataset(_cfg(tmp_path / "train", format="folder"), "train")) == 6
+
+
+def test_images_beside_the_class_folders_and_other_files_are_logged(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    _folders(tmp_path, {"ant": 2, "bee": 2})
+    _noise(tmp_path / "train" / "stray.png")
+    (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.INFO):
+        dataset = build_dataset(_cfg(tmp_path, format="imagefolder"), "train")
+    assert len(dataset) == 4
+    assert f"{tmp_path / 'train'}: skipped 1 images beside the class folders" in caplog.text
+    assert str(tmp_path / "train" / "stray.png") in caplog.text and "Move them into their class folder" in caplog.text
+    assert "skipped 1 files without an image extension" in caplog.text and "notes.txt" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["folder", "imagefolder"])
+def test_every_extension_pil_reads_is_found_by_the_folder_layouts(tmp_path: Path, fmt: str) -> None:
+    """.ppm and .jfif load in the csv layout (PIL reads them): the folder layouts must not drop them."""
+    for i, (ext, pil_format) in enumerate([(".ppm", "PPM"), (".jfif", "JPEG"), (".tga", "TGA"), (".pgm", "PPM")]):
+        _noise(tmp_path / "train" / "ant" / f"{i}{ext}", fmt=pil_format)
+    dataset = build_dataset(_cfg(tmp_path, format=fmt), "train")
+    assert len(dataset) == 4 and all(dataset[i][0].mode == "RGB" for i in range(4))
+
+
+def test_image_extensions_are_formats_pil_opens() -> None:
+    """One list for all layouts, and each entry is a format PIL decodes: no extension listed that fails."""
+    Image.init()
+    registered = Image.registered_extensions()
+    assert all(registered.get(ext) in Image.OPEN for ext in IMAGE_EXTENSIONS)
+    assert {".ppm", ".jfif", ".pgm", ".pbm", ".pnm"} <= set(IMAGE_EXTENSIONS)
+
+
+# --- item 9: float images, a dataset without contrast ---------------------------------------------------------
+
+def test_float_tiff_in_0_1_loads_with_its_values(tmp_path: Path) -> None:
+    values = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    assert Image.open(tmp_path / "f.tif").mode == "F"
+    grey = np.asarray(load_image(tmp_path / "f.tif"))[..., 0]
+    assert grey.tolist() == np.rint(values * 255).astype(int).tolist()  # PIL's conversion: all 0 or 1
+    levels = np.array([[0, 12.4, 128, 255]], dtype=np.float32)  # above 1: already 8-bit levels
+    Image.fromarray(levels).save(tmp_path / "g.tif")
+    assert np.asarray(load_image(tmp_path / "g.tif"))[0, :, 0].tolist() == [0, 12, 128, 255]
+
+
+@pytest.mark.parametrize("bad", [-0.5, 300.0, float("nan")])
+def test_float_image_outside_0_255_is_an_error_naming_the_file(tmp_path: Path, bad: float) -> None:
+    values = np.array([[0.0, 0.5, bad, 1.0]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'f.tif'} is a float image with values in .*\[0, 1\]"):
+        load_image(tmp_path / "f.tif")
+
+
+def test_dataset_whose_std_is_0_is_an_error_naming_the_data(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "train.csv").write_text("class_id,dir\n0,0.png\n1,1.png\n0,2.png\n")
+    with pytest.raises(DataError) as info:
+        stats.channel_stats(_cfg(tmp_path, image_size=8, num_workers=0))
+    message = str(info.value)
+    assert str(tmp_path / "train.csv") in message and "channel R, G, B has the same value" in message
+    assert "std is 0" in message and "all-black" in message
