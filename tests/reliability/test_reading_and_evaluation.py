@@ -5,6 +5,7 @@ or a traceback, each now an error naming the culprit and the next step, a warnin
 - ImageFolder discovery: linked folders followed once, images beside the class folders and files without an
   image extension logged as skipped, one extension list for every layout (item 8).
 - Float TIFFs in [0, 1] load with their values; a dataset whose channel std is 0 is an error (item 9).
+- The feature cache: keyed by every image's size and mtime too; an unreadable entry is recomputed (items 6, 15b).
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save
 
 from sslfg.data import stats
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import IMAGE_EXTENSIONS, DataError, load_image
+from sslfg.data.transforms import eval_transform
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.features import cached_features
+from sslfg.models.backbone import create_vit
 from sslfg.schema import DataConfig
+from tests.conftest import write_csv_dataset
 
 RNG = np.random.default_rng(0)
 
@@ -155,3 +163,43 @@ def test_dataset_whose_std_is_0_is_an_error_naming_the_data(tmp_path: Path) -> N
     message = str(info.value)
     assert str(tmp_path / "train.csv") in message and "channel R, G, B has the same value" in message
     assert "std is 0" in message and "all-black" in message
+
+
+# --- items 6 and 15b: the feature cache ------------------------------------------------------------------------
+
+def _cached(data: Path, cache: Path):
+    cfg = DataConfig(root=str(data), image_size=16, num_workers=0)
+    dataset = build_dataset(cfg, "test", eval_transform(16, cfg.mean, cfg.std, crop_ratio=1.0))
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny_patch16_224", dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    return cached_features(vit, dataset, "test", cache, make_accelerator(), batch_size=4, num_workers=0)
+
+
+def test_image_replaced_in_place_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    """Before: the key held the file names only, so the second run returned the old image's features."""
+    data = write_csv_dataset(tmp_path / "data", n_train=3, n_test=4)
+    before, _ = _cached(data, tmp_path / "cache")
+    image = data / "images" / "test" / "0" / "0000.png"
+    stamp = image.stat()
+    Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(image)  # same name, new pixels
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))  # a coarse clock: still a new mtime
+    after, _ = _cached(data, tmp_path / "cache")
+    assert not torch.equal(before[0], after[0]) and torch.equal(before[1:], after[1:])
+    assert len(list((tmp_path / "cache").glob("test-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "other split"])
+def test_unreadable_feature_cache_is_recomputed_with_a_warning(tmp_path: Path, damage: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    data = write_csv_dataset(tmp_path / "data", n_train=3, n_test=4)
+    features, labels = _cached(data, tmp_path / "cache")
+    (path,) = (tmp_path / "cache").glob("test-*.safetensors")
+    content = {"truncated": path.read_bytes()[:-40], "empty": b"",
+               "other split": save({"features": features[:2].contiguous(), "labels": labels[:2].contiguous()})}[damage]
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        again, again_labels = _cached(data, tmp_path / "cache")
+    assert torch.equal(again, features) and torch.equal(again_labels, labels)
+    assert f"feature cache {path}" in caplog.text and "recomputing it" in caplog.text
+    assert _cached(data, tmp_path / "cache")[0].equal(features)  # the rewritten file reads back
+
