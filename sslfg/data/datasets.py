@@ -9,6 +9,8 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
 - `num_classes: int` (0 when unlabelled);
 - `skipped: list[tuple[str, str]]`: (path, reason) of every image dropped by `on_bad_image="skip"`;
 - `source: str`: the csv file or folder that lists the split, for messages;
+- `overlaps_train: int`: for `data.test_split`, how many of its images the training split lists too
+  (all of them when the two are one split); 0 otherwise;
 - `boxes: list[Box] | None`: per sample, the object box (x0, y0, x1, y1) in pixels of the image as loaded
   (x1, y1 exclusive: a box over pixels 2..5 is (2, 6)); None unless the csv layout is read with boxes
   (`data.boxes`). Boxes are checked when read (numbers, x0 < x1, y0 < y1, not negative); the right and
@@ -19,7 +21,7 @@ Splits share one class mapping: `build_dataset` gives every split other than `da
 training split's classes (ImageFolder: by folder name; csv: its class count when neither
 classid_classname.csv nor data.num_classes declares one), then warns about test classes without
 training images, training classes a split lacks, and images listed in both the training and the
-test split.
+test split (by real path, also when data.test_split names the training split itself).
 
 Bad images (`on_bad_image`): with "error" (the default) a missing csv-listed file fails at construction
 and an unreadable one when it is loaded, both naming the file and where it was listed; with "skip"
@@ -72,6 +74,7 @@ class _ImageListDataset(Dataset):
     num_classes: int
     source: str
     boxes: list[Box] | None = None
+    overlaps_train: int = 0  # for data.test_split: images the training split lists too (`check_leakage`)
     _per_sample: tuple[str, ...] = ("paths", "labels", "boxes")  # the parallel lists that dropping an image shortens
 
     def __init__(self, transform: Transform | None, on_bad_image: OnBadImage) -> None:
@@ -437,8 +440,8 @@ def build_dataset(
             )
     if train is not None:
         check_classes(dataset, train)
-        if split == cfg.test_split:
-            check_leakage(dataset, train)
+    if split == cfg.test_split and (train is not None or split == cfg.train_split):
+        dataset.overlaps_train = check_leakage(dataset, train or dataset)
     return dataset
 
 
@@ -474,14 +477,17 @@ def check_classes(dataset: _ImageListDataset, train: _ImageListDataset) -> None:
                     len(trained), _class_names(dataset, absent), train.source)
 
 
-def check_leakage(test: _ImageListDataset, train: _ImageListDataset) -> None:
-    """Warns about images that the test split and the training split both list."""
-    trained = {os.path.normpath(p) for p in train.paths}
-    shared = [p for p in test.paths if os.path.normpath(p) in trained]
+def check_leakage(test: _ImageListDataset, train: _ImageListDataset) -> int:
+    """Warns about images that the test split and the training split both list, compared by real path (any
+    spelling, link or the same split under two names); returns how many (`overlaps_train`)."""
+    trained = {os.path.realpath(p) for p in train.paths}
+    shared = [p for p in test.paths if os.path.realpath(p) in trained]
     if shared:
+        same = " (data.test_split is the training split: set it to a held-out split)" if test is train else ""
         log.warning("%s lists %d images that the training split %s also lists (%s): test metrics on them measure "
-                    "memory, not generalisation. Remove them from one of the two splits.", test.source, len(shared),
-                    train.source, _summarise(shared))
+                    "memory, not generalisation. Remove them from one of the two splits%s.", test.source, len(shared),
+                    train.source, _summarise(shared), same)
+    return len(shared)
 
 
 def _class_names(dataset: _ImageListDataset, ids: list[int]) -> str:

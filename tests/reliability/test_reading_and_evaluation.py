@@ -5,11 +5,14 @@ or a traceback, each now an error naming the culprit and the next step, a warnin
 - ImageFolder discovery: linked folders followed once, images beside the class folders and files without an
   image extension logged as skipped, one extension list for every layout (item 8).
 - Float TIFFs in [0, 1] load with their values; a dataset whose channel std is 0 is an error (item 9).
+- A test split that is the training split, under any name: a warning and `data.test_overlaps_train` in the
+  evaluation's JSON (item 5).
 - The feature cache: keyed by every image's size and mtime too; an unreadable entry is recomputed (items 6, 15b).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
+from sslfg.commands import knn
 from sslfg.data import stats
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import IMAGE_EXTENSIONS, DataError, load_image
@@ -203,3 +207,25 @@ def test_unreadable_feature_cache_is_recomputed_with_a_warning(tmp_path: Path, d
     assert f"feature cache {path}" in caplog.text and "recomputing it" in caplog.text
     assert _cached(data, tmp_path / "cache")[0].equal(features)  # the rewritten file reads back
 
+
+
+# --- item 5: a test split that is (partly) the training split --------------------------------------------------
+
+KNN_TINY = ["--random-init", "--model", "vit_tiny_patch16_224",
+            "model_kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}", "data.image_size=16",
+            "data.num_workers=0", "data.train_split=train", "knn.ks=[1]", "knn.figures=false"]
+
+
+@pytest.mark.parametrize("test_split", ["train", "./train"])
+def test_test_split_equal_to_the_training_split_is_warned_and_recorded(tmp_path: Path, test_split: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Before: 100 % 1-NN on the training images themselves, no warning, nothing in knn.json."""
+    data = write_csv_dataset(tmp_path / "data", n_train=6, n_test=4)
+    with caplog.at_level(logging.WARNING):
+        result = knn.main([*KNN_TINY, f"data.root={data}", f"data.test_split={test_split}",
+                           f"output_dir={tmp_path / 'out'}"])
+    assert result["data.test_overlaps_train"] == 6 and result["knn.k1.top1"] == 1.0
+    assert json.loads((tmp_path / "out" / "knn.json").read_text())["data.test_overlaps_train"] == 6
+    assert "lists 6 images that the training split" in caplog.text and "measure memory" in caplog.text
+    clean = knn.main([*KNN_TINY, f"data.root={data}", "data.test_split=test", f"output_dir={tmp_path / 'out2'}"])
+    assert clean["data.test_overlaps_train"] == 0
