@@ -6,7 +6,8 @@
     python -m eval.knn --random-init --checkpoint runs/lodisc_cub   # the floor, same architecture
     accelerate launch --multi_gpu --num_processes 2 -m eval.knn --checkpoint runs/lodisc_cub   # same numbers
 
-Bank = data.train_split, queries = data.test_split; retrieval runs over the test split. Without
+Bank = data.train_split, queries = data.test_split; retrieval runs over the test split (its mAP is left
+out, with a warning and protocol.retrieval_mAP saying why, when every class has one test image). Without
 --dataset, --config or data.root, a run directory's own data settings are used. --check validates
 the recipe and the data, builds the backbone, prints the start-up summary and exits.
 The console command `sslfg-knn` takes the same arguments.
@@ -15,6 +16,7 @@ The console command `sslfg-knn` takes the same arguments.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from sslfg.knn import knn_evaluate, resolve_backend, retrieval_metrics, usable_k
 from sslfg.schema import EvalConfig
 
 GRID_QUERIES, GRID_NEIGHBOURS = 8, 5
+NO_MAP = "n/a: every class has one test image, so no query has another image of its class to retrieve"
 log = logging.getLogger(__name__)
 
 
@@ -57,15 +60,20 @@ def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, di
     log.info("kNN search: %s on %s (%s)", backend, device, why)
     metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=k.ks, temperature=k.temperature,
                            backend=backend, device=device, float16=k.float16)
+    notes = {}
     if k.retrieval:
         retrieval = retrieval_metrics(queries, query_labels, device=device)
+        if math.isnan(retrieval["mAP"]):  # no query has another image of its class: not a number to print
+            del retrieval["mAP"]
+            notes["retrieval_mAP"] = NO_MAP
+            log.warning("retrieval.mAP: %s (%s); it is left out of the metrics", NO_MAP, cfg.data.test_split)
         metrics |= {f"retrieval.{name}": v for name, v in retrieval.items()}
     protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
                 "ks": usable_ks(k.ks, len(bank)), "ks_requested": k.ks,  # a k above the bank size is dropped
                 "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
                 "backend": backend, "search_device": device.type, "float16_bank": k.float16,
                 "bank_size": len(bank), "queries": len(queries),
-                "skipped_images": skipped_images(bank_ds, query_ds)}
+                "skipped_images": skipped_images(bank_ds, query_ds), **notes}
     if k.figures:
         neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,
                          out / "figures" / "knn_neighbours.png", cfg.seed)

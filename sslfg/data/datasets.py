@@ -47,7 +47,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sslfg.data.images import IMAGE_EXTENSIONS, DataError, has_image_extension, load_image
+from sslfg.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, has_image_extension, load_image
 from sslfg.schema import DataConfig
 
 CLASS_NAMES_FILE = "classid_classname.csv"
@@ -77,11 +77,12 @@ class _ImageListDataset(Dataset):
     overlaps_train: int = 0  # for data.test_split: images the training split lists too (`check_leakage`)
     _per_sample: tuple[str, ...] = ("paths", "labels", "boxes")  # the parallel lists that dropping an image shortens
 
-    def __init__(self, transform: Transform | None, on_bad_image: OnBadImage) -> None:
+    def __init__(self, transform: Transform | None, on_bad_image: OnBadImage, max_pixels: int) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise DataError(f"data.on_bad_image: expected one of {', '.join(BAD_IMAGE_POLICIES)}, "
                             f"got {on_bad_image!r}")
         self.transform = transform
+        self.max_pixels = max_pixels  # data.max_image_pixels
         self.skipped: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
@@ -93,7 +94,7 @@ class _ImageListDataset(Dataset):
 
     def _load(self, index: int) -> Image.Image:
         try:
-            return load_image(self.paths[index])
+            return load_image(self.paths[index], self.max_pixels)
         except DataError as err:
             raise DataError(f"{err} (listed in {self._origin(index)})") from err
 
@@ -160,8 +161,9 @@ class CsvSplitDataset(_ImageListDataset):
         train: _ImageListDataset | None = None,
         check_images: bool = True,
         boxes: bool = False,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
-        super().__init__(transform, on_bad_image)
+        super().__init__(transform, on_bad_image, max_pixels)
         self.root = _existing_dir(root)
         self.split = split
         self.csv_path = self.source = os.path.join(self.root, f"{split}.csv")
@@ -330,8 +332,8 @@ class ImageFolderDataset(_ImageListDataset):
 
     def __init__(self, root: str, split: str, transform: Transform | None = None,
                  on_bad_image: OnBadImage = "error", train: _ImageListDataset | None = None,
-                 check_images: bool = True) -> None:
-        super().__init__(transform, on_bad_image)
+                 check_images: bool = True, max_pixels: int = MAX_PIXELS) -> None:
+        super().__init__(transform, on_bad_image, max_pixels)
         self.root = _existing_dir(root)
         self.split_dir = self.source = os.path.join(self.root, split)
         if not os.path.isdir(self.split_dir):
@@ -384,8 +386,9 @@ class ImageFolderDataset(_ImageListDataset):
 class UnlabelledFolderDataset(_ImageListDataset):
     """Any tree of images under `root` (recursive, sorted), each with label -1."""
 
-    def __init__(self, root: str, transform: Transform | None = None, on_bad_image: OnBadImage = "error") -> None:
-        super().__init__(transform, on_bad_image)
+    def __init__(self, root: str, transform: Transform | None = None, on_bad_image: OnBadImage = "error",
+                 max_pixels: int = MAX_PIXELS) -> None:
+        super().__init__(transform, on_bad_image, max_pixels)
         self.root = _existing_dir(root)
         self.paths = _find_images(self.root)
         if not self.paths:
@@ -423,16 +426,17 @@ def build_dataset(
         raise DataError(f"data.boxes is true but data.format is {cfg.format!r}: object boxes are read from the box "
                         "columns of the csv layout; use data.format=csv or set data.boxes=false.")
     if cfg.format == "folder":
-        return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image)
+        return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image, cfg.max_image_pixels)
     if cfg.format not in ("csv", "imagefolder"):
         raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
     train = _training_listing(cfg, split)
     dataset: CsvSplitDataset | ImageFolderDataset
     if cfg.format == "csv":
         dataset = CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image, train,
-                                  boxes=cfg.boxes)
+                                  boxes=cfg.boxes, max_pixels=cfg.max_image_pixels)
     else:
-        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train)
+        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train,
+                                     max_pixels=cfg.max_image_pixels)
         if cfg.num_classes > 0 and dataset.num_classes != cfg.num_classes:
             raise DataError(
                 f"{dataset.classes_dir} has {dataset.num_classes} class folders but data.num_classes is "

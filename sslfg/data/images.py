@@ -25,7 +25,12 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # What a corrupt file can raise while PIL identifies or decodes it.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+# The default of data.max_image_pixels: PIL's own refusal threshold (it warns above MAX_IMAGE_PIXELS and
+# refuses above twice that). load_image checks the limit itself, so PIL's process-wide guard is switched
+# off: a recipe's data.max_image_pixels then applies to its own datasets without a global setting.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
 
 
 class DataError(ValueError):
@@ -37,8 +42,11 @@ def has_image_extension(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file; returns a new mode "RGB" (8 bits per channel) image.
+
+    An image of more than `max_pixels` pixels (`data.max_image_pixels`) is refused from its header,
+    before it is decoded: the decompression-bomb guard.
 
     The format is detected from the content, not the extension (a PNG named .jpg loads). An EXIF
     orientation tag (phone and camera photos) is applied, so the image is upright as a viewer shows it.
@@ -56,15 +64,19 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     - Animated GIF / multi-page TIFF: the first frame.
 
     Raises:
-        DataError: the file is missing, empty, truncated, not an image, or too large for PIL's
-            decompression-bomb guard; the message names the path.
+        DataError: the file is missing, empty, truncated, not an image, or has more than
+            `max_pixels` pixels; the message names the path.
     """
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise DataError(f"a {img.width}x{img.height} image ({img.width * img.height:,} pixels), more than "
+                                f"data.max_image_pixels = {max_pixels:,} allows (a guard against decompression "
+                                "bombs). Raise data.max_image_pixels if the file is trusted, or resize it.")
             img.load()
             return _to_rgb(_upright(img))
-    except DataError as err:  # decoded, but the pixels cannot be read as an image
+    except DataError as err:  # too large, or decoded but the pixels cannot be read as an image
         raise DataError(f"{path} is {err}") from None
     except _DECODE_ERRORS as err:
         raise _load_error(path, err) from err
@@ -117,11 +129,6 @@ def _load_error(path: str, err: BaseException) -> DataError:
         return DataError(f"no permission to read image file {path}. Fix the file's permissions.")
     if os.path.getsize(path) == 0:
         return DataError(f"image file is empty (0 bytes): {path}. Re-copy or re-download it.")
-    if isinstance(err, Image.DecompressionBombError):
-        return DataError(
-            f"image is too large for PIL's decompression-bomb limit: {path} ({err}). Resize it, or raise "
-            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
-        )
     return DataError(
         f"cannot decode image file {path}: {type(err).__name__}: {err}. The file is truncated, corrupt or "
         "not an image; re-encode or re-download it, or remove it from the dataset."

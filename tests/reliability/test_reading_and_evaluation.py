@@ -7,6 +7,8 @@ or a traceback, each now an error naming the culprit and the next step, a warnin
 - Float TIFFs in [0, 1] load with their values; a dataset whose channel std is 0 is an error (item 9).
 - A test split that is the training split, under any name: a warning and `data.test_overlaps_train` in the
   evaluation's JSON (item 5).
+- `data.max_image_pixels` is the decompression-bomb limit, named in its error; a retrieval mAP that does not
+  exist (every class has one test image) is left out with the reason (item 17).
 - The feature cache: keyed by every image's size and mtime too; an unreadable entry is recomputed (items 6, 15b).
 """
 
@@ -33,6 +35,7 @@ from sslfg.features import cached_features
 from sslfg.models.backbone import create_vit
 from sslfg.schema import DataConfig
 from tests.conftest import write_csv_dataset
+from tests.reliability.outcomes import user_error
 
 RNG = np.random.default_rng(0)
 
@@ -229,3 +232,30 @@ def test_test_split_equal_to_the_training_split_is_warned_and_recorded(tmp_path:
     assert "lists 6 images that the training split" in caplog.text and "measure memory" in caplog.text
     clean = knn.main([*KNN_TINY, f"data.root={data}", "data.test_split=test", f"output_dir={tmp_path / 'out2'}"])
     assert clean["data.test_overlaps_train"] == 0
+
+
+# --- item 17: the decompression-bomb limit is a key; a retrieval mAP without a number --------------------------
+
+def test_image_over_data_max_image_pixels_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the error told the user to raise PIL.Image.MAX_IMAGE_PIXELS, which no key sets."""
+    data = write_csv_dataset(tmp_path / "data", n_train=6, n_test=4)  # 16x16 = 256 pixels each
+    argv = [*KNN_TINY, f"data.root={data}", "data.test_split=test", f"output_dir={tmp_path / 'out'}"]
+    message = user_error(knn.main, [*argv, "data.max_image_pixels=255"], capsys)
+    assert "is a 16x16 image (256 pixels), more than data.max_image_pixels = 255 allows" in message
+    assert "Raise data.max_image_pixels if the file is trusted" in message and str(data / "images") in message
+    assert knn.main([*argv, "data.max_image_pixels=256"])["knn.k1.top1"] >= 0  # at the limit: loads
+    assert DataConfig().max_image_pixels == 2 * 89_478_485  # PIL's own refusal threshold
+    assert "data.max_image_pixels" in user_error(knn.main, [*argv, "data.max_image_pixels=0"], capsys)
+
+
+def test_retrieval_map_without_a_same_class_pair_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `| retrieval.mAP | nan % |` with no reason, and NaN in knn.json."""
+    data = write_csv_dataset(tmp_path / "data", n_train=6, n_test=3)  # 3 classes, one test image each
+    with caplog.at_level(logging.WARNING):
+        result = knn.main([*KNN_TINY, f"data.root={data}", "data.test_split=test", f"output_dir={tmp_path / 'out'}"])
+    assert "retrieval.mAP" not in result and result["protocol.retrieval_mAP"].startswith(
+        "n/a: every class has one test image")
+    assert "retrieval.mAP: n/a: every class has one test image" in caplog.text
+    assert "nan" not in capsys.readouterr().out.lower()
+    assert "NaN" not in (tmp_path / "out" / "knn.json").read_text()
