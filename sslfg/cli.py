@@ -37,6 +37,8 @@ EVAL_TIMEOUT_S = 6 * 3600
 Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
 # (cfg, number of processes) -> the schedule facts of an evaluation's start-up summary
 Schedule = Callable[[EvalConfig, int], dict[str, Any]]
+# (cfg, datasets by split) -> None, or a DataError for data the evaluation cannot use, before any work
+CheckData = Callable[[EvalConfig, dict[str, Any]], None]
 
 
 @dataclass
@@ -169,9 +171,10 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
-                   schedule: Schedule | None = None) -> dict:
+                   schedule: Schedule | None = None, check_data: CheckData | None = None) -> dict:
     """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
-    backbone and the train/test datasets; prints the start-up summary (and stops there with --check);
+    backbone and the train/test datasets, which `check_data` may refuse (with --check too); prints the
+    start-up summary (and stops there with --check);
     `measure` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
     summary, is written to <output_dir>/<name>.json and printed."""
     args = parse_eval_cli(argv, description)
@@ -183,6 +186,8 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
     datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
+    if check_data is not None:
+        check_data(cfg, datasets)
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
              "backbone": info["backbone"], "features.global_batch": cfg.features.batch_size * world}

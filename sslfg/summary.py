@@ -14,7 +14,8 @@ def startup_summary(data: DataConfig, datasets: dict[str, Any], sources: dict[st
                     run: dict[str, Any]) -> dict[str, Any]:
     """Flat facts: data.* (root, layout, images and classes per split in `datasets`, skipped images, test
     images that the training split lists too, image size, mean/std with the file or "command line" that set
-    them, per `sources` from `sslfg.config.key_sources`), then the command's own `run` facts (steps, epochs, global batch, lr, ...)."""
+    them, per `sources` from `sslfg.config.key_sources`), then the command's own `run` facts (steps, epochs,
+    global batch, lr, ...)."""
     summary: dict[str, Any] = {"data.root": data.root, "data.format": data.format}
     for split, dataset in datasets.items():
         summary[f"data.{split}.images"] = len(dataset)

@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from sslfg.cli import console, run_evaluation
+from sslfg.data.images import DataError
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
 from sslfg.knn import knn_evaluate, resolve_backend, retrieval_metrics, usable_ks
 from sslfg.schema import EvalConfig
 
 GRID_QUERIES, GRID_NEIGHBOURS = 8, 5
+MIN_TEST_IMAGES = 2  # leave-one-out retrieval and t-SNE need another test image
 NO_MAP = "n/a: every class has one test image, so no query has another image of its class to retrieve"
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,19 @@ def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, di
     return metrics, protocol
 
 
+def check_test_split(cfg: EvalConfig, datasets: dict) -> None:
+    """Leave-one-out retrieval and the t-SNE map need two test images: refused at start-up (and by --check),
+    not after the features are extracted."""
+    k, split = cfg.knn, cfg.data.test_split
+    test = datasets[split]
+    if (k.retrieval or k.figures) and len(test) < MIN_TEST_IMAGES:
+        raise DataError(f"data.test_split '{split}' ({test.source}) has {len(test)} image; eval.knn needs at least "
+                        f"{MIN_TEST_IMAGES} for leave-one-out retrieval and the t-SNE map. Add test images, or set "
+                        "knn.retrieval=false knn.figures=false.")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run_evaluation(argv, __doc__, "knn", knn_transfer)
+    return run_evaluation(argv, __doc__, "knn", knn_transfer, check_data=check_test_split)
 
 
 cli = console(main)

@@ -13,8 +13,10 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
   (all of them when the two are one split); 0 otherwise;
 - `boxes: list[Box] | None`: per sample, the object box (x0, y0, x1, y1) in pixels of the image as loaded
   (x1, y1 exclusive: a box over pixels 2..5 is (2, 6)); None unless the csv layout is read with boxes
-  (`data.boxes`). Boxes are checked when read (numbers, x0 < x1, y0 < y1, not negative); the right and
-  bottom edges need the image size and are checked by `sslfg.data.boxes.eval_boxes`;
+  (`data.boxes`). Boxes are checked when read (numbers, x0 < x1, y0 < y1, not negative), and, when the
+  images are checked, against the size of their image (read from its header, kept in `sizes`), so a box
+  past its image's right or bottom edge stops every command at start-up, `--check` included;
+- `sizes: list[tuple[int, int]] | None`: (width, height) of each image as loaded, read with the boxes;
 - `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`.
 
 Splits share one class mapping: `build_dataset` gives every split other than `data.train_split` the
@@ -47,7 +49,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sslfg.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, has_image_extension, load_image
+from sslfg.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, has_image_extension, load_image, loaded_size
 from sslfg.schema import DataConfig
 
 CLASS_NAMES_FILE = "classid_classname.csv"
@@ -74,6 +76,7 @@ class _ImageListDataset(Dataset):
     num_classes: int
     source: str
     boxes: list[Box] | None = None
+    sizes: list[tuple[int, int]] | None = None
     overlaps_train: int = 0  # for data.test_split: images the training split lists too (`check_leakage`)
     _per_sample: tuple[str, ...] = ("paths", "labels", "boxes")  # the parallel lists that dropping an image shortens
 
@@ -216,6 +219,8 @@ class CsvSplitDataset(_ImageListDataset):
         self.classes = names if names is not None else [str(i) for i in range(self.num_classes)]
         if check_images:
             self._apply_policy(on_bad_image)
+            if boxes:
+                self._check_boxes_fit()
 
     def _parse_labels(self, rows: list[tuple[int, list[str]]], bound: int, rule: str) -> list[int]:
         """class_id column -> ints; every bad value is an error (the first few are listed); `rule` says
@@ -261,16 +266,24 @@ class CsvSplitDataset(_ImageListDataset):
                             "rows, or set data.boxes=false to ignore the columns.")
         return boxes
 
-    def check_box(self, index: int, size: tuple[int, int]) -> None:
-        """DataError naming the row if box `index` reaches past the right or bottom edge of its image of `size`
-        (width, height)."""
+    def _check_boxes_fit(self) -> None:
+        """Reads every image's size (header only, `sizes`); DataError naming the rows whose box reaches past the
+        right or bottom edge of its image."""
+        with ThreadPoolExecutor(min(_SCAN_THREADS, os.cpu_count() or 1)) as pool:
+            self.sizes = list(pool.map(self._loaded_size, range(len(self.paths))))
         assert self.boxes is not None
-        x0, y0, x1, y1 = self.boxes[index]
-        width, height = size
-        if x1 > width or y1 > height:
-            raise DataError(f"{self._origin(index)}: object box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside its "
-                            f"{width}x{height} image {self.paths[index]} (x1 <= width and y1 <= height, pixels of the "
-                            "image as loaded); fix the row, or set data.boxes=false.")
+        pairs = enumerate(zip(self.boxes, self.sizes, strict=True))
+        bad = [f"{self._origin(i)}: object box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside its {w}x{h} image "
+               f"{self.paths[i]}" for i, ((x0, y0, x1, y1), (w, h)) in pairs if x1 > w or y1 > h]
+        if bad:
+            raise DataError(f"{_summarise(bad)} (x1 <= width and y1 <= height, pixels of the image as loaded); fix the "
+                            "rows, or set data.boxes=false.")
+
+    def _loaded_size(self, index: int) -> tuple[int, int]:
+        try:
+            return loaded_size(self.paths[index])
+        except DataError as err:
+            raise DataError(f"{err} (listed in {self._origin(index)})") from err
 
     def _check_duplicates(self, dirs: list[str]) -> None:
         """An image listed twice in one split would count twice in training and in every metric."""

@@ -23,6 +23,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 # 16-bit and 32-bit integer greyscale modes; they hold more than 8 bits and need rescaling,
 # because PIL's own convert("L") clips everything above 255 to white.
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (load_image applies them)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # What a corrupt file can raise while PIL identifies or decodes it.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
@@ -133,3 +134,16 @@ def _load_error(path: str, err: BaseException) -> DataError:
         f"cannot decode image file {path}: {type(err).__name__}: {err}. The file is truncated, corrupt or "
         "not an image; re-encode or re-download it, or remove it from the dataset."
     )
+
+
+def loaded_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image at `path` as `load_image` returns it (EXIF orientation applied),
+    read from the file header without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(ExifTag.Orientation, 1) in _TRANSPOSED:
+                width, height = height, width
+    except OSError as err:  # missing, unreadable or not an image (UnidentifiedImageError is an OSError)
+        raise DataError(f"cannot read the image size of {path}: {err}") from err
+    return width, height

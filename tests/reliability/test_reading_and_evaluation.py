@@ -9,6 +9,8 @@ or a traceback, each now an error naming the culprit and the next step, a warnin
   evaluation's JSON (item 5).
 - `data.max_image_pixels` is the decompression-bomb limit, named in its error; a retrieval mAP that does not
   exist (every class has one test image) is left out with the reason (item 17).
+- `--check` refuses what the run refuses at start-up: a test split too small for eval.knn, a box outside its
+  image (items 15a, 19).
 - The feature cache: keyed by every image's size and mtime too; an unreadable entry is recomputed (items 6, 15b).
 """
 
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-from sslfg.commands import knn
+from sslfg.commands import knn, localise
 from sslfg.data import stats
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import IMAGE_EXTENSIONS, DataError, load_image
@@ -259,3 +261,31 @@ def test_retrieval_map_without_a_same_class_pair_says_why(tmp_path: Path, caplog
     assert "retrieval.mAP: n/a: every class has one test image" in caplog.text
     assert "nan" not in capsys.readouterr().out.lower()
     assert "NaN" not in (tmp_path / "out" / "knn.json").read_text()
+
+
+# --- items 15a and 19: --check reads what the run refuses at start-up ------------------------------------------
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "run"])
+def test_test_split_of_one_image_is_refused_at_start_up(tmp_path: Path, check: bool,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a ValueError traceback from the retrieval, after the features were extracted; --check passed."""
+    data = write_csv_dataset(tmp_path / "data", n_train=6, n_test=1)
+    argv = [*KNN_TINY, f"data.root={data}", "data.test_split=test", f"output_dir={tmp_path / 'out'}"]
+    message = user_error(knn.main, [*argv, *(["--check"] if check else [])], capsys)
+    assert message.startswith(f"data.test_split 'test' ({data / 'test.csv'}) has 1 image; eval.knn needs at least 2")
+    assert "knn.retrieval=false knn.figures=false" in message and not (tmp_path / "out" / "features").exists()
+    assert knn.main([*argv, "knn.retrieval=false"])["knn.k1.top1"] >= 0  # knn.figures=false in KNN_TINY
+
+
+def test_check_refuses_a_box_outside_its_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: --check passed, and the run (eval.localise, a GLSim fine-tune after training) refused the box."""
+    data = write_csv_dataset(tmp_path / "data", n_train=4, n_test=2)  # 16x16 images
+    for split in ("train", "test"):
+        rows = (data / f"{split}.csv").read_text().splitlines()
+        boxes = ["0,0,16,16"] * (len(rows) - 2) + ["2,3,16,17"]  # the last row's box passes the bottom edge
+        (data / f"{split}.csv").write_text("\n".join([rows[0] + ",x0,y0,x1,y1"] + [
+            f"{row},{box}" for row, box in zip(rows[1:], boxes, strict=True)]) + "\n")
+    message = user_error(localise.main, [*KNN_TINY, f"data.root={data}", "data.test_split=test", "data.boxes=true",
+                                         f"output_dir={tmp_path / 'out'}", "--check"], capsys)
+    assert message.startswith(f"{data / 'train.csv'}, data row 4 (line 5): object box (2, 3, 16, 17) lies outside "
+                              "its 16x16 image")
