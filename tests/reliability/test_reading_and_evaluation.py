@@ -11,6 +11,8 @@ or a traceback, each now an error naming the culprit and the next step, a warnin
   exist (every class has one test image) is left out with the reason (item 17).
 - `--check` refuses what the run refuses at start-up: a test split too small for eval.knn, a box outside its
   image (items 15a, 19).
+- Figures: dropped patches tinted magenta (visible on black images); the object box green and the GLS box red
+  in every figure (item 22).
 - The feature cache: keyed by every image's size and mtime too; an unreadable entry is recomputed (items 6, 15b).
 """
 
@@ -27,6 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
+from sslfg import figures
 from sslfg.commands import knn, localise
 from sslfg.data import stats
 from sslfg.data.datasets import build_dataset
@@ -289,3 +292,33 @@ def test_check_refuses_a_box_outside_its_image(tmp_path: Path, capsys: pytest.Ca
                                          f"output_dir={tmp_path / 'out'}", "--check"], capsys)
     assert message.startswith(f"{data / 'train.csv'}, data row 4 (line 5): object box (2, 3, 16, 17) lies outside "
                               "its 16x16 image")
+
+
+# --- item 22: figures that show what they draw on any data ------------------------------------------------------
+
+RED, GREEN = (230, 0, 0), (0, 200, 0)  # the GLS box and the object box, in every figure
+
+
+def _pixels(path: Path, colour: tuple[int, int, int]) -> int:
+    return int((np.asarray(Image.open(path).convert("RGB")) == colour).all(axis=2).sum())
+
+
+def test_dropped_patches_show_on_black_images(tmp_path: Path) -> None:
+    """Before: dropped patches were dimmed to 0.2 x the image, so on black data kept and dropped looked the same."""
+    black = torch.zeros(1, 3, 16, 16)
+    overlay = figures.kept_overlay(black, torch.tensor([[0]]), patch_size=8)  # keeps the top-left patch
+    assert overlay[0, :, :8, :8].max() == 0  # kept: the image itself
+    assert overlay[0, 0, 8:, 8:].min() > 0.5 and overlay[0, 2, 8:, 8:].min() > 0.5 and overlay[0, 1].max() == 0
+    path = figures.save_mask_figure(black, black, torch.tensor([[0]]), torch.tensor([[3]]), 8, tmp_path / "m.png",
+                                    "kept patches")
+    assert _pixels(path, (153, 0, 153)) > 0  # magenta at 0.6 on black
+
+
+def test_object_and_gls_boxes_keep_their_colour_across_figures(tmp_path: Path) -> None:
+    """Before: the GLS box was red in figures/localise.png and green (the object's colour) in gls_crops.png."""
+    images, box = torch.zeros(2, 3, 16, 16), torch.tensor([[2, 2, 12, 12]] * 2)
+    crops = figures.save_crop_figure(images, box, images, torch.rand(2, 4), 1, tmp_path / "crops.png")
+    local = figures.save_localisation_figure(images, box, torch.tensor([[0], [1]]), box + 1, 8, tmp_path / "loc.png",
+                                             "kept 1/4 patches")
+    assert _pixels(crops, RED) > 0 and _pixels(local, RED) > 0  # the GLS box
+    assert _pixels(crops, GREEN) == 0 and _pixels(local, GREEN) > 0  # the object box, only where it is drawn
