@@ -47,7 +47,7 @@ def neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds
         [[bank_ds.paths[j] for j in row] for row in nearest.tolist()],
         [[bool(bank_labels[j] == query_labels[i]) for j in row] for i, row in zip(picks.tolist(), nearest.tolist(),
                                                                                    strict=True)],
-        path,
+        path, max_pixels=bank_ds.max_pixels,
     )
 
 

@@ -339,7 +339,9 @@ class ImageFolderDataset(_ImageListDataset):
     Classes are the sorted names of the subfolders of `root/<split>` (label = position), or those of
     `train` (the training split's listing) when given: labels then follow the training split by
     folder name, and a class folder it lacks is an error. Images are found recursively under each
-    class folder by extension (IMAGE_EXTENSIONS) and sorted. Hidden files and folders are skipped.
+    class folder by extension (IMAGE_EXTENSIONS) and sorted, following linked folders once (`_find_images`).
+    Hidden files and folders are skipped; images directly in `root/<split>` have no class and are skipped
+    with a warning.
     `check_images=False` only lists the split (no image is decoded), for cross-split checks.
     """
 
