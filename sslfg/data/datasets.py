@@ -59,6 +59,8 @@ _SCAN_THREADS = 8  # PIL decodes without the GIL: the skip-mode scan reads this 
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 _CLASS_ID = re.compile("-?[0-9]+")  # a minus is read only to say that the id is negative
+# a box coordinate: a plain decimal number (float() would also read "1_0" as 10 and non-ASCII digits)
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf)", re.IGNORECASE)
 CLASS_ID_RULE = "no spaces, signs, decimals, underscores or non-ASCII digits"
 
 Transform = Callable[[Image.Image], Any]
@@ -246,11 +248,10 @@ class CsvSplitDataset(_ImageListDataset):
         boxes, bad = [], []
         for row, (line, values) in enumerate(rows, start=1):
             where = f"data row {row} (line {line})"
-            try:
-                box = tuple(float(v) for v in values[2:])
-            except ValueError:
+            if not all(_NUMBER.fullmatch(v) for v in values[2:]):
                 bad.append(f"{where}: {','.join(values[2:])!r} are not four numbers")
                 continue
+            box = tuple(float(v) for v in values[2:])
             x0, y0, x1, y1 = box
             text = f"{where}: ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
             if not all(math.isfinite(v) for v in box):
