@@ -37,6 +37,8 @@ EVAL_TIMEOUT_S = 6 * 3600
 Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
 # (cfg, number of processes) -> the schedule facts of an evaluation's start-up summary
 Schedule = Callable[[EvalConfig, int], dict[str, Any]]
+# (cfg, datasets by split) -> None, or a DataError for data the evaluation cannot use, before any work
+CheckData = Callable[[EvalConfig, dict[str, Any]], None]
 
 
 @dataclass
@@ -177,11 +179,13 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
-                   schedule: Schedule | None = None, needs_labels: bool = True) -> dict:
+                   schedule: Schedule | None = None, needs_labels: bool = True,
+                   check_data: CheckData | None = None) -> dict:
     """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
-    backbone and the train/test datasets (labelled, unless not `needs_labels`); prints the start-up
-    summary (and stops there with --check); `measure` returns (metrics, protocol) on the main process
-    (None elsewhere); the result, with the summary, is written to <output_dir>/<name>.json and printed."""
+    backbone and the train/test datasets (labelled, unless not `needs_labels`), which `check_data` may
+    refuse (with --check too); prints the start-up summary (and stops there with --check); `measure`
+    returns (metrics, protocol) on the main process (None elsewhere); the result, with the summary, is
+    written to <output_dir>/<name>.json and printed."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
@@ -197,6 +201,8 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
                           f"{cfg.data.format}, data.labels={str(cfg.data.labels).lower()}): evaluate on a labelled "
                           "dataset (--dataset PATH or data.root=...), or write these images' features with "
                           "sslfg-embed (python -m eval.embed)")
+    if check_data is not None:
+        check_data(cfg, datasets)
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
              "backbone": info["backbone"], "features.global_batch": cfg.features.batch_size * world}

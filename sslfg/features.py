@@ -1,8 +1,11 @@
 """Frozen-feature extraction shared by every evaluation: batched, sharded over processes, cached.
 
 Features are cached on disk under a key that hashes the backbone's actual weights, the dataset's
-file list and labels, the split, the eval transform, the feature type and the precision, so a
-changed checkpoint, dataset or precision never reuses stale features.
+file list and labels, each image file's size and modification time (st_mtime_ns: a file replaced or
+rewritten in place gets a new one; its bytes are not read), the split, the eval transform (its repr:
+size, crop, mean and std), the feature type and the precision, so a changed checkpoint, image, dataset
+or precision never reuses stale features. A cache file that cannot be read (truncated, corrupt) or does
+not match the dataset is recomputed and replaced, with a warning.
 
 Precision (`features.precision`): "fp32" runs the backbone in float32 (under the accelerator's own
 autocast, if any: the online kNN's training one), with TF32 matmuls on CUDA; "bf16" under bf16
@@ -14,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -32,6 +38,7 @@ from sslfg.models.backbone import forward_tokens
 
 FeatureKind = Literal["cls", "mean", "lastn", "pixels"]
 Precision = Literal["fp32", "bf16"]
+log = logging.getLogger(__name__)
 
 
 def pool_features(vit: VisionTransformer, x: Tensor, kind: FeatureKind = "cls", last_n: int = 4) -> Tensor:
@@ -73,7 +80,18 @@ def cache_key(weights: str, dataset: object, split: str, transform: object, kind
             "last_n": last_n if kind == "lastn" else 0, "precision": precision}
     h.update(json.dumps(spec, sort_keys=True).encode())
     h.update(json.dumps([list(map(str, dataset.paths)), list(map(int, dataset.labels))]).encode())
+    h.update(json.dumps([_file_stamp(p) for p in dataset.paths]).encode())
     return h.hexdigest()[:20]
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime in ns) of a file, cheap to read for every image; (-1, -1) for one that is gone (the
+    extraction then names it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 @torch.no_grad()
@@ -110,8 +128,16 @@ def cached_features(vit: VisionTransformer, dataset: torch.utils.data.Dataset, s
     key = cache_key(weights_digest(vit), dataset, split, getattr(dataset, "transform", None), kind, last_n, precision)
     path = Path(cache_dir) / f"{split}-{key}.safetensors"
     if path.is_file():
-        stored = load_file(str(path))
-        return stored["features"], stored["labels"]
+        try:
+            stored = load_file(str(path))
+            features, labels = stored["features"], stored["labels"]
+        except (SafetensorError, OSError, KeyError) as err:
+            log.warning("feature cache %s cannot be read (%s); recomputing it", path, err)
+        else:
+            if len(features) == len(labels) == len(dataset):
+                return features, labels
+            log.warning("feature cache %s holds %d features for %d images; recomputing it", path, len(features),
+                        len(dataset))
     features, labels = extract_features(*extract)
     if accelerator.is_main_process:
         with atomic_path(path) as tmp:

@@ -1,4 +1,9 @@
-"""Figures written into a run's figures/ folder (PIL only: no plotting backend needed)."""
+"""Figures written into a run's figures/ folder (PIL only: no plotting backend needed).
+
+Every figure draws one thing in one colour, named in its caption: the object box green, the GLS box
+red, LoDisc's kept patches outlined yellow, and the patches the local branch drops tinted magenta (in
+the figure only: the model sees them zero-filled, which on dark images would not show).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,18 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
-from sslfg.data.images import load_image
+from sslfg.data.images import MAX_PIXELS, load_image
 
-DIM = 0.2  # brightness of the patches the local branch drops
+OBJECT_BOX = (0, 200, 0)  # green
+GLS_BOX = (230, 0, 0)  # red
+KEPT = (230, 200, 0)  # yellow
+DROPPED = (255, 0, 255)  # magenta
+DROPPED_TINT = 0.6  # share of magenta in a dropped patch: the image still shows through
+
+
+def _caption_height(caption: str) -> int:
+    """Pixels above the first row for `caption` in PIL's default font (about 12 per line)."""
+    return 8 + 12 * (caption.count("\n") + 1)
 
 
 def _to_pil(img: Tensor, scale: int) -> Image.Image:
@@ -22,23 +36,27 @@ def _to_pil(img: Tensor, scale: int) -> Image.Image:
 
 
 def kept_overlay(images: Tensor, keep_idx: Tensor, patch_size: int) -> Tensor:
-    """Images (B, 3, H, W) with the patches outside keep_idx (B, K) dimmed to DIM."""
+    """Images (B, 3, H, W) in [0, 1] with the patches outside keep_idx (B, K) tinted DROPPED, which contrasts
+    with dark and bright images alike."""
     b, _, h, w = images.shape
     g = h // patch_size
-    weight = torch.full((b, g * g), DIM, device=images.device).scatter_(1, keep_idx, 1.0)
-    weight = weight.view(b, 1, g, g).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
-    return images * weight
+    tint = torch.full((b, g * g), DROPPED_TINT, device=images.device).scatter_(1, keep_idx, 0.0)
+    tint = tint.view(b, 1, g, g).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+    colour = torch.tensor(DROPPED, dtype=images.dtype, device=images.device).view(1, 3, 1, 1) / 255
+    return images * (1 - tint) + colour * tint
 
 
 def save_mask_figure(view1: Tensor, view2: Tensor, keep1: Tensor, keep2: Tensor, patch_size: int, path: Path,
                      title: str) -> Path:
-    """One row per image: view 1, its kept patches, view 2, its kept patches. Views in [0, 1]."""
+    """One row per image: view 1, its kept patches, view 2, its kept patches (dropped ones tinted magenta).
+    Views in [0, 1]."""
     scale = max(1, 128 // view1.shape[-1])
     columns = [view1, kept_overlay(view1, keep1, patch_size), view2, kept_overlay(view2, keep2, patch_size)]
-    side, pad, head = view1.shape[-1] * scale, 4, 20
+    caption = f"{title}; dropped patches magenta"
+    side, pad, head = view1.shape[-1] * scale, 4, _caption_height(caption)
     sheet = Image.new("RGB", (4 * (side + pad) + pad, len(view1) * (side + pad) + pad + head), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 4), title, fill="black")
+    draw.text((pad, 4), caption, fill="black")
     for row in range(len(view1)):
         for col, images in enumerate(columns):
             sheet.paste(_to_pil(images[row], scale), (pad + col * (side + pad), head + pad + row * (side + pad)))
@@ -48,17 +66,17 @@ def save_mask_figure(view1: Tensor, view2: Tensor, keep1: Tensor, keep2: Tensor,
 
 
 def save_neighbour_grid(query_paths: list[str], neighbour_paths: list[list[str]], same_class: list[list[bool]],
-                        path: Path, side: int = 96) -> Path:
+                        path: Path, side: int = 96, max_pixels: int = MAX_PIXELS) -> Path:
     """One row per query: the query image, then its nearest training images with a green
-    (same class) or red (other class) border."""
+    (same class) or red (other class) border; images load under `max_pixels` (data.max_image_pixels)."""
     border, pad = max(2, side // 24), 6
     columns = 1 + max(len(row) for row in neighbour_paths)
     sheet = Image.new("RGB", (columns * (side + pad) + pad, len(query_paths) * (side + pad) + pad), "white")
     for r, (query, row, same) in enumerate(zip(query_paths, neighbour_paths, same_class, strict=True)):
         y = pad + r * (side + pad)
-        sheet.paste(load_image(query).resize((side, side)), (pad, y))
+        sheet.paste(load_image(query, max_pixels).resize((side, side)), (pad, y))
         for c, (neighbour, ok) in enumerate(zip(row, same, strict=True)):
-            thumb = load_image(neighbour).resize((side - 2 * border, side - 2 * border))
+            thumb = load_image(neighbour, max_pixels).resize((side - 2 * border, side - 2 * border))
             framed = ImageOps.expand(thumb, border=border, fill=(0, 170, 0) if ok else (210, 0, 0))
             sheet.paste(framed, (pad + (c + 1) * (side + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,8 +112,8 @@ def save_embedding_map(features: Tensor, labels: Tensor, class_names: list[str],
 
 
 def save_crop_figure(images: Tensor, boxes: Tensor, crops: Tensor, scores: Tensor, top_k: int, path: Path) -> Path:
-    """One row per image: the image with its GLS box, the crop the second pass sees, and the
-    global-local similarity of every patch (red = high) with the top-k patches outlined.
+    """One row per image: the image with its GLS box (red, GLS_BOX), the crop the second pass sees, and the
+    global-local similarity of every patch (red = high) with the top-k patches outlined; a caption says so.
 
     images (B, 3, H, W) and crops (B, 3, S, S) in [0, 1]; boxes (B, 4) as (y0, x0, y1, x1); scores (B, N).
     """
@@ -107,15 +125,17 @@ def save_crop_figure(images: Tensor, boxes: Tensor, crops: Tensor, scores: Tenso
     heat = heat.view(b, 1, g, g).repeat_interleave(h // g, 2).repeat_interleave(h // g, 3)
     overlay = 0.4 * images + 0.6 * torch.cat([heat, torch.zeros_like(heat), 1 - heat], dim=1)
     top = scores.topk(top_k, dim=1).indices
-    side, pad = h * scale, 4
-    sheet = Image.new("RGB", (3 * (side + pad) + pad, b * (side + pad) + pad), "white")
+    caption = f"GLS box red, its crop,\nsimilarity (red high), top {top_k} outlined"
+    side, pad, head = h * scale, 4, _caption_height(caption)
+    sheet = Image.new("RGB", (3 * (side + pad) + pad, b * (side + pad) + pad + head), "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 4), caption, fill="black")
     for row in range(b):
-        y = pad + row * (side + pad)
+        y = head + pad + row * (side + pad)
         for col, picture in enumerate((images[row], crops[row], overlay[row])):
             sheet.paste(_to_pil(picture, scale).resize((side, side), Image.NEAREST), (pad + col * (side + pad), y))
         y0, x0, y1, x1 = (int(v) * scale for v in boxes[row])
-        draw.rectangle([pad + x0, y + y0, pad + x1 - 1, y + y1 - 1], outline=(0, 200, 0), width=2)
+        draw.rectangle([pad + x0, y + y0, pad + x1 - 1, y + y1 - 1], outline=GLS_BOX, width=2)
         cell = side // g
         for idx in top[row].tolist():
             r, c = divmod(idx, g)
@@ -129,14 +149,16 @@ def save_crop_figure(images: Tensor, boxes: Tensor, crops: Tensor, scores: Tenso
 def save_localisation_figure(images: Tensor, boxes: Tensor, keep_idx: Tensor, gls: Tensor, patch_size: int,
                              path: Path, title: str) -> Path:
     """One row per image: the image with the object box (green), LoDisc's kept patches (outlined in
-    yellow, the rest dimmed) and the GLS box (red), each with the object box. images (B, 3, H, W) in
-    [0, 1]; boxes and gls (B, 4) as (x0, y0, x1, y1) with exclusive ends."""
+    yellow, the rest tinted magenta) and the GLS box (red), each with the object box; the caption is
+    `title` and the colours. images (B, 3, H, W) in [0, 1]; boxes and gls (B, 4) as (x0, y0, x1, y1)
+    with exclusive ends."""
     scale = max(1, 128 // images.shape[-1])
     columns = [images, kept_overlay(images, keep_idx, patch_size), images]
-    side, pad, head = images.shape[-1] * scale, 4, 20
+    caption = f"{title}: object box green,\nkept yellow (dropped magenta), GLS box red"
+    side, pad, head = images.shape[-1] * scale, 4, _caption_height(caption)
     sheet = Image.new("RGB", (3 * (side + pad) + pad, len(images) * (side + pad) + pad + head), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 4), title, fill="black")
+    draw.text((pad, 4), caption, fill="black")
 
     def rectangle(box: Tensor, left: int, top: int, colour: tuple[int, int, int], width: int = 2) -> None:
         x0, y0, x1, y1 = (round(float(v) * scale) for v in box)
@@ -148,13 +170,13 @@ def save_localisation_figure(images: Tensor, boxes: Tensor, keep_idx: Tensor, gl
             left = pad + col * (side + pad)
             sheet.paste(_to_pil(pictures[row], scale), (left, top))
         grid = images.shape[-1] // patch_size
-        for idx in keep_idx[row].tolist():  # outlined: on a dark background dimming alone does not show them
+        for idx in keep_idx[row].tolist():
             r, c = divmod(idx, grid)
             cell = torch.tensor([c, r, c + 1, r + 1]) * patch_size
-            rectangle(cell, pad + side + pad, top, (230, 200, 0), width=1)
-        rectangle(gls[row], pad + 2 * (side + pad), top, (230, 0, 0))
+            rectangle(cell, pad + side + pad, top, KEPT, width=1)
+        rectangle(gls[row], pad + 2 * (side + pad), top, GLS_BOX)
         for col in range(3):  # the object box last, on top
-            rectangle(boxes[row], pad + col * (side + pad), top, (0, 200, 0))
+            rectangle(boxes[row], pad + col * (side + pad), top, OBJECT_BOX)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path

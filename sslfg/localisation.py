@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError
-from sslfg.data.boxes import eval_boxes, loaded_size, transform_box
+from sslfg.data.boxes import eval_boxes, transform_box
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.methods import MomentumMethod
@@ -138,9 +138,7 @@ def finetune_test_boxes(dataset, image_size: int, resize_ratio: float) -> Tensor
     round(resize_ratio·S), aspect not kept, then the centre S × S crop."""
     side = round(resize_ratio * image_size)
     out = []
-    for i, (x0, y0, x1, y1) in enumerate(dataset.boxes):
-        width, height = loaded_size(dataset.paths[i])
-        dataset.check_box(i, (width, height))
+    for (x0, y0, x1, y1), (width, height) in zip(dataset.boxes, dataset.sizes, strict=True):
         square = (x0 * side / width, y0 * side / height, x1 * side / width, y1 * side / height)
         out.append(transform_box(square, (side, side), image_size, image_size / side))  # its crop, scale 1
     return torch.tensor(out, dtype=torch.float32).reshape(-1, 4)

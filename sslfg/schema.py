@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from sslfg.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, RATE, Relation, bounded
+from sslfg.data.images import MAX_PIXELS
 from sslfg.methods import MethodConfig
 from sslfg.models.backbone import sizes_near
 
@@ -64,6 +65,9 @@ class DataConfig:
     # and flip, the batch gets its colour, blur and solarize on the training device: sslfg.data.batch_augment),
     # auto (what bench/input_pipeline.py measured faster: device on a GPU; on a CPU up to 64 px: resolve_augment_on)
     augment_on: Literal["workers", "device", "auto"] = "auto"
+    # an image with more pixels is refused before it is decoded (a decompression-bomb guard; the default is
+    # PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS): raise it for trusted huge images
+    max_image_pixels: int = bounded(AT_LEAST_1, MAX_PIXELS)
     # csv layout: every split csv has object-box columns x0,y0,x1,y1 (pixels of the original image, x1/y1 exclusive)
     boxes: bool = False
     # false: the images without their labels (csv: only the dir column is read; imagefolder: every image under

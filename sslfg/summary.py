@@ -12,14 +12,17 @@ SCHEMA_DEFAULT = "schema default"
 
 def startup_summary(data: DataConfig, datasets: dict[str, Any], sources: dict[str, str],
                     run: dict[str, Any]) -> dict[str, Any]:
-    """Flat facts: data.* (root, layout, images and classes per split in `datasets`, skipped images, image
-    size, mean/std with the file or "command line" that set them, per `sources` from
-    `sslfg.config.key_sources`), then the command's own `run` facts (steps, epochs, global batch, lr, ...)."""
+    """Flat facts: data.* (root, layout, images and classes per split in `datasets`, skipped images, test
+    images that the training split lists too, image size, mean/std with the file or "command line" that set
+    them, per `sources` from `sslfg.config.key_sources`), then the command's own `run` facts (steps, epochs,
+    global batch, lr, ...)."""
     summary: dict[str, Any] = {"data.root": data.root, "data.format": data.format}
     for split, dataset in datasets.items():
         summary[f"data.{split}.images"] = len(dataset)
         summary[f"data.{split}.classes"] = len(set(dataset.labels) - {-1})
     summary["data.skipped_images"] = sum(len(d.skipped) for d in datasets.values())
+    if data.test_split in datasets:  # test images the training split lists too: metrics on them measure memory
+        summary["data.test_overlaps_train"] = datasets[data.test_split].overlaps_train
     summary["data.image_size"] = data.image_size
     for key, value, imagenet in (("mean", data.mean, IMAGENET_MEAN), ("std", data.std, IMAGENET_STD)):
         summary[f"data.{key}"] = list(value)

@@ -46,6 +46,7 @@ def test_shards_table_and_manifest(data: Path, tmp_path: Path) -> None:
     assert x.shape == (24, 32) and x.dtype == np.float32 and np.isfinite(x).all()
     assert [np.load(tmp_path / "a" / s["file"]).shape[0] for s in manifest["shards"]] == [10, 10, 4]
     stored = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest.pop("output_dir") == str(tmp_path / "a")  # returned beside the manifest, not stored in it
     assert stored == manifest and stored["complete"] and all(s["complete"] for s in stored["shards"])
     assert (stored["model"], stored["dim"], stored["count"], stored["dtype"]) == ("vit_tiny_patch16_224", 32, 24,
                                                                                 "float32")

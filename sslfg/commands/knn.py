@@ -6,7 +6,8 @@
     python -m eval.knn --random-init --checkpoint runs/lodisc_cub   # the floor, same architecture
     accelerate launch --multi_gpu --num_processes 2 -m eval.knn --checkpoint runs/lodisc_cub   # same numbers
 
-Bank = data.train_split, queries = data.test_split; retrieval runs over the test split. Without
+Bank = data.train_split, queries = data.test_split; retrieval runs over the test split (its mAP is left
+out, with a warning and protocol.retrieval_mAP saying why, when every class has one test image). Without
 --dataset, --config or data.root, a run directory's own data settings are used. --check validates
 the recipe and the data, builds the backbone, prints the start-up summary and exits.
 The console command `sslfg-knn` takes the same arguments.
@@ -15,6 +16,7 @@ The console command `sslfg-knn` takes the same arguments.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from sslfg.cli import console, run_evaluation
+from sslfg.data.images import DataError
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
 from sslfg.knn import knn_evaluate, resolve_backend, retrieval_metrics, usable_ks
 from sslfg.schema import EvalConfig
 
 GRID_QUERIES, GRID_NEIGHBOURS = 8, 5
+MIN_TEST_IMAGES = 2  # leave-one-out retrieval and t-SNE need another test image
+NO_MAP = "n/a: every class has one test image, so no query has another image of its class to retrieve"
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +47,7 @@ def neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds
         [[bank_ds.paths[j] for j in row] for row in nearest.tolist()],
         [[bool(bank_labels[j] == query_labels[i]) for j in row] for i, row in zip(picks.tolist(), nearest.tolist(),
                                                                                    strict=True)],
-        path,
+        path, max_pixels=bank_ds.max_pixels,
     )
 
 
@@ -57,15 +62,20 @@ def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, di
     log.info("kNN search: %s on %s (%s)", backend, device, why)
     metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=k.ks, temperature=k.temperature,
                            backend=backend, device=device, float16=k.float16)
+    notes = {}
     if k.retrieval:
         retrieval = retrieval_metrics(queries, query_labels, device=device)
+        if math.isnan(retrieval["mAP"]):  # no query has another image of its class: not a number to print
+            del retrieval["mAP"]
+            notes["retrieval_mAP"] = NO_MAP
+            log.warning("retrieval.mAP: %s (%s); it is left out of the metrics", NO_MAP, cfg.data.test_split)
         metrics |= {f"retrieval.{name}": v for name, v in retrieval.items()}
     protocol = {"name": "knn", "bank_split": cfg.data.train_split, "query_split": cfg.data.test_split,
                 "ks": usable_ks(k.ks, len(bank)), "ks_requested": k.ks,  # a k above the bank size is dropped
                 "temperature": k.temperature, "similarity": "cosine", "weights": "exp(sim/T)",
                 "backend": backend, "search_device": device.type, "float16_bank": k.float16,
                 "bank_size": len(bank), "queries": len(queries),
-                "skipped_images": skipped_images(bank_ds, query_ds)}
+                "skipped_images": skipped_images(bank_ds, query_ds), **notes}
     if k.figures:
         neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,
                          out / "figures" / "knn_neighbours.png", cfg.seed)
@@ -74,8 +84,19 @@ def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, di
     return metrics, protocol
 
 
+def check_test_split(cfg: EvalConfig, datasets: dict) -> None:
+    """Leave-one-out retrieval and the t-SNE map need two test images: refused at start-up (and by --check),
+    not after the features are extracted."""
+    k, split = cfg.knn, cfg.data.test_split
+    test = datasets[split]
+    if (k.retrieval or k.figures) and len(test) < MIN_TEST_IMAGES:
+        raise DataError(f"data.test_split '{split}' ({test.source}) has {len(test)} image; eval.knn needs at least "
+                        f"{MIN_TEST_IMAGES} for leave-one-out retrieval and the t-SNE map. Add test images, or set "
+                        "knn.retrieval=false knn.figures=false.")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run_evaluation(argv, __doc__, "knn", knn_transfer)
+    return run_evaluation(argv, __doc__, "knn", knn_transfer, check_data=check_test_split)
 
 
 cli = console(main)

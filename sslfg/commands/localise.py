@@ -61,8 +61,7 @@ def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dic
         picks = torch.linspace(0, len(dataset) - 1, min(loc.figure_samples, len(dataset))).long()
         images = denormalize(torch.stack([dataset[i][0] for i in picks.tolist()]), d.mean, d.std)
         save_localisation_figure(images, boxes[picks], keep[picks], gls[picks], patch_size,
-                                 out / "figures" / "localise.png", f"object (green), kept {keep.shape[1]}/{grid**2} "
-                                 "(yellow), GLS box (red)")
+                                 out / "figures" / "localise.png", f"kept {keep.shape[1]}/{grid**2} patches")
     return metrics, protocol
 
 

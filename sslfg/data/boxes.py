@@ -11,12 +11,9 @@ with zero width or height.
 from __future__ import annotations
 
 import torch
-from PIL import ExifTags, Image
 
 from sslfg.data.datasets import Box, CsvSplitDataset
 from sslfg.data.images import DataError
-
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (load_image applies them)
 
 
 def transform_box(box: Box, original_size: tuple[int, int], image_size: int, crop_ratio: float) -> Box:
@@ -40,33 +37,15 @@ def transform_box(box: Box, original_size: tuple[int, int], image_size: int, cro
     return clip(x0 * sx - left), clip(y0 * sy - top), clip(x1 * sx - left), clip(y1 * sy - top)
 
 
-def loaded_size(path: str) -> tuple[int, int]:
-    """(width, height) of the image at `path` as `load_image` returns it (EXIF orientation applied),
-    read from the file header without decoding the pixels."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if img.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSED:
-                width, height = height, width
-    except OSError as err:  # missing, unreadable or not an image (UnidentifiedImageError is an OSError)
-        raise DataError(f"cannot read the image size of {path}: {err}") from err
-    return width, height
-
-
 def eval_boxes(dataset: CsvSplitDataset, image_size: int, crop_ratio: float) -> torch.Tensor:
     """(N, 4) float32: every sample's box in its eval-transformed image (see the module docstring).
 
-    DataError when the dataset has no boxes, or a box reaches past its image (naming the csv row).
+    DataError when the dataset has no boxes (a box past its image is an error when the dataset is built).
     """
     if dataset.boxes is None:
         raise DataError(f"{dataset.source} was read without object boxes; set data.boxes=true and give its csv the "
                         "columns x0,y0,x1,y1 (pixels of the image).")
-    out = []
-    for i, box in enumerate(dataset.boxes):
-        try:
-            size = loaded_size(dataset.paths[i])
-        except DataError as err:
-            raise DataError(f"{err} (listed in {dataset.source}, data row {dataset.rows[i]})") from err
-        dataset.check_box(i, size)
-        out.append(transform_box(box, size, image_size, crop_ratio))
+    assert dataset.sizes is not None  # read, and the boxes checked against them, when the dataset was built
+    out = [transform_box(box, size, image_size, crop_ratio) for box, size in zip(dataset.boxes, dataset.sizes,
+                                                                                 strict=True)]
     return torch.tensor(out, dtype=torch.float32).reshape(-1, 4)

@@ -9,17 +9,21 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
 - `num_classes: int` (0 when unlabelled);
 - `skipped: list[tuple[str, str]]`: (path, reason) of every image dropped by `on_bad_image="skip"`;
 - `source: str`: the csv file or folder that lists the split, for messages;
+- `overlaps_train: int`: for `data.test_split`, how many of its images the training split lists too
+  (all of them when the two are one split); 0 otherwise;
 - `boxes: list[Box] | None`: per sample, the object box (x0, y0, x1, y1) in pixels of the image as loaded
   (x1, y1 exclusive: a box over pixels 2..5 is (2, 6)); None unless the csv layout is read with boxes
-  (`data.boxes`). Boxes are checked when read (numbers, x0 < x1, y0 < y1, not negative); the right and
-  bottom edges need the image size and are checked by `sslfg.data.boxes.eval_boxes`;
+  (`data.boxes`). Boxes are checked when read (numbers, x0 < x1, y0 < y1, not negative), and, when the
+  images are checked, against the size of their image (read from its header, kept in `sizes`), so a box
+  past its image's right or bottom edge stops every command at start-up, `--check` included;
+- `sizes: list[tuple[int, int]] | None`: (width, height) of each image as loaded, read with the boxes;
 - `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`.
 
 Splits share one class mapping: `build_dataset` gives every split other than `data.train_split` the
 training split's classes (ImageFolder: by folder name; csv: its class count when neither
 classid_classname.csv nor data.num_classes declares one), then warns about test classes without
 training images, training classes a split lacks, and images listed in both the training and the
-test split.
+test split (by real path, also when data.test_split names the training split itself).
 
 Bad images (`on_bad_image`): with "error" (the default) a missing csv-listed file fails at construction
 and an unreadable one when it is loaded, both naming the file and where it was listed; with "skip"
@@ -36,6 +40,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +49,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sslfg.data.images import IMAGE_EXTENSIONS, DataError, has_image_extension, load_image
+from sslfg.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, has_image_extension, load_image, loaded_size
 from sslfg.schema import DataConfig
 
 CLASS_NAMES_FILE = "classid_classname.csv"
@@ -53,6 +58,10 @@ _MAX_LISTED = 5  # problems spelled out in one error message; the rest are count
 _SCAN_THREADS = 8  # PIL decodes without the GIL: the skip-mode scan reads this many images at once
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+_CLASS_ID = re.compile("-?[0-9]+")  # a minus is read only to say that the id is negative
+# a box coordinate: a plain decimal number (float() would also read "1_0" as 10 and non-ASCII digits)
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf)", re.IGNORECASE)
+CLASS_ID_RULE = "no spaces, signs, decimals, underscores or non-ASCII digits"
 
 Transform = Callable[[Image.Image], Any]
 Box = tuple[float, float, float, float]
@@ -69,13 +78,16 @@ class _ImageListDataset(Dataset):
     num_classes: int
     source: str
     boxes: list[Box] | None = None
+    sizes: list[tuple[int, int]] | None = None
+    overlaps_train: int = 0  # for data.test_split: images the training split lists too (`check_leakage`)
     _per_sample: tuple[str, ...] = ("paths", "labels", "boxes")  # the parallel lists that dropping an image shortens
 
-    def __init__(self, transform: Transform | None, on_bad_image: OnBadImage) -> None:
+    def __init__(self, transform: Transform | None, on_bad_image: OnBadImage, max_pixels: int) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise DataError(f"data.on_bad_image: expected one of {', '.join(BAD_IMAGE_POLICIES)}, "
                             f"got {on_bad_image!r}")
         self.transform = transform
+        self.max_pixels = max_pixels  # data.max_image_pixels
         self.skipped: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
@@ -87,7 +99,7 @@ class _ImageListDataset(Dataset):
 
     def _load(self, index: int) -> Image.Image:
         try:
-            return load_image(self.paths[index])
+            return load_image(self.paths[index], self.max_pixels)
         except DataError as err:
             raise DataError(f"{err} (listed in {self._origin(index)})") from err
 
@@ -156,8 +168,9 @@ class CsvSplitDataset(_ImageListDataset):
         check_images: bool = True,
         boxes: bool = False,
         labelled: bool = True,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
-        super().__init__(transform, on_bad_image)
+        super().__init__(transform, on_bad_image, max_pixels)
         self.root = _existing_dir(root)
         self.split = split
         self.csv_path = self.source = os.path.join(self.root, f"{split}.csv")
@@ -215,16 +228,17 @@ class CsvSplitDataset(_ImageListDataset):
         self.classes = names if names is not None else [str(i) for i in range(self.num_classes)]
         if check_images:
             self._apply_policy(on_bad_image)
+            if boxes:
+                self._check_boxes_fit()
 
     def _parse_labels(self, rows: list[tuple[int, list[str]]], bound: int, rule: str) -> list[int]:
         """class_id column -> ints; every bad value is an error (the first few are listed); `rule` says
         where `bound` comes from and what to do."""
         labels, bad = [], []
         for row, (line, (value, *_)) in enumerate(rows, start=1):
-            try:
-                label = int(value)
-            except ValueError:
-                bad.append(f"data row {row} (line {line}): {value!r} is not an integer")
+            label = _class_id(value)
+            if label is None:
+                bad.append(f"data row {row} (line {line}): {value!r} is not a class id")
                 continue
             if label < 0:
                 bad.append(f"data row {row} (line {line}): class_id {label} is negative")
@@ -233,7 +247,7 @@ class CsvSplitDataset(_ImageListDataset):
             labels.append(label)
         if bad:
             raise DataError(f"{self.csv_path}: bad class_id values: {_summarise(bad)}. Class ids are 0-based integers"
-                            f"{rule}.")
+                            f" written as plain digits 0-9 ({CLASS_ID_RULE}){rule}.")
         return labels
 
     def _parse_boxes(self, rows: list[tuple[int, list[str]]]) -> list[Box]:
@@ -241,11 +255,10 @@ class CsvSplitDataset(_ImageListDataset):
         boxes, bad = [], []
         for row, (line, values) in enumerate(rows, start=1):
             where = f"data row {row} (line {line})"
-            try:
-                box = tuple(float(v) for v in values[2:])
-            except ValueError:
+            if not all(_NUMBER.fullmatch(v) for v in values[2:]):
                 bad.append(f"{where}: {','.join(values[2:])!r} are not four numbers")
                 continue
+            box = tuple(float(v) for v in values[2:])
             x0, y0, x1, y1 = box
             text = f"{where}: ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
             if not all(math.isfinite(v) for v in box):
@@ -261,16 +274,24 @@ class CsvSplitDataset(_ImageListDataset):
                             "rows, or set data.boxes=false to ignore the columns.")
         return boxes
 
-    def check_box(self, index: int, size: tuple[int, int]) -> None:
-        """DataError naming the row if box `index` reaches past the right or bottom edge of its image of `size`
-        (width, height)."""
+    def _check_boxes_fit(self) -> None:
+        """Reads every image's size (header only, `sizes`); DataError naming the rows whose box reaches past the
+        right or bottom edge of its image."""
+        with ThreadPoolExecutor(min(_SCAN_THREADS, os.cpu_count() or 1)) as pool:
+            self.sizes = list(pool.map(self._loaded_size, range(len(self.paths))))
         assert self.boxes is not None
-        x0, y0, x1, y1 = self.boxes[index]
-        width, height = size
-        if x1 > width or y1 > height:
-            raise DataError(f"{self._origin(index)}: object box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside its "
-                            f"{width}x{height} image {self.paths[index]} (x1 <= width and y1 <= height, pixels of the "
-                            "image as loaded); fix the row, or set data.boxes=false.")
+        pairs = enumerate(zip(self.boxes, self.sizes, strict=True))
+        bad = [f"{self._origin(i)}: object box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside its {w}x{h} image "
+               f"{self.paths[i]}" for i, ((x0, y0, x1, y1), (w, h)) in pairs if x1 > w or y1 > h]
+        if bad:
+            raise DataError(f"{_summarise(bad)} (x1 <= width and y1 <= height, pixels of the image as loaded); fix the "
+                            "rows, or set data.boxes=false.")
+
+    def _loaded_size(self, index: int) -> tuple[int, int]:
+        try:
+            return loaded_size(self.paths[index])
+        except DataError as err:
+            raise DataError(f"{err} (listed in {self._origin(index)})") from err
 
     def _check_duplicates(self, dirs: list[str]) -> None:
         """An image listed twice in one split would count twice in training and in every metric."""
@@ -326,14 +347,16 @@ class ImageFolderDataset(_ImageListDataset):
     Classes are the sorted names of the subfolders of `root/<split>` (label = position), or those of
     `train` (the training split's listing) when given: labels then follow the training split by
     folder name, and a class folder it lacks is an error. Images are found recursively under each
-    class folder by extension (IMAGE_EXTENSIONS) and sorted. Hidden files and folders are skipped.
+    class folder by extension (IMAGE_EXTENSIONS) and sorted, following linked folders once (`_find_images`).
+    Hidden files and folders are skipped; images directly in `root/<split>` have no class and are skipped
+    with a warning.
     `check_images=False` only lists the split (no image is decoded), for cross-split checks.
     """
 
     def __init__(self, root: str, split: str, transform: Transform | None = None,
                  on_bad_image: OnBadImage = "error", train: _ImageListDataset | None = None,
-                 check_images: bool = True) -> None:
-        super().__init__(transform, on_bad_image)
+                 check_images: bool = True, max_pixels: int = MAX_PIXELS) -> None:
+        super().__init__(transform, on_bad_image, max_pixels)
         self.root = _existing_dir(root)
         self.split_dir = self.source = os.path.join(self.root, split)
         if not os.path.isdir(self.split_dir):
@@ -360,6 +383,10 @@ class ImageFolderDataset(_ImageListDataset):
                 "or remove or rename the folders (data.train_split names the training split)."
             )
         self.num_classes = len(self.classes)
+        loose = sorted(e.path for e in os.scandir(self.split_dir) if e.is_file() and has_image_extension(e.name))
+        if loose:
+            log.warning("%s: skipped %d images beside the class folders (%s): an image outside a class folder has no "
+                        "class. Move them into their class folder.", self.split_dir, len(loose), _summarise(loose))
         self.paths, self.labels, empty = [], [], []
         for name in folders:
             files = _find_images(os.path.join(self.split_dir, name))
@@ -382,8 +409,9 @@ class ImageFolderDataset(_ImageListDataset):
 class UnlabelledFolderDataset(_ImageListDataset):
     """Any tree of images under `root` (recursive, sorted), each with label -1."""
 
-    def __init__(self, root: str, transform: Transform | None = None, on_bad_image: OnBadImage = "error") -> None:
-        super().__init__(transform, on_bad_image)
+    def __init__(self, root: str, transform: Transform | None = None, on_bad_image: OnBadImage = "error",
+                 max_pixels: int = MAX_PIXELS) -> None:
+        super().__init__(transform, on_bad_image, max_pixels)
         self.root = _existing_dir(root)
         self.paths = _find_images(self.root)
         if not self.paths:
@@ -422,21 +450,23 @@ def build_dataset(
         raise DataError(f"data.boxes is true but data.format is {cfg.format!r}: object boxes are read from the box "
                         "columns of the csv layout; use data.format=csv or set data.boxes=false.")
     if cfg.format == "folder":
-        return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image)
+        return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image, cfg.max_image_pixels)
     if cfg.format not in ("csv", "imagefolder"):
         raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
     if not cfg.labels:  # the split's images only: no classes to share or check between splits
         if cfg.format == "csv":
             return CsvSplitDataset(cfg.root, split, cfg.images_dir, transform=transform, on_bad_image=cfg.on_bad_image,
-                                   boxes=cfg.boxes, labelled=False)
-        return UnlabelledFolderDataset(os.path.join(cfg.root, split), transform, cfg.on_bad_image)
+                                   boxes=cfg.boxes, labelled=False, max_pixels=cfg.max_image_pixels)
+        return UnlabelledFolderDataset(os.path.join(cfg.root, split), transform, cfg.on_bad_image,
+                                       cfg.max_image_pixels)
     train = _training_listing(cfg, split)
     dataset: CsvSplitDataset | ImageFolderDataset
     if cfg.format == "csv":
         dataset = CsvSplitDataset(cfg.root, split, cfg.images_dir, cfg.num_classes, transform, cfg.on_bad_image, train,
-                                  boxes=cfg.boxes)
+                                  boxes=cfg.boxes, max_pixels=cfg.max_image_pixels)
     else:
-        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train)
+        dataset = ImageFolderDataset(cfg.root, split, transform, cfg.on_bad_image, train,
+                                     max_pixels=cfg.max_image_pixels)
         if cfg.num_classes > 0 and dataset.num_classes != cfg.num_classes:
             raise DataError(
                 f"{dataset.classes_dir} has {dataset.num_classes} class folders but data.num_classes is "
@@ -444,8 +474,8 @@ def build_dataset(
             )
     if train is not None:
         check_classes(dataset, train)
-        if split == cfg.test_split:
-            check_leakage(dataset, train)
+    if split == cfg.test_split and (train is not None or split == cfg.train_split):
+        dataset.overlaps_train = check_leakage(dataset, train or dataset)
     return dataset
 
 
@@ -481,14 +511,17 @@ def check_classes(dataset: _ImageListDataset, train: _ImageListDataset) -> None:
                     len(trained), _class_names(dataset, absent), train.source)
 
 
-def check_leakage(test: _ImageListDataset, train: _ImageListDataset) -> None:
-    """Warns about images that the test split and the training split both list."""
-    trained = {os.path.normpath(p) for p in train.paths}
-    shared = [p for p in test.paths if os.path.normpath(p) in trained]
+def check_leakage(test: _ImageListDataset, train: _ImageListDataset) -> int:
+    """Warns about images that the test split and the training split both list, compared by real path (any
+    spelling, link or the same split under two names); returns how many (`overlaps_train`)."""
+    trained = {os.path.realpath(p) for p in train.paths}
+    shared = [p for p in test.paths if os.path.realpath(p) in trained]
     if shared:
+        same = " (data.test_split is the training split: set it to a held-out split)" if test is train else ""
         log.warning("%s lists %d images that the training split %s also lists (%s): test metrics on them measure "
-                    "memory, not generalisation. Remove them from one of the two splits.", test.source, len(shared),
-                    train.source, _summarise(shared))
+                    "memory, not generalisation. Remove them from one of the two splits%s.", test.source, len(shared),
+                    train.source, _summarise(shared), same)
+    return len(shared)
 
 
 def _class_names(dataset: _ImageListDataset, ids: list[int]) -> str:
@@ -499,13 +532,18 @@ def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tup
     """Read a UTF-8 csv file with a header; returns (file line, values of `columns`) for each data row.
     `hint` ends the missing-column error.
 
-    Header names and values are stripped of surrounding whitespace; blank lines are skipped; a
-    UTF-8 byte-order mark (spreadsheet exports) is ignored.
+    Header names and values are stripped of surrounding whitespace, except class ids (`_class_id`); blank
+    lines are skipped; a UTF-8 byte-order mark (spreadsheet exports) is ignored. A header naming a column
+    twice is an error: which of the two holds the data would be a guess.
     """
     reader = csv.reader(io.StringIO(_read_utf8(path), newline=""))
     header = [name.strip() for name in next(reader, [])]
     if not header:
         raise DataError(f"{path} is empty; expected a header line such as {','.join(columns)}.")
+    twice = sorted({name for name in header if name and header.count(name) > 1})
+    if twice:
+        raise DataError(f"{path}: the header names {', '.join(map(repr, twice))} more than once ({header}); "
+                        "rename or remove the extra column so each name appears once.")
     absent = [c for c in columns if c not in header]
     if absent:
         raise DataError(
@@ -521,7 +559,8 @@ def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tup
             raise DataError(
                 f"{path}, line {reader.line_num}: {len(values)} fields, too few for the header {header}."
             )
-        rows.append((reader.line_num, [values[i].strip() for i in index]))
+        rows.append((reader.line_num, [values[i] if c == "class_id" else values[i].strip()
+                                       for c, i in zip(columns, index, strict=True)]))
     return rows
 
 
@@ -547,16 +586,22 @@ def _read_class_names(path: str) -> list[str]:
     """classid_classname.csv -> names indexed by class id; ids must be exactly 0..n-1."""
     names: dict[int, str] = {}
     for line, (value, name) in _read_table(path, ("class_id", "class_name")):
-        try:
-            class_id = int(value)
-        except ValueError:
-            raise DataError(f"{path}, line {line}: class_id {value!r} is not an integer.") from None
+        class_id = _class_id(value)
+        if class_id is None:
+            raise DataError(f"{path}, line {line}: class_id {value!r} is not a class id: plain digits 0-9 "
+                            f"({CLASS_ID_RULE}).")
         if class_id in names:
             raise DataError(f"{path}, line {line}: class_id {class_id} appears twice.")
         names[class_id] = name
     if sorted(names) != list(range(len(names))):
         raise DataError(f"{path}: class ids must be exactly 0..{len(names) - 1}, each once.")
     return [names[i] for i in range(len(names))]
+
+
+def _class_id(value: str) -> int | None:
+    """`value` as a class id, or None unless it is plain ASCII digits: int() would also read "0_2", "٢",
+    "+2" and " 2" as a number, so a typo or a stray character would silently become another class."""
+    return int(value) if _CLASS_ID.fullmatch(value) else None
 
 
 def _missing_files(paths: list[str]) -> list[int]:
@@ -581,11 +626,29 @@ def _missing_files(paths: list[str]) -> list[int]:
 
 
 def _find_images(top: str) -> list[str]:
-    """Image files under `top`, recursively (following links), hidden entries skipped, sorted."""
-    found = []
+    """Image files under `top`, recursively, sorted; hidden entries skipped. Linked folders are followed once:
+    a folder already walked (by its real path) or one above `top` is skipped, so a link loop cannot list an
+    image twice. Files without an image extension and skipped links are logged with the reason."""
+    found, others, links = [], [], []
+    walked = {os.path.realpath(top)}
     for folder, dirs, files in os.walk(top, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(folder, f) for f in files if not f.startswith(".") and has_image_extension(f)]
+        kept = []
+        for d in (d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(folder, d))
+            if real in walked or os.path.realpath(top).startswith(real + os.sep):
+                links.append(os.path.join(folder, d))
+            else:
+                walked.add(real)
+                kept.append(d)
+        dirs[:] = kept
+        for f in (f for f in files if not f.startswith(".")):
+            (found if has_image_extension(f) else others).append(os.path.join(folder, f))
+    if links:
+        log.warning("%s: skipped %d linked folders already walked or above it (a link loop, or a second link to one "
+                    "folder, would list its images again): %s", top, len(links), _summarise(links))
+    if others:
+        log.info("%s: skipped %d files without an image extension (%s): %s", top, len(others),
+                 " ".join(IMAGE_EXTENSIONS), _summarise(others))
     return sorted(found)
 
 

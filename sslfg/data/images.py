@@ -13,14 +13,25 @@ import numpy as np
 from PIL import Image, ImageOps
 from PIL.ExifTags import Base as ExifTag
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# The extensions every layout finds images by: the raster formats PIL decodes itself (the csv layout
+# loads any file PIL reads, whatever its name, so the folder layouts must not drop what it accepts).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".pcx", ".sgi", ".qoi",
+)
 
 # 16-bit and 32-bit integer greyscale modes; they hold more than 8 bits and need rescaling,
 # because PIL's own convert("L") clips everything above 255 to white.
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (load_image applies them)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # What a corrupt file can raise while PIL identifies or decodes it.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+# The default of data.max_image_pixels: PIL's own refusal threshold (it warns above MAX_IMAGE_PIXELS and
+# refuses above twice that). load_image checks the limit itself, so PIL's process-wide guard is switched
+# off: a recipe's data.max_image_pixels then applies to its own datasets without a global setting.
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
 
 
 class DataError(ValueError):
@@ -32,8 +43,11 @@ def has_image_extension(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file; returns a new mode "RGB" (8 bits per channel) image.
+
+    An image of more than `max_pixels` pixels (`data.max_image_pixels`) is refused from its header,
+    before it is decoded: the decompression-bomb guard.
 
     The format is detected from the content, not the extension (a PNG named .jpg loads). An EXIF
     orientation tag (phone and camera photos) is applied, so the image is upright as a viewer shows it.
@@ -45,18 +59,26 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
       whatever colour the file stores under them.
     - 16-bit greyscale (I;16, I;16B, ...) and 32-bit integer I: treated as 16-bit values,
       clipped to 0..65535 and scaled linearly to 0..255 (65535 -> 255, 32768 -> 128).
-    - Float F: PIL's conversion (values clipped to 0..255).
+    - Float F (e.g. 32-bit float TIFFs): values in [0, 1] are scaled to 0..255 (1.0 -> 255); otherwise
+      values in [0, 255] are taken as 8-bit levels (rounded); any other range (negative, above 255, NaN)
+      is a DataError naming the file, as there is no way to tell what the numbers mean.
     - Animated GIF / multi-page TIFF: the first frame.
 
     Raises:
-        DataError: the file is missing, empty, truncated, not an image, or too large for PIL's
-            decompression-bomb guard; the message names the path.
+        DataError: the file is missing, empty, truncated, not an image, or has more than
+            `max_pixels` pixels; the message names the path.
     """
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise DataError(f"a {img.width}x{img.height} image ({img.width * img.height:,} pixels), more than "
+                                f"data.max_image_pixels = {max_pixels:,} allows (a guard against decompression "
+                                "bombs). Raise data.max_image_pixels if the file is trusted, or resize it.")
             img.load()
             return _to_rgb(_upright(img))
+    except DataError as err:  # too large, or decoded but the pixels cannot be read as an image
+        raise DataError(f"{path} is {err}") from None
     except _DECODE_ERRORS as err:
         raise _load_error(path, err) from err
 
@@ -82,7 +104,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         values = np.asarray(img).astype(np.int64).clip(0, 65535)
         grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # rounded, exact at 0 and 65535
         return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_float_levels(np.asarray(img, dtype=np.float64))).convert("RGB")
     return img.convert("RGB")  # a copy for RGB: the caller closes the file-backed original
+
+
+def _float_levels(values: np.ndarray) -> np.ndarray:
+    """Float pixels -> uint8 levels (see `load_image`): PIL's own conversion would clip a [0, 1] image to black."""
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(values).all() and 0 <= low and high <= 255):
+        raise DataError(f"a float image with values in [{low:g}, {high:g}]; float images must hold values in "
+                        "[0, 1] (scaled to 0..255) or [0, 255] (8-bit levels). Rescale it to one of them, or save it "
+                        "as an 8- or 16-bit image.")
+    scale = 255 if high <= 1 else 1
+    return np.rint(values * scale).astype(np.uint8)
 
 
 def _load_error(path: str, err: BaseException) -> DataError:
@@ -95,12 +130,20 @@ def _load_error(path: str, err: BaseException) -> DataError:
         return DataError(f"no permission to read image file {path}. Fix the file's permissions.")
     if os.path.getsize(path) == 0:
         return DataError(f"image file is empty (0 bytes): {path}. Re-copy or re-download it.")
-    if isinstance(err, Image.DecompressionBombError):
-        return DataError(
-            f"image is too large for PIL's decompression-bomb limit: {path} ({err}). Resize it, or raise "
-            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
-        )
     return DataError(
         f"cannot decode image file {path}: {type(err).__name__}: {err}. The file is truncated, corrupt or "
         "not an image; re-encode or re-download it, or remove it from the dataset."
     )
+
+
+def loaded_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image at `path` as `load_image` returns it (EXIF orientation applied),
+    read from the file header without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(ExifTag.Orientation, 1) in _TRANSPOSED:
+                width, height = height, width
+    except OSError as err:  # missing, unreadable or not an image (UnidentifiedImageError is an OSError)
+        raise DataError(f"cannot read the image size of {path}: {err}") from err
+    return width, height

@@ -4,7 +4,8 @@
     python -m sslfg.data.stats --config configs/pretrain/sample.yaml data.root=data/sample data.num_workers=0
 
 Images are resized (shorter side) to data.image_size and centre-cropped, as RGB in [0, 1]; the std is
-over every pixel of the split (population std). Prints the `data:` lines for the recipe.
+over every pixel of the split (population std). Prints the `data:` lines for the recipe. A channel whose
+std is 0 (every pixel the same: all-black or constant images) is an error naming the data.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from torchvision.transforms import InterpolationMode, v2
 from sslfg.cli import parse_run_cli, run_cli
 from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
+from sslfg.data.images import DataError
 from sslfg.schema import DataConfig, EvalConfig, FinetuneConfig, PretrainConfig
 
 SCHEMAS = (PretrainConfig, FinetuneConfig, EvalConfig)  # a recipe of any command, or a configs/datasets file
 BATCH = 64
+FLAT_STD = 1e-6  # a channel std below this (pixels in [0, 1]) is a constant channel, up to rounding
 
 
 def load_data_config(files: Sequence[str], overrides: Sequence[str]) -> DataConfig:
@@ -51,6 +54,15 @@ def channel_stats(data: DataConfig) -> tuple[list[float], list[float]]:
         count += images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    flat = [name for name, s in zip("RGB", std.tolist(), strict=True) if s < FLAT_STD]
+    if flat:
+        raise DataError(
+            f"{dataset.source} (data.root {data.root}, split {data.train_split}): channel {', '.join(flat)} has the "
+            f"same value ({', '.join(f'{mean[i]:.4f}' for i in map('RGB'.index, flat))}) in every pixel of its "
+            f"{len(dataset)} images, so its std is 0 and normalising by it is impossible. Likely all-black or "
+            "constant images (an export that lost the pixel values, a wrong bit depth): view a few of them. If a "
+            "channel is truly constant, set its data.std to 1 by hand."
+        )
     return mean.tolist(), std.tolist()
 
 

@@ -82,8 +82,8 @@ def test_empty_split(csv_root: Path) -> None:
     [
         ("3", 3, r"class_id 3 is outside \[0, 3\)"),
         ("-1", 0, "class_id -1 is negative"),
-        ("1.5", 0, "'1.5' is not an integer"),
-        ("", 0, "'' is not an integer"),
+        ("1.5", 0, "'1.5' is not a class id"),
+        ("", 0, "'' is not a class id"),
     ],
 )
 def test_bad_class_id_names_file_row_and_value(

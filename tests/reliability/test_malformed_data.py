@@ -245,6 +245,8 @@ def _boxed(root: Path, boxes: list[str], header: str = "class_id,dir,x0,y0,x1,y1
     ("1,9,5,2", r"\(1, 9, 5, 2\) is empty"),
     ("-1,0,5,5", r"\(-1, 0, 5, 5\) starts outside the image"),
     ("nan,0,5,5", r"\(nan, 0, 5, 5\) is not finite"),
+    ("1_0,0,5,5", r"'1_0,0,5,5' are not four numbers"),  # float() reads 10 (issue 22)
+    ("\u0661,0,5,5", r"'\u0661,0,5,5' are not four numbers"),
 ])
 def test_malformed_box_is_an_error_naming_file_and_row(tmp_path: Path, box: str, why: str) -> None:
     _boxed(tmp_path, ["0,0,16,16", "2,3,4,5", box])
