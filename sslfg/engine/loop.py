@@ -146,7 +146,7 @@ def run_loop(
                     out = compute_loss(batch)
                     names = sorted(out)
                     values = torch.stack([out[k].detach().float() for k in names])  # stays on the device
-                    watch.see(step, out["loss"])
+                    watch.see(step + 1, out["loss"])  # numbered as metrics.jsonl and checkpoints: steps done
                     accelerator.backward(out["loss"])
                     if accelerator.sync_gradients and train.clip_grad > 0:
                         accelerator.clip_grad_norm_(params, train.clip_grad)
@@ -194,7 +194,7 @@ def _raise_if_non_finite(watch: NonFiniteWatch, accelerator: Accelerator, run_di
     step, loss = bad
     last = checkpoint_dirs(run_dir)
     raise NonFiniteLossError(
-        f"non-finite loss ({loss}) at step {step} (epoch {step // per_epoch}); "
+        f"non-finite loss ({loss}) at step {step} (epoch {(step - 1) // per_epoch}); "
         f"last good checkpoint: {last[-1] if last else 'none'}. Continue from it with "
         f"`{state.resume_key}=auto` and a lower `{state.lr_key}`"
         + (" (or train.mixed_precision=bf16/no)." if state.lr_key.startswith("train.") else ".")

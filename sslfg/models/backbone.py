@@ -35,7 +35,14 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from torch import Tensor
 
 from sslfg.config import ConfigError
-from sslfg.engine.checkpoint import CHECKPOINTS, checkpoint_dirs, unsafe_load_reason
+from sslfg.engine.checkpoint import (
+    CHECKPOINTS,
+    STATE_FILE,
+    checkpoint_dirs,
+    missing_file,
+    refuse_incomplete,
+    unsafe_load_reason,
+)
 from sslfg.files import atomic_path, write_json
 
 
@@ -365,6 +372,8 @@ def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "in
     if source is not None and (source / BACKBONE_META).is_file():
         meta = json.loads((source / BACKBONE_META).read_text())
         return meta["name"], meta["kwargs"], str(source / BACKBONE_WEIGHTS)
+    if source is not None and (source / STATE_FILE).is_file() and (problem := missing_file(source)):
+        refuse_incomplete(source, problem, key)
     if source is not None and (source / CHECKPOINT_MODEL).is_file():
         name, kwargs = _run_architecture(source.parent.parent, name, kwargs, key)
         return name, kwargs, str(source / CHECKPOINT_MODEL)
