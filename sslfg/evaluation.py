@@ -15,6 +15,7 @@ from sslfg.config import ConfigError, key_sources, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.checkpoint import STATE_FILE
+from sslfg.engine.rundir import RUN_CONFIG
 from sslfg.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
@@ -49,9 +50,9 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
     sources = key_sources(cfg)
     run = Path(cfg.checkpoint) if cfg.checkpoint else None
     run = run.parent.parent if run is not None and (run / STATE_FILE).is_file() else run  # a checkpoint folder's run
-    run_config = run / "config.yaml" if run is not None else None
+    run_config = run / RUN_CONFIG if run is not None else None
     if "data.root" not in sources and run is not None and run.is_dir() and not run_config.is_file():
-        raise ConfigError(f"checkpoint: the run folder '{run}' has no config.yaml, so its data settings are unknown; "
+        raise ConfigError(f"checkpoint: the run folder '{run}' has no {RUN_CONFIG}, so its data settings are unknown; "
                           "give the data with --dataset configs/datasets/<name>.yaml or data.root=PATH")
     if "data.root" in sources or run_config is None or not run_config.is_file():
         return cfg, sources, "the recipe and command line (schema defaults elsewhere)"

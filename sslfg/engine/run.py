@@ -29,12 +29,10 @@ from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog, flat_config
-from sslfg.engine.rundir import prepare_run_dir, release_run_dir
+from sslfg.engine.rundir import RUN_CONFIG, prepare_run_dir, release_run_dir
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG = "config.yaml"
 ARCHITECTURE = ("model", "model_kwargs", "method")  # sections a checkpoint's state must be loaded into as saved
 
 

@@ -19,7 +19,8 @@ from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
 
 LOCK_FILE = ".sslfg-run.lock"
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "metrics.json")  # what a run would overwrite
+RUN_CONFIG = "config.yaml"  # a run's settings, as `save_config` writes them
+RUN_FILES = (RUN_CONFIG, "summary.json", "metrics.jsonl", "metrics.json")  # what a run would overwrite
 _held: dict[Path, int] = {}  # folder -> lock file descriptor, for the folders this process owns
 
 

@@ -43,6 +43,7 @@ from sslfg.engine.checkpoint import (
     refuse_incomplete,
     unsafe_load_reason,
 )
+from sslfg.engine.rundir import RUN_CONFIG
 from sslfg.files import atomic_path, write_json
 
 
@@ -67,7 +68,6 @@ def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
 CHECKPOINT_MODEL = "model.safetensors"  # the model file accelerate writes into a checkpoint folder
-RUN_CONFIG = "config.yaml"
 HF_HUB = "hf-hub:"  # timm's prefix of a Hugging Face hub model name
 WRAPPED_ENCODER = "encoder."  # the backbone's prefix in LoDisc's, GLSim's and ViTClassifier's state dicts
 
