@@ -133,7 +133,7 @@ def missing_file(path: Path, processes: int = 1) -> str:
 def refuse_incomplete(path: Path, problem: str, key: str, processes: int = 1) -> None:
     """ConfigError saying `problem` of checkpoint `path` and naming the newest older checkpoint that is
     complete and how to continue from it (`key`=that folder)."""
-    older = [p for p in checkpoint_dirs(path.parent) if p.name < path.name and not missing_file(p, processes)]
+    older = [p for p in checkpoint_dirs(path.parent.parent) if p.name < path.name and not missing_file(p, processes)]
     then = (f"the previous complete checkpoint is {older[-1]}: use it with {key}={older[-1]}" if older
             else "there is no earlier complete checkpoint: start afresh in another output_dir")
     raise ConfigError(f"{problem}; {then}")

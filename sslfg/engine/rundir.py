@@ -58,14 +58,20 @@ def check_output_dir(output_dir: str | Path, key: str = "output_dir") -> None:
 def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool = False) -> None:
     """Makes this process the owner of `folder` for a command of `kind`, or raises ConfigError: when another
     run holds it (naming its pid and command line), when another kind of command wrote it, or when it
-    holds a run's file (`RUN_FILES`) without a lock file (not a run of ours; `ours`: known to be one)."""
+    holds a run's file (`RUN_FILES`) but no lock file (not a run of ours; `ours`: known to be one, from
+    before lock files), in which case nothing is created."""
     folder = Path(folder).resolve()
     if folder in _held:
         return
+    lock = folder / LOCK_FILE
+    written = [str(folder / name) for name in RUN_FILES if (folder / name).exists()]
+    if written and not ours and not lock.exists():
+        raise ConfigError(f"{key}: '{folder}' holds {written[0]}, which no sslfg run wrote (no {LOCK_FILE}), and "
+                          f"a run never overwrites files it did not create; choose another {key} or move the file away")
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise ConfigError(f"{key}: cannot write to '{folder}' ({e.strerror or e}); choose another {key}") from e
+        raise unwritable(folder, key, e) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,21 +80,16 @@ def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool =
             raise ConfigError(f"{key}: '{folder}' is in use by another run (pid {owner.get('pid', '?')}: "
                               f"{owner.get('command', '?')}); wait for it to end or choose another {key}") from None
         owner = _owner(fd)
-        written = [str(folder / name) for name in RUN_FILES if (folder / name).exists()]
         if owner.get("kind", kind) != kind:
-            raise ConfigError(f"{key}: '{folder}' holds a {owner['kind']} run ({', '.join([*written, LOCK_FILE])}) "
+            raise ConfigError(f"{key}: '{folder}' holds a {owner['kind']} run ({', '.join([*written, str(lock)])}) "
                               f"and a {kind} run would write beside its files; choose another {key}")
-        if not owner and written and not ours:
-            raise ConfigError(f"{key}: '{folder}' holds {written[0]}, which no sslfg run wrote (no "
-                              f"{LOCK_FILE}), and a run never overwrites files it did not create; choose another "
-                              f"{key} or move the file away")
         record = json.dumps({"kind": kind, "pid": os.getpid(), "command": shlex.join(sys.argv)}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
     except BaseException as e:
         os.close(fd)
         if isinstance(e, OSError):
-            raise ConfigError(f"{key}: cannot write to '{folder}' ({e.strerror or e}); choose another {key}") from e
+            raise unwritable(folder, key, e) from e
         raise
     _held[folder] = fd
 
@@ -127,5 +128,9 @@ def ensure_writable(folder: str | Path, key: str = "output_dir") -> Path:
         finally:
             probe.unlink(missing_ok=True)
     except OSError as e:
-        raise ConfigError(f"{key}: cannot write to '{folder}' ({e.strerror or e}); choose another {key}") from e
+        raise unwritable(folder, key, e) from e
     return folder
+
+
+def unwritable(folder: Path, key: str, error: OSError) -> ConfigError:
+    return ConfigError(f"{key}: cannot write to '{folder}' ({error.strerror or error}); choose another {key}")

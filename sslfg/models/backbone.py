@@ -188,6 +188,7 @@ def weights_file(path: str, key: str) -> str:
     source = Path(path)
     if source.is_file():
         return path
+    _refuse_incomplete_checkpoint(source, key)
     if (source / BACKBONE_WEIGHTS).is_file():
         return str(source / BACKBONE_WEIGHTS)
     if (source / CHECKPOINT_MODEL).is_file():
@@ -260,6 +261,12 @@ def _mismatch_hint(path: Path) -> str:
         return (f"this is a training checkpoint of a run that has not exported its backbone: finish it with "
                 f"`python train_ssl.py --config {run / RUN_CONFIG} resume=auto`, then use {run / BACKBONE_WEIGHTS}")
     return "give the timm name and kwargs (geometry) the file was saved from"
+
+
+def _refuse_incomplete_checkpoint(source: Path, key: str) -> None:
+    """ConfigError for a training checkpoint folder that lacks a file it was written with (or has one cut short)."""
+    if (source / STATE_FILE).is_file() and (problem := missing_file(source)):
+        refuse_incomplete(source, problem, key)
 
 
 def _refuse_unfinished_run(source: Path, key: str) -> None:
@@ -372,8 +379,8 @@ def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "in
     if source is not None and (source / BACKBONE_META).is_file():
         meta = json.loads((source / BACKBONE_META).read_text())
         return meta["name"], meta["kwargs"], str(source / BACKBONE_WEIGHTS)
-    if source is not None and (source / STATE_FILE).is_file() and (problem := missing_file(source)):
-        refuse_incomplete(source, problem, key)
+    if source is not None:
+        _refuse_incomplete_checkpoint(source, key)
     if source is not None and (source / CHECKPOINT_MODEL).is_file():
         name, kwargs = _run_architecture(source.parent.parent, name, kwargs, key)
         return name, kwargs, str(source / CHECKPOINT_MODEL)
