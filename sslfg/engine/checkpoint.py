@@ -46,10 +46,11 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).is_file()) if folder.is_dir() else []
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int, resume_key: str = "resume") -> Path:
     """Saves model, optimizer, scaler and RNG states of every process; keeps the newest `keep`. Its state
     file lists every file with its size, so a file lost or cut short later is found on resume. A write that
-    fails for want of space (or the file-size limit) is a CheckpointWriteError; the partial folder is removed."""
+    fails for want of space (or the file-size limit) is a CheckpointWriteError naming `resume_key`; the partial
+    folder is removed."""
     folder = Path(run_dir) / CHECKPOINTS
     final, tmp = folder / f"step_{step:08d}", folder / f".tmp-step_{step:08d}"
     try:
@@ -71,7 +72,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
         raise CheckpointWriteError(
             f"cannot write checkpoint {final}: {problem}; nothing was lost: the newest complete checkpoint is "
             f"{newest[-1] if newest else 'none (the run had written none yet)'}; free space (or raise the limit) "
-            f"and continue with resume=auto") from e
+            f"and continue with {resume_key}=auto") from e
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

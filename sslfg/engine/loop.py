@@ -172,7 +172,7 @@ def run_loop(
                     bar.set_postfix(epoch=epoch, loss=f"{logged['loss']:.4f}")
                 bar.update(1)
                 if save_now:
-                    checkpoint = save_checkpoint(accelerator, run_dir, step, train.keep_checkpoints)
+                    checkpoint = save_checkpoint(accelerator, run_dir, step, train.keep_checkpoints, state.resume_key)
                 if signum:  # the run ends here: its metrics and progress bar too
                     bar.close()
                     log.close()
