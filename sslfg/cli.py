@@ -53,7 +53,6 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     """Runs `main(argv)`; a user error prints `error: <message>` (no traceback) and returns 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise to a user
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past `ulimit -f` fails (EFBIG), reported as such
     try:
         main(argv)
     except USER_ERRORS as e:

@@ -86,7 +86,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
 
 def storage_problem(error: BaseException, folder: Path) -> str:
     """What the storage did when writing into `folder` failed with `error` ('' when it was not the storage):
-    no space left, a disk quota, or the file-size limit (`ulimit -f`, whose SIGXFSZ the command line ignores)."""
+    no space left, a disk quota, or the file-size limit (`ulimit -f`: Python ignores SIGXFSZ, so the write
+    fails with EFBIG, which safetensors and torch wrap in their own errors)."""
     text = f"{error} {error.__context__ or ''}"
     what = next((what for code, what in STORAGE_ERRNOS.items()
                  if getattr(error, "errno", None) == code or os.strerror(code) in text), "")

@@ -213,8 +213,8 @@ def test_run_folder_without_config_says_so(two_checkpoints: Path, tmp_path: Path
 
 def test_file_size_limit_during_a_checkpoint_write_loses_nothing(two_checkpoints: Path, tiny_data: Path,
                                                                  tmp_path: Path) -> None:
-    """A real process under `ulimit -f` (SIGXFSZ would kill it): one error line naming the limit and the newest
-    complete checkpoint; no partial folder; that checkpoint still resumes. Old code: killed by SIGXFSZ."""
+    """A real process under `ulimit -f`: one error line naming the limit and the newest complete checkpoint; no
+    partial folder; that checkpoint still resumes. Old code: a SafetensorError traceback, exit 1."""
     out = copy_run(two_checkpoints, tmp_path)
     last = checkpoint_dirs(out)[-1]
     limit_kib = (last / "model.safetensors").stat().st_size // 2048  # half of the model file
