@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sslfg import study as study_module
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
@@ -35,6 +36,7 @@ from tests.reliability.procs import (
     workers,
 )
 from tests.test_eval_knn import TINY, data_args
+from tests.test_study import write_recipes
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -114,6 +116,17 @@ def test_output_dir_that_is_empty_or_the_current_folder_is_refused(output_dir: s
         message = user_error(main, args, capsys)
         assert "output_dir" in message and "runs/my_run" in message, message
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "summary.json", "work"]
+
+
+def test_study_in_the_current_folder_is_refused(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: `output_dir=.` wrote the study's files over the recipes of the current folder."""
+    recipe = write_recipes(tiny_data, tmp_path, seeds=[0], finetune_arms=False)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    message = user_error(study_module.main, ["--config", str(recipe), "output_dir=."], capsys)
+    assert "output_dir: '.'" in message and "runs/my_run" in message, message
+    assert snapshot(tmp_path) == before
 
 
 def test_folder_with_files_no_run_wrote_is_refused(tiny_data: Path, tmp_path: Path,
