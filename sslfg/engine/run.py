@@ -122,4 +122,3 @@ def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None
         raise ConfigError(f"{resume_key}: {checkpoint} was trained with other settings ({run_config}) than this "
                           f"command's: {'; '.join(changed)}; drop those overrides to continue the run, or start a "
                           f"new run in another output_dir")
-
