@@ -21,14 +21,15 @@ from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.engine.accelerator import make_accelerator
+from sslfg.engine.checkpoint import CheckpointWriteError
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
-from sslfg.engine.rundir import ensure_writable
+from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable, release_run_dir, release_run_dirs
 from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, run_data_defaults, write_metrics
 from sslfg.schema import EvalConfig
 from sslfg.summary import startup_summary
 
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, CheckpointWriteError)
 COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starting so is an example command
 # the other processes wait at a barrier while the main one runs kNN, retrieval and t-SNE alone
 EVAL_TIMEOUT_S = 6 * 3600
@@ -68,6 +69,8 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except KeyboardInterrupt:  # Ctrl-C outside a training loop
         print(f"error: {INTERRUPTED}", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        release_run_dirs()
     return 0
 
 
@@ -190,7 +193,11 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
     if not args.check:  # before any time is spent
-        out = ensure_writable(output_dir(cfg, {"backbone": backbone_spec(cfg)[0]}))
+        out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
+        check_output_dir(cfg.output_dir if "output_dir" in sources else out)  # set empty: an unset variable?
+        ensure_writable(out)
+        if accelerator.is_main_process:
+            claim_run_dir(out, "eval")
         if cfg.output:
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
@@ -218,6 +225,7 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
         result = summary | record(cfg, info, protocol, metrics)
         print_metrics(metrics, write_metrics(out, name, result, cfg.output))
     accelerator.wait_for_everyone()
+    release_run_dir(out)
     return result
 
 

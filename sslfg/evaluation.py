@@ -14,6 +14,8 @@ from torch import Tensor
 from sslfg.config import ConfigError, key_sources, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
+from sslfg.engine.checkpoint import STATE_FILE
+from sslfg.engine.rundir import RUN_CONFIG
 from sslfg.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
@@ -41,11 +43,17 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
 
 
 def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]:
-    """When --checkpoint is a run directory and nothing set data.root, the data.* keys the user left at
-    their defaults come from <run>/config.yaml. Returns the config, where each key came from (as
+    """When --checkpoint is a run directory (or one of its checkpoints) and nothing set data.root, the data.*
+    keys the user left at their defaults come from <run>/config.yaml (a run folder without one is a
+    ConfigError saying so). Returns the config, where each key came from (as
     `key_sources`) and a line for the start-up summary saying which data settings are used."""
     sources = key_sources(cfg)
-    run_config = Path(cfg.checkpoint) / "config.yaml" if cfg.checkpoint else None
+    run = Path(cfg.checkpoint) if cfg.checkpoint else None
+    run = run.parent.parent if run is not None and (run / STATE_FILE).is_file() else run  # a checkpoint folder's run
+    run_config = run / RUN_CONFIG if run is not None else None
+    if "data.root" not in sources and run is not None and run.is_dir() and not run_config.is_file():
+        raise ConfigError(f"checkpoint: the run folder '{run}' has no {RUN_CONFIG}, so its data settings are unknown; "
+                          "give the data with --dataset configs/datasets/<name>.yaml or data.root=PATH")
     if "data.root" in sources or run_config is None or not run_config.is_file():
         return cfg, sources, "the recipe and command line (schema defaults elsewhere)"
     run_data = load_config(run_config, [], PretrainConfig).data

@@ -125,7 +125,7 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
     t = cfg.train
     resume = cfg.resume or ("auto" if cfg.eval_only else "")
     run = open_run(cfg, cfg.output_dir, resume, make_accelerator(t.mixed_precision, t.grad_accum_steps), check,
-                   write_config=not cfg.eval_only)
+                   write_config=not cfg.eval_only, kind="finetune")
     accelerator, run_dir = run.accelerator, run.run_dir
     if cfg.eval_only and not check and run.resume_from is None:
         raise ConfigError(f"eval_only: no checkpoint in {run_dir / 'checkpoints'}; train first or set resume=PATH")
@@ -191,4 +191,5 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
         if isinstance(net, GLSim):
             crop_figure(net, test_ds, cfg, accelerator.device, run_dir / "figures" / "gls_crops.png")
     accelerator.wait_for_everyone()
+    run.close()
     return run_dir

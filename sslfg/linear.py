@@ -286,7 +286,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     if len(dataset) < lin.batch_size * world:
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "
                           f"({lin.batch_size} × {world} processes); lower linear.batch_size")
-    run = open_run(cfg, out / FULL_RUN_DIR, lin.resume, accelerator, resume_key="linear.resume")
+    run = open_run(cfg, out / FULL_RUN_DIR, lin.resume, accelerator, resume_key="linear.resume", kind="linear.full")
     sampler, loader = run.loader(dataset, lin.batch_size)
     per_epoch, total = sampler.batches_per_epoch, lin.epochs * sampler.batches_per_epoch
     train = LoopConfig(epochs=lin.epochs, batch_size=lin.batch_size, checkpoint_every=per_epoch,
@@ -308,6 +308,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
 
     state = LoopState(schedules=schedules, start_step=run.start_step, lr_key="linear.lr", resume_key=run.resume_key)
     step = run.train(head, optimizer, loader, sampler, train, state, metrics, compute_loss)
+    run.close()
     if not accelerator.is_main_process:
         return {}, {}
     dev = accelerator.device

@@ -181,4 +181,5 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         write_json(run_dir / "summary.json", summary)
     # No end_training(): it destroys the process group, which a study's next arm in this process needs.
     accelerator.wait_for_everyone()
+    run.close()
     return run_dir

@@ -49,6 +49,7 @@ from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data.datasets import build_dataset
 from sslfg.distributed import is_main_process, world_size
 from sslfg.engine.preemption import Interrupted
+from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable, release_run_dir
 from sslfg.files import write_json
 from sslfg.report import build_report
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
@@ -210,8 +211,10 @@ class Study:
     # ---- running -----------------------------------------------------------------------------
 
     def run(self) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
+        check_output_dir(self.root)
+        ensure_writable(self.root)
         if is_main_process():
+            claim_run_dir(self.root, "study")
             save_config(self.cfg, self.root / STUDY_FILE)
             if not (self.root / "machine.json").is_file():
                 write_json(self.root / "machine.json", machine())
@@ -225,7 +228,9 @@ class Study:
             for seed in self.cfg.seeds:
                 for arm in self.finetune_arms(seed, best):
                     self.run_arm(arm)
-        return build_report(self.root) if is_main_process() else self.root / "report"
+        report = build_report(self.root) if is_main_process() else self.root / "report"
+        release_run_dir(self.root)
+        return report
 
     def run_arm(self, arm: Arm) -> None:
         done = done_path(self.root, arm.id)

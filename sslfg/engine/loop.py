@@ -146,7 +146,7 @@ def run_loop(
                     out = compute_loss(batch)
                     names = sorted(out)
                     values = torch.stack([out[k].detach().float() for k in names])  # stays on the device
-                    watch.see(step, out["loss"])
+                    watch.see(step + 1, out["loss"])  # numbered as metrics.jsonl and checkpoints: steps done
                     accelerator.backward(out["loss"])
                     if accelerator.sync_gradients and train.clip_grad > 0:
                         accelerator.clip_grad_norm_(params, train.clip_grad)
@@ -172,7 +172,7 @@ def run_loop(
                     bar.set_postfix(epoch=epoch, loss=f"{logged['loss']:.4f}")
                 bar.update(1)
                 if save_now:
-                    checkpoint = save_checkpoint(accelerator, run_dir, step, train.keep_checkpoints)
+                    checkpoint = save_checkpoint(accelerator, run_dir, step, train.keep_checkpoints, state.resume_key)
                 if signum:  # the run ends here: its metrics and progress bar too
                     bar.close()
                     log.close()
@@ -194,7 +194,7 @@ def _raise_if_non_finite(watch: NonFiniteWatch, accelerator: Accelerator, run_di
     step, loss = bad
     last = checkpoint_dirs(run_dir)
     raise NonFiniteLossError(
-        f"non-finite loss ({loss}) at step {step} (epoch {step // per_epoch}); "
+        f"non-finite loss ({loss}) at step {step} (epoch {(step - 1) // per_epoch}); "
         f"last good checkpoint: {last[-1] if last else 'none'}. Continue from it with "
         f"`{state.resume_key}=auto` and a lower `{state.lr_key}`"
         + (" (or train.mixed_precision=bf16/no)." if state.lr_key.startswith("train.") else ".")

@@ -68,8 +68,9 @@ class StopSignals:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-        if isinstance(error, Interrupted):  # a launcher relays SIGTERM to workers still exiting: let them finish
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if isinstance(error, Interrupted):  # the run is over and exits cleanly: a repeated Ctrl-C (or the SIGTERM
+            for s in STOP_SIGNALS:         # a launcher relays to workers still exiting) must not cut its exit short
+                signal.signal(s, signal.SIG_IGN)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.received:

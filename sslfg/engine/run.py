@@ -24,15 +24,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from sslfg.config import save_config
+from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
-from sslfg.engine.metrics import MetricsLog
-from sslfg.engine.rundir import prepare_run_dir
+from sslfg.engine.metrics import MetricsLog, flat_config
+from sslfg.engine.rundir import RUN_CONFIG, prepare_run_dir, release_run_dir
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
+ARCHITECTURE = ("model", "model_kwargs", "method")  # sections a checkpoint's state must be loaded into as saved
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Run:
     seed: int
     num_workers: int  # of the training loader
     resume_key: str = "resume"  # the key that continues this run, as errors name it
+    config: Any = None  # written to config.yaml once the checkpoint is loaded (None: not written)
     start_step: int = 0
 
     def loader(self, dataset: Dataset, batch_size: int, grad_accum_steps: int = 1) -> tuple[EpochBatchSampler,
@@ -57,11 +59,14 @@ class Run:
 
     def start(self, model: nn.Module, optimizer: Optimizer, resuming: str = "resuming") -> tuple[nn.Module, Optimizer]:
         """The prepared model and optimizer, with the state of `resume_from` when there is one (`start_step`
-        becomes its step, and the log says `resuming` from where)."""
+        becomes its step, and the log says `resuming` from where); then config.yaml is written: a resume that
+        fails leaves the run folder as it was."""
         model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.resume_from:
-            self.start_step = load_checkpoint(self.accelerator, self.resume_from)
+            self.start_step = load_checkpoint(self.accelerator, self.resume_from, self.resume_key)
             log.info("%s from %s (step %d)", resuming, self.resume_from, self.start_step)
+        if self.config is not None and self.accelerator.is_main_process:
+            save_config(self.config, self.run_dir / RUN_CONFIG)
         return model, optimizer
 
     def metrics(self, trackers: Sequence[str] = ("tensorboard",), config: Any = None) -> MetricsLog:
@@ -78,17 +83,42 @@ class Run:
         metrics.close()
         return step
 
+    def close(self) -> None:
+        """The run is over: another run (in this process too) may claim its folder."""
+        release_run_dir(self.run_dir)
+
 
 def open_run(cfg: Any, output_dir: str | Path, resume: str, accelerator: Accelerator, check: bool = False,
-             resume_key: str = "resume", write_config: bool = True) -> Run:
-    """Creates and checks the run directory, finds the checkpoint `resume` names ('' | 'auto' | a path), writes
-    `cfg` to config.yaml (main process, with `write_config`) and seeds every RNG with `cfg.seed`. With `check`
-    nothing is written. `cfg` has `seed` and `data.num_workers`."""
+             resume_key: str = "resume", write_config: bool = True, kind: str = "pretrain") -> Run:
+    """Checks, creates and claims the run directory for a command of `kind` (`prepare_run_dir`), finds the
+    checkpoint `resume` names ('' | 'auto' | a path) and checks that it was trained with `cfg`'s architecture,
+    and seeds every RNG with `cfg.seed`; `Run.start` writes `cfg` to config.yaml (main process, with
+    `write_config`). With `check` nothing is written. `cfg` has `seed` and `data`."""
     run_dir, resume_from = Path(output_dir), None
     if not check:
-        run_dir = prepare_run_dir(str(output_dir), resume, resume_key)
+        run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process)
         resume_from = resolve_resume(resume, run_dir)
-        if write_config and accelerator.is_main_process:
-            save_config(cfg, run_dir / "config.yaml")
+        if resume_from is not None:
+            check_same_architecture(cfg, resume_from, resume_key)
     set_seed(cfg.seed)
-    return Run(accelerator, run_dir, resume_from, cfg.seed, cfg.data.num_workers, resume_key)
+    return Run(accelerator, run_dir, resume_from, cfg.seed, cfg.data.num_workers, resume_key,
+               cfg if write_config and not check else None)
+
+
+def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None:
+    """ConfigError when `cfg` differs from the config.yaml of the run that wrote `checkpoint` in a key of
+    `ARCHITECTURE` (naming each key, old → new), or when that run has no config.yaml and `cfg` names no data."""
+    run_config = checkpoint.parent.parent / RUN_CONFIG
+    if not run_config.is_file():
+        if not cfg.data.root:
+            raise ConfigError(f"{resume_key}: the run folder {checkpoint.parent.parent} has checkpoints but no "
+                              f"{RUN_CONFIG}, so its settings are unknown; give the recipe it was started with "
+                              f"(--config RECIPE {resume_key}=auto)")
+        return
+    old, new = flat_config(load_config(run_config, [], type(cfg))), flat_config(cfg)
+    changed = [f"{k}: {old.get(k)} → {new.get(k)}" for k in sorted(old.keys() | new.keys())
+               if k.split(".")[0] in ARCHITECTURE and old.get(k) != new.get(k)]
+    if changed:
+        raise ConfigError(f"{resume_key}: {checkpoint} was trained with other settings ({run_config}) than this "
+                          f"command's: {'; '.join(changed)}; drop those overrides to continue the run, or start a "
+                          f"new run in another output_dir")

@@ -1,25 +1,119 @@
-"""The run directory: created and checked before any training time is spent."""
+"""The run directory: checked, claimed and proven writable before any training time is spent.
+
+A run folder belongs to one kind of command (pretrain, finetune, eval, ...) and to one run at a time: its
+lock file records the kind and the owner (pid, command line) and is held with `fcntl.flock` while the
+run lives, so a run killed by any signal leaves no stale lock (the kernel drops it with the process).
+Only the main process claims; the launcher ends the others when it stops with the error.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
 
+LOCK_FILE = ".sslfg-run.lock"
+RUN_CONFIG = "config.yaml"  # a run's settings, as `save_config` writes them
+RUN_FILES = (RUN_CONFIG, "summary.json", "metrics.jsonl", "metrics.json")  # what a run would overwrite
+_held: dict[Path, int] = {}  # folder -> lock file descriptor, for the folders this process owns
 
-def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume") -> Path:
-    """Creates `output_dir`, proves it writable, and refuses to start a fresh run on top of an
-    existing run's checkpoints (which would be lost). Every process calls it, so an error
-    stops all of them, not only the main one."""
+
+def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", kind: str = "pretrain",
+                    main: bool = True) -> Path:
+    """Checks `output_dir` (`check_output_dir`), creates it, proves it writable, claims it for a run of
+    `kind` (main process) and refuses to start a fresh run on top of an existing run's checkpoints
+    (which would be lost). Every process calls it, so an error stops all of them, not only the main one."""
+    check_output_dir(output_dir)
     run_dir = ensure_writable(output_dir)
-    if not resume and checkpoint_dirs(run_dir):
+    has_checkpoints = bool(checkpoint_dirs(run_dir))
+    if main:  # a run of ours from before the lock file existed is known by its checkpoints
+        claim_run_dir(run_dir, kind, ours=bool(resume) and has_checkpoints)
+    if not resume and has_checkpoints:
         raise ConfigError(
             f"output_dir: '{run_dir}' already holds checkpoints; continue that run with `{resume_key}=auto` "
             f"or choose another output_dir"
         )
     return run_dir
+
+
+def check_output_dir(output_dir: str | Path, key: str = "output_dir") -> None:
+    """ConfigError for an output folder a run must not fill: empty (an unset shell variable), or the current
+    folder, the code's folder or one above them, where the run's files would land among others."""
+    if not str(output_dir).strip():
+        raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. "
+                          f"{key}=runs/my_run")
+    folder, here, code = Path(output_dir).resolve(), Path.cwd().resolve(), Path(__file__).resolve().parents[2]
+    if folder in (here, *here.parents, code, *code.parents):
+        raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "
+                          f"them, where the run would mix its files with others; name a folder of its own, e.g. "
+                          f"{key}=runs/my_run")
+
+
+def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool = False) -> None:
+    """Makes this process the owner of `folder` for a command of `kind`, or raises ConfigError: when another
+    run holds it (naming its pid and command line), when another kind of command wrote it, or when it
+    holds a run's file (`RUN_FILES`) but no lock file (not a run of ours; `ours`: known to be one, from
+    before lock files), in which case nothing is created."""
+    folder = Path(folder).resolve()
+    if folder in _held:
+        return
+    lock = folder / LOCK_FILE
+    written = [str(folder / name) for name in RUN_FILES if (folder / name).exists()]
+    if written and not ours and not lock.exists():
+        raise ConfigError(f"{key}: '{folder}' holds {written[0]}, which no sslfg run wrote (no {LOCK_FILE}), and "
+                          f"a run never overwrites files it did not create; choose another {key} or move the file away")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise unwritable(folder, key, e) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(fd)
+            raise ConfigError(f"{key}: '{folder}' is in use by another run (pid {owner.get('pid', '?')}: "
+                              f"{owner.get('command', '?')}); wait for it to end or choose another {key}") from None
+        owner = _owner(fd)
+        if owner.get("kind", kind) != kind:
+            raise ConfigError(f"{key}: '{folder}' holds a {owner['kind']} run ({', '.join([*written, str(lock)])}) "
+                              f"and a {kind} run would write beside its files; choose another {key}")
+        record = json.dumps({"kind": kind, "pid": os.getpid(), "command": shlex.join(sys.argv)}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise unwritable(folder, key, e) from e
+        raise
+    _held[folder] = fd
+
+
+def release_run_dirs() -> None:
+    """Ends this process's ownership of every folder it claimed (a command ended, also by an error)."""
+    for folder in list(_held):
+        release_run_dir(folder)
+
+
+def release_run_dir(folder: Path) -> None:
+    """Ends this process's ownership of `folder` (a finished run; the next one in this process may claim it)."""
+    fd = _held.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+def _owner(fd: int) -> dict:
+    """The kind and owner recorded in a lock file ({} for a new or unreadable one)."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def ensure_writable(folder: str | Path, key: str = "output_dir") -> Path:
@@ -34,6 +128,9 @@ def ensure_writable(folder: str | Path, key: str = "output_dir") -> Path:
         finally:
             probe.unlink(missing_ok=True)
     except OSError as e:
-        raise ConfigError(f"{key}: cannot write to '{folder}' ({e.strerror or e}); choose another {key}") from e
+        raise unwritable(folder, key, e) from e
     return folder
 
+
+def unwritable(folder: Path, key: str, error: OSError) -> ConfigError:
+    return ConfigError(f"{key}: cannot write to '{folder}' ({error.strerror or error}); choose another {key}")

@@ -35,7 +35,15 @@ from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_
 from torch import Tensor
 
 from sslfg.config import ConfigError
-from sslfg.engine.checkpoint import CHECKPOINTS, checkpoint_dirs, unsafe_load_reason
+from sslfg.engine.checkpoint import (
+    CHECKPOINTS,
+    STATE_FILE,
+    checkpoint_dirs,
+    missing_file,
+    refuse_incomplete,
+    unsafe_load_reason,
+)
+from sslfg.engine.rundir import RUN_CONFIG
 from sslfg.files import atomic_path, write_json
 
 
@@ -60,7 +68,6 @@ def check_patch_grid(image_size: int, patch_size: int, name: str) -> None:
 BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
 CHECKPOINT_MODEL = "model.safetensors"  # the model file accelerate writes into a checkpoint folder
-RUN_CONFIG = "config.yaml"
 HF_HUB = "hf-hub:"  # timm's prefix of a Hugging Face hub model name
 WRAPPED_ENCODER = "encoder."  # the backbone's prefix in LoDisc's, GLSim's and ViTClassifier's state dicts
 
@@ -181,6 +188,7 @@ def weights_file(path: str, key: str) -> str:
     source = Path(path)
     if source.is_file():
         return path
+    _refuse_incomplete_checkpoint(source, key)
     if (source / BACKBONE_WEIGHTS).is_file():
         return str(source / BACKBONE_WEIGHTS)
     if (source / CHECKPOINT_MODEL).is_file():
@@ -253,6 +261,12 @@ def _mismatch_hint(path: Path) -> str:
         return (f"this is a training checkpoint of a run that has not exported its backbone: finish it with "
                 f"`python train_ssl.py --config {run / RUN_CONFIG} resume=auto`, then use {run / BACKBONE_WEIGHTS}")
     return "give the timm name and kwargs (geometry) the file was saved from"
+
+
+def _refuse_incomplete_checkpoint(source: Path, key: str) -> None:
+    """ConfigError for a training checkpoint folder that lacks a file it was written with (or has one cut short)."""
+    if (source / STATE_FILE).is_file() and (problem := missing_file(source)):
+        refuse_incomplete(source, problem, key)
 
 
 def _refuse_unfinished_run(source: Path, key: str) -> None:
@@ -365,6 +379,8 @@ def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "in
     if source is not None and (source / BACKBONE_META).is_file():
         meta = json.loads((source / BACKBONE_META).read_text())
         return meta["name"], meta["kwargs"], str(source / BACKBONE_WEIGHTS)
+    if source is not None:
+        _refuse_incomplete_checkpoint(source, key)
     if source is not None and (source / CHECKPOINT_MODEL).is_file():
         name, kwargs = _run_architecture(source.parent.parent, name, kwargs, key)
         return name, kwargs, str(source / CHECKPOINT_MODEL)

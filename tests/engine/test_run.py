@@ -31,9 +31,9 @@ def test_check_writes_nothing_and_seeds(tmp_path: Path) -> None:
 def test_fresh_run_then_resume(tmp_path: Path) -> None:
     cfg, out = PretrainConfig(), tmp_path / "run"
     run = open_run(cfg, out, "", make_accelerator())
-    assert (out / "config.yaml").is_file() and run.resume_from is None
+    assert not (out / "config.yaml").exists() and run.resume_from is None  # written once the state is loaded
     model, optimizer = run.start(*linear_model())
-    assert run.start_step == 0
+    assert (out / "config.yaml").is_file() and run.start_step == 0
     save_checkpoint(run.accelerator, out, step=7, keep=1)
     saved = model.weight.detach().clone()
 

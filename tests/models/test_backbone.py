@@ -116,6 +116,8 @@ def killed_run(root: Path) -> Path:
     run = root / "killed"
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
     (run / "checkpoints" / "step_00000002" / "train_state.json").write_text("{}")
+    for name in ("optimizer.bin", "random_states_0.pkl"):  # what a checkpoint holds besides its model
+        (run / "checkpoints" / "step_00000002" / name).write_bytes(b"")
     cfg = {"model": {"name": NAME, "patch_size": 4, "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}},
            "data": {"image_size": 16}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -22,7 +22,7 @@ from sslfg.pretrain import pretrain
 from tests.conftest import tiny_config
 from tests.reliability.procs import finetune_args, pretrain_args
 
-POISONED_CALL = 4  # the 4th step (index 3) diverges; checkpoints every 2 steps
+POISONED_CALL = 4  # the 4th step diverges (step 4, as metrics.jsonl and checkpoints count); checkpoints every 2
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
@@ -68,9 +68,11 @@ def test_nan_loss_stops_and_last_checkpoint_resumes(tiny_data: Path, tmp_path: P
     run, seen = tmp_path / "run", {}
     poison_pretraining(monkeypatch, run, seen)
     cfg = tiny_config(tiny_data, run)  # 3 steps an epoch, 6 in all, checkpoints every 2 steps
-    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*step_00000002.*resume=auto") as info:
+    with pytest.raises(NonFiniteLossError, match=r"at step 4 .*step_00000002.*resume=auto") as info:
         pretrain(cfg)
     assert "nan" in str(info.value)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logged)
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"]
     assert snapshot(run) == seen, "the failing step touched the last good checkpoint"
 
@@ -86,14 +88,14 @@ def test_nan_loss_stops_and_last_checkpoint_resumes(tiny_data: Path, tmp_path: P
 def test_deferred_check_names_the_first_bad_step_and_writes_no_checkpoint_after_it(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop reads the loss back only at log and checkpoint steps (no host sync per step): with
-    log_every 5, the NaN of step 2 is found at the checkpoint of step 4, after step 3 ran, and the error
-    still names step 2 and the checkpoint of step 2, untouched; no metrics record from step 3 on."""
+    log_every 5, the NaN of step 3 is found at the checkpoint of step 4, after step 4 ran, and the error
+    still names step 3 and the checkpoint of step 2, untouched; no metrics record from step 3 on."""
     run, seen = tmp_path / "run", {}
-    calls = poison_pretraining(monkeypatch, run, seen, call=3)  # step 2 (0-based) diverges
+    calls = poison_pretraining(monkeypatch, run, seen, call=3)  # step 3 diverges
     cfg = tiny_config(tiny_data, run, log_every=5, checkpoint_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"\(nan\) at step 2 .*step_00000002.*resume=auto"):
+    with pytest.raises(NonFiniteLossError, match=r"\(nan\) at step 3 .*step_00000002.*resume=auto"):
         pretrain(cfg)
-    assert len(calls) == 4, "the step after the bad one runs before the check: no read-back at step 2"
+    assert len(calls) == 4, "the step after the bad one runs before the check: no read-back at step 3"
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"]
     assert snapshot(run) == seen, "the steps after the bad one touched the last good checkpoint"
     assert not (run / "metrics.jsonl").read_text().strip(), "a step from the bad one on was logged"
@@ -117,7 +119,7 @@ def test_cli_non_finite_loss_is_one_error_line_and_a_lower_lr_continues(
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
     message = errors[0]
-    assert "non-finite loss" in message and "at step 3 " in message, message
+    assert "non-finite loss" in message and "at step 4 " in message, message
     assert f"{run / 'checkpoints' / 'step_00000002'}" in message and "resume=auto" in message, message
     assert f"lower `{lr_key}`" in message, message  # the key this command reads, not another one's
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002"]
