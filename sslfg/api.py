@@ -17,6 +17,7 @@ modules would replace as attributes of the package.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ import numpy as np
 from torchvision.transforms import v2
 
 from sslfg.config import load_config
+from sslfg.engine.rundir import release_run_dirs
 from sslfg.schema import EvalConfig, PretrainConfig
 
 T = TypeVar("T")
@@ -39,28 +41,37 @@ def run_pretraining(recipe: PretrainConfig | str | Path, *overrides: str) -> Pat
     """Runs (or with `resume=auto`, continues) a pretraining run; returns its run directory."""
     from sslfg.pretrain import pretrain
 
-    cfg = recipe if isinstance(recipe, PretrainConfig) else load_recipe(recipe, *overrides)
     if overrides and isinstance(recipe, PretrainConfig):
         raise TypeError("overrides go with a recipe path; set the fields of a loaded config directly")
-    return pretrain(cfg)
+    cfg = recipe if isinstance(recipe, PretrainConfig) else load_recipe(recipe, *overrides)
+    return _command(lambda _: pretrain(cfg), [])
 
 
 def _evaluation_argv(checkpoint: str | Path, overrides: tuple[str, ...], dataset: str | Path | None) -> list[str]:
     return ["--checkpoint", str(checkpoint), *(["--dataset", str(dataset)] if dataset else []), *overrides]
 
 
+def _command(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
+    """A command's `main`, its output folders released at the end as the command line does (a notebook
+    that lives on must not keep another process out of them)."""
+    try:
+        return main(argv)
+    finally:
+        release_run_dirs()
+
+
 def evaluate_knn(checkpoint: str | Path, *overrides: str, dataset: str | Path | None = None) -> dict[str, Any]:
     """eval.knn on a run directory or weights file (`dataset`: a dataset recipe, else the run's own data)."""
     from sslfg.commands import knn
 
-    return knn.main(_evaluation_argv(checkpoint, overrides, dataset))
+    return _command(knn.main, _evaluation_argv(checkpoint, overrides, dataset))
 
 
 def evaluate_linear(checkpoint: str | Path, *overrides: str, dataset: str | Path | None = None) -> dict[str, Any]:
     """eval.linear (the fast probe unless `linear.mode=full`), as `evaluate_knn`."""
     from sslfg.commands import linear
 
-    return linear.main(_evaluation_argv(checkpoint, overrides, dataset))
+    return _command(linear.main, _evaluation_argv(checkpoint, overrides, dataset))
 
 
 def embed_images(checkpoint: str | Path, *overrides: str, split: str | None = None,
@@ -70,7 +81,7 @@ def embed_images(checkpoint: str | Path, *overrides: str, split: str | None = No
     from sslfg.commands import embed
 
     argv = _evaluation_argv(checkpoint, overrides, dataset) + (["--split", split] if split else [])
-    manifest = embed.main(argv)
+    manifest = _command(embed.main, argv)
     out = Path(manifest["output_dir"])
     features = np.concatenate([np.load(out / shard["file"]) for shard in manifest["shards"]])
     with open(out / "images.csv", newline="", encoding="utf-8") as f:

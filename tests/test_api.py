@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 from pathlib import Path
@@ -39,6 +40,10 @@ def test_readme_api_example(tiny_data: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         cls = model.forward_features(transform(first)[None])[:, 0]
     assert torch.allclose(cls[0], torch.from_numpy(features[0]), atol=1e-5)
+    # the notebook lives on, and holds none of the folders the functions wrote: a command may take them
+    for folder in (run, run / "eval", run / "eval" / "embed-test"):
+        with open(folder / ".sslfg-run.lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_overrides_go_with_a_recipe_path(tiny_data: Path, tmp_path: Path) -> None:

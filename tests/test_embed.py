@@ -41,7 +41,8 @@ def shards(out: Path) -> np.ndarray:
 def test_shards_table_and_manifest(data: Path, tmp_path: Path) -> None:
     manifest = embed.main(args(data, tmp_path / "a", "--shard-size", "10"))
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["images.csv", "manifest.json", "shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
+    assert files == [".sslfg-run.lock", "images.csv", "manifest.json", "shard-00000.npy", "shard-00001.npy",
+                     "shard-00002.npy"]
     x = shards(tmp_path / "a")
     assert x.shape == (24, 32) and x.dtype == np.float32 and np.isfinite(x).all()
     assert [np.load(tmp_path / "a" / s["file"]).shape[0] for s in manifest["shards"]] == [10, 10, 4]

@@ -25,7 +25,7 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.embed import plan, previous, write_embeddings
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.engine.rundir import ensure_writable
+from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable
 from sslfg.evaluation import build_backbone, output_dir, run_data_defaults
 from sslfg.schema import EvalConfig
 from sslfg.summary import startup_summary
@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print_summary(summary)
     if args.check:
         return summary
-    manifest = write_embeddings(cfg, vit, dataset, manifest, accelerator, ensure_writable(out))
+    check_output_dir(cfg.output_dir or out)
+    ensure_writable(out)
+    if accelerator.is_main_process:
+        claim_run_dir(out, "embed")
+    manifest = write_embeddings(cfg, vit, dataset, manifest, accelerator, out)
     if accelerator.is_main_process:
         print(f"embeddings: {out} ({manifest['count']} x {manifest['dim']} {manifest['dtype']})")
     return manifest | {"output_dir": str(out)}
