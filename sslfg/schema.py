@@ -211,6 +211,8 @@ class KnnConfig:
     float16: bool = False  # store the bank in float16: half the memory of a big bank, similarities to ~1e-3
     retrieval: bool = True
     figures: bool = True
+    # also val.knn.*: bank train, queries the validation split or linear.val_fraction of train (sslfg.selection)
+    val: bool = False
 
 
 @dataclass
