@@ -369,9 +369,7 @@ class StudyEvalConfig:
     knn: list[str] = field(default_factory=list)  # extra key=value for eval.knn
     linear: list[str] = field(default_factory=list)  # extra key=value for eval.linear; [] with run_linear false
     run_linear: bool = True
-    random_floor: bool = True  # random init of the same architecture, same protocols
-    # raw-pixel kNN when 3·S·S is at most this (small images only)
-    pixel_floor_max_dim: int = bounded(NON_NEGATIVE, 4096)
+    random_floor: bool = True  # random init of the same architecture, same protocols (raw pixels always run)
 
 
 @dataclass
@@ -384,6 +382,17 @@ class StudyFinetuneConfig:
 
 
 @dataclass
+class StudySupervisedConfig:
+    """The supervised reference: the first pretraining arm's ViT trained from scratch with labels (eval.finetune,
+    plain head) for as many epochs as each pretraining arm, then evaluated frozen like the arms: can this
+    architecture learn the task at this budget at all?"""
+
+    enabled: bool = True
+    config: str = ""  # fine-tuning recipe (data, augmentation, optimiser); "": the first fine-tuning arm's
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted key: value; with config "", the first arm's
+
+
+@dataclass
 class StudyConfig:
     """Everything `python -m sslfg.study` reads: one dataset, one budget, seeds, and the arms."""
 
@@ -393,3 +402,4 @@ class StudyConfig:
     pretrain: StudyPretrainConfig = field(default_factory=StudyPretrainConfig)
     evaluate: StudyEvalConfig = field(default_factory=StudyEvalConfig)
     finetune: StudyFinetuneConfig = field(default_factory=StudyFinetuneConfig)
+    supervised: StudySupervisedConfig = field(default_factory=StudySupervisedConfig)
