@@ -169,13 +169,22 @@ def test_a_budget_in_minutes_is_timed_once_and_kept(tiny_data: Path, tmp_path: P
     assert json.loads((root / "seed1" / "mocov3" / "summary.json").read_text())["total_steps"] == 6
 
 
-def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path: Path) -> None:
+def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     config = write_recipes(tiny_data, tmp_path, seeds=[0])
     with pytest.raises(ConfigError, match=r"pretrain.arms.typo: .*model.keep_ratoi"):
         Study(load_config(config, ["pretrain.arms={typo: {model.keep_ratoi: 0.5}}"], StudyConfig))
     with pytest.raises(ConfigError, match=r"finetune.arms.glsim.init: 'nope'"):
         Study(load_config(config, ["finetune.arms.glsim.init=nope"], StudyConfig))
-    assert not (tmp_path / "study").exists()
+    with pytest.raises(ConfigError, match=r"pretrain.arms: pixels is the name of a floor the study adds itself"):
+        Study(load_config(config, ["pretrain.arms={pixels: {}}"], StudyConfig))
+    # no fine-tuning arm to take the supervised reference's recipe from: one line naming the key and both ways out
+    bare = write_recipes(tiny_data, tmp_path / "bare", seeds=[0], finetune_arms=False)
+    assert run_cli(study_module.main, ["--config", str(bare), "supervised.config=", "pretrain.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: supervised.config: no fine-tuning recipe") and \
+        "supervised.enabled=false" in err
+    assert not (tmp_path / "study").exists() and not (tmp_path / "bare" / "study").exists()
 
 
 def test_report_needs_a_study_folder(tmp_path: Path) -> None:
