@@ -35,7 +35,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -338,22 +338,10 @@ def knn_hits(
     return per_query | {"knn.k1.top1": (neighbours[:, 0] == target[:, 0]).cpu()}  # also when 1 in ks: the same
 
 
-@torch.no_grad()
-def knn_evaluate(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    ks: Sequence[int] = (10, 20, 100, 200),
-    temperature: float = 0.07,
-    backend: Backend = "auto",
-    chunk_size: int = CHUNK_SIZE,
-    device: Device = None,
-    float16: bool = False,
-) -> dict[str, float]:
-    """kNN accuracies of the queries against the bank (`knn_hits` averaged over the queries)."""
-    return accuracies(knn_hits(bank, bank_labels, queries, query_labels, ks, temperature, backend, chunk_size, device,
-                               float16))
+def knn_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """kNN accuracies of the queries against the bank: `knn_hits` (the same arguments) averaged over the queries,
+    a flat dict of fractions in [0, 1]."""
+    return accuracies(knn_hits(*args, **kwargs))
 
 
 def accuracies(hits: dict[str, torch.Tensor]) -> dict[str, float]:
