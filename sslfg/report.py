@@ -392,7 +392,9 @@ class Report:
             f"Budget: every pretraining arm {self.cfg.pretrain.epochs or 'the recipe'} epochs"
             + (f" ({budget['minutes']} minutes per seed, timed: {budget['epochs']} epochs)" if budget else "")
             + f" of `{self.cfg.pretrain.config}`; every fine-tuning arm "
-              f"{self.cfg.finetune.epochs or 'its recipe'} epochs. Same batch and steps within each group.", "",
+              f"{self.cfg.finetune.epochs or 'its recipe'} epochs. Same batch and steps within each group."
+            + (" The supervised reference trains as many epochs as a pretraining arm, from scratch (its steps "
+               "under Supervised reference)." if self.cfg.supervised.enabled else ""), "",
             "## Frozen features", "",
             "kNN: k 20, cosine, exp(sim/T) votes (DINO), bank = train split, queries = test split; retrieval: "
             "leave-one-out mAP over the test split; linear: the fast probe (lr chosen on validation data, "
