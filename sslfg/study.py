@@ -225,7 +225,9 @@ class Study:
         first = str(pretrain_dir(self.root, seed, next(iter(self.cfg.pretrain.arms))))
         arms = self.eval_arms(seed, "random", ["--random-init", "--checkpoint", first], kinds=self.frozen_kinds) \
             if self.cfg.evaluate.random_floor else []
-        return arms + self.eval_arms(seed, "pixels", [], extra=["features.kind=pixels", "knn.figures=false"])
+        # no feature cache: reading the images again is cheap, and 84 px pixels of the cluttered splits take 1.8 GB
+        return arms + self.eval_arms(seed, "pixels", [], extra=["features.kind=pixels", "features.cache=false",
+                                                                "knn.figures=false"])
 
     def best_pretrain_arm(self) -> str:
         """The pretraining arm the fine-tuning arms start from: the best mean kNN k20 top-1 on validation."""

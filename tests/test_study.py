@@ -76,6 +76,7 @@ def test_study_runs_every_arm_and_reports_them(tiny_data: Path, tmp_path: Path,
         for kind in ("knn", "linear"):  # raw pixels at every image size, both protocols, no network
             pixels = json.loads((root / f"seed{seed}/pixels/eval/{kind}.json").read_text())
             assert pixels["features"] == "pixels" and pixels["init"] == "none (raw pixels)"
+        assert not (root / f"seed{seed}/pixels/eval/features").exists()  # nothing cached: the images are the features
         # the supervised reference: the first arm's ViT from scratch with labels, for the pretraining epochs
         supervised = json.loads((root / f"seed{seed}/supervised/metrics.json").read_text())
         assert (supervised["init"], supervised["head"], supervised["epochs"], supervised["step"]) == \
