@@ -54,11 +54,10 @@ class Interval:
             return self.verdict
         if self.method == "bootstrap":
             return "not distinguishable at 1 seed (bootstrap over the test images)"
-        if self.needed is None:
-            return f"not distinguishable at {self.n} seeds (the margin would need more than {MAX_SEEDS})"
-        if self.needed <= self.n:  # the margin is 0, or a sub-1e-12 rounding case
-            return f"not distinguishable at {self.n} seeds"
-        return f"not distinguishable at {self.n} seeds (the margin would need {self.needed})"
+        if self.mean == 0:
+            return f"not distinguishable at {self.n} seeds (no margin)"
+        more = f"more than {MAX_SEEDS}" if self.needed is None else self.needed
+        return f"not distinguishable at {self.n} seeds (the margin would need {more})"
 
     def cell(self, scale: float = 100.0) -> str:
         """'+2.90 [−3.46, 9.26]' in points (`scale` 100 for fractions)."""

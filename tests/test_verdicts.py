@@ -51,7 +51,9 @@ def test_the_verdict_follows_the_interval() -> None:
     assert paired_t([2.0, 2.0]).words() == "better"  # no spread: the interval is the mean itself
     assert seeds_needed(0.0, 1.0) is None and seeds_needed(1.0, 0.0) == 2
     assert seeds_needed(0.01, 1.0) is None  # beyond 100 seeds
-    assert paired_t([1.0, -1.0, 0.5]).words().startswith("not distinguishable at 3 seeds")
+    assert paired_t([1.0, -1.0, 0.5]).words().startswith("not distinguishable at 3 seeds (the margin would need ")
+    assert paired_t([1.0, -1.0, 0.0]).words() == "not distinguishable at 3 seeds (no margin)"
+    assert paired_t([0.1, -0.1, 0.01]).words() == "not distinguishable at 3 seeds (the margin would need more than 100)"
     with pytest.raises(ValueError, match="at least 2"):
         paired_t([1.0])
 
