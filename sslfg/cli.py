@@ -212,7 +212,8 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
         check_data(cfg, datasets)
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
-             "backbone": info["backbone"], "features.global_batch": cfg.features.batch_size * world}
+             "backbone": info["backbone"], "features": cfg.features.kind,
+             "features.global_batch": cfg.features.batch_size * world}
     summary = startup_summary(cfg.data, datasets, sources, facts | (schedule(cfg, world) if schedule else {}))
     if accelerator.is_main_process:
         print_summary(summary)

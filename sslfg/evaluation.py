@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 from sslfg.config import ConfigError, key_sources, load_config
 from sslfg.data.datasets import build_dataset
@@ -21,9 +21,13 @@ from sslfg.files import write_json
 from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
 from sslfg.schema import EvalConfig, PretrainConfig
 
+PIXELS = "pixels"  # features.kind whose feature is the normalised image itself: no network, no weights
+
 
 def backbone_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], str]:
     """(timm name, kwargs at the dataset's image size, weights file) of the backbone, without building it."""
+    if cfg.features.kind == PIXELS:
+        return "none", {}, ""
     if not cfg.checkpoint and not ((cfg.random_init or cfg.pretrained) and cfg.model):
         raise ConfigError("checkpoint: give --checkpoint (run dir or weights file), --model NAME --pretrained "
                           "(timm's weights), or --random-init --model NAME")
@@ -34,6 +38,9 @@ def backbone_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], str]:
 def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     """The frozen backbone at the dataset's image size, and what to record about it."""
     name, kwargs, weights = backbone_spec(cfg)
+    if cfg.features.kind == PIXELS:  # pool_features returns the image; the identity stands in for the network
+        return nn.Identity(), {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint,
+                               "init": "none (raw pixels)"}
     torch.manual_seed(cfg.seed)
     vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model",
                      pretrained=cfg.pretrained)
@@ -65,13 +72,16 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
 
 
 def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
-    """`output_dir`, else <run>/eval for a run directory, else runs/eval/<model>-<init>; `info` needs
-    "backbone" (the timm name)."""
+    """`output_dir`, else <run>/eval (eval-random, eval-pixels) for a run directory, else runs/eval/pixels or
+    runs/eval/<model>-<init>; `info` needs "backbone" (the timm name)."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    pixels = cfg.features.kind == PIXELS
     if ckpt is not None and ckpt.is_dir():
-        return ckpt / ("eval-random" if cfg.random_init else "eval")
+        return ckpt / ("eval-pixels" if pixels else "eval-random" if cfg.random_init else "eval")
+    if pixels:
+        return Path("runs/eval/pixels")
     init = "random" if cfg.random_init else "pretrained" if cfg.pretrained else ckpt.stem
     return Path("runs/eval") / f"{info['backbone'].replace('/', '--')}-{init}"
 

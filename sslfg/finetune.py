@@ -27,11 +27,19 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
 from sslfg.files import write_json
 from sslfg.localisation import finetune_test_boxes, glsim_localisation
-from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, pretrained_record, timm_kwargs
+from sslfg.models.backbone import (
+    backbone_source,
+    create_vit,
+    export_backbone,
+    forward_tokens,
+    pretrained_record,
+    timm_kwargs,
+)
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
 from sslfg.summary import startup_summary
+from sslfg.verdicts import correct_path, write_correct
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +67,8 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
 
 @torch.no_grad()
 def test_accuracy(model: nn.Module, dataset, accelerator: Accelerator, batch_size: int, num_workers: int) -> dict:
-    """Test top-1, top-5, per-class and mean per-class accuracy (in [0, 1]) over every process, and
-    the number of test images they cover."""
+    """Test top-1, top-5, per-class and mean per-class accuracy (in [0, 1]) over every process, the
+    number of test images they cover, and which ones the model got right ("hits")."""
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
     was_training = model.training
     model.eval()
@@ -82,6 +90,7 @@ def test_accuracy(model: nn.Module, dataset, accelerator: Accelerator, batch_siz
         "mean_per_class": sum(per_class.values()) / len(per_class),
         "per_class": per_class,
         "samples": len(labels),  # each test image once, however many processes evaluated it
+        "hits": correct,  # (N,) bool, in dataset order: the per-image record of sslfg.verdicts
     }
 
 
@@ -173,8 +182,12 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
                   "train.images_per_second": state.images_per_second}
 
     result = test_accuracy(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
+    hits = result.pop("hits")
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
+        write_correct(correct_path(run_dir, "test"), cfg.data.test_split, {"test.top1": hits})
+        if cfg.model.adapter == "none" and not cfg.eval_only:  # a plain ViT: eval.knn/linear can read it frozen
+            export_backbone(net.encoder, info["backbone"], info["backbone_kwargs"], run_dir)
         speed = {f"images_per_second.batch{b}": round(throughput(net, cfg.data.image_size, accelerator, b), 1)
                  for b in THROUGHPUT_BATCHES}
         # the summary holds epochs, num_classes and data.skipped_images (dropped by data.on_bad_image=skip)

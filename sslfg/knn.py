@@ -35,7 +35,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -275,7 +275,7 @@ def usable_ks(ks: Sequence[int], bank_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def knn_evaluate(
+def knn_hits(
     bank: torch.Tensor,
     bank_labels: torch.Tensor,
     queries: torch.Tensor,
@@ -286,14 +286,15 @@ def knn_evaluate(
     chunk_size: int = CHUNK_SIZE,
     device: Device = None,
     float16: bool = False,
-) -> dict[str, float]:
-    """kNN accuracies of the queries against the bank, DINO protocol (`eval_knn.py`'s knn_classifier).
+) -> dict[str, torch.Tensor]:
+    """Per query, whether the kNN classifier got it right, DINO protocol (`eval_knn.py`'s knn_classifier):
+    the per-image record a paired bootstrap needs; `knn_evaluate` averages it.
 
     bank (N, D), bank_labels (N,), queries (Q, D), query_labels (Q,); search and votes run on `device`
     (None: where the tensors are), `float16` as in `knn_search`. One search for the largest k
     serves every k (each k uses the first k neighbours) and the 1-NN. A k larger than the bank is
     dropped with one warning naming it and the bank size (`usable_ks` gives the ks kept). Returns a
-    flat dict of fractions in [0, 1]: "knn.k{k}.top1" and "knn.k{k}.top5" for each kept k, and
+    flat dict of bool tensors (Q,) on the CPU: "knn.k{k}.top1" and "knn.k{k}.top5" for each kept k, and
     "knn.k1.top1", the nearest neighbour's label.
 
     Classes are ranked as DINO ranks them: by votes (sum of exp(sim / T) of the neighbours of that
@@ -322,7 +323,7 @@ def knn_evaluate(
     classes = torch.unique(torch.cat([bank_labels.to(idx.device, torch.long), labels]), sorted=True)
     neighbours = torch.searchsorted(classes, bank_labels.to(idx.device, torch.long))[idx]
     target = torch.searchsorted(classes, labels)[:, None]
-    hits = {f"knn.k{k}.{m}": 0 for k in kept for m in ("top1", "top5")}
+    hits: dict[str, list[torch.Tensor]] = {f"knn.k{k}.{m}": [] for k in kept for m in ("top1", "top5")}
     ids = torch.arange(len(classes), device=idx.device)
     for s in range(0, len(queries), chunk_size):
         t = target[s : s + chunk_size]
@@ -331,10 +332,21 @@ def knn_evaluate(
                                    temperature)
             own = votes.gather(1, t)
             rank = (votes > own).sum(1) + ((votes == own) & (ids < t)).sum(1)
-            hits[f"knn.k{k}.top1"] += int((rank == 0).sum())
-            hits[f"knn.k{k}.top5"] += int((rank < min(5, k)).sum())
-    hits["knn.k1.top1"] = int((neighbours[:, :1] == target).sum())  # also when 1 in ks: the same number
-    return {key: n / len(queries) for key, n in hits.items()}
+            hits[f"knn.k{k}.top1"].append(rank == 0)
+            hits[f"knn.k{k}.top5"].append(rank < min(5, k))
+    per_query = {key: torch.cat(chunks).cpu() for key, chunks in hits.items()}
+    return per_query | {"knn.k1.top1": (neighbours[:, 0] == target[:, 0]).cpu()}  # also when 1 in ks: the same
+
+
+def knn_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """kNN accuracies of the queries against the bank: `knn_hits` (the same arguments) averaged over the queries,
+    a flat dict of fractions in [0, 1]."""
+    return accuracies(knn_hits(*args, **kwargs))
+
+
+def accuracies(hits: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-query hits (Q,) bool → the fraction of queries right, per key."""
+    return {key: int(h.sum()) / len(h) for key, h in hits.items()}
 
 
 def order_keys(sims: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +41,12 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.features import feature_precision, pool_features
 from sslfg.schema import DataConfig, EvalConfig, LinearConfig, LoopConfig
+from sslfg.selection import selection_features
+from sslfg.verdicts import correct_path, write_correct
 
 log = logging.getLogger(__name__)
 
 INIT_STD = 0.01
-SELECTION_TRAIN_SPLIT = "train"  # with data.val_split, the pair the fast mode selects on (METHODS §5 csv splits)
 FULL_RUN_DIR = "linear_full"  # full mode's run directory inside the eval output folder
 EVAL_CHUNK = 4096  # features per scoring block: bounds the (L, chunk, C) logits
 
@@ -119,21 +119,20 @@ def train_heads(features: Tensor, labels: Tensor, num_classes: int, lrs: Sequenc
 
 
 @torch.no_grad()
-def head_accuracy(heads: LinearHeads, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-1 and top-5 accuracy of each head, (L,) float each, in [0, 1].
+def head_hits(heads: LinearHeads, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per head and sample, top-1 and top-5 hits, (L, N) bool each.
 
-    features (N, D), N > 0; labels (N,) head indices, -1 for a class the heads never saw (always
-    wrong). A row whose logits are not finite (a diverged head) counts as wrong. Top-5 is top-C
-    when C < 5.
+    features (N, D); labels (N,) head indices, -1 for a class the heads never saw (always wrong). A
+    row whose logits are not finite (a diverged head) counts as wrong. Top-5 is top-C when C < 5.
     """
-    hits = torch.zeros(2, len(heads.weights), dtype=torch.float64, device=features.device)
+    top1, top5 = [], []
     for x, y in zip(features.split(EVAL_CHUNK), labels.split(EVAL_CHUNK), strict=True):
         logits = heads(x)  # (L, b, C)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]  # (L, b, k)
         finite = torch.isfinite(logits).all(dim=-1)
-        hits[0] += (top[..., 0] & finite).sum(dim=1)
-        hits[1] += (top.any(dim=-1) & finite).sum(dim=1)
-    return hits[0] / len(features), hits[1] / len(features)
+        top1.append(top[..., 0] & finite)
+        top5.append(top.any(dim=-1) & finite)
+    return torch.cat(top1, dim=1), torch.cat(top5, dim=1)
 
 
 def contiguous_labels(labels: Tensor, classes: Tensor) -> Tensor:
@@ -144,11 +143,11 @@ def contiguous_labels(labels: Tensor, classes: Tensor) -> Tensor:
 
 def fit_and_score(train: Split, test: Split, lrs: Sequence[float], lin: LinearConfig,
                   seed: int) -> tuple[Tensor, Tensor]:
-    """Trains one head per (scaled) lr on `train` and scores each on `test`: top-1, top-5, (L,) each."""
+    """Trains one head per (scaled) lr on `train` and scores each on `test`: top-1, top-5 hits, (L, N) each."""
     classes = torch.unique(train[1])
     heads = train_heads(train[0], contiguous_labels(train[1], classes), len(classes), lrs, lin.epochs,
                         lin.batch_size, lin.momentum, lin.weight_decay, seed)
-    return head_accuracy(heads, test[0], contiguous_labels(test[1], classes))
+    return head_hits(heads, test[0], contiguous_labels(test[1], classes))
 
 
 @dataclass
@@ -159,6 +158,17 @@ class FastProbeResult:
     val_top1: dict[float, float]  # validation top-1 of every swept lr
     top1: float  # test accuracy of the chosen lr retrained on the train split
     top5: float
+    hits: Tensor  # (N,) bool: the test images the chosen lr got right (top-1)
+
+    @property
+    def edge_warning(self) -> str:
+        """A sentence when the chosen lr is the smallest or largest of several swept (the best may lie beyond)."""
+        lrs = list(self.val_top1)
+        if len(lrs) < 2 or self.lr not in (min(lrs), max(lrs)):
+            return ""
+        side, beyond = ("smallest", "below") if self.lr == min(lrs) else ("largest", "above")
+        return (f"linear.lrs: the chosen lr {self.lr:g} is the {side} of the grid {lrs}; a better one may lie "
+                f"{beyond} it: extend linear.lrs")
 
 
 def fast_probe(fit: Split, val: Split, train: Split, test: Split, lin: LinearConfig, seed: int = 0) -> FastProbeResult:
@@ -170,25 +180,11 @@ def fast_probe(fit: Split, val: Split, train: Split, test: Split, lin: LinearCon
     """
     check_settings(lin)
     scale = lin.batch_size / 256
-    val_top1, _ = fit_and_score(fit, val, [lr * scale for lr in lin.lrs], lin, seed)
+    val_top1 = fit_and_score(fit, val, [lr * scale for lr in lin.lrs], lin, seed)[0].double().mean(dim=1)
     best = int(val_top1.argmax())  # first of equal maxima
     top1, top5 = fit_and_score(train, test, [lin.lrs[best] * scale], lin, seed)
-    return FastProbeResult(lin.lrs[best], dict(zip(lin.lrs, val_top1.tolist(), strict=True)), float(top1[0]),
-                           float(top5[0]))
-
-
-def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices (ascending) of the kept and the held-out samples: round(fraction · n_c) random
-    samples of each class c held out, but always at least one kept. labels (N,) int64, any ids."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(labels), generator=g)
-    _, cls = torch.unique(labels, return_inverse=True)
-    order = perm[torch.argsort(cls[perm], stable=True)]  # grouped by class, random within a class
-    counts = torch.bincount(cls)
-    rank = torch.arange(len(labels)) - (counts.cumsum(0) - counts)[cls[order]]  # position within its class
-    held = torch.minimum(torch.floor(fraction * counts + 0.5).long(), counts - 1)
-    is_val = rank < held[cls[order]]
-    return order[~is_val].sort().values, order[is_val].sort().values
+    return FastProbeResult(lin.lrs[best], dict(zip(lin.lrs, val_top1.tolist(), strict=True)),
+                           top1[0].double().mean().item(), top5[0].double().mean().item(), top1[0].cpu())
 
 
 def check_settings(lin: LinearConfig) -> None:
@@ -206,22 +202,6 @@ def _check_labelled(data: DataConfig) -> None:
         raise ConfigError("data.format: 'folder' images have no labels; the linear probe needs csv or imagefolder")
 
 
-def _has_split(data: DataConfig, split: str) -> bool:
-    """Whether the split's csv file (csv layout) or folder (imagefolder layout) exists."""
-    return os.path.exists(os.path.join(data.root, f"{split}.csv" if data.format == "csv" else split))
-
-
-def selection_splits(data: DataConfig) -> tuple[str, str] | None:
-    """("train", data.val_split) when the dataset has both; None: hold out of data.train_split.
-    A selection split that is the test split is an error: selection never looks at test."""
-    if not (_has_split(data, SELECTION_TRAIN_SPLIT) and _has_split(data, data.val_split)):
-        return None
-    if data.val_split == data.test_split:
-        raise ConfigError(f"data.val_split: '{data.val_split}' is also data.test_split; the lr must be selected "
-                          f"without looking at the test split. Set data.val_split to a validation split.")
-    return SELECTION_TRAIN_SPLIT, data.val_split
-
-
 def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator,
                    out: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """Fast mode on the cached features of the configured splits → (metrics, protocol) on the
@@ -230,36 +210,23 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     d, lin = cfg.data, cfg.linear
     _check_labelled(d)
     check_settings(lin)
-    pair = selection_splits(d)
     *train, train_ds = split_features(cfg, vit, accelerator, d.train_split, out)
     *test, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
-    datasets = [train_ds, test_ds]
-    if pair is not None:
-        (*fit, fit_ds), (*val, val_ds) = (split_features(cfg, vit, accelerator, s, out) for s in pair)
-        datasets += [fit_ds, val_ds]
-        selection = {"selection_split": pair[1], "selection_train_split": pair[0]}
-    else:
-        if not 0 < lin.val_fraction < 1:
-            raise ConfigError(f"linear.val_fraction must be in (0, 1), got {lin.val_fraction}")
-        keep, held = stratified_holdout(train[1], lin.val_fraction, cfg.seed)
-        if len(held) == 0:
-            raise ConfigError(f"linear.val_fraction: {lin.val_fraction} of {d.train_split} ({len(train[1])} images) "
-                              f"holds out no image of any class; raise it, or give the dataset a "
-                              f"{SELECTION_TRAIN_SPLIT} and a {d.val_split} split")
-        fit, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
-        log.info("no %s + %s splits: selecting the lr on %d images held out of %s", SELECTION_TRAIN_SPLIT,
-                 d.val_split, len(held), d.train_split)
-        selection = {"selection_split": f"{d.train_split} (stratified {lin.val_fraction:g} held out, seed {cfg.seed})",
-                     "selection_train_split": f"{d.train_split} (the rest)"}
+    fit, val, selection_ds, selection = selection_features(cfg, vit, accelerator, out, train, lin.val_fraction, "lr")
+    datasets = [train_ds, test_ds, *selection_ds]
     if not accelerator.is_main_process:
         return {}, {}
     dev = accelerator.device
     fit, val, train, test = ((x.to(dev), y.to(dev)) for x, y in (fit, val, train, test))
     result = fast_probe(fit, val, train, test, lin, cfg.seed)
+    if result.edge_warning:
+        log.warning("%s", result.edge_warning)
+    write_correct(correct_path(out, "linear"), d.test_split, {"linear.top1": result.hits})
     scale = lin.batch_size / 256
     protocol = {
         "name": "linear", "mode": "fast", **selection, "train_split": d.train_split, "test_split": d.test_split,
         "lr": result.lr, "lr_scaled": result.lr * scale, "lrs": lin.lrs, "val_top1": result.val_top1,
+        "lr_warning": result.edge_warning,
         "selection": "best validation top-1 (ties: first listed lr), then retrained on train_split",
         "epochs": lin.epochs, "batch_size": lin.batch_size, "optimizer": "sgd", "momentum": lin.momentum,
         "weight_decay": lin.weight_decay, "schedule": "cosine to 0 per step", "head_init": f"normal(0, {INIT_STD})",
@@ -312,7 +279,8 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     if not accelerator.is_main_process:
         return {}, {}
     dev = accelerator.device
-    top1, top5 = head_accuracy(accelerator.unwrap_model(head), test_x.to(dev), test_y.to(dev))
+    top1, top5 = head_hits(accelerator.unwrap_model(head), test_x.to(dev), test_y.to(dev))
+    write_correct(correct_path(out, "linear"), d.test_split, {"linear.top1": top1[0].cpu()})
     protocol = {
         "name": "linear", "mode": "full", "selection_split": "none (linear.lr from config, no sweep)",
         "train_split": d.train_split, "test_split": d.test_split, "lr": lin.lr, "lr_scaled": lr,
@@ -322,4 +290,4 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         "steps": step, "resumed_from_step": run.start_step, "train_size": len(dataset), "test_size": len(test_y),
         "run_dir": str(run.run_dir), "skipped_images": skipped_images(dataset, test_ds),
     }
-    return {"linear.top1": float(top1[0]), "linear.top5": float(top5[0])}, protocol
+    return {"linear.top1": top1[0].double().mean().item(), "linear.top5": top5[0].double().mean().item()}, protocol

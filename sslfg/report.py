@@ -3,7 +3,8 @@
     python -m sslfg.report runs/study_sample
 
 Numbers are mean ± sample std over the seeds that finished (n in the table); each table names its
-protocol, and the commands section gives the command line of every arm.
+protocol, and the commands section gives the command line of every arm. Comparisons are verdicts with
+95 % confidence (sslfg.verdicts): better, worse, or not distinguishable at this number of seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sslfg.schema import StudyConfig  # noqa: E402
 from sslfg.studydir import (  # noqa: E402
     KNN_KEY,
     STUDY_FILE,
+    SUPERVISED,
     arm_id,
     best_pretrain_arm,
     done_dir,
@@ -38,12 +40,21 @@ from sslfg.studydir import (  # noqa: E402
     read_json,
     split_spec,
 )
+from sslfg.verdicts import Interval, correct_path, paired_bootstrap, paired_t, read_correct  # noqa: E402
 
 KNN, MAP, LINEAR = KNN_KEY, "retrieval.mAP", "linear.top1"
 ONLINE_KEEP = "online_loc.keep_precision"
 LOCALISATION = {"loc.keep_precision": "keep precision", "loc.keep_chance": "chance", "loc.keep_lift": "lift",
                 "loc.gls_iou": "GLS IoU", "loc.gls_coverage": "GLS coverage"}
-FLOOR_NOTES = {"random": "random init, same architecture", "pixels": "raw pixels (normalised), no network"}
+FLOOR_NOTES = {"random": "random init, same architecture", "pixels": "raw pixels (normalised), no network",
+               SUPERVISED: "supervised reference: same architecture trained from scratch with labels"}
+METRICS = {"knn": KNN, "linear": LINEAR, "finetune": "test.top1"}  # what a verdict compares, per evaluation
+PHRASES = {"better": "beats {}", "worse": "loses to {}", "not distinguishable": "not distinguishable from {}"}
+VERDICT_RULE = ("95 % interval of the paired difference (arm − other, points of %): Student t over the seeds "
+                "(n ≥ 2), or with one seed a paired bootstrap over the test images. **better** / **worse**: the "
+                "interval excludes 0; otherwise **not distinguishable** at this number of seeds, with the seeds the "
+                "observed margin would need (the smallest n with t(0.975, n − 1) · s / √n < |mean| at the observed "
+                "spread s).")
 
 
 def stats(values: Sequence[float | None], scale: float = 100.0) -> str:
@@ -58,9 +69,9 @@ def _get(record: dict | None, key: str) -> float | None:
     return None if record is None else record.get(key)
 
 
-def _paired(a: list[dict | None], b: list[dict | None], key: str) -> list[float]:
-    """Per-seed differences a − b of `key`, over the seeds where both have it."""
-    return [x[key] - y[key] for x, y in zip(a, b, strict=True) if x and y and key in x and key in y]
+def _verdict_cells(interval: Interval | None) -> str:
+    """'Δ [low, high] | verdict in words' for a table, or dashes when there is nothing to compare."""
+    return "– | –" if interval is None else f"{interval.cell()} | {interval.words()}"
 
 
 def _settings(name: str, spec: Any, section: str) -> str:
@@ -100,12 +111,51 @@ class Report:
             per_seed.append(sum(d["seconds"] for d in present) / 60 if present else None)
         return per_seed
 
+    def floors(self) -> list[str]:
+        """The floors this study has results for: random init, raw pixels, the supervised reference."""
+        return [f for f in FLOOR_NOTES if any(self.evals(f, "knn"))]
+
+    def runs(self, arm: str, name: str) -> list[tuple[dict | None, Path]]:
+        """Per seed: the result of evaluation `name` (knn, linear, finetune) and the folder of its per-image record."""
+        if name != "finetune":
+            return [(read_json(eval_dir(self.root, s, arm) / f"{name}.json"), eval_dir(self.root, s, arm))
+                    for s in self.seeds]
+        folders = [pretrain_dir(self.root, s, arm) if arm == SUPERVISED else finetune_dir(self.root, s, arm)
+                   for s in self.seeds]
+        return [(read_json(f / "metrics.json"), f) for f in folders]
+
+    def interval(self, arm: str, other: str, name: str) -> Interval | None:
+        """arm − other on evaluation `name`: a t interval over the seeds both finished, a paired bootstrap over
+        the test images with one such seed (when both recorded them), else None."""
+        key = METRICS[name]
+        pairs = [(a, b) for a, b in zip(self.runs(arm, name), self.runs(other, name), strict=True)
+                 if a[0] and b[0] and key in a[0] and key in b[0]]
+        if len(pairs) >= 2:
+            return paired_t([a[key] - b[key] for (a, _), (b, _) in pairs])
+        if not pairs:
+            return None
+        hits = [read_correct(correct_path(folder, "test" if name == "finetune" else name), key)
+                for _, folder in pairs[0]]
+        return None if any(h is None for h in hits) or len(hits[0]) != len(hits[1]) else paired_bootstrap(*hits)
+
+    def against_floors(self, arm: str) -> str:
+        """In words, per protocol: does the arm beat each floor (verdicts at 95 %)?"""
+        parts = []
+        for name, label in (("knn", "kNN"), ("linear", "linear")):
+            by_verdict: dict[str, list[str]] = {}
+            for floor in self.floors():
+                if floor != arm and (i := self.interval(arm, floor, name)) is not None:
+                    by_verdict.setdefault(i.verdict, []).append(floor)
+            said = [PHRASES[v].format(", ".join(floors)) for v, floors in by_verdict.items()]
+            parts += [f"{label}: {'; '.join(said)}"] if said else []
+        return " · ".join(parts) or "–"
+
     # ---- tables ------------------------------------------------------------------------------
 
     def frozen_table(self) -> list[str]:
-        lines = ["| arm | what | n | kNN k20 top-1 | retrieval mAP | linear top-1 | steps × batch | train min | "
-                 "images/s | wall min |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for arm in [*(f for f in FLOOR_NOTES if any(self.evals(f, "knn"))), *self.arms]:
+        lines = ["| arm | what | n | kNN k20 top-1 | retrieval mAP | linear top-1 | against the floors (95 %) | "
+                 "steps × batch | train min | images/s | wall min |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arm in [*self.floors(), *self.arms]:
             knn, lin = self.evals(arm, "knn"), self.evals(arm, "linear")
             n = sum(r is not None for r in knn)
             what = FLOOR_NOTES.get(arm) or _settings(arm, self.cfg.pretrain.arms[arm], "pretrain")
@@ -113,10 +163,12 @@ class Report:
             steps = f"{runs[0]['step']} × {runs[0]['global_batch']}" if runs else "–"
             minutes = stats([r["seconds"] / 60 for r in runs], scale=1) if runs else "–"
             speed = stats([r["images_per_second"] for r in runs], scale=1) if runs else "–"
+            floors = self.against_floors(arm) if arm in (SUPERVISED, *self.arms) else "–"
+            kinds = ("pretrain", "knn", "linear", "localise", *(["finetune"] if arm == SUPERVISED else []))
             lines.append(f"| {arm} | {what} | {n} | {stats([_get(r, KNN) for r in knn])} | "
                          f"{stats([_get(r, MAP) for r in knn])} | {stats([_get(r, LINEAR) for r in lin])} | "
-                         f"{steps} | {minutes} | {speed} | "
-                         f"{stats(self.wall_minutes(arm, ('pretrain', 'knn', 'linear', 'localise')), scale=1)} |")
+                         f"{floors} | {steps} | {minutes} | {speed} | "
+                         f"{stats(self.wall_minutes(arm, kinds), scale=1)} |")
         return lines
 
     def online_keep(self, arm: str) -> list[float | None]:
@@ -143,27 +195,18 @@ class Report:
             lines.append(f"| {arm} | {sum(r is not None for r in records)} | {' | '.join(cells)} | {online} |")
         return lines
 
-    def paired(self, arm: str, other: str, metric: str, name: str) -> list[float]:
-        """Per-seed differences arm − other of an evaluation's metric."""
-        return _paired(self.evals(arm, name), self.evals(other, name), metric)
-
     def difference_table(self) -> list[str]:
         reference = self.arms[0]
-        lines = ["Paired by seed (arm − other, points of %). The last column asks whether the mean kNN margin "
-                 "exceeds its seed spread (the std of the paired differences, n ≥ 2); reference arm: "
-                 f"**{reference}**, and for an arm with `vs:` also that arm.", "",
-                 "| arm | vs | Δ kNN k20 | Δ linear | beats it beyond the seed spread |", "|---|---|---|---|---|"]
-        others = ["random"] if any(self.evals("random", "knn")) else []
+        lines = [f"{VERDICT_RULE} Each arm against the floors, the reference arm **{reference}**, and for an arm with "
+                 "`vs:` also that arm.", "",
+                 "| arm | vs | Δ kNN k20 [95 %] | kNN verdict | Δ linear [95 %] | linear verdict |",
+                 "|---|---|---|---|---|---|"]
         for arm in self.arms:
             vs = split_spec(arm, self.cfg.pretrain.arms[arm], "pretrain")[0].get("vs")  # the arm it is a variant of
-            for other in dict.fromkeys([*others, *([reference] if arm != reference else []), *([vs] if vs else [])]):
-                d_knn = self.paired(arm, other, KNN, "knn")
-                d_lin = self.paired(arm, other, LINEAR, "linear")
-                if len(d_knn) >= 2:
-                    verdict = "yes" if mean(d_knn) > stdev(d_knn) else "no"
-                else:
-                    verdict = "1 seed: no spread to compare with" if d_knn else "–"
-                lines.append(f"| {arm} | {other} | {stats(d_knn)} | {stats(d_lin)} | {verdict} |")
+            for other in dict.fromkeys([*self.floors(), *([reference] if arm != reference else []),
+                                        *([vs] if vs else [])]):
+                cells = [_verdict_cells(self.interval(arm, other, name)) for name in ("knn", "linear")]
+                lines.append(f"| {arm} | {other} | {' | '.join(cells)} |")
         return lines
 
     def finetune_table(self) -> list[str]:
@@ -204,10 +247,52 @@ class Report:
     def finetune_differences(self) -> list[str]:
         """Each fine-tuning arm against the first (the plain ViT in the bundled studies), paired by seed."""
         arms = list(self.cfg.finetune.arms)
-        lines = ["| arm | vs | Δ test top-1 (points, paired by seed) |", "|---|---|---|"]
+        lines = ["| arm | vs | Δ test top-1 [95 %] | verdict |", "|---|---|---|---|"]
         for arm in arms[1:]:
-            diffs = _paired(self.finetunes(arm), self.finetunes(arms[0]), "test.top1")
-            lines.append(f"| {arm} | {arms[0]} | {stats(diffs)} |")
+            lines.append(f"| {arm} | {arms[0]} | {_verdict_cells(self.interval(arm, arms[0], 'finetune'))} |")
+        return lines
+
+    def supervised_section(self) -> list[str]:
+        """The supervised reference's own test top-1 and its budget against the pretraining arms'."""
+        runs = [r for r, _ in self.runs(SUPERVISED, "finetune")]
+        done = [r for r in runs if r]
+        if not done:
+            return []
+        first, pretrained = done[0], next((s for s in self.summaries(self.arms[0]) if s), None)
+        budget = (f"{first['step']} steps × {first['global_batch']} images" +
+                  (f"; each pretraining arm: {pretrained['step']} steps × {pretrained['global_batch']}"
+                   if pretrained else ""))
+        return ["## Supervised reference", "",
+                f"The first pretraining arm's architecture (`{first['backbone']}`), plain ViT head, trained from "
+                f"random init with labels by eval.finetune for the pretraining arms' {first['epochs']} epochs "
+                f"({budget}). Its test top-1 says whether this architecture learns the task at this budget at all; "
+                f"its frozen backbone is the `{SUPERVISED}` row of the frozen-feature table.", "",
+                "| n | test top-1 | mean per-class | steps × batch | train min |", "|---|---|---|---|---|",
+                f"| {len(done)} | {stats([_get(r, 'test.top1') for r in runs])} | "
+                f"{stats([_get(r, 'test.mean_per_class') for r in runs])} | {first['step']} × "
+                f"{first['global_batch']} | {stats([r['train.seconds'] / 60 if r else None for r in runs], scale=1)} |",
+                ""]
+
+    def selections(self) -> list[str]:
+        """Which split chose what, and the probes whose lr is at the edge of its grid."""
+        knn = next((r for arm in self.arms for r in self.evals(arm, "knn") if r and "protocol.val_query_split" in r),
+                   None)
+        lin = next((r for arm in self.arms for r in self.evals(arm, "linear") if r), None)
+        lines = []
+        if knn:
+            lines.append("- **fine-tuning init**: mean kNN k20 top-1 over the seeds on "
+                         f"`{knn['protocol.val_query_split']}` (bank `{knn['protocol.val_bank_split']}`)")
+        if lin and "protocol.selection_train_split" in lin:
+            lines.append(f"- **linear-probe lr**: best top-1 on `{lin['protocol.selection_split']}` of a head trained "
+                         f"on `{lin['protocol.selection_train_split']}`, then retrained on "
+                         f"`{lin['protocol.train_split']}`")
+        test = (knn or lin or {}).get("protocol.query_split") or (lin or {}).get("protocol.test_split")
+        if test:
+            lines.append(f"- **test split** `{test}`: read only for the reported numbers")
+        for arm in (*self.floors(), *self.arms):
+            for seed, record in zip(self.seeds, self.evals(arm, "linear"), strict=True):
+                if record and record.get("protocol.lr_warning"):
+                    lines.append(f"- warning, {arm} seed {seed}: {record['protocol.lr_warning']}")
         return lines
 
     def protocols(self) -> list[str]:
@@ -307,15 +392,19 @@ class Report:
             f"Budget: every pretraining arm {self.cfg.pretrain.epochs or 'the recipe'} epochs"
             + (f" ({budget['minutes']} minutes per seed, timed: {budget['epochs']} epochs)" if budget else "")
             + f" of `{self.cfg.pretrain.config}`; every fine-tuning arm "
-              f"{self.cfg.finetune.epochs or 'its recipe'} epochs. Same batch and steps within each group.", "",
+              f"{self.cfg.finetune.epochs or 'its recipe'} epochs. Same batch and steps within each group."
+            + (" The supervised reference trains as many epochs as a pretraining arm, from scratch (its steps "
+               "under Supervised reference)." if self.cfg.supervised.enabled else ""), "",
             "## Frozen features", "",
             "kNN: k 20, cosine, exp(sim/T) votes (DINO), bank = train split, queries = test split; retrieval: "
-            "leave-one-out mAP over the test split; linear: the fast probe (lr chosen on a held-out part of the "
-            "train split, retrained, reported on test). Values in %; train min and images/s are the "
+            "leave-one-out mAP over the test split; linear: the fast probe (lr chosen on validation data, "
+            "retrained, reported on test). Values in %; train min and images/s are the "
             "pretraining loop's; wall min is the study's time for the arm's pretraining and evaluations, start-up "
-            "included.", "",
+            "included. The floors every arm must clear: random init, raw pixels, and the supervised reference "
+            "(below); the column against them gives the 95 % verdicts of the Differences.", "",
             *self.frozen_table(), "",
             "### Differences", "", *self.difference_table(), "",
+            *self.supervised_section(),
         ]
         if localisation := self.localisation_table():
             text += ["## Localisation", "", "Where each backbone looks on the test images (eval.localise, values in "
@@ -327,10 +416,11 @@ class Report:
                      "precision logged during pretraining, from the teacher (momentum) encoder that picks LoDisc's "
                      "patches (every method, local branch on or off, at the same keep ratio).", "", *localisation, ""]
         if self.cfg.finetune.arms:
-            text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20: **{best}** (selected on "
-                     "the test-split kNN it reports, as the study's question is which pretraining to keep).", "",
+            text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20 on the validation split: "
+                     f"**{best}** (the test split takes no part in the choice; see Protocols).", "",
                      *self.finetune_table(), "", *self.finetune_localisation(), *self.finetune_differences(), ""]
-        text += ["## Protocols", "", *self.protocols(), "", "## Figures", "", *self.figures(best),
+        text += ["## Protocols", "", *self.protocols(), "", "### Which split chose what", "", *self.selections(), "",
+                 "## Figures", "", *self.figures(best),
                  "## Commands", "", *self.commands(), ""]
         write_text(self.out / "report.md", "\n".join(text))
         return self.out

@@ -234,6 +234,8 @@ class KnnConfig:
     float16: bool = False  # store the bank in float16: half the memory of a big bank, similarities to ~1e-3
     retrieval: bool = True
     figures: bool = True
+    # also val.knn.*: bank train, queries the validation split or linear.val_fraction of train (sslfg.selection)
+    val: bool = False
 
 
 @dataclass
@@ -400,9 +402,7 @@ class StudyEvalConfig:
     knn: list[str] = field(default_factory=list)  # extra key=value for eval.knn
     linear: list[str] = field(default_factory=list)  # extra key=value for eval.linear; [] with run_linear false
     run_linear: bool = True
-    random_floor: bool = True  # random init of the same architecture, same protocols
-    # raw-pixel kNN when 3·S·S is at most this (small images only)
-    pixel_floor_max_dim: int = bounded(NON_NEGATIVE, 4096)
+    random_floor: bool = True  # random init of the same architecture, same protocols (raw pixels always run)
 
 
 @dataclass
@@ -415,6 +415,17 @@ class StudyFinetuneConfig:
 
 
 @dataclass
+class StudySupervisedConfig:
+    """The supervised reference: the first pretraining arm's ViT trained from scratch with labels (eval.finetune,
+    plain head) for as many epochs as each pretraining arm, then evaluated frozen like the arms: can this
+    architecture learn the task at this budget at all?"""
+
+    enabled: bool = True
+    config: str = ""  # fine-tuning recipe (data, augmentation, optimiser); "": the first fine-tuning arm's
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted key: value; with config "", the first arm's
+
+
+@dataclass
 class StudyConfig:
     """Everything `python -m sslfg.study` reads: one dataset, one budget, seeds, and the arms."""
 
@@ -424,3 +435,4 @@ class StudyConfig:
     pretrain: StudyPretrainConfig = field(default_factory=StudyPretrainConfig)
     evaluate: StudyEvalConfig = field(default_factory=StudyEvalConfig)
     finetune: StudyFinetuneConfig = field(default_factory=StudyFinetuneConfig)
+    supervised: StudySupervisedConfig = field(default_factory=StudySupervisedConfig)

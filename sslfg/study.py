@@ -15,8 +15,13 @@ Ctrl-C) ends the arm in flight with a checkpoint and the study with that arm's e
 command then continues the study where it stopped.
 
 Equal budget: every pretraining arm trains the same epochs at the same batch, hence the same
-optimizer steps; every fine-tuning arm likewise. Fine-tuning starts from the pretraining arm with
-the best mean kNN k20 top-1 over the seeds (or the arm named in its `init`).
+optimizer steps; every fine-tuning arm likewise. Floors: random init of the first arm's architecture,
+raw pixels (kNN and linear, at every image size), and the supervised reference: that architecture
+trained from scratch with labels (eval.finetune, plain head) for the pretraining arms' epochs, then
+evaluated frozen like them (`supervised.enabled=false` drops it). Fine-tuning starts from the
+pretraining arm with the best mean kNN k20 top-1 on the validation split (bank: train, queries:
+val, or a part of the train split held out by seed; eval.knn knn.val=true), or the arm named in its
+`init`; the test split is read only for the reported numbers.
 
 The console command `sslfg-study` takes the same arguments.
 """
@@ -54,8 +59,10 @@ from sslfg.files import write_json
 from sslfg.report import build_report
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
 from sslfg.studydir import (
-    KNN_KEY,
+    FLOORS,
     STUDY_FILE,
+    SUPERVISED,
+    VAL_KNN_KEY,
     arm_id,
     best_pretrain_arm,
     done_path,
@@ -130,6 +137,10 @@ class Study:
                               f"and {cfg.dataset} has none (data.format={self.data.format}, data.labels="
                               f"{str(self.data.labels).lower()}); name a labelled dataset recipe, and withhold its "
                               "labels from a pretraining arm with data.labels: false")
+        for section in ("pretrain", "finetune"):
+            if reserved := set(getattr(cfg, section).arms) & {*FLOORS, SUPERVISED}:
+                raise ConfigError(f"{section}.arms: {', '.join(sorted(reserved))} is the name of a floor the study "
+                                  "adds itself; rename the arm")
         for name, spec in cfg.pretrain.arms.items():
             vs = split_spec(name, spec, "pretrain")[0].get("vs")
             if vs is not None and (vs == name or vs not in cfg.pretrain.arms):
@@ -142,6 +153,8 @@ class Study:
                 raise ConfigError(f"finetune.arms.{name}.init: '{own['init']}' is not best, scratch or a pretraining "
                                   f"arm ({', '.join(cfg.pretrain.arms)})")
             _check(FinetuneConfig, *self._finetune_args(name, spec, cfg.seeds[0], ""), self.data.root)
+        if cfg.supervised.enabled:
+            _check(FinetuneConfig, *self._supervised_args(cfg.seeds[0], cfg.pretrain.epochs), self.data.root)
 
     # ---- the arms ----------------------------------------------------------------------------
 
@@ -157,6 +170,36 @@ class Study:
         budget = {"train.epochs": self.cfg.finetune.epochs} if self.cfg.finetune.epochs else {}
         run = {"seed": seed, "init": init, "output_dir": str(finetune_dir(self.root, seed, name)), "resume": "auto"}
         return own.get("config", ""), overrides({**settings, **budget, **run}), f"finetune.arms.{name}"
+
+    def _supervised_args(self, seed: int, epochs: int) -> tuple[str, list[str], str]:
+        """The supervised reference's fine-tuning recipe and overrides: the first pretraining arm's ViT (name,
+        patch, kwargs), plain head, no adapter, random init, for that arm's epochs."""
+        sup, where = self.cfg.supervised, "supervised"
+        config, settings = sup.config, sup.settings
+        if not config:
+            if not self.cfg.finetune.arms:
+                raise ConfigError(f"{where}.config: no fine-tuning recipe to train the supervised reference with "
+                                  "(and no fine-tuning arm to take one from); name one, e.g. "
+                                  "configs/finetune/glsim_sample.yaml, or set supervised.enabled=false")
+            name, spec = next(iter(self.cfg.finetune.arms.items()))
+            own, arm_settings = split_spec(name, spec, "finetune")
+            config, settings = own.get("config", ""), {**arm_settings, **settings}
+        first, spec = next(iter(self.cfg.pretrain.arms.items()))
+        pretrain = _check(PretrainConfig, *self._pretrain_args(first, spec, seed, epochs), self.data.root)
+        m = pretrain.model
+        model = {"model.name": m.name, "model.patch_size": m.patch_size, "model.kwargs": m.kwargs,
+                 "model.head": "vit", "model.adapter": "none"}
+        run = {"seed": seed, "init": "", "train.epochs": pretrain.train.epochs,
+               "output_dir": str(pretrain_dir(self.root, seed, SUPERVISED)), "resume": "auto"}
+        return config, overrides({**settings, **model, **run}), where
+
+    def supervised_arms(self, seed: int, epochs: int) -> list[Arm]:
+        """The supervised reference and its frozen evaluations; none with supervised.enabled=false."""
+        if not self.cfg.supervised.enabled:
+            return []
+        config, args, _ = self._supervised_args(seed, epochs)
+        return [Arm(arm_id(seed, "finetune", SUPERVISED), "finetune", ["--config", config, *args]),
+                *self.eval_arms(seed, SUPERVISED, ["--checkpoint", str(pretrain_dir(self.root, seed, SUPERVISED))])]
 
     def pretrain_arms(self, seed: int, epochs: int) -> list[Arm]:
         arms = []
@@ -177,26 +220,27 @@ class Study:
         e = self.cfg.evaluate
         common = [*source, "--dataset", self.cfg.dataset, f"seed={seed}",
                   f"output_dir={eval_dir(self.root, seed, name)}", *extra]
-        per_kind = {"knn": e.knn, "linear": e.linear, "localise": []}
+        # a pretraining arm's kNN also runs on the validation split: the fine-tuning init is chosen there
+        per_kind = {"knn": [*e.knn, *(["knn.val=true"] if name in self.cfg.pretrain.arms else [])],
+                    "linear": e.linear, "localise": []}
         return [Arm(arm_id(seed, kind, name), kind, [*common, *per_kind[kind]]) for kind in kinds
                 if kind != "linear" or e.run_linear]
 
     def floor_arms(self, seed: int) -> list[Arm]:
-        """Random init of the first arm's architecture; raw pixels when the images are small."""
+        """Random init of the first arm's architecture; raw pixels (no network), at every image size."""
         first = str(pretrain_dir(self.root, seed, next(iter(self.cfg.pretrain.arms))))
         arms = self.eval_arms(seed, "random", ["--random-init", "--checkpoint", first], kinds=self.frozen_kinds) \
             if self.cfg.evaluate.random_floor else []
-        if 3 * self.data.image_size**2 <= self.cfg.evaluate.pixel_floor_max_dim:
-            arms += self.eval_arms(seed, "pixels", ["--random-init", "--checkpoint", first], kinds=("knn",),
-                                   extra=["features.kind=pixels", "knn.figures=false"])
-        return arms
+        # no feature cache: reading the images again is cheap, and 84 px pixels of the cluttered splits take 1.8 GB
+        return arms + self.eval_arms(seed, "pixels", [], extra=["features.kind=pixels", "features.cache=false",
+                                                                "knn.figures=false"])
 
     def best_pretrain_arm(self) -> str:
-        """The pretraining arm the fine-tuning arms start from: the best mean kNN k20 top-1."""
+        """The pretraining arm the fine-tuning arms start from: the best mean kNN k20 top-1 on validation."""
         best = best_pretrain_arm(self.root, self.cfg.seeds, list(self.cfg.pretrain.arms))
         if best is None:
-            raise ConfigError(f"evaluate.knn: no pretraining arm has {KNN_KEY} to choose the fine-tuning init by; "
-                              "keep 20 in knn.ks")
+            raise ConfigError(f"evaluate.knn: no pretraining arm has {VAL_KNN_KEY} to choose the fine-tuning init "
+                              "by; keep 20 in knn.ks")
         return best
 
     def finetune_arms(self, seed: int, best: str) -> list[Arm]:
@@ -220,7 +264,7 @@ class Study:
                 write_json(self.root / "machine.json", machine())
         epochs = self.pretrain_epochs()
         for seed in self.cfg.seeds:
-            for arm in self.pretrain_arms(seed, epochs) + self.floor_arms(seed):
+            for arm in self.pretrain_arms(seed, epochs) + self.floor_arms(seed) + self.supervised_arms(seed, epochs):
                 self.run_arm(arm)
         if self.cfg.finetune.arms:
             best = self.best_pretrain_arm()

@@ -5,6 +5,7 @@
     <study>/budget.json                   the pretraining epochs every arm gets (fixed at the first run)
     <study>/seed<s>/<arm>/                a pretraining run; its evaluations (knn, linear, localise) in eval/
     <study>/seed<s>/random/eval/          the random-init floor; pixels/eval/ the raw-pixel floor
+    <study>/seed<s>/supervised/           the supervised reference (a fine-tuning run), its evaluations in eval/
     <study>/seed<s>/finetune/<arm>/       a fine-tuning run
     <study>/done/<arm id>.json            written when an arm finished: its command and wall time
     <study>/report/                       report.md and its figures
@@ -21,7 +22,9 @@ from sslfg.config import ConfigError
 
 FLOORS = ("random", "pixels")
 ARM_KEYS = {"pretrain": ("config", "vs"), "finetune": ("config", "init")}  # an arm's own keys, not overrides
+SUPERVISED = "supervised"  # the supervised reference: a fine-tuning run in seed<s>/supervised/, its evals in eval/
 KNN_KEY = "knn.k20.top1"  # the study's headline metric
+VAL_KNN_KEY = f"val.{KNN_KEY}"  # the same on the validation split: what the fine-tuning init is chosen by
 STUDY_FILE = "study.yaml"
 
 
@@ -61,12 +64,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def best_pretrain_arm(root: Path, seeds: Sequence[int], arms: Sequence[str]) -> str | None:
-    """The pretraining arm with the best mean kNN k20 top-1 over the seeds that evaluated it (None
-    before any did)."""
+    """The pretraining arm with the best mean kNN k20 top-1 on the validation split over the seeds that
+    evaluated it (None before any did): never the test split, which only reports."""
     scores = {}
     for arm in arms:
         results = [read_json(eval_dir(root, s, arm) / "knn.json") for s in seeds]
-        values = [r[KNN_KEY] for r in results if r and KNN_KEY in r]
+        values = [r[VAL_KNN_KEY] for r in results if r and VAL_KNN_KEY in r]
         if values:
             scores[arm] = sum(values) / len(values)
     return max(scores, key=scores.__getitem__) if scores else None

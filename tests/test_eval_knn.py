@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sslfg.cli import run_cli
-from sslfg.commands import knn
+from sslfg.commands import knn, localise
 from sslfg.pretrain import pretrain
+from sslfg.verdicts import correct_path, read_correct
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +74,32 @@ def test_user_errors_are_one_line(tiny_data: Path, tiny_run: Path, tmp_path: Pat
     assert "does not fit" in capsys.readouterr().err
     assert run_cli(knn.main, [*data_args(tiny_data)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_raw_pixels_need_no_network_and_say_so(tiny_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """features.kind=pixels without --checkpoint: the floor as its own command; its summary and json say
+    features: pixels and no init: random (the old floor went through --random-init)."""
+    result = knn.main([*data_args(tiny_data), "features.kind=pixels", "knn.figures=false", f"output_dir={tmp_path}"])
+    assert result["features"] == "pixels" and result["feature"] == "pixels" and result["init"] == "none (raw pixels)"
+    out = capsys.readouterr().out
+    assert "  features: pixels" in out and "init: random" not in out
+    hits = read_correct(correct_path(tmp_path, "knn"), "knn.k3.top1")
+    assert len(hits) == 8 and hits.mean() == pytest.approx(result["knn.k3.top1"])  # one record per test image
+    assert run_cli(localise.main, [*data_args(tiny_data), "features.kind=pixels", f"output_dir={tmp_path}"]) == 2
+    assert "features.kind: pixels has no attention" in capsys.readouterr().err
+
+
+def test_knn_on_validation_never_reads_the_test_split(tiny_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """knn.val=true: bank = train less a held-out tenth per class, queries = that tenth (no val split here);
+    test labels that change every answer leave val.knn.* as it was."""
+    args = ["--checkpoint", str(tiny_run), *data_args(tiny_data), "knn.val=true", "knn.figures=false"]
+    result = knn.main([*args, f"output_dir={tmp_path / 'a'}"])
+    assert result["protocol.val_query_split"].startswith("train (stratified 0.1 held out, seed 0)")
+    assert result["protocol.val_bank_split"] == "train (the rest)"
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(tiny_data, shuffled, symlinks=True)
+    header, *rows = (tiny_data / "test.csv").read_text().splitlines()
+    (shuffled / "test.csv").write_text("\n".join([header, *(f"{(int(r[0]) + 1) % 3}{r[1:]}" for r in rows)]) + "\n")
+    other = knn.main([*args, f"data.root={shuffled}", f"output_dir={tmp_path / 'b'}"])
+    assert other["val.knn.k3.top1"] == result["val.knn.k3.top1"] and other["knn.k3.top1"] != result["knn.k3.top1"]

@@ -14,10 +14,12 @@ from sslfg.commands import finetune as finetune_cli
 from sslfg.config import ConfigError
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.evaluation import build_backbone
 from sslfg.finetune import build_classifier, finetune, throughput
 from sslfg.models.glsim import GLSim, ViTClassifier
 from sslfg.pretrain import pretrain
-from sslfg.schema import FinetuneConfig
+from sslfg.schema import EvalConfig, FinetuneConfig
+from sslfg.verdicts import correct_path, read_correct
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +50,14 @@ def test_glsim_learns_and_writes_its_outputs(tiny_data: Path, tmp_path: Path) ->
     assert set(metrics["test.per_class"]) == {"0", "1", "2"} and metrics["head"] == "glsim"
     assert metrics["images_per_second.batch1"] > 0 and metrics["images_per_second.batch64"] > 0
     assert metrics["init"] == "scratch" and (run / "figures" / "gls_crops.png").is_file()
+    hits = read_correct(correct_path(run, "test"), "test.top1")  # the per-image record the verdicts pair
+    assert len(hits) == metrics["test.samples"] == 8 and hits.mean() == pytest.approx(metrics["test.top1"])
+    # its plain ViT, exported: the frozen evaluations read the fine-tuned backbone as they read a pretraining run's
+    frozen = EvalConfig(checkpoint=str(run))
+    frozen.data.image_size = 16
+    vit, info = build_backbone(frozen)
+    trained = load_file(str(checkpoint_dirs(run)[-1] / "model.safetensors"))
+    assert info["backbone"] == "vit_tiny_patch16_224" and torch.equal(vit.pos_embed, trained["encoder.pos_embed"])
 
 
 def test_eval_only_reproduces_the_saved_accuracy(tiny_data: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ and eval.linear end to end in both modes (metrics file, protocol, exact resume, 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from sslfg.cli import run_cli
 from sslfg.commands import linear
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.linear import LinearHeads, epoch_batches, fast_probe, stratified_holdout, train_heads
+from sslfg.linear import LinearHeads, epoch_batches, fast_probe, train_heads
 from sslfg.models.backbone import create_vit
 from sslfg.schema import LinearConfig
+from sslfg.selection import stratified_holdout
+from sslfg.verdicts import correct_path, read_correct
 
 TINY = ("--random-init", "--model", "vit_tiny_patch16_224",
         "model_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}")
@@ -52,6 +55,11 @@ def test_fast_probe_separates_and_selects_on_validation_only(splits: dict) -> No
     untrained = LinearHeads(16, 4, seed=0)(s["val"][0])[0].argmax(dim=1)
     misled = fast_probe(s["fit"], (s["val"][0], untrained), s["train"], s["test"], LIN, seed=0)
     assert misled.lr == 1e-4 and misled.val_top1[1e-4] == 1.0 and misled.top1 < 0.5
+    # ... and that choice is at the edge of the grid: said, with the way out; an inner choice says nothing.
+    assert misled.edge_warning == ("linear.lrs: the chosen lr 0.0001 is the smallest of the grid [0.0001, 0.1, 1.0, "
+                                   "10.0]; a better one may lie below it: extend linear.lrs")
+    assert result.lr in (0.1, 1.0) and result.edge_warning == ""
+    assert result.hits.shape == (200,) and result.hits.double().mean().item() == result.top1
 
 
 def test_class_ids_with_gaps_give_the_same_probe(splits: dict) -> None:
@@ -121,7 +129,8 @@ def check_result(result: dict, mode: str) -> None:
     assert result["protocol.test_split"] == "test" and result["init"] == "random"
 
 
-def test_fast_mode_end_to_end(tiny_data: Path, val_data: Path, tmp_path: Path) -> None:
+def test_fast_mode_end_to_end(tiny_data: Path, val_data: Path, tmp_path: Path,
+                              caplog: pytest.LogCaptureFixture) -> None:
     copy = tmp_path / "copy.json"
     assert run_cli(linear.main, [*tiny_args(tiny_data, tmp_path / "a"), "--output", str(copy)]) == 0
     result = json.loads((tmp_path / "a" / "linear.json").read_text())
@@ -130,6 +139,14 @@ def test_fast_mode_end_to_end(tiny_data: Path, val_data: Path, tmp_path: Path) -
     assert result["protocol.selection_split"].startswith("train_val (stratified 0.1 held out")
     assert result["protocol.val_size"] == 3 and result["protocol.train_size"] == 24
     assert result["protocol.lr"] in result["protocol.lrs"]
+
+    hits = read_correct(correct_path(tmp_path / "a", "linear"), "linear.top1")
+    assert len(hits) == 8 and hits.mean() == pytest.approx(result["linear.top1"])
+    # two lrs: the choice is always at an edge, warned in the log and the json
+    with caplog.at_level(logging.WARNING, logger="sslfg.linear"):
+        edge = linear.main(tiny_args(tiny_data, tmp_path / "c", "linear.lrs=[0.01, 0.1]"))
+    assert edge["protocol.lr_warning"].startswith(f"linear.lrs: the chosen lr {edge['protocol.lr']:g} is the")
+    assert edge["protocol.lr_warning"] in caplog.text
 
     result = linear.main(tiny_args(val_data, tmp_path / "b"))
     check_result(result, "fast")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sslfg import study as study_module
@@ -21,6 +22,8 @@ from sslfg.report import build_report
 from sslfg.report import main as report_main
 from sslfg.schema import StudyConfig
 from sslfg.study import Study
+from sslfg.studydir import best_pretrain_arm
+from sslfg.verdicts import correct_path, write_correct
 from tests.conftest import TINY_METHOD, TINY_MODEL
 from tests.reliability.procs import command, finish, start
 from tests.test_localisation import write_boxed_dataset
@@ -48,8 +51,8 @@ def write_recipes(data: Path, folder: Path, seeds: list[int], finetune_arms: boo
                               "ila": {"config": str(folder / "finetune.yaml"), "model.adapter": "ila",
                                       "model.head": "vit", "model.adapter_positions": [0]}}},
     }
-    if not finetune_arms:
-        study["finetune"]["arms"] = {}
+    if not finetune_arms:  # the supervised reference then needs its own recipe
+        study["finetune"]["arms"], study["supervised"] = {}, {"config": str(folder / "finetune.yaml")}
     for name, recipe in (("dataset", dataset), ("pretrain", pretrain), ("finetune", finetune), ("study", study)):
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return folder / "study.yaml"
@@ -68,8 +71,20 @@ def test_study_runs_every_arm_and_reports_them(tiny_data: Path, tmp_path: Path,
             assert [r["step"] for r in records if "online_knn.k20.top1" in r] == [0, 3, 6]
             knn = json.loads((root / f"seed{seed}/{arm}/eval/knn.json").read_text())
             assert {"knn.k20.top1", "retrieval.mAP"} <= knn.keys()
+            assert 0 <= knn["val.knn.k20.top1"] <= 1 and knn["protocol.val_query_split"].startswith("train (strat")
         assert "linear.top1" in json.loads((root / f"seed{seed}/random/eval/linear.json").read_text())
-        assert json.loads((root / f"seed{seed}/pixels/eval/knn.json").read_text())["feature"] == "pixels"
+        for kind in ("knn", "linear"):  # raw pixels at every image size, both protocols, no network
+            pixels = json.loads((root / f"seed{seed}/pixels/eval/{kind}.json").read_text())
+            assert pixels["features"] == "pixels" and pixels["init"] == "none (raw pixels)"
+        assert not (root / f"seed{seed}/pixels/eval/features").exists()  # nothing cached: the images are the features
+        # the supervised reference: the first arm's ViT from scratch with labels, for the pretraining epochs
+        supervised = json.loads((root / f"seed{seed}/supervised/metrics.json").read_text())
+        assert (supervised["init"], supervised["head"], supervised["epochs"], supervised["step"]) == \
+            ("scratch", "vit", 2, 6)
+        assert supervised["backbone_kwargs"]["embed_dim"] == TINY_MODEL["kwargs"]["embed_dim"]
+        for kind in ("knn", "linear"):
+            assert json.loads((root / f"seed{seed}/supervised/eval/{kind}.json").read_text())["init"].endswith(
+                f"seed{seed}/supervised/backbone.safetensors")
         ila = json.loads((root / f"seed{seed}/finetune/ila/metrics.json").read_text())
         glsim = json.loads((root / f"seed{seed}/finetune/glsim/metrics.json").read_text())
         assert ila["params.trainable"] < glsim["params.trainable"] and glsim["train.images_per_second"] > 0
@@ -79,8 +94,20 @@ def test_study_runs_every_arm_and_reports_them(tiny_data: Path, tmp_path: Path,
     report = (root / "report" / "report.md").read_text()
     for heading in ("## Frozen features", "### Differences", "## Fine-tuning", "## Protocols", "## Commands"):
         assert heading in report, heading
-    for row in ("| pixels |", "| random |", "| mocov3 |", "| lodisc |", "| glsim |", "| ila |"):
+    for row in ("| pixels |", "| random |", "| supervised |", "| mocov3 |", "| lodisc |", "| glsim |", "| ila |"):
         assert row in report, row
+    for heading in ("## Supervised reference", "### Which split chose what"):
+        assert heading in report, heading
+    # every arm's row says in words how it stands against each floor, on both protocols
+    lodisc = next(line for line in report.splitlines() if line.startswith("| lodisc | `method")).split(" | ")[6]
+    knn_words, linear_words = lodisc.split(" · ")
+    assert knn_words.startswith("kNN: ") and linear_words.startswith("linear: ")
+    for words in (knn_words, linear_words):
+        assert all(floor in words for floor in ("random", "pixels", "supervised"))
+        assert any(p in words for p in ("beats", "loses to", "not distinguishable from"))
+    assert "- **fine-tuning init**: mean kNN k20 top-1 over the seeds on `train (stratified" in report
+    assert "- **test split** `test`: read only for the reported numbers" in report
+    assert "beyond the seed spread" not in report and "not distinguishable at 2 seeds" in report
     assert "± " in report  # two seeds: mean ± std
     for figure in ("curves.png", "masks_lodisc.png", "crops_glsim.png", "knn_neighbours.png", "embedding_map.png"):
         assert (root / "report" / figure).stat().st_size > 1000 and f"]({figure})" in report, figure
@@ -126,7 +153,8 @@ def test_killed_study_continues_without_redoing_finished_arms(tiny_data: Path, t
 
 def test_a_budget_in_minutes_is_timed_once_and_kept(tiny_data: Path, tmp_path: Path) -> None:
     config = write_recipes(tiny_data, tmp_path, seeds=[0], finetune_arms=False)
-    cfg = load_config(config, ["pretrain.epochs=0", "pretrain.minutes=0.2", "evaluate.run_linear=false"], StudyConfig)
+    cfg = load_config(config, ["pretrain.epochs=0", "pretrain.minutes=0.2", "evaluate.run_linear=false",
+                               "supervised.enabled=false"], StudyConfig)
     Study(cfg).run()
     root = tmp_path / "study"
     budget = json.loads((root / "budget.json").read_text())
@@ -142,13 +170,22 @@ def test_a_budget_in_minutes_is_timed_once_and_kept(tiny_data: Path, tmp_path: P
     assert json.loads((root / "seed1" / "mocov3" / "summary.json").read_text())["total_steps"] == 6
 
 
-def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path: Path) -> None:
+def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     config = write_recipes(tiny_data, tmp_path, seeds=[0])
     with pytest.raises(ConfigError, match=r"pretrain.arms.typo: .*model.keep_ratoi"):
         Study(load_config(config, ["pretrain.arms={typo: {model.keep_ratoi: 0.5}}"], StudyConfig))
     with pytest.raises(ConfigError, match=r"finetune.arms.glsim.init: 'nope'"):
         Study(load_config(config, ["finetune.arms.glsim.init=nope"], StudyConfig))
-    assert not (tmp_path / "study").exists()
+    with pytest.raises(ConfigError, match=r"pretrain.arms: pixels is the name of a floor the study adds itself"):
+        Study(load_config(config, ["pretrain.arms={pixels: {}}"], StudyConfig))
+    # no fine-tuning arm to take the supervised reference's recipe from: one line naming the key and both ways out
+    bare = write_recipes(tiny_data, tmp_path / "bare", seeds=[0], finetune_arms=False)
+    assert run_cli(study_module.main, ["--config", str(bare), "supervised.config=", "pretrain.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: supervised.config: no fine-tuning recipe") and \
+        "supervised.enabled=false" in err
+    assert not (tmp_path / "study").exists() and not (tmp_path / "bare" / "study").exists()
 
 
 def test_report_needs_a_study_folder(tmp_path: Path) -> None:
@@ -202,8 +239,9 @@ def test_a_study_on_data_with_boxes_reports_where_each_arm_looks(tmp_path: Path)
 
 
 def test_an_arm_with_vs_is_also_compared_with_that_arm(tiny_data: Path, tmp_path: Path) -> None:
-    """`vs: other` adds the row arm − other to the differences: mean ± std of the per-seed kNN and linear
-    differences (points of %), and the verdict mean > std; a `vs` that names no other arm is refused."""
+    """`vs: other` adds the row arm − other to the differences: the mean of the per-seed kNN and linear
+    differences (points of %) with its 95 % t interval, and the verdict in words; a `vs` that names no
+    other arm is refused."""
     config = write_recipes(tiny_data, tmp_path, seeds=[0, 1, 2], finetune_arms=False)
     arms = "pretrain.arms={mocov3: {method.local.weight: 0}, byol: {}, byol_local: {vs: byol}}"
     cfg = load_config(config, [arms], StudyConfig)
@@ -213,25 +251,62 @@ def test_an_arm_with_vs_is_also_compared_with_that_arm(tiny_data: Path, tmp_path
     study_module.save_config(cfg, root / study_module.STUDY_FILE)
     knn = {"mocov3": [0.50, 0.52, 0.51], "byol": [0.40, 0.45, 0.41], "byol_local": [0.46, 0.47, 0.49]}
     lin = {"mocov3": [0.6, 0.6, 0.6], "byol": [0.5, 0.5, 0.5], "byol_local": [0.51, 0.49, 0.53]}
-    for arm in knn:
-        for seed in range(3):
-            out = root / f"seed{seed}" / arm / "eval"
-            out.mkdir(parents=True)
-            common = {"feature": "cls", "image_size": 16}  # what the Protocols section reads
-            (out / "knn.json").write_text(json.dumps({"knn.k20.top1": knn[arm][seed], **common}))
-            (out / "linear.json").write_text(json.dumps({"linear.top1": lin[arm][seed], **common}))
+    write_evals(root, knn, lin)
     text = (build_report(root) / "report.md").read_text()
 
-    def row(a: str, b: str) -> str:
-        d_knn = [100 * (x - y) for x, y in zip(knn[a], knn[b], strict=True)]
-        d_lin = [100 * (x - y) for x, y in zip(lin[a], lin[b], strict=True)]
-        mean = [sum(d) / 3 for d in (d_knn, d_lin)]
-        std = [math.sqrt(sum((x - m) ** 2 for x in d) / 2) for d, m in zip((d_knn, d_lin), mean, strict=True)]
-        verdict = "yes" if mean[0] > std[0] else "no"
-        return f"| {a} | {b} | {mean[0]:.2f} ± {std[0]:.2f} | {mean[1]:.2f} ± {std[1]:.2f} | {verdict} |"
+    def check(a: str, b: str) -> None:
+        """The row's cells: mean [mean ∓ t(0.975, 2) · s / √3], hand-computed with t from a table, and the verdict."""
+        line = next(x for x in text.splitlines() if x.startswith(f"| {a} | {b} |")).split(" | ")
+        for metric, cell, verdict in ((knn, line[2], line[3]), (lin, line[4], line[5])):
+            d = [100 * (x - y) for x, y in zip(metric[a], metric[b], strict=True)]
+            m = sum(d) / 3
+            h = 4.302652729911275 * math.sqrt(sum((x - m) ** 2 for x in d) / 2) / math.sqrt(3)
+            numbers = [float(v) for v in cell.strip("]").replace("[", ",").split(",")]
+            assert numbers == pytest.approx([m, m - h, m + h], abs=0.006)  # printed to 2 decimals
+            word = "better" if m - h > 0 else "worse" if m + h < 0 else "not distinguishable at 3 seeds"
+            assert verdict.startswith(word), (verdict, word)
 
-    assert row("byol_local", "byol") in text  # kNN +5.33 ± 3.06: beyond the spread
-    assert row("byol_local", "mocov3") in text and row("byol", "mocov3") in text
+    # kNN +5.33 ± 3.06: the old rule's "beyond the spread"; at 95 % ± 4.3027 · 3.055 / √3 = ± 7.59, undecided; at
+    # 4 seeds t(0.975, 3) · 3.055 / √4 = 3.182 · 1.528 = 4.86 < 5.33
+    assert "| byol_local | byol | +5.33 [-2.26, 12.92] | not distinguishable at 3 seeds (the margin would need 4) |" \
+        in text
+    for a, b in (("byol_local", "byol"), ("byol_local", "mocov3"), ("byol", "mocov3")):
+        check(a, b)
     assert "| byol | byol |" not in text and "vs=" not in text
     with pytest.raises(ConfigError, match=r"pretrain.arms.byol_local.vs: 'nope' is not another pretraining arm"):
         Study(load_config(config, [arms.replace("vs: byol", "vs: nope")], StudyConfig))
+
+
+def write_evals(root: Path, knn: dict[str, list[float]], lin: dict[str, list[float]], val_knn: dict | None = None
+                ) -> None:
+    """knn.json and linear.json of each arm and seed with the given top-1s (what the report reads)."""
+    for arm in knn:
+        for seed, value in enumerate(knn[arm]):
+            out = root / f"seed{seed}" / arm / "eval"
+            out.mkdir(parents=True)
+            common = {"feature": "cls", "image_size": 16}  # what the Protocols section reads
+            val = {"val.knn.k20.top1": val_knn[arm][seed]} if val_knn else {}
+            (out / "knn.json").write_text(json.dumps({"knn.k20.top1": value, **val, **common}))
+            (out / "linear.json").write_text(json.dumps({"linear.top1": lin[arm][seed], **common}))
+
+
+def test_the_fine_tuning_init_is_chosen_on_validation_not_test(tmp_path: Path) -> None:
+    """The arm best on test but not on validation is not the one fine-tuning starts from (the old rule chose it)."""
+    write_evals(tmp_path, {"a": [0.9], "b": [0.5]}, {"a": [0.5], "b": [0.5]}, val_knn={"a": [0.4], "b": [0.6]})
+    assert best_pretrain_arm(tmp_path, [0], ["a", "b"]) == "b"
+    assert best_pretrain_arm(tmp_path / "none", [0], ["a", "b"]) is None
+
+
+def test_one_seed_compares_by_bootstrap_over_the_test_images(tiny_data: Path, tmp_path: Path) -> None:
+    """With one seed, the verdict comes from the paired bootstrap of the per-image records; an arm right on
+    every image beats one right on none, and arms without records get no verdict."""
+    config = write_recipes(tiny_data, tmp_path, seeds=[0], finetune_arms=False)
+    cfg = load_config(config, [], StudyConfig)
+    root = Path(cfg.output_dir)
+    study_module.save_config(cfg, root / study_module.STUDY_FILE)
+    write_evals(root, {"mocov3": [0.0], "lodisc": [1.0]}, {"mocov3": [0.5], "lodisc": [0.5]})
+    for arm, hit in (("mocov3", False), ("lodisc", True)):
+        hits = {"knn.k20.top1": torch.full((40,), hit)}
+        write_correct(correct_path(root / "seed0" / arm / "eval", "knn"), "test", hits)
+    text = (build_report(root) / "report.md").read_text()
+    assert "| lodisc | mocov3 | +100.00 [100.00, 100.00] | better | – | – |" in text

@@ -4,10 +4,14 @@
     python -m eval.knn --checkpoint runs/lodisc_cub --dataset configs/datasets/cub.yaml --check
     python -m eval.knn --checkpoint vit_s.safetensors --model vit_small_patch16_224 --dataset configs/datasets/cub.yaml
     python -m eval.knn --random-init --checkpoint runs/lodisc_cub   # the floor, same architecture
+    python -m eval.knn --dataset configs/datasets/sample.yaml features.kind=pixels   # raw pixels, no network
     accelerate launch --multi_gpu --num_processes 2 -m eval.knn --checkpoint runs/lodisc_cub   # same numbers
 
 Bank = data.train_split, queries = data.test_split; retrieval runs over the test split (its mAP is left
-out, with a warning and protocol.retrieval_mAP saying why, when every class has one test image). Without
+out, with a warning and protocol.retrieval_mAP saying why, when every class has one test image). knn.val=true
+also reports val.knn.* (bank: train, queries: data.val_split, or a part of data.train_split held out
+by seed when the dataset has no such pair): the number a choice, e.g. the study's fine-tuning init,
+is made on. Which test images each k got right goes to knn.correct.json. Without
 --dataset, --config or data.root, a run directory's own data settings are used. --check validates
 the recipe and the data, builds the backbone, prints the start-up summary and exits.
 The console command `sslfg-knn` takes the same arguments.
@@ -27,8 +31,10 @@ from sslfg.cli import console, run_evaluation
 from sslfg.data.images import DataError
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
-from sslfg.knn import knn_evaluate, resolve_backend, retrieval_metrics, usable_ks
+from sslfg.knn import accuracies, knn_evaluate, knn_hits, resolve_backend, retrieval_metrics, usable_ks
 from sslfg.schema import EvalConfig
+from sslfg.selection import selection_features
+from sslfg.verdicts import correct_path, write_correct
 
 GRID_QUERIES, GRID_NEIGHBOURS = 8, 5
 MIN_TEST_IMAGES = 2  # leave-one-out retrieval and t-SNE need another test image
@@ -55,13 +61,20 @@ def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, di
     """Features of bank and queries on every process; kNN, retrieval and figures on the main one."""
     bank, bank_labels, bank_ds = split_features(cfg, vit, accelerator, cfg.data.train_split, out)
     queries, query_labels, query_ds = split_features(cfg, vit, accelerator, cfg.data.test_split, out)
+    k, device = cfg.knn, accelerator.device
+    if k.val:  # on every process: the features are extracted in shards
+        fit, val, _, selection = selection_features(cfg, vit, accelerator, out, (bank, bank_labels),
+                                                    cfg.linear.val_fraction, "fine-tuning init")
     if not accelerator.is_main_process:
         return None
-    k, device = cfg.knn, accelerator.device
     backend, why = resolve_backend(k.backend, device)
     log.info("kNN search: %s on %s (%s)", backend, device, why)
-    metrics = knn_evaluate(bank, bank_labels, queries, query_labels, ks=k.ks, temperature=k.temperature,
-                           backend=backend, device=device, float16=k.float16)
+    search = {"ks": k.ks, "temperature": k.temperature, "backend": backend, "device": device, "float16": k.float16}
+    hits = knn_hits(bank, bank_labels, queries, query_labels, **search)
+    write_correct(correct_path(out, "knn"), cfg.data.test_split, {key: h for key, h in hits.items() if "top1" in key})
+    metrics = accuracies(hits)
+    if k.val:
+        metrics |= {f"val.{key}": v for key, v in knn_evaluate(*fit, *val, **search).items()}
     notes = {}
     if k.retrieval:
         retrieval = retrieval_metrics(queries, query_labels, device=device)
@@ -76,6 +89,9 @@ def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, di
                 "backend": backend, "search_device": device.type, "float16_bank": k.float16,
                 "bank_size": len(bank), "queries": len(queries),
                 "skipped_images": skipped_images(bank_ds, query_ds), **notes}
+    if k.val:
+        protocol |= {"val_bank_split": selection["selection_train_split"],
+                     "val_query_split": selection["selection_split"]}
     if k.figures:
         neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds,
                          out / "figures" / "knn_neighbours.png", cfg.seed)

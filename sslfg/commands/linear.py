@@ -5,11 +5,14 @@
     python -m eval.linear --checkpoint runs/lodisc_cub linear.mode=full
     python -m eval.linear --checkpoint runs/lodisc_cub linear.mode=full linear.resume=auto
     python -m eval.linear --random-init --checkpoint runs/lodisc_cub   # the floor
+    python -m eval.linear --dataset configs/datasets/sample.yaml features.kind=pixels   # raw pixels
     accelerate launch --multi_gpu --num_processes 2 -m eval.linear --checkpoint runs/lodisc_cub linear.mode=full
 
 fast (default): one head per lr in linear.lrs trained at once on cached features; the lr is chosen on
 `train` + data.val_split when the dataset has both, else on linear.val_fraction held out of
-data.train_split; that lr is retrained on data.train_split and reported on data.test_split.
+data.train_split; that lr is retrained on data.train_split and reported on data.test_split. A chosen
+lr at either end of linear.lrs is warned about (log, and protocol.lr_warning in the json). Which test
+images the probe got right goes to linear.correct.json.
 full: augmented images through the frozen backbone at linear.lr, no sweep; checkpoints every epoch
 in <output_dir>/linear_full. Without --dataset, --config or data.root, a run directory's own data
 settings are used. --check validates the recipe and the data, builds the backbone, prints the

@@ -26,7 +26,7 @@ from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import denormalize, eval_transform
-from sslfg.evaluation import skipped_images
+from sslfg.evaluation import PIXELS, skipped_images
 from sslfg.figures import save_localisation_figure
 from sslfg.localisation import backbone_looks, gls_metrics, keep_metrics
 from sslfg.models.backbone import grid_size
@@ -35,6 +35,9 @@ from sslfg.schema import EvalConfig
 
 def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] | None:
     """Kept patches and GLS boxes of every test image on the main process (one frozen pass each)."""
+    if cfg.features.kind == PIXELS:
+        raise ConfigError("features.kind: pixels has no attention to keep patches by; eval.localise needs a backbone "
+                          "(leave features.kind at cls)")
     if not accelerator.is_main_process:
         return None
     d, loc, crop = cfg.data, cfg.localise, cfg.features.crop_ratio
