@@ -34,7 +34,7 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     name, kwargs, weights = backbone_spec(cfg)
     torch.manual_seed(cfg.seed)
     vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model",
-                     pretrained=cfg.pretrained)
+                     pretrained=cfg.pretrained, kwargs_key="model_kwargs")
     init = "random" if cfg.random_init else weights
     return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init,
                  **pretrained_record(vit)}
