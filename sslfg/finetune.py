@@ -29,6 +29,7 @@ from sslfg.files import write_json
 from sslfg.localisation import finetune_test_boxes, glsim_localisation
 from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, pretrained_record, timm_kwargs
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
+from sslfg.models.heads import check_batch_norm
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
 from sslfg.summary import startup_summary
@@ -135,6 +136,7 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
     test_ds = build_dataset(cfg.data, cfg.data.test_split, test_tf)
     num_classes = cfg.data.num_classes or max(train_ds.num_classes, test_ds.num_classes)
     model, info = build_classifier(cfg, num_classes)
+    check_batch_norm(model, t.batch_size, accelerator.num_processes)
     sampler, loader = run.loader(train_ds, t.batch_size, t.grad_accum_steps)
     total = t.epochs * steps_per_epoch(sampler, t.grad_accum_steps)
     if not cfg.eval_only:

@@ -28,6 +28,7 @@ from sslfg.files import write_json
 from sslfg.localisation import OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
 from sslfg.models.backbone import export_backbone, pretrained_record
+from sslfg.models.heads import check_batch_norm
 from sslfg.online_knn import OnlineKnn
 from sslfg.schema import PretrainConfig
 from sslfg.summary import startup_summary
@@ -80,6 +81,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     sampler, loader = run.loader(dataset, t.batch_size, t.grad_accum_steps)
 
     model = build_method(cfg.model, cfg.method, cfg.data.image_size)
+    check_batch_norm(model, t.batch_size, accelerator.num_processes, ", run on more processes, or use method.name=dino "
+                     "(no batch norm in its head)")
     if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
         compile_modules(model.encoder.blocks, accelerator.device)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)

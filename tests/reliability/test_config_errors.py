@@ -11,6 +11,8 @@ import pytest
 
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import pretrain as train_ssl
+from sslfg.models.heads import check_batch_norm
+from tests.conftest import tiny_method
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import finetune_args, pretrain_args
 
@@ -147,3 +149,26 @@ def test_model_kwargs_timm_would_ignore_are_refused(tiny_data: Path, tmp_path: P
     args = [*pretrain_args(tiny_data, tmp_path / "run", **{"model.kwargs": kwargs}), "--check"]
     message = user_error(train_ssl.main, args, capsys)
     assert message.startswith(named)
+
+
+@pytest.mark.parametrize("method", ["mocov3", "byol"])
+def test_batch_of_one_through_batch_norm_heads_is_refused(tiny_data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str], method: str) -> None:
+    # one process: the heads' batch norm would see one sample per step, which torch refuses mid-step
+    for check in (["--check"], []):
+        out = tmp_path / f"run{len(check)}"
+        args = [*pretrain_args(tiny_data, out, batch=1, **{"method.name": method}), *check]
+        message = user_error(train_ssl.main, args, capsys)
+        assert message.startswith("train.batch_size: 1 image per process × 1 process gives the batch norm layers")
+        assert "needs at least 2" in message and "set train.batch_size=2 or more" in message
+        assert "method.name=dino" in message
+        assert not (out / "checkpoints").exists()
+
+
+def test_batch_of_one_without_per_sample_batch_norm_trains(tiny_data: Path, tmp_path: Path) -> None:
+    # DINO's head has no batch norm; ILA's normalises over tokens and pixels; two processes share the heads' statistics
+    assert train_ssl.main(pretrain_args(tiny_data, tmp_path / "dino", batch=1, **{
+        "method.name": "dino", "train.max_steps": 2})) is None
+    assert finetune_cli.main(finetune_args(tiny_data, tmp_path / "ila", batch=1, **{
+        "model.adapter": "ila", "model.head": "vit", "model.adapter_positions": "[0]", "train.max_steps": 2})) is None
+    check_batch_norm(tiny_method("mocov3"), batch_size=1, num_processes=2)
