@@ -140,7 +140,8 @@ def parse_eval_cli(argv: Sequence[str] | None, description: str) -> CommandLine:
     parser = command_parser(description)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
     parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory (its config.yaml gives the "
-                        "data settings unless --config/--dataset/data.root do) or weights file")
+                        "data settings the command line leaves unset, unless --config/--dataset name the data) or "
+                        "weights file")
     parser.add_argument("--model", metavar="NAME", help="timm model name (weights file or --random-init)")
     parser.add_argument("--random-init", action="store_true", help="random weights: the floor")
     parser.add_argument("--pretrained", action="store_true", help="timm's weights for --model (name.tag or "
@@ -170,7 +171,7 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
                    schedule: Schedule | None = None) -> dict:
-    """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
+    """Config (data keys from the run's own config.yaml: `run_data_defaults`), accelerator, frozen
     backbone and the train/test datasets; prints the start-up summary (and stops there with --check);
     `measure` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
     summary, is written to <output_dir>/<name>.json and printed."""

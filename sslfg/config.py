@@ -24,7 +24,7 @@ import yaml
 from sslfg.files import read_utf8, write_text
 
 T = TypeVar("T")
-_CLI = "command line"
+COMMAND_LINE = "command line"  # the source (`key_sources`) of a key=value override
 _SOURCES = "_sslfg_key_sources"  # attribute of a loaded config: its `key_sources`
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
 _EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
@@ -166,7 +166,7 @@ def load_config(
     for item in paths:
         _read(Path(item), [], data, sources)
     for item in overrides:
-        _merge(data, _parse_override(item), _CLI, sources)
+        _merge(data, _parse_override(item), COMMAND_LINE, sources)
     cfg = _Converter(schema, sources).build(schema, data, "")
     leaves = set(_keys(schema, "", leaves_only=True))
     object.__setattr__(cfg, _SOURCES, {key: src for key, src in sources.items() if key in leaves})
@@ -224,13 +224,13 @@ def _parse_override(item: str) -> dict[str, Any]:
     """`a.b=value` -> {'a': {'b': value}}, the value parsed as YAML ('' when empty)."""
     key, sep, text = item.partition("=")
     if not sep or not all(key.split(".")):
-        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=10 (in {_CLI})")
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=10 (in {COMMAND_LINE})")
     try:
         value = yaml.load(text, Loader=_Loader) if text else ""
     except _KeyError as exc:
-        raise ConfigError(f"{key}.{exc.key}: {exc.problem} (in {_CLI})") from None
+        raise ConfigError(f"{key}.{exc.key}: {exc.problem} (in {COMMAND_LINE})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse {text!r} as YAML (in {_CLI}): {exc}") from None
+        raise ConfigError(f"{key}: cannot parse {text!r} as YAML (in {COMMAND_LINE}): {exc}") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value

@@ -11,13 +11,14 @@ from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from sslfg.config import ConfigError, key_sources, load_config
+from sslfg.config import COMMAND_LINE, ConfigError, key_sources, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
 from sslfg.schema import EvalConfig, PretrainConfig
+from sslfg.summary import key_origins
 
 
 def backbone_spec(cfg: EvalConfig) -> tuple[str, dict[str, Any], str]:
@@ -41,19 +42,21 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
 
 
 def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]:
-    """When --checkpoint is a run directory and nothing set data.root, the data.* keys the user left at
-    their defaults come from <run>/config.yaml. Returns the config, where each key came from (as
-    `key_sources`) and a line for the start-up summary saying which data settings are used."""
+    """When --checkpoint is a run directory and no recipe file names data.root (nothing does, or only
+    `data.root=` on the command line: the run's kind of data in another folder), every data.* key that no
+    file or override sets comes from <run>/config.yaml, the image size and normalisation included; a
+    --dataset or --config that names data.root describes other data and keeps the schema defaults. Returns
+    the config, where each key came from (as `key_sources`) and a line for the start-up summary saying
+    which data keys came from where."""
     sources = key_sources(cfg)
     run_config = Path(cfg.checkpoint) / "config.yaml" if cfg.checkpoint else None
-    if "data.root" in sources or run_config is None or not run_config.is_file():
-        return cfg, sources, "the recipe and command line (schema defaults elsewhere)"
-    run_data = load_config(run_config, [], PretrainConfig).data
-    inherited = {f.name: getattr(run_data, f.name) for f in dataclasses.fields(run_data)
-                 if f"data.{f.name}" not in sources}
-    sources |= {f"data.{name}": str(run_config) for name in inherited}
-    note = f"{run_config}, the run's own (--dataset PATH evaluates on other data)"
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **inherited)), sources, note
+    if sources.get("data.root", COMMAND_LINE) == COMMAND_LINE and run_config is not None and run_config.is_file():
+        run_data = load_config(run_config, [], PretrainConfig).data
+        inherited = {f.name: getattr(run_data, f.name) for f in dataclasses.fields(run_data)
+                     if f"data.{f.name}" not in sources}
+        sources |= {f"data.{name}": str(run_config) for name in inherited}
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **inherited))
+    return cfg, sources, key_origins(sources, [f"data.{f.name}" for f in dataclasses.fields(cfg.data)])
 
 
 def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:

@@ -26,3 +26,12 @@ def startup_summary(data: DataConfig, datasets: dict[str, Any], sources: dict[st
         origin = sources.get(f"data.{key}", SCHEMA_DEFAULT)
         summary[f"data.{key}.source"] = f"{origin} (ImageNet)" if tuple(value) == imagenet else origin
     return summary | run
+
+
+def key_origins(sources: dict[str, str], keys: list[str]) -> str:
+    """Where `keys` came from, grouped: 'command line: data.root; runs/x/config.yaml (the run's own):
+    data.format, ...; schema default: ...', per `sources` from `sslfg.config.key_sources`."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(sources.get(key, SCHEMA_DEFAULT), []).append(key)
+    return "; ".join(f"{origin}: {', '.join(names)}" for origin, names in groups.items())

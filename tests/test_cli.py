@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from sslfg.cli import run_cli
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn, linear
 from sslfg.commands import pretrain as train_ssl
-from sslfg.config import save_config
+from sslfg.config import load_config, save_config
 from sslfg.data import stats
 from sslfg.pretrain import pretrain
+from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config
 
 TINY_FT = ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "model.top_k=3",
@@ -123,6 +125,25 @@ def test_knn_defaults_to_the_runs_own_data(tiny_run: Path, tiny_data: Path, tmp_
     other = knn.main(["--checkpoint", str(tiny_run), "--dataset", str(dataset_yaml(tiny_data, tmp_path / "d.yaml")),
                       "--check"])
     assert other["data.mean"] == [0.5, 0.5, 0.5] and "run's own" not in other["data.settings"]
+
+
+def test_data_root_on_the_command_line_keeps_the_runs_other_data_settings(tiny_run: Path, tiny_data: Path,
+                                                                           tmp_path: Path) -> None:
+    # the run's data at another folder: its image size (16, not the schema's 224), normalisation and splits stay
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = load_config(run / "config.yaml", [], PretrainConfig)
+    cfg.data.mean, cfg.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    save_config(cfg, run / "config.yaml")
+    other = shutil.copytree(tiny_data, tmp_path / "elsewhere")
+    summary = knn.main(["--checkpoint", str(run), f"data.root={other}", "data.num_workers=0", "--check"])
+    assert summary["data.root"] == str(other) and summary["data.image_size"] == 16
+    assert summary["data.mean"] == [0.5, 0.5, 0.5] and summary["data.mean.source"] == str(run / "config.yaml")
+    assert summary["data.train.images"] == 24  # data.train_split=train, the run's, not the schema's train_val
+    settings = summary["data.settings"]
+    assert settings.startswith("command line: data.root, data.num_workers; ")
+    assert f"{run / 'config.yaml'}: data.format, data.images_dir, data.train_split" in settings
+    assert "data.image_size, data.mean, data.std" in settings and "schema default" not in settings
 
 
 def test_evaluations_check_builds_and_stops(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,9 +6,11 @@
     python -m eval.knn --random-init --checkpoint runs/lodisc_cub   # the floor, same architecture
     accelerate launch --multi_gpu --num_processes 2 -m eval.knn --checkpoint runs/lodisc_cub   # same numbers
 
-Bank = data.train_split, queries = data.test_split; retrieval runs over the test split. Without
---dataset, --config or data.root, a run directory's own data settings are used. --check validates
-the recipe and the data, builds the backbone, prints the start-up summary and exits.
+Bank = data.train_split, queries = data.test_split; retrieval runs over the test split. Unless
+--dataset or --config names the data, a run directory's own data settings fill every data key the
+command line leaves unset (so data.root=PATH evaluates the run's kind of data in another folder);
+the summary's data.settings says which key came from where. --check validates the recipe and the
+data, builds the backbone, prints the start-up summary and exits.
 The console command `sslfg-knn` takes the same arguments.
 """
 

@@ -11,9 +11,10 @@ fast (default): one head per lr in linear.lrs trained at once on cached features
 `train` + data.val_split when the dataset has both, else on linear.val_fraction held out of
 data.train_split; that lr is retrained on data.train_split and reported on data.test_split.
 full: augmented images through the frozen backbone at linear.lr, no sweep; checkpoints every epoch
-in <output_dir>/linear_full. Without --dataset, --config or data.root, a run directory's own data
-settings are used. --check validates the recipe and the data, builds the backbone, prints the
-start-up summary and exits.
+in <output_dir>/linear_full. Unless --dataset or --config names the data, a run directory's own
+data settings fill every data key the command line leaves unset (data.settings in the summary says
+which key came from where). --check validates the recipe and the data, builds the backbone, prints
+the start-up summary and exits.
 The console command `sslfg-linear` takes the same arguments.
 """
 
