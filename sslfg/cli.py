@@ -26,7 +26,7 @@ from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import ensure_writable
 from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, run_data_defaults, write_metrics
 from sslfg.schema import EvalConfig
-from sslfg.summary import startup_summary
+from sslfg.summary import startup_summary, token_grid
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError)
 COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starting so is an example command
@@ -35,8 +35,8 @@ EVAL_TIMEOUT_S = 6 * 3600
 
 # (cfg, backbone, accelerator, output dir) -> (metrics, protocol) on the main process, None elsewhere
 Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
-# (cfg, number of processes) -> the schedule facts of an evaluation's start-up summary
-Schedule = Callable[[EvalConfig, int], dict[str, Any]]
+# (cfg, backbone, number of processes, datasets by split) -> the command's own facts of its start-up summary
+Schedule = Callable[[EvalConfig, VisionTransformer, int, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -186,8 +186,10 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
-             "backbone": info["backbone"], "features.global_batch": cfg.features.batch_size * world}
-    summary = startup_summary(cfg.data, datasets, sources, facts | (schedule(cfg, world) if schedule else {}))
+             "backbone": info["backbone"], **token_grid(vit), "features.global_batch": cfg.features.batch_size * world,
+             "features.crop_ratio": cfg.features.crop_ratio}
+    summary = startup_summary(cfg.data, datasets, sources,
+                              facts | (schedule(cfg, vit, world, datasets) if schedule else {}))
     if accelerator.is_main_process:
         print_summary(summary)
     if args.check:

@@ -32,7 +32,7 @@ from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_sc
 from sslfg.models.heads import check_batch_norm
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
-from sslfg.summary import startup_summary
+from sslfg.summary import startup_summary, token_grid
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
         "global_batch": t.batch_size * accelerator.num_processes * t.grad_accum_steps, "lr": t.lr,
         "warmup_steps": min(t.warmup_steps, total), "num_processes": accelerator.num_processes,
         "init": info["init"], "head": cfg.model.head, "adapter": cfg.model.adapter, "resume": resume,
-        "eval_only": cfg.eval_only})
+        "eval_only": cfg.eval_only, **token_grid(model.encoder),
+        **({"model.top_k": cfg.model.top_k} if cfg.model.head == "glsim" else {})})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:

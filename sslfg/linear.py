@@ -222,6 +222,29 @@ def selection_splits(data: DataConfig) -> tuple[str, str] | None:
     return SELECTION_TRAIN_SPLIT, data.val_split
 
 
+def holdout_names(cfg: EvalConfig) -> tuple[str, str]:
+    """(fit, selection) split names of the fast probe without a train + val pair: both out of data.train_split."""
+    train, fraction = cfg.data.train_split, cfg.linear.val_fraction
+    return f"{train} (the rest)", f"{train} (stratified {fraction:g} held out, seed {cfg.seed})"
+
+
+def probe_splits(cfg: EvalConfig, train_ds: Any) -> dict[str, Any]:
+    """For the start-up summary: the split and number of images the probe fits its heads on and selects
+    the lr on (fast mode; as `run_fast_probe` chooses them), or trains its one head on (full mode)."""
+    d, lin = cfg.data, cfg.linear
+    if lin.mode == "full":
+        return {"linear.fit_split": d.train_split, "linear.fit_images": len(train_ds),
+                "linear.val_split": "none (full mode: linear.lr, no selection)"}
+    pair = selection_splits(d)
+    if pair is not None:
+        fit, val = (len(build_dataset(d, split)) for split in pair)
+    else:
+        keep, held = stratified_holdout(torch.as_tensor(train_ds.labels), lin.val_fraction, cfg.seed)
+        pair, fit, val = holdout_names(cfg), len(keep), len(held)
+    return {"linear.fit_split": pair[0], "linear.fit_images": fit, "linear.val_split": pair[1],
+            "linear.val_images": val}
+
+
 def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator,
                    out: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """Fast mode on the cached features of the configured splits → (metrics, protocol) on the
@@ -249,8 +272,8 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         fit, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
         log.info("no %s + %s splits: selecting the lr on %d images held out of %s", SELECTION_TRAIN_SPLIT,
                  d.val_split, len(held), d.train_split)
-        selection = {"selection_split": f"{d.train_split} (stratified {lin.val_fraction:g} held out, seed {cfg.seed})",
-                     "selection_train_split": f"{d.train_split} (the rest)"}
+        fit_name, val_name = holdout_names(cfg)
+        selection = {"selection_split": val_name, "selection_train_split": fit_name}
     if not accelerator.is_main_process:
         return {}, {}
     dev = accelerator.device

@@ -31,12 +31,22 @@ from sslfg.models.backbone import export_backbone, pretrained_record
 from sslfg.models.heads import check_batch_norm
 from sslfg.online_knn import OnlineKnn
 from sslfg.schema import PretrainConfig
-from sslfg.summary import startup_summary
+from sslfg.summary import kept_patches, startup_summary, token_grid
 
 
 def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
     """The peak learning rate: base_lr · global batch / 256."""
     return cfg.train.base_lr * global_batch / 256
+
+
+def local_branch(cfg: PretrainConfig, encoder) -> str:
+    """Whether LoDisc's local branch is on, and what it keeps, for the start-up summary."""
+    local = cfg.method.local
+    if not local.weight:
+        return "off (method.local.weight 0)"
+    layers = f"last {local.attention_layers} blocks" if local.attention_layers else "every block"
+    return (f"on: weight {local.weight:g}, {local.view} view of {kept_patches(encoder, local.keep_ratio)} patches "
+            f"(keep_ratio {local.keep_ratio:g}, attention of {layers})")
 
 
 def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: int, global_batch: int,
@@ -92,7 +102,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
-        **pretrained_record(model.encoder)})
+        **pretrained_record(model.encoder), **token_grid(model.encoder), "method": cfg.method.name,
+        "method.local": local_branch(cfg, model.encoder)})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:

@@ -146,6 +146,38 @@ def test_data_root_on_the_command_line_keeps_the_runs_other_data_settings(tiny_r
     assert "data.image_size, data.mean, data.std" in settings and "schema default" not in settings
 
 
+def test_summaries_show_method_token_grid_boxes_and_probe_splits(tiny_data: Path, tiny_run: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    save_config(tiny_config(tiny_data, tmp_path / "run"), recipe)
+    for weight, local in (("1", "on: weight 1, zero_fill view of 4 of 16 patches (keep_ratio 0.3, attention of every "
+                                "block)"), ("0", "off (method.local.weight 0)")):
+        assert run_cli(train_ssl.main, ["--config", str(recipe), "--check", f"method.local.weight={weight}"]) == 0
+        summary = printed_summary(capsys.readouterr().out)
+        assert summary["method"] == "mocov3" and summary["method.local"] == local
+        assert summary["model.patch_size"] == "4" and summary["model.token_grid"] == "4x4 = 16 patches"
+        assert summary["data.train.boxes"] == "False"
+    ft = [f"data.root={tiny_data}", "data.image_size=16", "data.train_split=train", "data.num_workers=0", *TINY_FT,
+          f"output_dir={tmp_path / 'ft'}", "--check"]
+    assert run_cli(finetune_cli.main, ft) == 0
+    summary = printed_summary(capsys.readouterr().out)
+    assert summary["model.top_k"] == "3" and summary["model.token_grid"] == "4x4 = 16 patches"
+
+    summary = knn.main(["--checkpoint", str(tiny_run), "--check"])
+    assert summary["model.token_grid"] == "4x4 = 16 patches" and summary["features.crop_ratio"] == 0.875
+    assert summary["data.train.boxes"] is False and summary["data.test.boxes"] is False
+    # no train + val pair: the lr is selected on round(0.1 · 8) = 1 image of each of the 3 classes held out of train
+    summary = linear.main(["--checkpoint", str(tiny_run), "--check"])
+    assert (summary["linear.fit_split"], summary["linear.fit_images"]) == ("train (the rest)", 21)
+    assert (summary["linear.val_split"], summary["linear.val_images"]) == ("train (stratified 0.1 held out, seed 0)", 3)
+    paired = shutil.copytree(tiny_data, tmp_path / "paired")
+    shutil.copy(paired / "test.csv", paired / "val.csv")
+    summary = linear.main(["--checkpoint", str(tiny_run), f"data.root={paired}", "--check"])
+    assert (summary["linear.fit_split"], summary["linear.fit_images"], summary["linear.val_images"]) == ("train", 24, 8)
+    summary = linear.main(["--checkpoint", str(tiny_run), "linear.mode=full", "--check"])
+    assert summary["linear.fit_images"] == 24 and summary["linear.val_split"].startswith("none")
+
+
 def test_evaluations_check_builds_and_stops(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = linear.main(["--checkpoint", str(tiny_run), f"output_dir={tmp_path / 'lin'}", "--check",
                            "linear.batch_size=64", "linear.lrs=[0.1, 1.0]"])

@@ -235,7 +235,13 @@ def test_eval_localise_scores_the_frozen_backbone(boxed_data: Path, tmp_path: Pa
     assert got["loc.gls_iou"] == pytest.approx(sum(ious) / 8)
     assert got["loc.gls_coverage"] == pytest.approx(sum(coverages) / 8)
     assert got["protocol.kept_patches"] == 4 and got["protocol.images"] == 8
-    assert "loc.keep_precision" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loc.keep_precision" in out
+    for fact in ("data.test.boxes: True", "model.token_grid: 4x4 = 16 patches", "features.crop_ratio: 0.875",
+                 "localise.keep_ratio: 0.3", "localise.kept_patches: 4 of 16", "localise.top_k: 3",
+                 "localise.attention_layers: every block"):  # the start-up summary
+        assert f"\n  {fact}\n" in out, fact
+    assert got["localise.kept_patches"] == "4 of 16" and got["data.test.boxes"] is True
 
 
 def test_eval_localise_without_boxes_is_one_error_line(tiny_data: Path, tmp_path: Path,

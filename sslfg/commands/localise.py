@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,6 +32,7 @@ from sslfg.figures import save_localisation_figure
 from sslfg.localisation import backbone_looks, gls_metrics, keep_metrics
 from sslfg.models.backbone import grid_size
 from sslfg.schema import EvalConfig
+from sslfg.summary import kept_patches
 
 
 def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] | None:
@@ -66,8 +68,16 @@ def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dic
     return metrics, protocol
 
 
+def settings(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The localisation settings for the start-up summary (the crop ratio is every evaluation's)."""
+    loc = cfg.localise
+    return {"localise.keep_ratio": loc.keep_ratio, "localise.kept_patches": kept_patches(vit, loc.keep_ratio),
+            "localise.attention_layers": loc.attention_layers or "every block", "localise.top_k": loc.top_k,
+            "localise.figure_samples": loc.figure_samples}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run_evaluation(argv, __doc__, "localise", localise_backbone)
+    return run_evaluation(argv, __doc__, "localise", localise_backbone, settings)
 
 
 cli = console(main)
