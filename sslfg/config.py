@@ -193,6 +193,9 @@ def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str
         raise ConfigError(f"cannot read config file {name}{where}: {exc.strerror}") from None
     except _KeyError as exc:
         raise ConfigError(f"{exc.key}: {exc.problem} (in {name}{where})") from None
+    except yaml.reader.ReaderError as exc:  # UTF-8, but with control characters: a binary file, most likely
+        raise ConfigError(f"{name}{where} is not YAML text: character 0x{exc.character:02x} at character "
+                          f"{exc.position} is not allowed in YAML; give a .yaml recipe") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {name}: {exc}") from None
     raw = {} if raw is None else raw

@@ -25,7 +25,7 @@ from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
-from sslfg.localisation import OnlineLocalisation
+from sslfg.localisation import CROP_RATIO, OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
 from sslfg.models.backbone import export_backbone, pretrained_record
 from sslfg.models.heads import check_batch_norm
@@ -39,14 +39,18 @@ def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
     return cfg.train.base_lr * global_batch / 256
 
 
-def local_branch(cfg: PretrainConfig, encoder) -> str:
-    """Whether LoDisc's local branch is on, and what it keeps, for the start-up summary."""
-    local = cfg.method.local
-    if not local.weight:
-        return "off (method.local.weight 0)"
+def method_facts(cfg: PretrainConfig, encoder) -> dict[str, str]:
+    """For the start-up summary: the method, whether LoDisc's local branch is on and what it keeps, and the
+    online keep precision's settings when it runs."""
+    local, t = cfg.method.local, cfg.train
     layers = f"last {local.attention_layers} blocks" if local.attention_layers else "every block"
-    return (f"on: weight {local.weight:g}, {local.view} view of {kept_patches(encoder, local.keep_ratio)} patches "
-            f"(keep_ratio {local.keep_ratio:g}, attention of {layers})")
+    kept = f"{kept_patches(encoder, local.keep_ratio)} patches (keep_ratio {local.keep_ratio:g}, attention of {layers})"
+    facts = {"method": cfg.method.name, "method.local": f"on: weight {local.weight:g}, {local.view} view of {kept}"
+             if local.weight else "off (method.local.weight 0)"}
+    if t.loc_every:
+        facts["train.loc_every"] = (f"every {t.loc_every} epochs: {kept} of up to {t.loc_samples} "
+                                    f"{cfg.data.test_split} images against their boxes, crop ratio {CROP_RATIO:g}")
+    return facts
 
 
 def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: int, global_batch: int,
@@ -102,8 +106,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
-        **pretrained_record(model.encoder), **token_grid(model.encoder), "method": cfg.method.name,
-        "method.local": local_branch(cfg, model.encoder)})
+        **pretrained_record(model.encoder), **token_grid(model.encoder), **method_facts(cfg, model.encoder)})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:

@@ -156,7 +156,11 @@ def test_summaries_show_method_token_grid_boxes_and_probe_splits(tiny_data: Path
         summary = printed_summary(capsys.readouterr().out)
         assert summary["method"] == "mocov3" and summary["method.local"] == local
         assert summary["model.patch_size"] == "4" and summary["model.token_grid"] == "4x4 = 16 patches"
-        assert summary["data.train.boxes"] == "False"
+        assert summary["data.train.boxes"] == "False" and "train.loc_every" not in summary
+    assert run_cli(train_ssl.main, ["--config", str(recipe), "--check", "train.loc_every=2"]) == 0
+    assert printed_summary(capsys.readouterr().out)["train.loc_every"] == (
+        "every 2 epochs: 4 of 16 patches (keep_ratio 0.3, attention of every block) of up to 500 test images against "
+        "their boxes, crop ratio 0.875")
     ft = [f"data.root={tiny_data}", "data.image_size=16", "data.train_split=train", "data.num_workers=0", *TINY_FT,
           f"output_dir={tmp_path / 'ft'}", "--check"]
     assert run_cli(finetune_cli.main, ft) == 0

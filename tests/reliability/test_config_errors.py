@@ -87,6 +87,9 @@ CASES = {
     "a binary file as --config": (
         {"photo.png": b"\x89PNG\r\n\x1a\n\x00\x00"}, ["--config", "{tmp}/photo.png"],
         ["{tmp}/photo.png is not UTF-8 text: line 1, byte 0 is 0x89", "must be UTF-8 YAML text"]),
+    "a binary file that is valid UTF-8": (
+        {"zeros.bin": b"train: 1\n\x00\x00"}, ["--config", "{tmp}/zeros.bin"],
+        ["{tmp}/zeros.bin is not YAML text: character 0x00 at character 9 is not allowed in YAML"]),
     "a binary file as a _base_": (
         {"photo.png": b"\x89PNG\r\n", "recipe.yaml": "_base_: photo.png\n"}, ["--config", "{tmp}/recipe.yaml"],
         ["{tmp}/photo.png is not UTF-8 text", "A recipe (a `_base_` of {tmp}/recipe.yaml) must be UTF-8"]),
