@@ -197,7 +197,7 @@ def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str
         raise ConfigError(f"{name}{where} is not YAML text: character 0x{exc.character:02x} at character "
                           f"{exc.position} is not allowed in YAML; give a .yaml recipe") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in {name}: {exc}") from None
+        raise ConfigError(f"invalid YAML in {name}: {_yaml_problem(exc)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: the top level must be a mapping of keys, got {_describe(raw)}")
@@ -208,6 +208,16 @@ def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str
     for base in bases:
         _read(path.parent / base, [*chain, path], data, sources)
     _merge(data, raw, name, sources)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (line, column), then its context, without the quoted
+    source lines (the error machinery prints one `error:` line)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+    parts = [(exc.problem, exc.problem_mark), (exc.context, exc.context_mark)]
+    return "; ".join(f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark else text
+                     for text, mark in parts if text)
 
 
 def _merge(dst: dict[str, Any], src: dict, source: str, sources: dict[str, str], prefix: str = "") -> None:
@@ -233,7 +243,7 @@ def _parse_override(item: str) -> dict[str, Any]:
     except _KeyError as exc:
         raise ConfigError(f"{key}.{exc.key}: {exc.problem} (in {COMMAND_LINE})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse {text!r} as YAML (in {COMMAND_LINE}): {exc}") from None
+        raise ConfigError(f"{key}: cannot parse {text!r} as YAML (in {COMMAND_LINE}): {_yaml_problem(exc)}") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value

@@ -40,7 +40,7 @@ CASES = {
         ["`_base_` cycle: {tmp}/a.yaml -> {tmp}/b.yaml -> {tmp}/a.yaml"]),
     "invalid YAML": (
         {"recipe.yaml": "train: {epochs: 3\n"}, ["--config", "{tmp}/recipe.yaml"],
-        ["invalid YAML in {tmp}/recipe.yaml"]),
+        ["invalid YAML in {tmp}/recipe.yaml: expected ',' or '}}', but got '<stream end>' at line 2, column 1"]),
     "batch size 0 in a file": (
         {"recipe.yaml": "train:\n  batch_size: 0\n"}, ["--config", "{tmp}/recipe.yaml"],
         ["train.batch_size: expected an integer ≥ 1, got 0 (in {tmp}/recipe.yaml)"]),
@@ -110,6 +110,7 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFix
     message = user_error(train_ssl.main, [a.format(tmp=tmp_path) for a in argv] + [f"output_dir={out}"], capsys)
     for text in named:
         assert text.format(tmp=tmp_path) in message
+    assert "\n" not in message  # one line, PyYAML's quoted source lines included
     assert not out.exists()  # stopped while reading the config: not even the run directory was made
 
 
