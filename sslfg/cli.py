@@ -25,9 +25,17 @@ from sslfg.engine.checkpoint import CheckpointWriteError
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable, release_run_dir, release_run_dirs
-from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, run_data_defaults, write_metrics
+from sslfg.evaluation import (
+    PIXELS,
+    backbone_spec,
+    build_backbone,
+    output_dir,
+    record,
+    run_data_defaults,
+    write_metrics,
+)
 from sslfg.schema import EvalConfig
-from sslfg.summary import startup_summary
+from sslfg.summary import startup_summary, token_grid
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, CheckpointWriteError)
 COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starting so is an example command
@@ -36,8 +44,8 @@ EVAL_TIMEOUT_S = 6 * 3600
 
 # (cfg, backbone, accelerator, output dir) -> (metrics, protocol) on the main process, None elsewhere
 Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
-# (cfg, number of processes) -> the schedule facts of an evaluation's start-up summary
-Schedule = Callable[[EvalConfig, int], dict[str, Any]]
+# (cfg, backbone, number of processes, datasets by split) -> the command's own facts of its start-up summary
+Schedule = Callable[[EvalConfig, VisionTransformer, int, dict[str, Any]], dict[str, Any]]
 # (cfg, datasets by split) -> None, or a DataError for data the evaluation cannot use, before any work
 CheckData = Callable[[EvalConfig, dict[str, Any]], None]
 
@@ -150,7 +158,8 @@ def parse_eval_cli(argv: Sequence[str] | None, description: str, options: Sequen
     parser = command_parser(description)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
     parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory (its config.yaml gives the "
-                        "data settings unless --config/--dataset/data.root do) or weights file")
+                        "data settings the command line leaves unset, unless --config/--dataset name the data) or "
+                        "weights file")
     parser.add_argument("--model", metavar="NAME", help="timm model name (weights file or --random-init)")
     parser.add_argument("--random-init", action="store_true", help="random weights: the floor")
     parser.add_argument("--pretrained", action="store_true", help="timm's weights for --model (name.tag or "
@@ -184,7 +193,7 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
                    schedule: Schedule | None = None, needs_labels: bool = True,
                    check_data: CheckData | None = None) -> dict:
-    """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
+    """Config (data keys from the run's own config.yaml: `run_data_defaults`), accelerator, frozen
     backbone and the train/test datasets (labelled, unless not `needs_labels`), which `check_data` may
     refuse (with --check too); prints the start-up summary (and stops there with --check); `measure`
     returns (metrics, protocol) on the main process (None elsewhere); the result, with the summary, is
@@ -213,8 +222,10 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
              "backbone": info["backbone"], "features": cfg.features.kind,
-             "features.global_batch": cfg.features.batch_size * world}
-    summary = startup_summary(cfg.data, datasets, sources, facts | (schedule(cfg, world) if schedule else {}))
+             **(token_grid(vit) if cfg.features.kind != PIXELS else {}),
+             "features.global_batch": cfg.features.batch_size * world, "features.crop_ratio": cfg.features.crop_ratio}
+    summary = startup_summary(cfg.data, datasets, sources,
+                              facts | (schedule(cfg, vit, world, datasets) if schedule else {}))
     if accelerator.is_main_process:
         print_summary(summary)
     if args.check:

@@ -21,10 +21,10 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from sslfg.files import write_text
+from sslfg.files import read_utf8, write_text
 
 T = TypeVar("T")
-_CLI = "command line"
+COMMAND_LINE = "command line"  # the source (`key_sources`) of a key=value override
 _SOURCES = "_sslfg_key_sources"  # attribute of a loaded config: its `key_sources`
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
 _EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
@@ -93,9 +93,53 @@ class Relation:
     fix: Callable[..., str]
 
 
+class _KeyError(yaml.YAMLError):
+    """A mapping key YAML would read without a word but not as meant (`_check_keys`); `_read` adds the file."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: only true/false are booleans (`mixed_precision: no` stays the
-    string 'no') and `1e-4` is a float, not a string."""
+    string 'no') and `1e-4` is a float, not a string; a key set twice in one mapping, or a flow-mapping key
+    glued to its value (`{depth:3}`), is an error (`_check_keys`) instead of a silently lost value."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_keys(node, "", set())
+        return self.construct_document(node)
+
+
+def _check_keys(node: yaml.Node, prefix: str, seen: set[int]) -> None:
+    """_KeyError for the first key of a mapping under `node` that appears twice in it (PyYAML keeps the last),
+    or that is a plain `a:b` with no value inside a flow mapping: `{depth:3}` is the key 'depth:3' set to null
+    (which timm, for one, drops silently), not depth 3."""
+    if id(node) in seen:  # an alias of a node already checked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_keys(item, prefix, seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        name = str(key_node.value)
+        dotted, line = prefix + name, key_node.start_mark.line + 1
+        if name in lines and key_node.tag != "tag:yaml.org,2002:merge":
+            raise _KeyError(dotted, f"set twice, on lines {lines[name]} and {line}, and YAML would silently keep "
+                                    f"only the last; remove one of them")
+        lines[name] = line
+        if node.flow_style and key_node.style is None and ":" in name and value_node.value == "" \
+                and value_node.tag.endswith(":null"):
+            spelt = "{" + name.replace(":", ": ", 1) + "}"
+            raise _KeyError(dotted, f"inside {{...}} a colon needs a space after it, or '{name}' is one key without "
+                                    f"a value; write {spelt}")
+        _check_keys(value_node, dotted + ".", seen)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -122,7 +166,7 @@ def load_config(
     for item in paths:
         _read(Path(item), [], data, sources)
     for item in overrides:
-        _merge(data, _parse_override(item), _CLI, sources)
+        _merge(data, _parse_override(item), COMMAND_LINE, sources)
     cfg = _Converter(schema, sources).build(schema, data, "")
     leaves = set(_keys(schema, "", leaves_only=True))
     object.__setattr__(cfg, _SOURCES, {key: src for key, src in sources.items() if key in leaves})
@@ -142,11 +186,18 @@ def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str
         raise ConfigError("`_base_` cycle: " + " -> ".join(os.path.normpath(p) for p in [*chain, path]))
     where = f" (a `_base_` of {os.path.normpath(chain[-1])})" if chain else ""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        raw = yaml.load(read_utf8(path, ConfigError, f"A recipe{where} must be UTF-8 YAML text: give a .yaml recipe, "
+                                  f"or convert this one, e.g. from Latin-1: iconv -f latin1 -t utf-8 {{path}} > "
+                                  f"utf8.yaml, then replace the file with utf8.yaml."), Loader=_Loader)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {name}{where}: {exc.strerror}") from None
+    except _KeyError as exc:
+        raise ConfigError(f"{exc.key}: {exc.problem} (in {name}{where})") from None
+    except yaml.reader.ReaderError as exc:  # UTF-8, but with control characters: a binary file, most likely
+        raise ConfigError(f"{name}{where} is not YAML text: character 0x{exc.character:02x} at character "
+                          f"{exc.position} is not allowed in YAML; give a .yaml recipe") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in {name}: {exc}") from None
+        raise ConfigError(f"invalid YAML in {name}: {_yaml_problem(exc)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: the top level must be a mapping of keys, got {_describe(raw)}")
@@ -157,6 +208,16 @@ def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str
     for base in bases:
         _read(path.parent / base, [*chain, path], data, sources)
     _merge(data, raw, name, sources)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (line, column), then its context, without the quoted
+    source lines (the error machinery prints one `error:` line)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+    parts = [(exc.problem, exc.problem_mark), (exc.context, exc.context_mark)]
+    return "; ".join(f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark else text
+                     for text, mark in parts if text)
 
 
 def _merge(dst: dict[str, Any], src: dict, source: str, sources: dict[str, str], prefix: str = "") -> None:
@@ -176,11 +237,13 @@ def _parse_override(item: str) -> dict[str, Any]:
     """`a.b=value` -> {'a': {'b': value}}, the value parsed as YAML ('' when empty)."""
     key, sep, text = item.partition("=")
     if not sep or not all(key.split(".")):
-        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=10 (in {_CLI})")
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=10 (in {COMMAND_LINE})")
     try:
         value = yaml.load(text, Loader=_Loader) if text else ""
+    except _KeyError as exc:
+        raise ConfigError(f"{key}.{exc.key}: {exc.problem} (in {COMMAND_LINE})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse {text!r} as YAML (in {_CLI}): {exc}") from None
+        raise ConfigError(f"{key}: cannot parse {text!r} as YAML (in {COMMAND_LINE}): {_yaml_problem(exc)}") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -229,9 +292,9 @@ class _Converter:
         if key in self.moved:
             return self.error(key, f"'{key}' has moved: use {self.moved[key]}")
         candidates = [k for k in self.keys if not prefix.startswith(k + ".")]  # never the section itself
-        close = difflib.get_close_matches(key, candidates, n=1)
+        close = _closest(key, candidates)
         if close:
-            return self.error(key, f"unknown key '{key}'", f"; did you mean '{close[0]}'?")
+            return self.error(key, f"unknown key '{key}'", f"; did you mean '{close}'?")
         section = f" in '{prefix[:-1]}'" if prefix else ""
         return self.error(key, f"unknown key '{key}'", f"; valid keys{section}: {', '.join(names)}")
 
@@ -305,6 +368,17 @@ class _Converter:
                 return tp(value)
             raise self.mismatch(key, tp, value)
         raise TypeError(f"{key}: type {tp!r} is not supported by sslfg.config")
+
+
+def _closest(key: str, candidates: list[str]) -> str | None:
+    """The valid key the unknown dotted `key` most likely meant, in any section: one whose last component is (or
+    is close to) `key`'s (`train.seed` -> `seed`), the nearest to the whole key among several; else the
+    closest whole key; None if nothing is close."""
+    last = key.rpartition(".")[2]
+    tails = difflib.get_close_matches(last, sorted({c.rpartition(".")[2] for c in candidates}), n=1)
+    pool = [c for c in candidates if c.rpartition(".")[2] == tails[0]] if tails else \
+        difflib.get_close_matches(key, candidates, n=1)
+    return max(pool, key=lambda c: difflib.SequenceMatcher(None, key, c).ratio(), default=None)
 
 
 def _keys(cls: type, prefix: str, leaves_only: bool = False) -> Iterator[str]:

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from sslfg.config import ConfigError, key_sources, load_config
+from sslfg.config import COMMAND_LINE, ConfigError, key_sources, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.checkpoint import STATE_FILE
@@ -20,6 +20,7 @@ from sslfg.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
 from sslfg.schema import EvalConfig, PretrainConfig
+from sslfg.summary import key_origins
 
 PIXELS = "pixels"  # features.kind whose feature is the normalised image itself: no network, no weights
 
@@ -43,17 +44,19 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
                                "init": "none (raw pixels)"}
     torch.manual_seed(cfg.seed)
     vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model",
-                     pretrained=cfg.pretrained)
+                     pretrained=cfg.pretrained, kwargs_key="model_kwargs")
     init = "random" if cfg.random_init else weights
     return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init,
                  **pretrained_record(vit)}
 
 
 def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]:
-    """When --checkpoint is a run directory (or one of its checkpoints) and nothing set data.root, the data.*
-    keys the user left at their defaults come from <run>/config.yaml (a run folder without one is a
-    ConfigError saying so). Returns the config, where each key came from (as
-    `key_sources`) and a line for the start-up summary saying which data settings are used."""
+    """When --checkpoint is a run directory (or one of its checkpoints) and no recipe file names data.root
+    (nothing does, or only `data.root=` on the command line: the run's kind of data in another folder), every
+    data.* key that no file or override sets comes from <run>/config.yaml, the image size and normalisation
+    included (a run folder without one is a ConfigError saying so); a --dataset or --config that names
+    data.root describes other data and keeps the schema defaults. Returns the config, where each key came
+    from (as `key_sources`) and a line for the start-up summary saying which data keys came from where."""
     sources = key_sources(cfg)
     run = Path(cfg.checkpoint) if cfg.checkpoint else None
     run = run.parent.parent if run is not None and (run / STATE_FILE).is_file() else run  # a checkpoint folder's run
@@ -61,14 +64,15 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
     if "data.root" not in sources and run is not None and run.is_dir() and not run_config.is_file():
         raise ConfigError(f"checkpoint: the run folder '{run}' has no {RUN_CONFIG}, so its data settings are unknown; "
                           "give the data with --dataset configs/datasets/<name>.yaml or data.root=PATH")
-    if "data.root" in sources or run_config is None or not run_config.is_file():
-        return cfg, sources, "the recipe and command line (schema defaults elsewhere)"
-    run_data = load_config(run_config, [], PretrainConfig).data
-    inherited = {f.name: getattr(run_data, f.name) for f in dataclasses.fields(run_data)
-                 if f"data.{f.name}" not in sources}
-    sources |= {f"data.{name}": str(run_config) for name in inherited}
-    note = f"{run_config}, the run's own (--dataset PATH evaluates on other data)"
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **inherited)), sources, note
+    if sources.get("data.root", COMMAND_LINE) == COMMAND_LINE and run_config is not None and run_config.is_file():
+        run_data = load_config(run_config, [], PretrainConfig).data
+        # data.labels=false withheld the labels of the run's own images; another folder is read with its own
+        own = ("labels",) if "data.root" in sources else ()
+        inherited = {f.name: getattr(run_data, f.name) for f in dataclasses.fields(run_data)
+                     if f"data.{f.name}" not in sources and f.name not in own}
+        sources |= {f"data.{name}": str(run_config) for name in inherited}
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **inherited))
+    return cfg, sources, key_origins(sources, [f"data.{f.name}" for f in dataclasses.fields(cfg.data)])
 
 
 def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:

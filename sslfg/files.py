@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -34,3 +35,18 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: Any) -> Path:
     """Writes `data` as indented JSON atomically; returns the path."""
     return write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def read_utf8(path: str | Path, error: type[Exception], fix: str) -> str:
+    """The text of the file at `path` (a UTF-8 byte-order mark dropped); `error` naming the line and byte
+    if it is not UTF-8, followed by `fix` ({path} in it is the file)."""
+    raw = Path(path).read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = bom + err.start
+        line = raw.count(b"\n", 0, at) + 1
+        text = raw.split(b"\n")[line - 1].decode("utf-8", errors="replace").rstrip("\r")[:80]
+        raise error(f"{path} is not UTF-8 text: line {line}, byte {at} is 0x{raw[at]:02x} ({text!r}). "
+                    + fix.format(path=path)) from None

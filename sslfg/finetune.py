@@ -36,9 +36,10 @@ from sslfg.models.backbone import (
     timm_kwargs,
 )
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
+from sslfg.models.heads import check_batch_norm
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
-from sslfg.summary import startup_summary
+from sslfg.summary import startup_summary, token_grid
 from sslfg.verdicts import correct_path, write_correct
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
     test_ds = build_dataset(cfg.data, cfg.data.test_split, test_tf)
     num_classes = cfg.data.num_classes or max(train_ds.num_classes, test_ds.num_classes)
     model, info = build_classifier(cfg, num_classes)
+    check_batch_norm(model, t.batch_size, accelerator.num_processes)
     sampler, loader = run.loader(train_ds, t.batch_size, t.grad_accum_steps)
     total = t.epochs * steps_per_epoch(sampler, t.grad_accum_steps)
     if not cfg.eval_only:
@@ -158,7 +160,8 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
         "global_batch": t.batch_size * accelerator.num_processes * t.grad_accum_steps, "lr": t.lr,
         "warmup_steps": min(t.warmup_steps, total), "num_processes": accelerator.num_processes,
         "init": info["init"], "head": cfg.model.head, "adapter": cfg.model.adapter, "resume": resume,
-        "eval_only": cfg.eval_only})
+        "eval_only": cfg.eval_only, **token_grid(model.encoder),
+        **({"model.top_k": cfg.model.top_k} if cfg.model.head == "glsim" else {})})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:

@@ -41,7 +41,7 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.features import feature_precision, pool_features
 from sslfg.schema import DataConfig, EvalConfig, LinearConfig, LoopConfig
-from sslfg.selection import selection_features
+from sslfg.selection import holdout_names, selection_features, selection_splits, stratified_holdout
 from sslfg.verdicts import correct_path, write_correct
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,23 @@ def check_settings(lin: LinearConfig) -> None:
 def _check_labelled(data: DataConfig) -> None:
     if data.format == "folder":
         raise ConfigError("data.format: 'folder' images have no labels; the linear probe needs csv or imagefolder")
+
+
+def probe_splits(cfg: EvalConfig, train_ds: Any) -> dict[str, Any]:
+    """For the start-up summary: the split and number of images the probe fits its heads on and selects
+    the lr on (fast mode; as `selection_features` chooses them), or trains its one head on (full mode)."""
+    d, lin = cfg.data, cfg.linear
+    if lin.mode == "full":
+        return {"linear.fit_split": d.train_split, "linear.fit_images": len(train_ds),
+                "linear.val_split": "none (full mode: linear.lr, no selection)"}
+    pair = selection_splits(d)
+    if pair is not None:
+        fit, val = (len(build_dataset(d, split)) for split in pair)
+    else:
+        keep, held = stratified_holdout(torch.as_tensor(train_ds.labels), lin.val_fraction, cfg.seed)
+        pair, fit, val = holdout_names(d.train_split, lin.val_fraction, cfg.seed), len(keep), len(held)
+    return {"linear.fit_split": pair[0], "linear.fit_images": fit, "linear.val_split": pair[1],
+            "linear.val_images": val}
 
 
 def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator,

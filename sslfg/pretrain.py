@@ -27,12 +27,13 @@ from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
-from sslfg.localisation import OnlineLocalisation
+from sslfg.localisation import CROP_RATIO, OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
 from sslfg.models.backbone import export_backbone, pretrained_record
+from sslfg.models.heads import check_batch_norm
 from sslfg.online_knn import OnlineKnn, evaluation_data
 from sslfg.schema import PretrainConfig
-from sslfg.summary import startup_summary
+from sslfg.summary import kept_patches, startup_summary, token_grid
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,20 @@ log = logging.getLogger(__name__)
 def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
     """The peak learning rate: base_lr · global batch / 256."""
     return cfg.train.base_lr * global_batch / 256
+
+
+def method_facts(cfg: PretrainConfig, encoder) -> dict[str, str]:
+    """For the start-up summary: the method, whether LoDisc's local branch is on and what it keeps, and the
+    online keep precision's settings when it runs."""
+    local, t = cfg.method.local, cfg.train
+    layers = f"last {local.attention_layers} blocks" if local.attention_layers else "every block"
+    kept = f"{kept_patches(encoder, local.keep_ratio)} patches (keep_ratio {local.keep_ratio:g}, attention of {layers})"
+    facts = {"method": cfg.method.name, "method.local": f"on: weight {local.weight:g}, {local.view} view of {kept}"
+             if local.weight else "off (method.local.weight 0)"}
+    if t.loc_every:
+        facts["train.loc_every"] = (f"every {t.loc_every} epochs: {kept} of up to {t.loc_samples} "
+                                    f"{cfg.data.test_split} images against their boxes, crop ratio {CROP_RATIO:g}")
+    return facts
 
 
 def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: int, global_batch: int,
@@ -110,6 +125,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     sampler, loader = run.loader(dataset, t.batch_size, t.grad_accum_steps)
 
     model = build_method(cfg.model, cfg.method, cfg.data.image_size)
+    check_batch_norm(model, t.batch_size, accelerator.num_processes, ", run on more processes, or use method.name=dino "
+                     "(no batch norm in its head)")
     if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
         compile_modules(model.encoder.blocks, accelerator.device)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
@@ -122,7 +139,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
         # the weight the teacher's initial values keep at the end (∏ m): near 1, the init picks LoDisc's patches
         "teacher.momentum_start": model.momentum_start(), "teacher.init_share": float(np.prod(schedules["momentum"])),
-        **pretrained_record(model.encoder), **online_notes})
+        **pretrained_record(model.encoder), **online_notes, **token_grid(model.encoder),
+        **method_facts(cfg, model.encoder)})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:

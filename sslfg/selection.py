@@ -45,6 +45,11 @@ def selection_splits(data: DataConfig) -> tuple[str, str] | None:
     return SELECTION_TRAIN_SPLIT, data.val_split
 
 
+def holdout_names(train_split: str, fraction: float, seed: int) -> tuple[str, str]:
+    """(fit, selection) names of the two parts of `train_split` when the dataset has no validation split."""
+    return f"{train_split} (the rest)", f"{train_split} (stratified {fraction:g} held out, seed {seed})"
+
+
 def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Indices (ascending) of the kept and the held-out samples: round(fraction · n_c) random
     samples of each class c held out, but always at least one kept. labels (N,) int64, any ids."""
@@ -76,6 +81,6 @@ def selection_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acc
                           f"{SELECTION_TRAIN_SPLIT} and a {d.val_split} split")
     log.info("no %s + %s splits: choosing the %s on %d images held out of %s", SELECTION_TRAIN_SPLIT, d.val_split,
              what, len(held), d.train_split)
+    fit_name, val_name = holdout_names(d.train_split, val_fraction, cfg.seed)
     return (train[0][keep], train[1][keep]), (train[0][held], train[1][held]), [], {
-        "selection_split": f"{d.train_split} (stratified {val_fraction:g} held out, seed {cfg.seed})",
-        "selection_train_split": f"{d.train_split} (the rest)"}
+        "selection_split": val_name, "selection_train_split": fit_name}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from sslfg.cli import run_cli
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn, linear
 from sslfg.commands import pretrain as train_ssl
-from sslfg.config import save_config
+from sslfg.config import load_config, save_config
 from sslfg.data import stats
 from sslfg.pretrain import pretrain
+from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config
 
 TINY_FT = ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "model.top_k=3",
@@ -123,6 +125,57 @@ def test_knn_defaults_to_the_runs_own_data(tiny_run: Path, tiny_data: Path, tmp_
     other = knn.main(["--checkpoint", str(tiny_run), "--dataset", str(dataset_yaml(tiny_data, tmp_path / "d.yaml")),
                       "--check"])
     assert other["data.mean"] == [0.5, 0.5, 0.5] and "run's own" not in other["data.settings"]
+
+
+def test_data_root_on_the_command_line_keeps_the_runs_other_data_settings(tiny_run: Path, tiny_data: Path,
+                                                                           tmp_path: Path) -> None:
+    # the run's data at another folder: its image size (16, not the schema's 224), normalisation and splits stay
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = load_config(run / "config.yaml", [], PretrainConfig)
+    cfg.data.mean, cfg.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    save_config(cfg, run / "config.yaml")
+    other = shutil.copytree(tiny_data, tmp_path / "elsewhere")
+    summary = knn.main(["--checkpoint", str(run), f"data.root={other}", "data.num_workers=0", "--check"])
+    assert summary["data.root"] == str(other) and summary["data.image_size"] == 16
+    assert summary["data.mean"] == [0.5, 0.5, 0.5] and summary["data.mean.source"] == str(run / "config.yaml")
+    assert summary["data.train.images"] == 24  # data.train_split=train, the run's, not the schema's train_val
+    settings = summary["data.settings"]
+    assert settings.startswith("command line: data.root, data.num_workers; ")
+    assert f"{run / 'config.yaml'}: data.format, data.images_dir, data.train_split" in settings
+    assert "data.image_size, data.mean, data.std" in settings
+
+
+def test_summaries_show_method_token_grid_boxes_and_probe_splits(tiny_data: Path, tiny_run: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    save_config(tiny_config(tiny_data, tmp_path / "run"), recipe)
+    for weight, local in (("1", "on: weight 1, zero_fill view of 4 of 16 patches (keep_ratio 0.3, attention of every "
+                                "block)"), ("0", "off (method.local.weight 0)")):
+        assert run_cli(train_ssl.main, ["--config", str(recipe), "--check", f"method.local.weight={weight}"]) == 0
+        summary = printed_summary(capsys.readouterr().out)
+        assert summary["method"] == "mocov3" and summary["method.local"] == local
+        assert summary["model.patch_size"] == "4" and summary["model.token_grid"] == "4x4 = 16 patches"
+        assert summary["data.train.boxes"] == "False" and "train.loc_every" not in summary
+    ft = [f"data.root={tiny_data}", "data.image_size=16", "data.train_split=train", "data.num_workers=0", *TINY_FT,
+          f"output_dir={tmp_path / 'ft'}", "--check"]
+    assert run_cli(finetune_cli.main, ft) == 0
+    summary = printed_summary(capsys.readouterr().out)
+    assert summary["model.top_k"] == "3" and summary["model.token_grid"] == "4x4 = 16 patches"
+
+    summary = knn.main(["--checkpoint", str(tiny_run), "--check"])
+    assert summary["model.token_grid"] == "4x4 = 16 patches" and summary["features.crop_ratio"] == 0.875
+    assert summary["data.train.boxes"] is False and summary["data.test.boxes"] is False
+    # no train + val pair: the lr is selected on round(0.1 · 8) = 1 image of each of the 3 classes held out of train
+    summary = linear.main(["--checkpoint", str(tiny_run), "--check"])
+    assert (summary["linear.fit_split"], summary["linear.fit_images"]) == ("train (the rest)", 21)
+    assert (summary["linear.val_split"], summary["linear.val_images"]) == ("train (stratified 0.1 held out, seed 0)", 3)
+    paired = shutil.copytree(tiny_data, tmp_path / "paired")
+    shutil.copy(paired / "test.csv", paired / "val.csv")
+    summary = linear.main(["--checkpoint", str(tiny_run), f"data.root={paired}", "--check"])
+    assert (summary["linear.fit_split"], summary["linear.fit_images"], summary["linear.val_images"]) == ("train", 24, 8)
+    summary = linear.main(["--checkpoint", str(tiny_run), "linear.mode=full", "--check"])
+    assert summary["linear.fit_images"] == 24 and summary["linear.val_split"].startswith("none")
 
 
 def test_evaluations_check_builds_and_stops(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -198,6 +198,14 @@ def test_online_keep_precision_needs_boxes(tiny_data: Path, tmp_path: Path) -> N
         OnlineLocalisation(cfg)
 
 
+def test_pretraining_summary_shows_the_online_keep_precision_settings(boxed_data: Path, tmp_path: Path) -> None:
+    summaries: list[dict] = []
+    pretrain(boxed_config(boxed_data, tmp_path / "run", loc_every=2), check=True, on_summary=summaries.append)
+    assert summaries[0]["train.loc_every"] == ("every 2 epochs: 4 of 16 patches (keep_ratio 0.3, attention of every "
+                                               "block) of up to 500 test images against their boxes, crop ratio 0.875")
+    assert summaries[0]["data.train.boxes"] is True and not (tmp_path / "run").exists()
+
+
 def reference_iou_coverage(a: tuple, b: tuple) -> tuple[float, float]:
     """IoU of boxes a (GLS) and b (object), and the fraction of b inside a, by the textbook formula."""
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
@@ -235,7 +243,13 @@ def test_eval_localise_scores_the_frozen_backbone(boxed_data: Path, tmp_path: Pa
     assert got["loc.gls_iou"] == pytest.approx(sum(ious) / 8)
     assert got["loc.gls_coverage"] == pytest.approx(sum(coverages) / 8)
     assert got["protocol.kept_patches"] == 4 and got["protocol.images"] == 8
-    assert "loc.keep_precision" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "loc.keep_precision" in out
+    for fact in ("data.test.boxes: True", "model.token_grid: 4x4 = 16 patches", "features.crop_ratio: 0.875",
+                 "localise.keep_ratio: 0.3", "localise.kept_patches: 4 of 16", "localise.top_k: 3",
+                 "localise.attention_layers: every block"):  # the start-up summary
+        assert f"\n  {fact}\n" in out, fact
+    assert got["localise.kept_patches"] == "4 of 16" and got["data.test.boxes"] is True
 
 
 def test_eval_localise_without_boxes_is_one_error_line(tiny_data: Path, tmp_path: Path,

@@ -11,9 +11,11 @@ Bank = data.train_split, queries = data.test_split; retrieval runs over the test
 out, with a warning and protocol.retrieval_mAP saying why, when every class has one test image). knn.val=true
 also reports val.knn.* (bank: train, queries: data.val_split, or a part of data.train_split held out
 by seed when the dataset has no such pair): the number a choice, e.g. the study's fine-tuning init,
-is made on. Which test images each k got right goes to knn.correct.json. Without
---dataset, --config or data.root, a run directory's own data settings are used. --check validates
-the recipe and the data, builds the backbone, prints the start-up summary and exits.
+is made on. Which test images each k got right goes to knn.correct.json. Unless
+--dataset or --config names the data, a run directory's own data settings fill every data key the
+command line leaves unset (so data.root=PATH evaluates the run's kind of data in another folder);
+the summary's data.settings says which key came from where. --check validates the recipe and the
+data, builds the backbone, prints the start-up summary and exits.
 The console command `sslfg-knn` takes the same arguments.
 """
 

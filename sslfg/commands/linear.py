@@ -14,9 +14,10 @@ data.train_split; that lr is retrained on data.train_split and reported on data.
 lr at either end of linear.lrs is warned about (log, and protocol.lr_warning in the json). Which test
 images the probe got right goes to linear.correct.json.
 full: augmented images through the frozen backbone at linear.lr, no sweep; checkpoints every epoch
-in <output_dir>/linear_full. Without --dataset, --config or data.root, a run directory's own data
-settings are used. --check validates the recipe and the data, builds the backbone, prints the
-start-up summary and exits.
+in <output_dir>/linear_full. Unless --dataset or --config names the data, a run directory's own
+data settings fill every data key the command line leaves unset (data.settings in the summary says
+which key came from where). --check validates the recipe and the data, builds the backbone, prints
+the start-up summary and exits.
 The console command `sslfg-linear` takes the same arguments.
 """
 
@@ -26,16 +27,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from sslfg.cli import console, run_evaluation
-from sslfg.linear import run_fast_probe, run_full_probe
+from sslfg.linear import probe_splits, run_fast_probe, run_full_probe
 from sslfg.schema import EvalConfig
 
 
-def schedule(cfg: EvalConfig, num_processes: int) -> dict[str, Any]:
-    """The probe's schedule for the start-up summary: learning rates after scaling by batch / 256."""
+def schedule(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The probe's schedule for the start-up summary: learning rates after scaling by batch / 256, and the
+    images it trains on and selects the lr on (`probe_splits`)."""
     lin = cfg.linear
     lrs = lin.lrs if lin.mode == "fast" else [lin.lr]
     return {"linear.mode": lin.mode, "epochs": lin.epochs, "global_batch": lin.batch_size * num_processes,
-            "lr": [lr * lin.batch_size / 256 for lr in lrs]}
+            "lr": [lr * lin.batch_size / 256 for lr in lrs], **probe_splits(cfg, datasets[cfg.data.train_split])}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,13 +32,18 @@ from sslfg.figures import save_localisation_figure
 from sslfg.localisation import backbone_looks, gls_metrics, keep_metrics
 from sslfg.models.backbone import grid_size
 from sslfg.schema import EvalConfig
+from sslfg.summary import kept_patches
+
+
+def needs_attention(cfg: EvalConfig, datasets: dict[str, Any]) -> None:
+    """Refused at start-up (--check too): raw pixels have no attention to rank patches by."""
+    if cfg.features.kind == PIXELS:
+        raise ConfigError("features.kind: pixels has no attention to keep patches by; eval.localise needs a backbone "
+                          "(leave features.kind at cls)")
 
 
 def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] | None:
     """Kept patches and GLS boxes of every test image on the main process (one frozen pass each)."""
-    if cfg.features.kind == PIXELS:
-        raise ConfigError("features.kind: pixels has no attention to keep patches by; eval.localise needs a backbone "
-                          "(leave features.kind at cls)")
     if not accelerator.is_main_process:
         return None
     d, loc, crop = cfg.data, cfg.localise, cfg.features.crop_ratio
@@ -68,8 +74,17 @@ def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dic
     return metrics, protocol
 
 
+def settings(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any]) -> dict[str, Any]:
+    """The localisation settings for the start-up summary (the crop ratio is every evaluation's)."""
+    loc = cfg.localise
+    return {"localise.keep_ratio": loc.keep_ratio, "localise.kept_patches": kept_patches(vit, loc.keep_ratio),
+            "localise.attention_layers": loc.attention_layers or "every block", "localise.top_k": loc.top_k,
+            "localise.figure_samples": loc.figure_samples}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run_evaluation(argv, __doc__, "localise", localise_backbone, needs_labels=False)
+    return run_evaluation(argv, __doc__, "localise", localise_backbone, settings, needs_labels=False,
+                          check_data=needs_attention)
 
 
 cli = console(main)

@@ -34,7 +34,6 @@ are errors in both modes.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import logging
@@ -50,6 +49,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sslfg.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, DataError, has_image_extension, load_image, loaded_size
+from sslfg.files import read_utf8
 from sslfg.schema import DataConfig
 
 CLASS_NAMES_FILE = "classid_classname.csv"
@@ -566,20 +566,8 @@ def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tup
 
 def _read_utf8(path: str) -> str:
     """The text of a csv file; DataError naming the line and byte if it is not UTF-8 (a BOM is dropped)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[bom:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        at = bom + err.start
-        line = raw.count(b"\n", 0, at) + 1
-        text = raw.split(b"\n")[line - 1].decode("utf-8", errors="replace").rstrip("\r")
-        raise DataError(
-            f"{path} is not UTF-8 text: line {line}, byte {at} is 0x{raw[at]:02x} ({text!r}). Csv files are read as "
-            f"UTF-8; save it as UTF-8, e.g. from Latin-1: iconv -f latin1 -t utf-8 {path} > utf8.csv, then replace "
-            "the file with utf8.csv."
-        ) from None
+    return read_utf8(path, DataError, "Csv files are read as UTF-8; save it as UTF-8, e.g. from Latin-1: iconv -f "
+                     "latin1 -t utf-8 {path} > utf8.csv, then replace the file with utf8.csv.")
 
 
 def _read_class_names(path: str) -> list[str]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import json
 import pickle
+import re
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -82,21 +84,31 @@ def timm_kwargs(img_size: int, patch_size: int = 0, extra: dict[str, Any] | None
 
 def create_vit(
     name: str, kwargs: dict[str, Any], weights: str = "", drop_path_rate: float = 0.0, key: str = "model.weights",
-    name_key: str = "model.name", pretrained: bool = False,
+    name_key: str = "model.name", pretrained: bool = False, kwargs_key: str = "model.kwargs",
 ) -> VisionTransformer:
     """A timm ViT without classifier, from scratch, from local weights or, with `pretrained`, from timm's
     weights for `name` (a timm name with or without its tag, or `hf-hub:org/repo`) through the Hugging
     Face cache (`hub_weights`); either file is loaded strictly (see `load_weights`).
 
-    `key` and `name_key` name the settings that gave `weights` and `name` in error messages
-    (`model.weights` / `init` / `--checkpoint`, `model.name` / `--model`).
+    `key`, `name_key` and `kwargs_key` name the settings that gave `weights`, `name` and `kwargs` in error
+    messages (`model.weights` / `init` / `--checkpoint`, `model.name` / `--model`, `model.kwargs` / `model_kwargs`).
     """
     _check_name(name, name_key)
     weights = weights_file(weights, key) if weights else ""
+    nulls = [k for k, v in kwargs.items() if v is None]
+    if nulls:  # timm drops a None keyword without a word, so the model would silently keep its default
+        raise ConfigError(f"{kwargs_key}: '{nulls[0]}' has no value (null), which timm would silently ignore; give "
+                          f"it a value or remove it")
     try:
         with _hub_errors("config.json", name, name_key, key):  # an hf-hub: name's architecture comes from the hub
             model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:  # timm's reactions to a bad keyword or geometry
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+        if unknown:
+            valid = [p for p in inspect.signature(VisionTransformer).parameters if p not in ("args", "kwargs")]
+            close = difflib.get_close_matches(unknown[1], valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"timm's VisionTransformer takes: {', '.join(valid)}"
+            raise ConfigError(f"{kwargs_key}: timm's '{name}' takes no argument '{unknown[1]}'; {hint}") from e
         raise ConfigError(f"{name_key}: timm cannot build '{name}' with {kwargs}: {e}; check the model's kwargs") from e
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
         raise ConfigError(f"{name_key}: '{name}' is not a timm VisionTransformer with a class token")

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
+from sslfg.config import ConfigError
 from sslfg.distributed import world_size
 
 
@@ -77,3 +78,19 @@ def global_batch_norm(module: nn.Module) -> nn.Module:
         else:
             global_batch_norm(child)
     return module
+
+
+def check_batch_norm(model: nn.Module, batch_size: int, num_processes: int, fix: str = "") -> None:
+    """ConfigError when a per-sample batch norm of `model` (BatchNorm1d over (B, C), as in the MoCo v3 and BYOL
+    heads) would see one sample per training step: its variance is 0, which torch refuses mid-step. A
+    GlobalBatchNorm1d sees the batch of every process; batch norm over tokens or pixels (ILA's) is not per
+    sample. `fix`: another way out than a larger batch."""
+    layers = [m for m in model.modules() if type(m) in (nn.BatchNorm1d, GlobalBatchNorm1d)]
+    spans = num_processes if all(type(m) is GlobalBatchNorm1d for m in layers) else 1
+    if not layers or batch_size * spans >= 2:
+        return
+    raise ConfigError(
+        f"train.batch_size: {batch_size} image per process × {num_processes} process gives the batch norm layers "
+        f"of the model's heads a single sample per step, and batch norm needs at least 2 to normalise over; set "
+        f"train.batch_size=2 or more{fix}"
+    )
