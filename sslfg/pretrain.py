@@ -17,7 +17,7 @@ from sslfg.config import key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
 from sslfg.data.datasets import build_dataset
 from sslfg.data.loader import SeededDataset, sample_seed
-from sslfg.data.transforms import denormalize
+from sslfg.data.transforms import denormalize, eval_data_config
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
@@ -29,7 +29,7 @@ from sslfg.localisation import OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
 from sslfg.models.backbone import export_backbone, pretrained_record
 from sslfg.online_knn import OnlineKnn
-from sslfg.schema import PretrainConfig
+from sslfg.schema import FeatureConfig, PretrainConfig
 from sslfg.summary import startup_summary
 
 
@@ -136,7 +136,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
                      before_step=before_step, after_update=after_update, after_step=after_step)
 
     if accelerator.is_main_process:
-        export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir)
+        export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir,
+                        eval_data_config(cfg.data.image_size, cfg.data.mean, cfg.data.std, FeatureConfig().crop_ratio))
         if t.figure_samples > 0:
             mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_end.png",
                         f"kept patches, step {step}")

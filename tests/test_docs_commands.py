@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from sslfg.commands import finetune as finetune_cli
-from sslfg.commands import knn, linear, localise
+from sslfg.commands import export, knn, linear, localise
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import save_config
 from sslfg.data import stats
@@ -47,11 +47,12 @@ from tests.conftest import TINY_MODEL, tiny_config, write_csv_dataset
 ROOT = Path(__file__).resolve().parents[1]
 # console command -> the entry point it equals
 CONSOLE = {"sslfg-pretrain": "train_ssl.py", "sslfg-knn": "eval.knn", "sslfg-linear": "eval.linear",
-           "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-study": "sslfg.study"}
+           "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-study": "sslfg.study",
+           "sslfg-export": "eval.export"}
 COMMAND_START = ("python ", "accelerate ", "make ", *(f"{name} " for name in CONSOLE))
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
                                      "eval.finetune": finetune_cli.main, "sslfg.data.stats": stats.main,
-                                     "eval.localise": localise.main}
+                                     "eval.localise": localise.main, "eval.export": export.main}
 NOT_CHECKABLE = ("sslfg.study", "sslfg.report", "sslfg.data.sample")  # no --check: import + main only
 RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton",
             "runs/cluttered_lodisc")  # -> the tiny pretraining run

@@ -62,6 +62,7 @@ BACKBONE_META = "backbone.json"
 CHECKPOINT_MODEL = "model.safetensors"  # the model file accelerate writes into a checkpoint folder
 RUN_CONFIG = "config.yaml"
 HF_HUB = "hf-hub:"  # timm's prefix of a Hugging Face hub model name
+ARCHITECTURE_CFG = ("architecture", "first_conv", "classifier")  # pretrained_cfg keys that describe the model
 WRAPPED_ENCODER = "encoder."  # the backbone's prefix in LoDisc's, GLSim's and ViTClassifier's state dicts
 
 
@@ -346,14 +347,24 @@ def new_block(vit: VisionTransformer, num_heads: int | None = None) -> Block:
     return block
 
 
-def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], run_dir: Path) -> Path:
-    """Writes backbone.safetensors + backbone.json so that `load_backbone(run_dir)` rebuilds it."""
+def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], run_dir: Path,
+                    data_config: dict[str, Any] | None = None) -> Path:
+    """Writes backbone.safetensors + backbone.json so that `load_backbone(run_dir)` rebuilds it; the json's
+    pretrained_cfg (timm's format) holds `data_config`, the preprocessing the weights expect (eval_data_config)."""
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
     with atomic_path(run_dir / BACKBONE_WEIGHTS) as tmp:
         save_file(state, str(tmp))
-    write_json(run_dir / BACKBONE_META, {"name": name, "kwargs": kwargs})
+    write_json(run_dir / BACKBONE_META, {"name": name, "kwargs": kwargs,
+                                         "pretrained_cfg": exported_cfg(vit, data_config or {})})
     return run_dir / BACKBONE_WEIGHTS
+
+
+def exported_cfg(model: torch.nn.Module, data_config: dict[str, Any]) -> dict[str, Any]:
+    """The timm pretrained_cfg of weights sslfg trained: the architecture's keys of the model's config (not its
+    hub id, tag or licence, which describe other weights) and `data_config`, for a model without classifier."""
+    own = {k: model.pretrained_cfg[k] for k in ARCHITECTURE_CFG if k in model.pretrained_cfg}
+    return {**own, **data_config, "num_classes": 0}
 
 
 def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "init") -> tuple[str, dict[str, Any], str]:
@@ -408,4 +419,7 @@ def load_backbone(run_dir: str | Path) -> VisionTransformer:
     if not meta_path.is_file():
         raise ConfigError(f"{meta_path} not found: is '{run_dir}' a finished sslfg run directory?")
     meta = json.loads(meta_path.read_text())
-    return create_vit(meta["name"], meta["kwargs"], weights=str(run_dir / BACKBONE_WEIGHTS)).eval()
+    vit = create_vit(meta["name"], meta["kwargs"], weights=str(run_dir / BACKBONE_WEIGHTS)).eval()
+    if "pretrained_cfg" in meta:  # runs before it got timm's defaults (mean and std 0.5 for most ViTs)
+        vit.pretrained_cfg = vit.default_cfg = meta["pretrained_cfg"]  # timm keeps both names of one dict
+    return vit
