@@ -47,14 +47,15 @@ def onnx_modules() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def run_backbone(run_dir: Path) -> torch.nn.Module:
-    """The run's backbone, whose pretrained_cfg holds the run's preprocessing (backbone.json)."""
-    meta = run_dir / BACKBONE_META
-    if meta.is_file() and "pretrained_cfg" not in json.loads(meta.read_text()):
-        raise ConfigError(f"--checkpoint: {meta} was written before sslfg recorded the run's preprocessing; "
-                          f"export the backbone again by finishing the run with this version "
-                          f"(`python train_ssl.py --config {run_dir / RUN_CONFIG} resume=auto train.epochs=...`)")
-    return load_backbone(run_dir)
+def run_backbone(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's backbone, whose pretrained_cfg holds the run's preprocessing, and its timm kwargs (backbone.json)."""
+    model = load_backbone(run_dir)  # first: its errors name a folder that is not a finished run
+    meta = json.loads((run_dir / BACKBONE_META).read_text())
+    if "pretrained_cfg" not in meta:
+        raise ConfigError(f"--checkpoint: {run_dir / BACKBONE_META} was written before sslfg recorded the run's "
+                          "preprocessing; export the backbone again by finishing the run with this version "
+                          f"(`python train_ssl.py --config {run_dir / RUN_CONFIG} resume=auto`)")
+    return model, meta["kwargs"]
 
 
 def export_run(run_dir: Path, out: Path, onnx: bool = False, check: bool = False) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def export_run(run_dir: Path, out: Path, onnx: bool = False, check: bool = False
     check_target(out)
     if onnx:
         onnx_modules()
-    model = run_backbone(run_dir)
+    model, kwargs = run_backbone(run_dir)
     report: dict[str, Any] = {"run": str(run_dir), "out": str(out), "architecture": model.pretrained_cfg.get(
         "architecture"), "input_size": model.pretrained_cfg["input_size"], "onnx": onnx}
     if check:
@@ -72,7 +73,8 @@ def export_run(run_dir: Path, out: Path, onnx: bool = False, check: bool = False
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
         folder = Path(tmp) / out.name
-        save_for_hf(model, str(folder), safe_serialization=True)
+        # model_args: the geometry (image and patch size, width, depth) that timm builds the architecture with
+        save_for_hf(model, str(folder), model_args=kwargs, safe_serialization=True)
         if onnx:
             report["onnx.max_abs_diff"] = export_onnx(model, folder / ONNX_FILE)
         shutil.copyfile(run_dir / RUN_CONFIG, folder / "sslfg_config.yaml")

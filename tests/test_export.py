@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,14 @@ def test_a_folder_with_files_is_refused_in_one_line(run: Path, tmp_path: Path) -
     assert proc.stderr.strip().splitlines() == [f"error: --out: '{out}' exists and is not an empty folder; give a "
                                                 "new folder (the export never writes into one it did not create)"]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_run_exported_before_the_preprocessing_was_recorded_says_how_to_redo_it(run: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("checkpoints", "eval", "tensorboard"))
+    meta = json.loads((old / BACKBONE_META).read_text())
+    del meta["pretrained_cfg"]
+    (old / BACKBONE_META).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"before sslfg recorded the run's preprocessing; .*resume=auto"):
+        export.main(["--checkpoint", str(old), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
