@@ -25,6 +25,7 @@ from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import ensure_writable
 from sslfg.evaluation import backbone_spec, build_backbone, output_dir, record, run_data_defaults, write_metrics
+from sslfg.models.backbone import require_vit
 from sslfg.schema import EvalConfig
 from sslfg.summary import startup_summary
 
@@ -169,11 +170,12 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
-                   schedule: Schedule | None = None) -> dict:
+                   schedule: Schedule | None = None, needs_vit: str = "") -> dict:
     """Config (data from the run's own config.yaml when nothing names data.root), accelerator, frozen
     backbone and the train/test datasets; prints the start-up summary (and stops there with --check);
     `measure` returns (metrics, protocol) on the main process (None elsewhere); the result, with the
-    summary, is written to <output_dir>/<name>.json and printed."""
+    summary, is written to <output_dir>/<name>.json and printed. `needs_vit` (what of `measure` reads a ViT's
+    attention or tokens) refuses another backbone at start-up."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
@@ -182,6 +184,8 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
         if cfg.output:
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
+    if needs_vit:
+        require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
     datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],

@@ -16,7 +16,7 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.features import cached_features
 from sslfg.files import write_json
-from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
+from sslfg.models.backbone import backbone_source, create_backbone, pretrained_record, require_vit
 from sslfg.schema import EvalConfig, PretrainConfig
 
 
@@ -33,8 +33,11 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
     """The frozen backbone at the dataset's image size, and what to record about it."""
     name, kwargs, weights = backbone_spec(cfg)
     torch.manual_seed(cfg.seed)
-    vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model",
-                     pretrained=cfg.pretrained)
+    vit, kwargs = create_backbone(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint",
+                                  name_key="--model", pretrained=cfg.pretrained)
+    if cfg.features.kind in ("mean", "lastn"):
+        require_vit(vit, name, "features.kind", f"the '{cfg.features.kind}' feature", "use features.kind=cls (its "
+                    "pooled feature)")
     init = "random" if cfg.random_init else weights
     return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init,
                  **pretrained_record(vit)}

@@ -27,7 +27,14 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.figures import save_crop_figure
 from sslfg.files import write_json
 from sslfg.localisation import finetune_test_boxes, glsim_localisation
-from sslfg.models.backbone import backbone_source, create_vit, forward_tokens, pretrained_record, timm_kwargs
+from sslfg.models.backbone import (
+    backbone_source,
+    create_backbone,
+    forward_tokens,
+    pretrained_record,
+    require_vit,
+    timm_kwargs,
+)
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FinetuneConfig
@@ -43,8 +50,13 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     m = cfg.model
     name, kwargs, weights = backbone_source(cfg.init, m.name, timm_kwargs(cfg.data.image_size, m.patch_size, m.kwargs))
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
-    vit = create_vit(name, kwargs, weights, key="init", pretrained=m.pretrained)
-    dp = m.drop_path_rate  # the same in every block (GLSim's recipe), set by the classifier, not timm's ramp
+    # drop path: timm's ramp for a non-ViT; a ViT's blocks all get the same rate (GLSim's recipe) from the classifier
+    vit, kwargs = create_backbone(name, kwargs, weights, m.drop_path_rate, key="init", pretrained=m.pretrained)
+    if m.head == "glsim":
+        require_vit(vit, name, "model.head", "GLSim (model.head=glsim)", "use model.head=vit, the plain head")
+    if m.adapter != "none":
+        require_vit(vit, name, "model.adapter", f"ILA ({m.adapter} adapters)", "set model.adapter=none")
+    dp = m.drop_path_rate
     model = (GLSim(vit, num_classes, k=m.top_k, box=m.crop_box, drop_path_rate=dp) if m.head == "glsim"
              else ViTClassifier(vit, num_classes, drop_path_rate=dp))
     if m.adapter != "none":  # after GLSim (whose aggregator copies the plain block's kind); freezes the backbone

@@ -7,6 +7,7 @@ in-process.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +28,12 @@ from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.localisation import OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
-from sslfg.models.backbone import export_backbone, pretrained_record
+from sslfg.models.backbone import export_backbone, pretrained_record, require_vit
 from sslfg.online_knn import OnlineKnn
 from sslfg.schema import FeatureConfig, PretrainConfig
 from sslfg.summary import startup_summary
+
+log = logging.getLogger(__name__)
 
 
 def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
@@ -80,8 +83,14 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     sampler, loader = run.loader(dataset, t.batch_size, t.grad_accum_steps)
 
     model = build_method(cfg.model, cfg.method, cfg.data.image_size)
+    if t.loc_every > 0:
+        require_vit(model.encoder, cfg.model.name, "train.loc_every", "LoDisc keep precision logging",
+                    "set train.loc_every=0, or use a ViT")
     if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
-        compile_modules(model.encoder.blocks, accelerator.device)
+        compile_modules(model.encoder.blocks if model.vit else [model.encoder], accelerator.device)
+    figures = t.figure_samples > 0 and model.vit  # the patches the local branch keeps: a ViT's attention
+    if t.figure_samples > 0 and not model.vit and accelerator.is_main_process:
+        log.info("train.figure_samples: no kept-patch figures: %s has no attention to keep patches by", cfg.model.name)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
     schedules = build_schedules(cfg, model, t.epochs * per_epoch, global_batch, per_epoch)
@@ -99,7 +108,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     model, optimizer = run.start(model, optimizer)
     method: MomentumMethod = accelerator.unwrap_model(model)
     metrics = run.metrics(t.log_with, cfg)
-    if accelerator.is_main_process and run.start_step == 0 and t.figure_samples > 0:
+    if accelerator.is_main_process and run.start_step == 0 and figures:
         mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
 
     def compute_loss(batch):
@@ -138,7 +147,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     if accelerator.is_main_process:
         export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir,
                         eval_data_config(cfg.data.image_size, cfg.data.mean, cfg.data.std, FeatureConfig().crop_ratio))
-        if t.figure_samples > 0:
+        if figures:
             mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_end.png",
                         f"kept patches, step {step}")
         summary |= {  # the start-up facts (epochs, global batch, processes, skipped images) are already in it

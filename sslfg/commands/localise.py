@@ -67,7 +67,8 @@ def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dic
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run_evaluation(argv, __doc__, "localise", localise_backbone)
+    return run_evaluation(argv, __doc__, "localise", localise_backbone,
+                          needs_vit="eval.localise (kept patches and GLS boxes)")
 
 
 cli = console(main)
