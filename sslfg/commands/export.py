@@ -7,7 +7,7 @@ Writes --out (a new or empty folder, never one with files in it) with timm's `sa
 architecture and the run's preprocessing as pretrained_cfg: image size, mean, std, crop, interpolation) and
 model.safetensors, plus README.md (a model card: recipe, data, budget, the run's eval/*.json numbers, how to load
 and push it) and sslfg_config.yaml (the run's resolved recipe). `timm.create_model("local-dir:OUT", pretrained=True)`
-loads it; `huggingface_hub.upload_folder` pushes it. --onnx adds model.onnx (timm's exporter, dynamic batch),
+loads it; `huggingface_hub.upload_folder` pushes it. --onnx adds model.onnx (torch.onnx's exporter, dynamic batch),
 checked against the torch backbone with onnxruntime; it needs the onnx extra (`pip install 'sslfg[onnx]'`).
 --check validates the run, the target folder and the extra, and writes nothing.
 The console command `sslfg-export` takes the same arguments.

@@ -408,7 +408,9 @@ def exported_cfg(model: torch.nn.Module, data_config: dict[str, Any]) -> dict[st
     """The timm pretrained_cfg of weights sslfg trained: the architecture's keys of the model's config (not its
     hub id, tag or licence, which describe other weights) and `data_config`, for a model without classifier."""
     own = {k: model.pretrained_cfg[k] for k in ARCHITECTURE_CFG if k in model.pretrained_cfg}
-    return {**own, **data_config, "num_classes": 0}
+    # custom_load False: a plain state dict, not the format a timm default config may name (a ViT's JAX .npz),
+    # which an overlay of this config on that default would otherwise keep
+    return {**own, **data_config, "num_classes": 0, "custom_load": False}
 
 
 def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "init") -> tuple[str, dict[str, Any], str]:
