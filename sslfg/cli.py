@@ -34,6 +34,7 @@ from sslfg.evaluation import (
     run_data_defaults,
     write_metrics,
 )
+from sslfg.models.backbone import require_vit
 from sslfg.schema import EvalConfig
 from sslfg.summary import startup_summary, token_grid
 
@@ -192,12 +193,13 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
                    schedule: Schedule | None = None, needs_labels: bool = True,
-                   check_data: CheckData | None = None) -> dict:
+                   check_data: CheckData | None = None, needs_vit: str = "") -> dict:
     """Config (data keys from the run's own config.yaml: `run_data_defaults`), accelerator, frozen
     backbone and the train/test datasets (labelled, unless not `needs_labels`), which `check_data` may
     refuse (with --check too); prints the start-up summary (and stops there with --check); `measure`
     returns (metrics, protocol) on the main process (None elsewhere); the result, with the summary, is
-    written to <output_dir>/<name>.json and printed."""
+    written to <output_dir>/<name>.json and printed. `needs_vit` (what of `measure` reads a ViT's
+    attention or tokens) refuses another backbone at start-up."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
@@ -210,6 +212,8 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
         if cfg.output:
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
+    if needs_vit:
+        require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
     datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
     unlabelled = [d.source for d in datasets.values() if d.num_classes == 0]
     if needs_labels and unlabelled:

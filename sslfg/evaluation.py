@@ -18,7 +18,7 @@ from sslfg.engine.checkpoint import STATE_FILE
 from sslfg.engine.rundir import RUN_CONFIG
 from sslfg.features import cached_features
 from sslfg.files import write_json
-from sslfg.models.backbone import backbone_source, create_vit, pretrained_record
+from sslfg.models.backbone import backbone_source, create_backbone, pretrained_record, require_vit
 from sslfg.schema import EvalConfig, PretrainConfig
 from sslfg.summary import key_origins
 
@@ -43,8 +43,11 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
         return nn.Identity(), {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint,
                                "init": "none (raw pixels)"}
     torch.manual_seed(cfg.seed)
-    vit = create_vit(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint", name_key="--model",
-                     pretrained=cfg.pretrained, kwargs_key="model_kwargs")
+    vit, kwargs = create_backbone(name, kwargs, weights="" if cfg.random_init else weights, key="checkpoint",
+                                  name_key="--model", pretrained=cfg.pretrained, kwargs_key="model_kwargs")
+    if cfg.features.kind in ("mean", "lastn"):
+        require_vit(vit, name, "features.kind", f"the '{cfg.features.kind}' feature", "use features.kind=cls (its "
+                    "pooled feature)")
     init = "random" if cfg.random_init else weights
     return vit, {"backbone": name, "backbone_kwargs": kwargs, "checkpoint": cfg.checkpoint, "init": init,
                  **pretrained_record(vit)}

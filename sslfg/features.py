@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from sslfg.engine.accelerator import tf32
 from sslfg.files import atomic_path
-from sslfg.models.backbone import forward_tokens
+from sslfg.models.backbone import forward_tokens, pooled_feature
 
 FeatureKind = Literal["cls", "mean", "lastn", "pixels"]
 Precision = Literal["fp32", "bf16"]
@@ -42,16 +42,17 @@ log = logging.getLogger(__name__)
 
 
 def pool_features(vit: VisionTransformer, x: Tensor, kind: FeatureKind = "cls", last_n: int = 4) -> Tensor:
-    """(B, 3, H, W) → (B, D) for "cls" (final CLS after the final norm) and "mean" (mean of the
-    final patch tokens), (B, last_n·D) for "lastn" (CLS of the last n blocks, each normalised), and
+    """(B, 3, H, W) → (B, D) for "cls" (final CLS after the final norm; a non-ViT's pooled feature) and "mean"
+    (mean of the final patch tokens), (B, last_n·D) for "lastn" (CLS of the last n blocks, each normalised), and
     (B, 3·H·W) for "pixels" (the normalised image itself: the raw-pixel floor; `vit` is unused)."""
     if kind == "pixels":
         return x.flatten(1)
     if kind == "lastn":
         layers = vit.get_intermediate_layers(x, n=last_n, return_prefix_tokens=True, norm=True)
         return torch.cat([prefix[:, 0] for _, prefix in layers], dim=1)
-    tokens = forward_tokens(vit, x)
-    return tokens[:, 0] if kind == "cls" else tokens[:, vit.num_prefix_tokens :].mean(dim=1)
+    if kind == "cls":
+        return pooled_feature(vit, x)
+    return forward_tokens(vit, x)[:, vit.num_prefix_tokens :].mean(dim=1)
 
 
 @contextlib.contextmanager
@@ -68,7 +69,8 @@ def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape: a 0-dim tensor (batch norm's num_batches_tracked) cannot be viewed as bytes; same bytes otherwise
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError, check_warmup, key_sources
 from sslfg.data.datasets import build_dataset
-from sslfg.data.transforms import denormalize, finetune_transforms
+from sslfg.data.transforms import denormalize, eval_data_config, finetune_transforms
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, steps_per_epoch
 from sslfg.engine.run import open_run
@@ -29,16 +29,17 @@ from sslfg.files import write_json
 from sslfg.localisation import finetune_test_boxes, glsim_localisation
 from sslfg.models.backbone import (
     backbone_source,
-    create_vit,
+    create_backbone,
     export_backbone,
     forward_tokens,
     pretrained_record,
+    require_vit,
     timm_kwargs,
 )
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.heads import check_batch_norm
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
-from sslfg.schema import FinetuneConfig
+from sslfg.schema import FeatureConfig, FinetuneConfig
 from sslfg.summary import startup_summary, token_grid
 from sslfg.verdicts import correct_path, write_correct
 
@@ -52,8 +53,13 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, 
     m = cfg.model
     name, kwargs, weights = backbone_source(cfg.init, m.name, timm_kwargs(cfg.data.image_size, m.patch_size, m.kwargs))
     kwargs = {**kwargs, "img_size": cfg.data.image_size}
-    vit = create_vit(name, kwargs, weights, key="init", pretrained=m.pretrained)
-    dp = m.drop_path_rate  # the same in every block (GLSim's recipe), set by the classifier, not timm's ramp
+    # drop path: timm's ramp for a non-ViT; a ViT's blocks all get the same rate (GLSim's recipe) from the classifier
+    vit, kwargs = create_backbone(name, kwargs, weights, m.drop_path_rate, key="init", pretrained=m.pretrained)
+    if m.head == "glsim":
+        require_vit(vit, name, "model.head", "GLSim (model.head=glsim)", "use model.head=vit, the plain head")
+    if m.adapter != "none":
+        require_vit(vit, name, "model.adapter", f"ILA ({m.adapter} adapters)", "set model.adapter=none")
+    dp = m.drop_path_rate
     model = (GLSim(vit, num_classes, k=m.top_k, box=m.crop_box, drop_path_rate=dp) if m.head == "glsim"
              else ViTClassifier(vit, num_classes, drop_path_rate=dp))
     if m.adapter != "none":  # after GLSim (whose aggregator copies the plain block's kind); freezes the backbone
@@ -190,7 +196,9 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
         net = accelerator.unwrap_model(model)
         write_correct(correct_path(run_dir, "test"), cfg.data.test_split, {"test.top1": hits})
         if cfg.model.adapter == "none" and not cfg.eval_only:  # a plain ViT: eval.knn/linear can read it frozen
-            export_backbone(net.encoder, info["backbone"], info["backbone_kwargs"], run_dir)
+            d = cfg.data  # the preprocessing of the frozen evaluations, as a pretraining run records it
+            export_backbone(net.encoder, info["backbone"], info["backbone_kwargs"], run_dir,
+                            eval_data_config(d.image_size, d.mean, d.std, FeatureConfig().crop_ratio))
         speed = {f"images_per_second.batch{b}": round(throughput(net, cfg.data.image_size, accelerator, b), 1)
                  for b in THROUGHPUT_BATCHES}
         # the summary holds epochs, num_classes and data.skipped_images (dropped by data.on_bad_image=skip)

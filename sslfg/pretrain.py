@@ -19,7 +19,7 @@ from sslfg.config import key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
 from sslfg.data.datasets import build_dataset
 from sslfg.data.loader import SeededDataset, sample_seed
-from sslfg.data.transforms import denormalize
+from sslfg.data.transforms import denormalize, eval_data_config
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
@@ -29,11 +29,13 @@ from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.localisation import CROP_RATIO, OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
-from sslfg.models.backbone import export_backbone, pretrained_record
+from sslfg.models.backbone import export_backbone, pretrained_record, require_vit
 from sslfg.models.heads import check_batch_norm
 from sslfg.online_knn import OnlineKnn, evaluation_data
-from sslfg.schema import PretrainConfig
+from sslfg.schema import FeatureConfig, PretrainConfig
 from sslfg.summary import kept_patches, startup_summary, token_grid
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +129,14 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     model = build_method(cfg.model, cfg.method, cfg.data.image_size)
     check_batch_norm(model, t.batch_size, accelerator.num_processes, ", run on more processes, or use method.name=dino "
                      "(no batch norm in its head)")
+    if t.loc_every > 0:
+        require_vit(model.encoder, cfg.model.name, "train.loc_every", "LoDisc keep precision logging",
+                    "set train.loc_every=0, or use a ViT")
     if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
-        compile_modules(model.encoder.blocks, accelerator.device)
+        compile_modules(model.encoder.blocks if model.vit else [model.encoder], accelerator.device)
+    figures = t.figure_samples > 0 and model.vit  # the patches the local branch keeps: a ViT's attention
+    if t.figure_samples > 0 and not model.vit and accelerator.is_main_process:
+        log.info("train.figure_samples: no kept-patch figures: %s has no attention to keep patches by", cfg.model.name)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
     schedules = build_schedules(cfg, model, t.epochs * per_epoch, global_batch, per_epoch)
@@ -150,7 +158,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     model, optimizer = run.start(model, optimizer)
     method: MomentumMethod = accelerator.unwrap_model(model)
     metrics = run.metrics(t.log_with, cfg)
-    if accelerator.is_main_process and run.start_step == 0 and t.figure_samples > 0:
+    if accelerator.is_main_process and run.start_step == 0 and figures:
         mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
 
     def compute_loss(batch):
@@ -186,8 +194,9 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
                      before_step=before_step, after_update=after_update, after_step=after_step)
 
     if accelerator.is_main_process:
-        export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir)
-        if t.figure_samples > 0:
+        export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir,
+                        eval_data_config(cfg.data.image_size, cfg.data.mean, cfg.data.std, FeatureConfig().crop_ratio))
+        if figures:
             mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_end.png",
                         f"kept patches, step {step}")
         summary |= {  # the start-up facts (epochs, global batch, processes, skipped images) are already in it

@@ -109,7 +109,7 @@ class AugmentConfig:
 class ModelConfig:
     """The backbone every method trains (the method and its heads: `method`, sslfg.methods)."""
 
-    name: str = "vit_small_patch16_224"  # any timm ViT
+    name: str = "vit_small_patch16_224"  # any timm ViT; without the local branch any timm model (its pooled feature)
     patch_size: int = bounded(NON_NEGATIVE, 0)  # 0: the timm default for `name`
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (embed_dim, depth, ...)
     weights: str = ""  # local weights file (safetensors or a torch state dict); "" = from scratch

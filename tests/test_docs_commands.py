@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from sslfg.commands import embed, knn, linear, localise
+from sslfg.commands import embed, export, knn, linear, localise
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import save_config
@@ -48,11 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # console command -> the entry point it equals
 CONSOLE = {"sslfg-pretrain": "train_ssl.py", "sslfg-knn": "eval.knn", "sslfg-linear": "eval.linear",
            "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-embed": "eval.embed",
-           "sslfg-study": "sslfg.study"}
+           "sslfg-study": "sslfg.study", "sslfg-export": "eval.export"}
 COMMAND_START = ("python ", "accelerate ", "make ", *(f"{name} " for name in CONSOLE))
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
                                      "eval.finetune": finetune_cli.main, "sslfg.data.stats": stats.main,
-                                     "eval.localise": localise.main, "eval.embed": embed.main}
+                                     "eval.localise": localise.main, "eval.embed": embed.main,
+                                     "eval.export": export.main}
 NOT_CHECKABLE = ("sslfg.study", "sslfg.report", "sslfg.data.sample")  # no --check: import + main only
 RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton",
             "runs/cluttered_lodisc", "runs/cluttered_unlabelled")  # -> the tiny pretraining run

@@ -84,7 +84,7 @@ def settings(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any])
 
 def main(argv: Sequence[str] | None = None) -> dict:
     return run_evaluation(argv, __doc__, "localise", localise_backbone, settings, needs_labels=False,
-                          check_data=needs_attention)
+                          check_data=needs_attention, needs_vit="eval.localise (kept patches and GLS boxes)")
 
 
 cli = console(main)

@@ -140,6 +140,15 @@ def eval_transform(
     )
 
 
+def eval_data_config(
+    image_size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float = 0.875
+) -> dict[str, Any]:
+    """`eval_transform`'s preprocessing in the keys of timm's pretrained_cfg, which `timm.data.resolve_data_config`
+    reads: what a user of exported weights should feed them."""
+    return {"input_size": [3, image_size, image_size], "mean": list(mean), "std": list(std), "crop_pct": crop_ratio,
+            "crop_mode": "center", "interpolation": INTERPOLATION.value}
+
+
 def finetune_transforms(
     image_size: int, aug: FinetuneAugmentConfig, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[v2.Compose, v2.Compose]:

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from lightly.models.utils import update_momentum
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.methods.local import LocalBranch
-from sslfg.models.backbone import cls_attention, create_vit, forward_tokens, grid_size, timm_kwargs
+from sslfg.models.backbone import cls_attention, create_backbone, grid_size, pooled_feature, require_vit, timm_kwargs
 
 if TYPE_CHECKING:
     from sslfg.schema import ModelConfig
@@ -42,12 +43,16 @@ class MomentumMethod(nn.Module):
         super().__init__()
         self.cfg = getattr(method, self.name)  # this method's own section, method.<name>
         self.teacher_half_life = method.teacher_half_life
-        self.timm_kwargs = timm_kwargs(image_size, model.patch_size, model.kwargs)
-        self.encoder = create_vit(model.name, self.timm_kwargs, model.weights, model.drop_path_rate,
-                                  pretrained=model.pretrained)
-        self.patch_size = image_size // grid_size(self.encoder)
-        self.local = LocalBranch(method.local, self.patch_size, len(self.encoder.blocks))
-        self.projector, self.predictor = self.build_heads(self.encoder.embed_dim)
+        kwargs = timm_kwargs(image_size, model.patch_size, model.kwargs)
+        self.encoder, self.timm_kwargs = create_backbone(model.name, kwargs, model.weights, model.drop_path_rate,
+                                                         pretrained=model.pretrained)
+        self.vit = isinstance(self.encoder, VisionTransformer)  # else only the global method (pooled feature)
+        if method.local.weight > 0:
+            require_vit(self.encoder, model.name, "model.name", "LoDisc's local branch (method.local.weight > 0)",
+                        "set method.local.weight=0 for the global method alone, or use a ViT")
+        self.patch_size = image_size // grid_size(self.encoder) if self.vit else 0
+        self.local = LocalBranch(method.local, self.patch_size, len(self.encoder.blocks) if self.vit else 0)
+        self.projector, self.predictor = self.build_heads(self.encoder.num_features)
         self.momentum_encoder = copy.deepcopy(self.encoder)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self.momentum_parameters():
@@ -90,17 +95,18 @@ class MomentumMethod(nn.Module):
         update_momentum(self.projector, self.momentum_projector, m)
 
     def student(self, x1: Tensor, x2: Tensor) -> list[Tensor]:
-        # One encoder pass over both views (LayerNorm is per token, so this equals two passes);
+        # One encoder pass over both views (LayerNorm is per token, so for a ViT this equals two passes; a CNN's
+        # batch norm sees both views, as in lightly's and solo-learn's concatenated passes);
         # the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL.
-        cls = forward_tokens(self.encoder, torch.cat([x1, x2]))[:, 0].chunk(2)
+        cls = pooled_feature(self.encoder, torch.cat([x1, x2])).chunk(2)
         return [self.predictor(self.projector(c)) for c in cls]
 
     @torch.no_grad()
     def teacher_cls(self, x: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
-        """The teacher encoder's CLS (B, D) and, from the same pass if asked, every block's CLS-to-patch
-        attention [(B, N)] × L (else [])."""
+        """The teacher encoder's CLS (B, D) (pooled feature) and, from the same pass if asked, every block's
+        CLS-to-patch attention [(B, N)] × L (else [])."""
         with cls_attention(self.momentum_encoder) if attention else contextlib.nullcontext([]) as maps:
-            cls = forward_tokens(self.momentum_encoder, x)[:, 0]
+            cls = pooled_feature(self.momentum_encoder, x)
         return cls, maps
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
-"""timm Vision Transformer: creation, token access, attention read-out and export.
+"""timm backbones: creation, token access, attention read-out and export.
 
-Every method in sslfg uses a plain timm `VisionTransformer`; this module is the only place that
-knows its internals (`patch_embed`, `_pos_embed`, `blocks`, `norm`).
+LoDisc's local branch, GLSim, ILA and the localisation read a plain timm `VisionTransformer`'s tokens and
+attention; the global methods and the evaluations take any timm model's pooled feature (`pooled_feature`).
+This module is the only place that knows a ViT's internals (`patch_embed`, `_pos_embed`, `blocks`, `norm`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_META = "backbone.json"
 CHECKPOINT_MODEL = "model.safetensors"  # the model file accelerate writes into a checkpoint folder
 HF_HUB = "hf-hub:"  # timm's prefix of a Hugging Face hub model name
+ARCHITECTURE_CFG = ("architecture", "first_conv", "classifier")  # pretrained_cfg keys that describe the model
 WRAPPED_ENCODER = "encoder."  # the backbone's prefix in LoDisc's, GLSim's and ViTClassifier's state dicts
 
 
@@ -82,13 +84,19 @@ def timm_kwargs(img_size: int, patch_size: int = 0, extra: dict[str, Any] | None
     return kwargs
 
 
-def create_vit(
+def create_backbone(
     name: str, kwargs: dict[str, Any], weights: str = "", drop_path_rate: float = 0.0, key: str = "model.weights",
     name_key: str = "model.name", pretrained: bool = False, kwargs_key: str = "model.kwargs",
-) -> VisionTransformer:
-    """A timm ViT without classifier, from scratch, from local weights or, with `pretrained`, from timm's
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A timm model without classifier, from scratch, from local weights or, with `pretrained`, from timm's
     weights for `name` (a timm name with or without its tag, or `hf-hub:org/repo`) through the Hugging
-    Face cache (`hub_weights`); either file is loaded strictly (see `load_weights`).
+    Face cache (`hub_weights`); either file is loaded strictly (see `load_weights`). Returns the model and the
+    kwargs it was built with (to record and rebuild it).
+
+    A ViT needs a class token; any other timm model is taken for its pooled feature (what its forward gives
+    without classifier: ResNet, ConvNeXt, ...), which is all the global methods, kNN, the linear probe and the
+    plain fine-tuning head use (`pooled_feature`); what reads a ViT's attention or tokens asks `require_vit`.
+    A model that takes no image size (a CNN) is built without the `img_size` of `kwargs`.
 
     `key`, `name_key` and `kwargs_key` name the settings that gave `weights`, `name` and `kwargs` in error
     messages (`model.weights` / `init` / `--checkpoint`, `model.name` / `--model`, `model.kwargs` / `model_kwargs`).
@@ -101,7 +109,7 @@ def create_vit(
                           f"it a value or remove it")
     try:
         with _hub_errors("config.json", name, name_key, key):  # an hf-hub: name's architecture comes from the hub
-            model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+            model, kwargs = _build(name, kwargs, drop_path_rate)
     except (TypeError, ValueError, AssertionError) as e:  # timm's reactions to a bad keyword or geometry
         unknown = re.search(r"unexpected keyword argument '([^']+)'", str(e))
         if unknown:
@@ -110,15 +118,52 @@ def create_vit(
             hint = f"did you mean '{close[0]}'?" if close else f"timm's VisionTransformer takes: {', '.join(valid)}"
             raise ConfigError(f"{kwargs_key}: timm's '{name}' takes no argument '{unknown[1]}'; {hint}") from e
         raise ConfigError(f"{name_key}: timm cannot build '{name}' with {kwargs}: {e}; check the model's kwargs") from e
-    if not isinstance(model, VisionTransformer) or model.cls_token is None:
-        raise ConfigError(f"{name_key}: '{name}' is not a timm VisionTransformer with a class token")
-    if model.patch_embed.img_size is not None:  # None: timm's dynamic image size
-        check_patch_grid(model.patch_embed.img_size[0], model.patch_embed.patch_size[0], name)
+    if isinstance(model, VisionTransformer):
+        if model.cls_token is None:
+            raise ConfigError(f"{name_key}: '{name}' is a timm VisionTransformer without a class token")
+        if model.patch_embed.img_size is not None:  # None: timm's dynamic image size
+            check_patch_grid(model.patch_embed.img_size[0], model.patch_embed.patch_size[0], name)
     if pretrained:
         weights = hub_weights(model, name, name_key, key)
     if weights:
         load_weights(model, weights, key, f"{name} {kwargs}")
+    return model, kwargs
+
+
+def _build(name: str, kwargs: dict[str, Any], drop_path_rate: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """timm's model for `name` and the kwargs it took: `kwargs`, less `img_size` for a model without one."""
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                 **kwargs), kwargs
+    except TypeError as e:
+        if "img_size" not in kwargs or "'img_size'" not in str(e):
+            raise
+    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}  # data.image_size only sizes the inputs
+    return timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs), kwargs
+
+
+def create_vit(
+    name: str, kwargs: dict[str, Any], weights: str = "", drop_path_rate: float = 0.0, key: str = "model.weights",
+    name_key: str = "model.name", pretrained: bool = False,
+) -> VisionTransformer:
+    """`create_backbone`'s model, which must be a ViT with a class token."""
+    model, _ = create_backbone(name, kwargs, weights, drop_path_rate, key, name_key, pretrained)
+    require_vit(model, name, name_key, "sslfg's ViT code", "give a timm VisionTransformer name (vit_*, deit_*)")
     return model
+
+
+def require_vit(model: torch.nn.Module, name: str, key: str, what: str, instead: str) -> None:
+    """ConfigError on `key` unless `model` is a timm ViT: `what` reads its attention or patch tokens; `instead`
+    says what to change."""
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"{key}: {what} needs a ViT's attention and patch tokens, but the backbone '{name}' is a "
+                          f"{type(model).__name__}, which gives only a pooled feature; {instead}")
+
+
+def pooled_feature(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """The image feature (B, D) every method and evaluation uses: a ViT's CLS token after the final norm,
+    another model's pooled feature (its forward without classifier). D is `model.num_features`."""
+    return forward_tokens(model, x)[:, 0] if isinstance(model, VisionTransformer) else model(x)
 
 
 def _check_name(name: str, name_key: str) -> None:
@@ -372,14 +417,26 @@ def new_block(vit: VisionTransformer, num_heads: int | None = None) -> Block:
     return block
 
 
-def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], run_dir: Path) -> Path:
-    """Writes backbone.safetensors + backbone.json so that `load_backbone(run_dir)` rebuilds it."""
+def export_backbone(vit: VisionTransformer, name: str, kwargs: dict[str, Any], run_dir: Path,
+                    data_config: dict[str, Any] | None = None) -> Path:
+    """Writes backbone.safetensors + backbone.json so that `load_backbone(run_dir)` rebuilds it; the json's
+    pretrained_cfg (timm's format) holds `data_config`, the preprocessing the weights expect (eval_data_config)."""
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
     with atomic_path(run_dir / BACKBONE_WEIGHTS) as tmp:
         save_file(state, str(tmp))
-    write_json(run_dir / BACKBONE_META, {"name": name, "kwargs": kwargs})
+    write_json(run_dir / BACKBONE_META, {"name": name, "kwargs": kwargs,
+                                         "pretrained_cfg": exported_cfg(vit, data_config or {})})
     return run_dir / BACKBONE_WEIGHTS
+
+
+def exported_cfg(model: torch.nn.Module, data_config: dict[str, Any]) -> dict[str, Any]:
+    """The timm pretrained_cfg of weights sslfg trained: the architecture's keys of the model's config (not its
+    hub id, tag or licence, which describe other weights) and `data_config`, for a model without classifier."""
+    own = {k: model.pretrained_cfg[k] for k in ARCHITECTURE_CFG if k in model.pretrained_cfg}
+    # custom_load False: a plain state dict, not the format a timm default config may name (a ViT's JAX .npz),
+    # which an overlay of this config on that default would otherwise keep
+    return {**own, **data_config, "num_classes": 0, "custom_load": False}
 
 
 def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "init") -> tuple[str, dict[str, Any], str]:
@@ -429,11 +486,15 @@ def _run_architecture(run: Path, name: str, kwargs: dict[str, Any], key: str) ->
     return run_name, run_kwargs
 
 
-def load_backbone(run_dir: str | Path) -> VisionTransformer:
+def load_backbone(run_dir: str | Path) -> torch.nn.Module:
     """The trained backbone of a run directory, as a timm model (no classifier), in eval mode."""
     run_dir = Path(run_dir)
     meta_path = run_dir / BACKBONE_META
     if not meta_path.is_file():
         raise ConfigError(f"{meta_path} not found: is '{run_dir}' a finished sslfg run directory?")
     meta = json.loads(meta_path.read_text())
-    return create_vit(meta["name"], meta["kwargs"], weights=str(run_dir / BACKBONE_WEIGHTS)).eval()
+    vit, _ = create_backbone(meta["name"], meta["kwargs"], weights=str(run_dir / BACKBONE_WEIGHTS))
+    vit.eval()
+    if "pretrained_cfg" in meta:  # runs before it got timm's defaults (mean and std 0.5 for most ViTs)
+        vit.pretrained_cfg = vit.default_cfg = meta["pretrained_cfg"]  # timm keeps both names of one dict
+    return vit

@@ -18,7 +18,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from sslfg.models.backbone import forward_tokens, grid_size, new_block
+from sslfg.models.backbone import forward_tokens, grid_size, new_block, pooled_feature
 
 BoxMode = Literal["inclusive", "reference"]
 BOX_MODES = ("inclusive", "reference")
@@ -194,16 +194,18 @@ class GLSim(nn.Module):
 
 
 class ViTClassifier(nn.Module):
-    """The plain ViT fine-tune baseline: zero-initialised Linear on the CLS token after the final norm,
-    `drop_path_rate` in every block as in GLSim."""
+    """The plain fine-tune baseline: zero-initialised Linear on the CLS token after the final norm,
+    `drop_path_rate` in every block as in GLSim; on another timm model, on its pooled feature (its drop path is
+    timm's own, set when it is built)."""
 
-    def __init__(self, vit: VisionTransformer, num_classes: int, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, vit: nn.Module, num_classes: int, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        uniform_drop_path(vit.blocks, drop_path_rate)
+        if isinstance(vit, VisionTransformer):
+            uniform_drop_path(vit.blocks, drop_path_rate)
         self.encoder = vit
-        self.head = zero_linear(vit.embed_dim, num_classes)
+        self.head = zero_linear(vit.num_features, num_classes)
 
     def forward(self, x: Tensor, return_crops: bool = False) -> Tensor | dict[str, Tensor]:
-        """x (B, 3, H, W) → logits (B, C), or {"logits"} (a plain ViT makes no crops)."""
-        logits = self.head(forward_tokens(self.encoder, x)[:, 0])
+        """x (B, 3, H, W) → logits (B, C), or {"logits"} (a plain head makes no crops)."""
+        logits = self.head(pooled_feature(self.encoder, x))
         return {"logits": logits} if return_crops else logits
