@@ -203,9 +203,9 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
+    out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
+    check_output_dir(cfg.output_dir if "output_dir" in sources else out)  # set empty: an unset variable?
     if not args.check:  # before any time is spent
-        out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
-        check_output_dir(cfg.output_dir if "output_dir" in sources else out)  # set empty: an unset variable?
         ensure_writable(out)
         if accelerator.is_main_process:
             claim_run_dir(out, "eval")

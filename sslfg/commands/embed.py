@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     d = cfg.data
     dataset = build_dataset(d, split, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio))
     out = output_dir(cfg, info) if cfg.output_dir else output_dir(cfg, info) / f"embed-{split}"
+    check_output_dir(cfg.output_dir or out)  # --check too
     manifest = plan(cfg, vit, dataset, split, info)
     manifest = previous(out, manifest) or manifest
     complete = sum(s["complete"] for s in manifest["shards"])
@@ -58,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print_summary(summary)
     if args.check:
         return summary
-    check_output_dir(cfg.output_dir or out)
     ensure_writable(out)
     if accelerator.is_main_process:
         claim_run_dir(out, "embed")

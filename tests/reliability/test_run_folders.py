@@ -99,20 +99,22 @@ def test_resume_with_another_method_names_the_keys(two_checkpoints: Path, tiny_d
 
 # ---- item 2: where a run may write --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("check", [[], ["--check"]], ids=["run", "check"])
 @pytest.mark.parametrize("output_dir", ["", ".", "./", "..", "CWD"])
-def test_output_dir_that_is_empty_or_the_current_folder_is_refused(output_dir: str, tiny_data: Path,
+def test_output_dir_that_is_empty_or_the_current_folder_is_refused(output_dir: str, check: list[str], tiny_data: Path,
                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """Old code: `output_dir=` (an unset shell variable) trained in the current folder, replacing its files."""
+    """Old code: `output_dir=` (an unset shell variable) trained in the current folder, replacing its files
+    (and --check passed it)."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "config.yaml").write_text("my: notes\n")
     (work / "summary.json").write_text("{}\n")
     monkeypatch.chdir(work)
     value = str(work) if output_dir == "CWD" else output_dir
-    for main, args in ((train_ssl.main, pretrain_args(tiny_data, Path("x"), **{"output_dir": value})),
+    for main, args in ((train_ssl.main, [*pretrain_args(tiny_data, Path("x"), **{"output_dir": value}), *check]),
                        (knn.main, ["--random-init", "--model", "vit_tiny_patch16_224", *TINY, *data_args(tiny_data),
-                                   f"output_dir={value}"])):
+                                   f"output_dir={value}", *check])):
         message = user_error(main, args, capsys)
         assert "output_dir" in message and "runs/my_run" in message, message
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "summary.json", "work"]
