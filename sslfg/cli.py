@@ -26,7 +26,6 @@ from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable, release_run_dir, release_run_dirs
 from sslfg.evaluation import (
-    PIXELS,
     backbone_spec,
     build_backbone,
     output_dir,
@@ -212,8 +211,6 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
         if cfg.output:
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
-    if needs_vit:
-        require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
     datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
     unlabelled = [d.source for d in datasets.values() if d.num_classes == 0]
     if needs_labels and unlabelled:
@@ -223,10 +220,12 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
                           "sslfg-embed (python -m eval.embed)")
     if check_data is not None:
         check_data(cfg, datasets)
+    if needs_vit:  # after check_data, which may say why more precisely (raw pixels)
+        require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
              "backbone": info["backbone"], "features": cfg.features.kind,
-             **(token_grid(vit) if cfg.features.kind != PIXELS else {}),
+             **token_grid(vit),
              "features.global_batch": cfg.features.batch_size * world, "features.crop_ratio": cfg.features.crop_ratio}
     summary = startup_summary(cfg.data, datasets, sources,
                               facts | (schedule(cfg, vit, world, datasets) if schedule else {}))

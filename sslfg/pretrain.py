@@ -50,7 +50,8 @@ def method_facts(cfg: PretrainConfig, encoder) -> dict[str, str]:
     online keep precision's settings when it runs."""
     local, t = cfg.method.local, cfg.train
     layers = f"last {local.attention_layers} blocks" if local.attention_layers else "every block"
-    kept = f"{kept_patches(encoder, local.keep_ratio)} patches (keep_ratio {local.keep_ratio:g}, attention of {layers})"
+    kept = (f"{kept_patches(encoder, local.keep_ratio)} patches (keep_ratio {local.keep_ratio:g}, attention of "
+            f"{layers})" if local.weight or t.loc_every else "")  # both refuse a backbone without patches first
     facts = {"method": cfg.method.name, "method.local": f"on: weight {local.weight:g}, {local.view} view of {kept}"
              if local.weight else "off (method.local.weight 0)"}
     if t.loc_every:

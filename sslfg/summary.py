@@ -48,7 +48,10 @@ def key_origins(sources: dict[str, str], keys: list[str]) -> str:
 
 
 def token_grid(vit: VisionTransformer) -> dict[str, Any]:
-    """The backbone's patch size and token grid at the run's image size."""
+    """The backbone's patch size and token grid at the run's image size (nothing for a backbone without patch
+    tokens: a CNN, or raw pixels)."""
+    if not isinstance(vit, VisionTransformer):
+        return {}
     grid = grid_size(vit)
     return {"model.patch_size": vit.patch_embed.patch_size[0], "model.token_grid": f"{grid}x{grid} = {grid**2} patches"}
 
