@@ -40,7 +40,7 @@ from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation import skipped_images, split_features
 from sslfg.features import feature_precision, pool_features
-from sslfg.schema import DataConfig, EvalConfig, LinearConfig, LoopConfig
+from sslfg.schema import EvalConfig, LinearConfig, LoopConfig
 from sslfg.selection import holdout_names, selection_features, selection_splits, stratified_holdout
 from sslfg.verdicts import correct_path, write_correct
 
@@ -197,11 +197,6 @@ def check_settings(lin: LinearConfig) -> None:
         raise ConfigError("linear.lrs is empty; the fast mode needs at least one learning rate to sweep")
 
 
-def _check_labelled(data: DataConfig) -> None:
-    if data.format == "folder":
-        raise ConfigError("data.format: 'folder' images have no labels; the linear probe needs csv or imagefolder")
-
-
 def probe_splits(cfg: EvalConfig, train_ds: Any) -> dict[str, Any]:
     """For the start-up summary: the split and number of images the probe fits its heads on and selects
     the lr on (fast mode; as `selection_features` chooses them), or trains its one head on (full mode)."""
@@ -225,7 +220,6 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     main process, ({}, {}) on the others. Every split is extracted before any training, so a missing
     or empty split fails first."""
     d, lin = cfg.data, cfg.linear
-    _check_labelled(d)
     check_settings(lin)
     *train, train_ds = split_features(cfg, vit, accelerator, d.train_split, out)
     *test, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
@@ -260,7 +254,6 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     data.train_split in <out>/linear_full, then scores it on the cached test features →
     (metrics, protocol) on the main process, ({}, {}) on the others."""
     d, lin = cfg.data, cfg.linear
-    _check_labelled(d)
     check_settings(lin)
     # The backbone is frozen, so the head applied to cached eval features is the eval pass; extracting them
     # first also fails fast on a bad test split.

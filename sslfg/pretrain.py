@@ -37,8 +37,6 @@ from sslfg.summary import kept_patches, startup_summary, token_grid
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 def scaled_lr(cfg: PretrainConfig, global_batch: int) -> float:
     """The peak learning rate: base_lr · global batch / 256."""

@@ -95,14 +95,15 @@ def open_run(cfg: Any, output_dir: str | Path, resume: str, accelerator: Acceler
     and seeds every RNG with `cfg.seed`; `Run.start` writes `cfg` to config.yaml (main process, with
     `write_config`). With `check` nothing is written. `cfg` has `seed` and `data`."""
     run_dir, resume_from = Path(output_dir), None
-    check_output_dir(str(output_dir))  # with `check` too, as what follows that only reads
     if not check:
         run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process)
         resume_from = resolve_resume(resume, run_dir)
         if resume_from is not None:
             check_same_architecture(cfg, resume_from, resume_key)
-    elif resume and run_dir.is_dir() and (found := resolve_resume(resume, run_dir)) is not None:
-        check_same_architecture(cfg, found, resume_key)  # what the resume would refuse, read only
+    else:  # what prepare_run_dir and the resume would refuse, read only
+        check_output_dir(str(output_dir))
+        if resume and run_dir.is_dir() and (found := resolve_resume(resume, run_dir)) is not None:
+            check_same_architecture(cfg, found, resume_key)
     set_seed(cfg.seed)
     return Run(accelerator, run_dir, resume_from, cfg.seed, cfg.data.num_workers, resume_key,
                cfg if write_config and not check else None)
