@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 from lightly.models.utils import update_momentum
+from timm.layers import DropPath, PatchDropout
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -26,6 +27,20 @@ from sslfg.models.backbone import cls_attention, create_backbone, grid_size, poo
 
 if TYPE_CHECKING:
     from sslfg.schema import ModelConfig
+
+
+def without_noise(module: nn.Module) -> nn.Module:
+    """`module` with every dropout, drop path and patch dropout set to 0 (it stays in training mode, so its
+    batch norm still uses batch statistics): the teacher's targets and attention are functions of its
+    input, as in DINO's teacher (built without drop path), not samples (METHODS §6)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        elif isinstance(m, DropPath):
+            m.drop_prob = 0.0
+        elif isinstance(m, PatchDropout):
+            m.prob = 0.0
+    return module
 
 
 class MomentumMethod(nn.Module):
@@ -53,8 +68,8 @@ class MomentumMethod(nn.Module):
         self.patch_size = image_size // grid_size(self.encoder) if self.vit else 0
         self.local = LocalBranch(method.local, self.patch_size, len(self.encoder.blocks) if self.vit else 0)
         self.projector, self.predictor = self.build_heads(self.encoder.num_features)
-        self.momentum_encoder = copy.deepcopy(self.encoder)
-        self.momentum_projector = copy.deepcopy(self.projector)
+        self.momentum_encoder = without_noise(copy.deepcopy(self.encoder))
+        self.momentum_projector = without_noise(copy.deepcopy(self.projector))
         for p in self.momentum_parameters():
             p.requires_grad_(False)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sslfg.pretrain import pretrain
+from sslfg.methods import METHODS
 from tests.conftest import tiny_config, tiny_method
 
 
@@ -59,3 +60,19 @@ def test_summary_records_the_share_the_init_keeps(tiny_data: Path, tmp_path: Pat
     assert summary["teacher.momentum_start"] == pytest.approx(0.5 ** 0.5)
     assert summary["teacher.init_share"] == pytest.approx(float(np.prod(logged)), rel=1e-6)
     assert summary["teacher.init_share"] < 0.5
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_teacher_has_no_drop_path_or_dropout(name: str) -> None:
+    # DINO's drop path 0.1 and LoDisc's projector Dropout 0.2 stay on the student; two teacher passes over one
+    # input are equal (else the targets, the attention and the kept patches are samples)
+    dotted = {"model.drop_path_rate": 0.5, "method.mocov3.projector_dropout": 0.5}
+    method = tiny_method(name, **dotted)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cls1, maps1 = method.teacher_cls(x, attention=True)
+    cls2, maps2 = method.teacher_cls(x, attention=True)
+    assert torch.equal(cls1, cls2) and all(torch.equal(a, b) for a, b in zip(maps1, maps2, strict=True))
+    assert torch.equal(method.teacher_outputs(torch.cat([cls1, cls1]))[0], method.teacher_outputs(torch.cat([cls1, cls1]))[0])
+    torch.manual_seed(1)
+    s1 = method.student(x, x)
+    assert not torch.equal(s1[0], s1[1])  # the student still drops paths (same input, other noise)
