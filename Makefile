@@ -1,4 +1,4 @@
-# make demo: venv + install + sample data + the cluttered study's seed 0 (pretraining arms, evaluations, localisation,
+# make demo: venv + install + sample data + the cluttered study's seed 0 at 2 pretraining epochs (pretraining arms, evaluations, localisation,
 # fine-tuning, report).
 # make test: the test suite.
 PYTHON ?= python3
@@ -22,7 +22,7 @@ data: setup
 	$(BIN)/python -m sslfg.data.cluttered --out data/cluttered
 
 demo: data
-	$(BIN)/python -m sslfg.study --config configs/study/cluttered.yaml output_dir=$(DEMO_STUDY)
+	$(BIN)/python -m sslfg.study --config configs/study/cluttered.yaml pretrain.epochs=2 output_dir=$(DEMO_STUDY)
 	@echo "results: $(DEMO_STUDY)/report/report.md (accuracies, localisation, curves, kept patches, GLS boxes, crops); runs in $(DEMO_STUDY)/seed0/"
 
 test: setup
