@@ -118,6 +118,7 @@ def test_data_root_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "run"
     message = user_error(train_ssl.main, pretrain_args(tmp_path / "nowhere", out), capsys)
     assert "data.root does not exist" in message and str(tmp_path / "nowhere") in message
+    assert "`make data` builds the bundled data/sample and data/cluttered" in message  # the step that builds either
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
