@@ -19,8 +19,8 @@ from common import ROOT
 
 from sslfg.config import load_config
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.evaluation import build_backbone, split_features
-from sslfg.knn import knn_evaluate, retrieval_metrics
+from sslfg.evaluation.knn import knn_evaluate, retrieval_metrics
+from sslfg.evaluation.run import build_backbone, split_features
 from sslfg.schema import EvalConfig
 
 

@@ -25,7 +25,7 @@ from sslfg.engine.checkpoint import CheckpointWriteError
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable, release_run_dir, release_run_dirs
-from sslfg.evaluation import (
+from sslfg.evaluation.run import (
     backbone_spec,
     build_backbone,
     output_dir,
@@ -139,7 +139,7 @@ def _add_common(parser: argparse.ArgumentParser, check: bool = True) -> None:
 
 
 def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = True) -> CommandLine:
-    """Flags of the recipe commands (train_ssl, eval.finetune; sslfg.data.stats without --check):
+    """Flags of the recipe commands (train_ssl, eval.finetune; sslfg.data.build.stats without --check):
     --config, --dataset, --check, key=value."""
     parser = command_parser(description)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")

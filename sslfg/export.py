@@ -107,7 +107,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> float:
 
 
 def evaluation_numbers(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Each <run>/eval/<command>.json's metrics: the keys after the protocol.* block (`sslfg.evaluation.record`
+    """Each <run>/eval/<command>.json's metrics: the keys after the protocol.* block (`sslfg.evaluation.run.record`
     writes what produced the numbers first, then the protocol, then the metrics)."""
     numbers = {}
     for path in sorted((run_dir / EVAL_DIR).glob("*.json")):

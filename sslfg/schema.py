@@ -158,7 +158,7 @@ class TrainConfig(LoopConfig):
     knn_every: int = bounded(NON_NEGATIVE, 0)
     # at most this many bank (data.train_split) and query (data.test_split) images
     knn_samples: int = bounded(AT_LEAST_1, 2000)
-    # LoDisc keep precision (sslfg.localisation) of the teacher encoder every n epochs and at step 0; 0: off
+    # LoDisc keep precision (sslfg.evaluation.localisation) of the teacher encoder every n epochs and at step 0; 0: off
     loc_every: int = bounded(NON_NEGATIVE, 0)
     loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many data.test_split images (with boxes)
 
@@ -234,7 +234,8 @@ class KnnConfig:
     float16: bool = False  # store the bank in float16: half the memory of a big bank, similarities to ~1e-3
     retrieval: bool = True
     figures: bool = True
-    # also val.knn.*: bank train, queries the validation split or linear.val_fraction of train (sslfg.selection)
+    # also val.knn.*: bank train, queries the validation split or linear.val_fraction of train
+    # (sslfg.evaluation.selection)
     val: bool = False
 
 
@@ -256,7 +257,7 @@ class LinearConfig:
 
 @dataclass
 class LocaliseConfig:
-    """eval.localise: where a frozen backbone looks (sslfg.localisation)."""
+    """eval.localise: where a frozen backbone looks (sslfg.evaluation.localisation)."""
 
     keep_ratio: float = bounded("(0, 1]", 0.30)  # LoDisc's kept fraction, from the backbone's own CLS attention
     attention_layers: int = bounded(NON_NEGATIVE, 0)  # rank by the last n blocks; 0: every block
@@ -266,7 +267,7 @@ class LocaliseConfig:
 
 @dataclass
 class EmbedConfig:
-    """eval.embed: the frozen features of one split as .npy shards (sslfg.embed)."""
+    """eval.embed: the frozen features of one split as .npy shards (sslfg.evaluation.embed)."""
 
     split: str = ""  # the split to embed (a csv name or a folder); "": data.train_split; format folder: every image
     dtype: Literal["float16", "float32"] = "float32"  # float32: what faiss reads; float16: half the disk

@@ -20,8 +20,7 @@ from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform, finetune_transforms
 from sslfg.engine.checkpoint import checkpoint_dirs
-from sslfg.finetune import build_classifier, finetune
-from sslfg.localisation import (
+from sslfg.evaluation.localisation import (
     OnlineLocalisation,
     backbone_looks,
     box_coverage,
@@ -33,6 +32,7 @@ from sslfg.localisation import (
     keep_precision,
     yxyx_to_xyxy,
 )
+from sslfg.finetune import build_classifier, finetune
 from sslfg.methods import METHODS, build_method
 from sslfg.models.backbone import forward_tokens, load_backbone
 from sslfg.pretrain import pretrain

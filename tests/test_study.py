@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from sslfg import study as study_module
 from sslfg.cli import run_cli
 from sslfg.config import ConfigError, load_config
-from sslfg.report import build_report
-from sslfg.report import main as report_main
 from sslfg.schema import StudyConfig
-from sslfg.study import Study
-from sslfg.studydir import best_pretrain_arm
+from sslfg.study import run as study_module
+from sslfg.study.layout import best_pretrain_arm
+from sslfg.study.report import build_report
+from sslfg.study.report import main as report_main
+from sslfg.study.run import Study
 from sslfg.verdicts import correct_path, write_correct
 from tests.conftest import TINY_METHOD, TINY_MODEL
 from tests.reliability.procs import command, finish, start

@@ -1,4 +1,4 @@
-"""Embeddings out: the frozen features of any dataset, labelled or not, as .npy shards (sslfg.embed).
+"""Embeddings out: the frozen features of any dataset, labelled or not, as .npy shards (sslfg.evaluation.embed).
 
     python -m eval.embed --checkpoint runs/sample_lodisc   # the run's own data, data.train_split
     python -m eval.embed --checkpoint runs/sample_lodisc --split test --dtype float16
@@ -23,10 +23,10 @@ from sslfg.cli import console, parse_eval_cli, print_summary
 from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
-from sslfg.embed import plan, previous, write_embeddings
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable
-from sslfg.evaluation import build_backbone, output_dir, run_data_defaults
+from sslfg.evaluation.embed import plan, previous, write_embeddings
+from sslfg.evaluation.run import build_backbone, output_dir, run_data_defaults
 from sslfg.schema import EvalConfig
 from sslfg.summary import startup_summary
 

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from sslfg.cli import console, run_evaluation
 from sslfg.data.images import DataError
-from sslfg.evaluation import skipped_images, split_features
+from sslfg.evaluation.knn import accuracies, knn_evaluate, knn_hits, resolve_backend, retrieval_metrics, usable_ks
+from sslfg.evaluation.run import skipped_images, split_features
+from sslfg.evaluation.selection import selection_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
-from sslfg.knn import accuracies, knn_evaluate, knn_hits, resolve_backend, retrieval_metrics, usable_ks
 from sslfg.schema import EvalConfig
-from sslfg.selection import selection_features
 from sslfg.verdicts import correct_path, write_correct
 
 GRID_QUERIES, GRID_NEIGHBOURS = 8, 5

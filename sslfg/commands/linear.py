@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sslfg.cli import console, run_evaluation
-from sslfg.linear import probe_splits, run_fast_probe, run_full_probe
+from sslfg.evaluation.linear import probe_splits, run_fast_probe, run_full_probe
 from sslfg.schema import EvalConfig
 
 

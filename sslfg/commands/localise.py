@@ -1,4 +1,4 @@
-"""Where a frozen backbone looks, against the object boxes of the test split (sslfg.localisation).
+"""Where a frozen backbone looks, against the object boxes of the test split (sslfg.evaluation.localisation).
 
     python -m eval.localise --checkpoint runs/cluttered_lodisc   # on the run's own data (its config.yaml)
     python -m eval.localise --random-init --checkpoint runs/cluttered_lodisc   # the floor, same architecture
@@ -27,9 +27,9 @@ from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import denormalize, eval_transform
-from sslfg.evaluation import PIXELS, skipped_images
+from sslfg.evaluation.localisation import backbone_looks, gls_metrics, keep_metrics
+from sslfg.evaluation.run import PIXELS, skipped_images
 from sslfg.figures import save_localisation_figure
-from sslfg.localisation import backbone_looks, gls_metrics, keep_metrics
 from sslfg.models.backbone import grid_size
 from sslfg.schema import EvalConfig
 from sslfg.summary import kept_patches

@@ -444,7 +444,7 @@ def build_dataset(
     if not os.path.isdir(cfg.root):
         raise DataError(
             f"data.root does not exist or is not a folder: {cfg.root} (resolved to "
-            f"{os.path.abspath(cfg.root)}). For the bundled sample run `python -m sslfg.data.sample`."
+            f"{os.path.abspath(cfg.root)}). For the bundled sample run `python -m sslfg.data.build.sample`."
         )
     if cfg.boxes and cfg.format != "csv":
         raise DataError(f"data.boxes is true but data.format is {cfg.format!r}: object boxes are read from the box "

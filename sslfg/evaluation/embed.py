@@ -5,14 +5,14 @@ An output folder holds
   dataset order: concatenated they are row i = image i;
 - `images.csv`: `index,path` (and `label` when the dataset has labels), one row per image in the same order;
 - `manifest.json`: what was embedded (model, checkpoint, data, split, transform, feature, dtype, dim, count) under
-  `key` (sslfg.features.cache_key: weights, images, labels, transform, feature, precision), and the shards, each
-  with its rows and whether it is complete.
+  `key` (sslfg.evaluation.features.cache_key: weights, images, labels, transform, feature, precision), and the
+  shards, each with its rows and whether it is complete.
 
 Every file is written atomically (sslfg.files), a shard's manifest entry only after the shard, so a stopped run
 leaves complete shards that a rerun of the same embedding keeps (it recomputes only the others). A folder is
 written only if it is empty (hidden files aside) or holds an embedding with the same key, dtype and shard size.
-Features come from sslfg.features.extract_features: every process of an `accelerate launch` embeds its part of
-each shard, and the main process writes the gathered shard.
+Features come from sslfg.evaluation.features.extract_features: every process of an `accelerate launch` embeds its
+part of each shard, and the main process writes the gathered shard.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Subset
 
 from sslfg.config import ConfigError
-from sslfg.features import cache_key, extract_features, weights_digest
+from sslfg.evaluation.features import cache_key, extract_features, weights_digest
 from sslfg.files import atomic_path, write_json, write_text
 from sslfg.schema import EvalConfig
 

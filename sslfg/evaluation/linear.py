@@ -38,10 +38,10 @@ from sslfg.data.transforms import crop_flip_transform
 from sslfg.engine.loop import LoopState
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation import skipped_images, split_features
-from sslfg.features import feature_precision, pool_features
+from sslfg.evaluation.features import feature_precision, pool_features
+from sslfg.evaluation.run import skipped_images, split_features
+from sslfg.evaluation.selection import holdout_names, selection_features, selection_splits, stratified_holdout
 from sslfg.schema import EvalConfig, LinearConfig, LoopConfig
-from sslfg.selection import holdout_names, selection_features, selection_splits, stratified_holdout
 from sslfg.verdicts import correct_path, write_correct
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes, transform_box
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
+from sslfg.evaluation.online import _evenly_spaced, evaluation_data
 from sslfg.methods import MomentumMethod
 from sslfg.methods.local import keep_indices
 from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
 from sslfg.models.glsim import GLSim, gls_boxes
-from sslfg.online_knn import _evenly_spaced, evaluation_data
 from sslfg.schema import FeatureConfig, PretrainConfig
 
 CROP_RATIO = FeatureConfig().crop_ratio  # the evaluations' resize + centre crop

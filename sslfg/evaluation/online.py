@@ -13,8 +13,8 @@ from torch.utils.data import Subset
 from sslfg.config import ConfigError
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
-from sslfg.features import extract_features
-from sslfg.knn import knn_evaluate
+from sslfg.evaluation.features import extract_features
+from sslfg.evaluation.knn import knn_evaluate
 from sslfg.schema import DataConfig, PretrainConfig
 
 K = 20

@@ -16,7 +16,7 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.checkpoint import STATE_FILE
 from sslfg.engine.rundir import RUN_CONFIG
-from sslfg.features import cached_features
+from sslfg.evaluation.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import backbone_source, create_backbone, pretrained_record, require_vit
 from sslfg.schema import EvalConfig, PretrainConfig

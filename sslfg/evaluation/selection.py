@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from sslfg.config import ConfigError
-from sslfg.evaluation import split_features
+from sslfg.evaluation.run import split_features
 from sslfg.schema import DataConfig, EvalConfig
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The study report: one folder with report.md and its figures, rebuilt from the finished arms.
 
-    python -m sslfg.report runs/study_sample
+    python -m sslfg.study.report runs/study_sample
 
 Numbers are mean ± sample std over the seeds that finished (n in the table); each table names its
 protocol, and the commands section gives the command line of every arm. Comparisons are verdicts with
@@ -26,7 +26,7 @@ from sslfg.cli import run_cli  # noqa: E402
 from sslfg.config import ConfigError, load_config  # noqa: E402
 from sslfg.files import write_text  # noqa: E402
 from sslfg.schema import StudyConfig  # noqa: E402
-from sslfg.studydir import (  # noqa: E402
+from sslfg.study.layout import (  # noqa: E402
     KNN_KEY,
     STUDY_FILE,
     SUPERVISED,
@@ -434,7 +434,7 @@ def build_report(root: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or args[0].startswith("-"):
-        raise ConfigError("usage: python -m sslfg.report STUDY_DIR")
+        raise ConfigError("usage: python -m sslfg.study.report STUDY_DIR")
     print(f"report: {build_report(Path(args[0])) / 'report.md'}")
 
 

@@ -63,7 +63,7 @@ ENTRIES = {
                  [("sslfg.finetune", "build_dataset"), ("sslfg.finetune", "build_classifier")]),
     "eval.knn": (knn.main, lambda data, out: ["--random-init", "--model", "vit_tiny_patch16_224", *TINY,
                                               *data_args(data), f"output_dir={out}"],
-                 [("sslfg.evaluation", "build_dataset"), ("sslfg.evaluation", "create_backbone")]),
+                 [("sslfg.evaluation.run", "build_dataset"), ("sslfg.evaluation.run", "create_backbone")]),
 }
 
 
