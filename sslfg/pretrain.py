@@ -25,8 +25,7 @@ from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation.localisation import CROP_RATIO, OnlineLocalisation
-from sslfg.evaluation.online import OnlineKnn, evaluation_data
+from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.methods import MomentumMethod, build_method

@@ -21,7 +21,6 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform, finetune_transforms
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.evaluation.localisation import (
-    OnlineLocalisation,
     backbone_looks,
     box_coverage,
     box_iou,
@@ -32,6 +31,7 @@ from sslfg.evaluation.localisation import (
     keep_precision,
     yxyx_to_xyxy,
 )
+from sslfg.evaluation.online import OnlineLocalisation
 from sslfg.finetune import build_classifier, finetune
 from sslfg.methods import METHODS, build_method
 from sslfg.models.backbone import forward_tokens, load_backbone

@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sslfg.cli import console, run_evaluation
+from sslfg.cli import console
 from sslfg.evaluation.linear import probe_splits, run_fast_probe, run_full_probe
+from sslfg.evaluation.run import run_evaluation
 from sslfg.schema import EvalConfig
 
 

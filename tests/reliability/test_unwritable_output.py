@@ -16,6 +16,7 @@ import pytest
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
+from sslfg.evaluation import knn_transfer
 from tests.reliability.outcomes import Recorder, user_error
 from tests.reliability.procs import finetune_args, pretrain_args
 from tests.test_eval_knn import TINY, data_args
@@ -91,8 +92,8 @@ def test_unwritable_output_dir_stops_before_any_work(tiny_data: Path, tmp_path: 
 
 def test_unwritable_output_file_of_an_evaluation(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    extract = Recorder(knn.split_features)
-    monkeypatch.setattr(knn, "split_features", extract)
+    extract = Recorder(knn_transfer.split_features)
+    monkeypatch.setattr(knn_transfer, "split_features", extract)
     (tmp_path / "file").write_text("")
     main, args, _ = ENTRIES["eval.knn"]
     message = user_error(main, [*args(tiny_data, tmp_path / "eval"), "--output", str(tmp_path / "file" / "m.json")],
