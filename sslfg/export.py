@@ -20,7 +20,8 @@ import yaml
 from timm.models._hub import save_for_hf
 
 from sslfg.config import ConfigError
-from sslfg.models.backbone import BACKBONE_META, RUN_CONFIG, load_backbone
+from sslfg.engine.rundir import RUN_CONFIG
+from sslfg.weights import BACKBONE_META, load_backbone
 
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-4  # largest |onnxruntime - torch| accepted on the check batch

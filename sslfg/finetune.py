@@ -27,21 +27,14 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation.localisation import finetune_test_boxes, glsim_localisation
 from sslfg.figures import save_crop_figure
 from sslfg.files import write_json
-from sslfg.models.backbone import (
-    backbone_source,
-    create_backbone,
-    export_backbone,
-    forward_tokens,
-    pretrained_record,
-    require_vit,
-    timm_kwargs,
-)
+from sslfg.models.backbone import forward_tokens, require_vit, timm_kwargs
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.heads import check_batch_norm
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FeatureConfig, FinetuneConfig
 from sslfg.summary import startup_summary, token_grid
 from sslfg.verdicts import correct_path, write_correct
+from sslfg.weights import backbone_source, create_backbone, export_backbone, pretrained_record
 
 log = logging.getLogger(__name__)
 

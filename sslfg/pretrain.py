@@ -29,10 +29,11 @@ from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, e
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.methods import MomentumMethod, build_method
-from sslfg.models.backbone import export_backbone, pretrained_record, require_vit
+from sslfg.models.backbone import require_vit
 from sslfg.models.heads import check_batch_norm
 from sslfg.schema import FeatureConfig, PretrainConfig
 from sslfg.summary import kept_patches, startup_summary, token_grid
+from sslfg.weights import export_backbone, pretrained_record
 
 log = logging.getLogger(__name__)
 

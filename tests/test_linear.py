@@ -18,9 +18,9 @@ from sslfg.commands import linear
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation.linear import LinearHeads, epoch_batches, fast_probe, train_heads
 from sslfg.evaluation.selection import stratified_holdout
-from sslfg.models.backbone import create_vit
 from sslfg.schema import LinearConfig
 from sslfg.verdicts import correct_path, read_correct
+from sslfg.weights import create_vit
 
 TINY = ("--random-init", "--model", "vit_tiny_patch16_224",
         "model_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}")

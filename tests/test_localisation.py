@@ -34,9 +34,10 @@ from sslfg.evaluation.localisation import (
 from sslfg.evaluation.online import OnlineLocalisation
 from sslfg.finetune import build_classifier, finetune
 from sslfg.methods import METHODS, build_method
-from sslfg.models.backbone import forward_tokens, load_backbone
+from sslfg.models.backbone import forward_tokens
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
+from sslfg.weights import load_backbone
 from tests.conftest import tiny_config
 from tests.methods.references import reference_kept
 from tests.test_finetune import ft_config

@@ -14,8 +14,9 @@ from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.evaluation.knn import knn_evaluate
 from sslfg.evaluation.online import OnlineKnn
-from sslfg.models.backbone import forward_tokens, load_backbone
+from sslfg.models.backbone import forward_tokens
 from sslfg.pretrain import pretrain
+from sslfg.weights import load_backbone
 from tests.conftest import tiny_config
 
 

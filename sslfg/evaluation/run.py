@@ -22,9 +22,10 @@ from sslfg.engine.checkpoint import STATE_FILE
 from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, claim_run_dir, ensure_writable, release_run_dir
 from sslfg.evaluation.features import cached_features
 from sslfg.files import write_json
-from sslfg.models.backbone import backbone_source, create_backbone, pretrained_record, require_vit
+from sslfg.models.backbone import require_vit
 from sslfg.schema import EvalConfig, PretrainConfig
 from sslfg.summary import key_origins, startup_summary, token_grid
+from sslfg.weights import backbone_source, create_backbone, pretrained_record
 
 PIXELS = "pixels"  # features.kind whose feature is the normalised image itself: no network, no weights
 

@@ -37,8 +37,8 @@ from sslfg.data.images import IMAGE_EXTENSIONS, DataError, load_image
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.evaluation.features import cached_features
-from sslfg.models.backbone import create_vit
 from sslfg.schema import DataConfig
+from sslfg.weights import create_vit
 from tests.conftest import write_csv_dataset
 from tests.reliability.outcomes import user_error
 
