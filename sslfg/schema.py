@@ -259,7 +259,8 @@ class LinearConfig:
 class LocaliseConfig:
     """eval.localise: where a frozen backbone looks (sslfg.evaluation.localisation)."""
 
-    keep_ratio: float = bounded("(0, 1]", 0.30)  # LoDisc's kept fraction, from the backbone's own CLS attention
+    # LoDisc's kept fraction, from the backbone's own CLS attention; unset: an evaluated run's method.local.keep_ratio
+    keep_ratio: float = bounded("(0, 1]", 0.30)
     attention_layers: int = bounded(NON_NEGATIVE, 0)  # rank by the last n blocks; 0: every block
     top_k: int = bounded(AT_LEAST_1, 8)  # GLS patches that define the box (GLSim's default)
     figure_samples: int = bounded(NON_NEGATIVE, 6)  # test images in figures/localise.png; 0: no figure

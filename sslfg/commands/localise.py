@@ -5,11 +5,13 @@
 
 LoDisc keep precision: the fraction of the ⌊localise.keep_ratio·N⌋ patches with the highest location
 score of the backbone's own CLS attention whose centre lies inside the object box, next to chance (the
-fraction of all patches inside) and lift (their ratio); GLS box: IoU with the object box and the fraction
-of the object inside it (localise.top_k patches most similar to CLS). Images go through the evaluations'
-resize + centre crop (features.crop_ratio), and the boxes with them. Writes <output_dir>/localise.json
-and figures/localise.png (localise.figure_samples test images). The test split needs boxes (data.boxes);
---dataset PATH evaluates on other data, e.g. configs/datasets/cluttered.yaml.
+fraction of all patches inside) and lift (their ratio); unless set, localise.keep_ratio is the ratio the
+run trained with (its method.local.keep_ratio), and localise.keep_ratio.source says which. GLS box: IoU
+with the object box and the fraction of the object inside it (localise.top_k patches most similar to
+CLS). Images go through the evaluations' resize + centre crop (features.crop_ratio), and the boxes with
+them. Writes <output_dir>/localise.json and figures/localise.png (localise.figure_samples test images).
+The test split needs boxes (data.boxes); --dataset PATH evaluates on other data, e.g.
+configs/datasets/cluttered.yaml.
 The console command `sslfg-localise` takes the same arguments.
 """
 
@@ -24,6 +26,9 @@ from sslfg.evaluation.run import run_evaluation
 from sslfg.schema import EvalConfig
 from sslfg.summary import kept_patches
 
+# a run is scored at the keep ratio it trained with unless localise.keep_ratio is set
+RUN_KEYS = {"localise.keep_ratio": "method.local.keep_ratio"}
+
 
 def settings(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any]) -> dict[str, Any]:
     """The localisation settings for the start-up summary (the crop ratio is every evaluation's)."""
@@ -35,7 +40,8 @@ def settings(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any])
 
 def main(argv: Sequence[str] | None = None) -> dict:
     return run_evaluation(argv, __doc__, "localise", localise_backbone, settings, needs_labels=False,
-                          check_data=needs_attention, needs_vit="eval.localise (kept patches and GLS boxes)")
+                          check_data=needs_attention, needs_vit="eval.localise (kept patches and GLS boxes)",
+                          run_keys=RUN_KEYS)
 
 
 cli = console(main)

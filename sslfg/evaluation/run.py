@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from sslfg.evaluation.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import require_vit
 from sslfg.schema import EvalConfig, PretrainConfig
-from sslfg.summary import key_origins, startup_summary, token_grid
+from sslfg.summary import SCHEMA_DEFAULT, key_origins, startup_summary, token_grid
 from sslfg.weights import backbone_source, create_backbone, pretrained_record
 
 PIXELS = "pixels"  # features.kind whose feature is the normalised image itself: no network, no weights
@@ -68,6 +69,33 @@ def build_backbone(cfg: EvalConfig) -> tuple[VisionTransformer, dict[str, Any]]:
                  **pretrained_record(vit)}
 
 
+def run_folder(cfg: EvalConfig) -> Path | None:
+    """The run --checkpoint names: itself, or the run of a checkpoint folder; None without --checkpoint."""
+    run = Path(cfg.checkpoint) if cfg.checkpoint else None
+    return run.parent.parent if run is not None and (run / STATE_FILE).is_file() else run
+
+
+def run_key_defaults(cfg: EvalConfig, sources: dict[str, str], keys: dict[str, str]) -> EvalConfig:
+    """Each key of `keys` (an EvalConfig key -> a key of the evaluated run's config.yaml) that no file or override
+    sets takes the run's own value, e.g. localise.keep_ratio the run's method.local.keep_ratio, when --checkpoint is
+    a run (or one of its checkpoints) whose config.yaml has that key; `sources` notes where it came from."""
+    run = run_folder(cfg)
+    config = run / RUN_CONFIG if run is not None else None
+    if config is None or not config.is_file():
+        return cfg
+    raw = yaml.safe_load(config.read_text()) or {}
+    for key, run_key in keys.items():
+        value = raw
+        for part in run_key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if key in sources or value is None:
+            continue
+        section, name = key.split(".")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+        sources[key] = f"{config} (the run's {run_key})"
+    return cfg
+
+
 def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]:
     """When --checkpoint is a run directory (or one of its checkpoints) and no recipe file names data.root
     (nothing does, or only `data.root=` on the command line: the run's kind of data in another folder), every
@@ -76,8 +104,7 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
     data.root describes other data and keeps the schema defaults. Returns the config, where each key came
     from (as `key_sources`) and a line for the start-up summary saying which data keys came from where."""
     sources = key_sources(cfg)
-    run = Path(cfg.checkpoint) if cfg.checkpoint else None
-    run = run.parent.parent if run is not None and (run / STATE_FILE).is_file() else run  # a checkpoint folder's run
+    run = run_folder(cfg)
     run_config = run / RUN_CONFIG if run is not None else None
     if "data.root" not in sources and run is not None and run.is_dir() and not run_config.is_file():
         raise ConfigError(f"checkpoint: the run folder '{run}' has no {RUN_CONFIG}, so its data settings are unknown; "
@@ -147,15 +174,19 @@ def write_metrics(out_dir: Path, name: str, data: dict, extra: str = "") -> Path
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
                    schedule: Schedule | None = None, needs_labels: bool = True,
-                   check_data: CheckData | None = None, needs_vit: str = "") -> dict:
+                   check_data: CheckData | None = None, needs_vit: str = "",
+                   run_keys: dict[str, str] | None = None) -> dict:
     """Config (data keys from the run's own config.yaml: `run_data_defaults`), accelerator, frozen
     backbone and the train/test datasets (labelled, unless not `needs_labels`), which `check_data` may
     refuse (with --check too); prints the start-up summary (and stops there with --check); `measure`
     returns (metrics, protocol) on the main process (None elsewhere); the result, with the summary, is
     written to <output_dir>/<name>.json and printed. `needs_vit` (what of `measure` reads a ViT's
-    attention or tokens) refuses another backbone at start-up."""
+    attention or tokens) refuses another backbone at start-up. `run_keys` (as `run_key_defaults`) come from the
+    evaluated run unless set; the summary gives each one's source."""
     args = parse_eval_cli(argv, description)
     cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
+    run_keys = run_keys or {}
+    cfg = run_key_defaults(cfg, sources, run_keys)
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
     out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
     check_output_dir(cfg.output_dir if "output_dir" in sources else out)  # set empty: an unset variable?
@@ -182,8 +213,9 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
              "backbone": info["backbone"], "features": cfg.features.kind,
              **token_grid(vit),
              "features.global_batch": cfg.features.batch_size * world, "features.crop_ratio": cfg.features.crop_ratio}
-    summary = startup_summary(cfg.data, datasets, sources,
-                              facts | (schedule(cfg, vit, world, datasets) if schedule else {}))
+    facts |= schedule(cfg, vit, world, datasets) if schedule else {}
+    facts |= {f"{key}.source": sources.get(key, SCHEMA_DEFAULT) for key in run_keys}
+    summary = startup_summary(cfg.data, datasets, sources, facts)
     if accelerator.is_main_process:
         print_summary(summary)
     if args.check:
