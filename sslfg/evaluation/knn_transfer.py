@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sslfg.data.images import DataError
 from sslfg.evaluation.knn import accuracies, knn_evaluate, knn_hits, resolve_backend, retrieval_metrics, usable_ks
-from sslfg.evaluation.run import skipped_images, split_features
+from sslfg.evaluation.run import EvalDatasets, skipped_images, split_features
 from sslfg.evaluation.selection import selection_features
 from sslfg.figures import save_embedding_map, save_neighbour_grid
 from sslfg.schema import EvalConfig
@@ -39,13 +39,13 @@ def neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds
     )
 
 
-def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] | None:
+def knn_transfer(cfg: EvalConfig, vit, accelerator, out: Path, datasets: EvalDatasets) -> tuple[dict, dict] | None:
     """Features of bank and queries on every process; kNN, retrieval and figures on the main one."""
-    bank, bank_labels, bank_ds = split_features(cfg, vit, accelerator, cfg.data.train_split, out)
-    queries, query_labels, query_ds = split_features(cfg, vit, accelerator, cfg.data.test_split, out)
+    bank, bank_labels, bank_ds = split_features(cfg, vit, accelerator, datasets, cfg.data.train_split, out)
+    queries, query_labels, query_ds = split_features(cfg, vit, accelerator, datasets, cfg.data.test_split, out)
     k, device = cfg.knn, accelerator.device
     if k.val:  # on every process: the features are extracted in shards
-        fit, val, _, selection = selection_features(cfg, vit, accelerator, out, (bank, bank_labels),
+        fit, val, _, selection = selection_features(cfg, vit, accelerator, out, datasets, (bank, bank_labels),
                                                     cfg.linear.val_fraction, "fine-tuning init")
     if not accelerator.is_main_process:
         return None

@@ -22,9 +22,8 @@ from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes, transform_box
-from sslfg.data.datasets import build_dataset
-from sslfg.data.transforms import denormalize, eval_transform
-from sslfg.evaluation.run import PIXELS, skipped_images
+from sslfg.data.transforms import denormalize
+from sslfg.evaluation.run import PIXELS, EvalDatasets, skipped_images
 from sslfg.figures import save_localisation_figure
 from sslfg.methods.local import keep_indices
 from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
@@ -111,12 +110,13 @@ def needs_attention(cfg: EvalConfig, datasets: dict[str, Any]) -> None:
                           "(leave features.kind at cls)")
 
 
-def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path) -> tuple[dict, dict] | None:
+def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path,
+                      datasets: EvalDatasets) -> tuple[dict, dict] | None:
     """Kept patches and GLS boxes of every test image on the main process (one frozen pass each)."""
     if not accelerator.is_main_process:
         return None
     d, loc, crop = cfg.data, cfg.localise, cfg.features.crop_ratio
-    dataset = build_dataset(d, d.test_split, eval_transform(d.image_size, d.mean, d.std, crop))
+    dataset = datasets[d.test_split]
     if dataset.boxes is None:
         raise ConfigError(f"data.boxes: eval.localise needs object boxes in data.test_split '{d.test_split}' of "
                           f"{d.root}; give its csv the columns x0,y0,x1,y1 and set data.boxes=true")

@@ -33,8 +33,8 @@ PIXELS = "pixels"  # features.kind whose feature is the normalised image itself:
 # the other processes wait at a barrier while the main one runs kNN, retrieval and t-SNE alone
 EVAL_TIMEOUT_S = 6 * 3600
 
-# (cfg, backbone, accelerator, output dir) -> (metrics, protocol) on the main process, None elsewhere
-Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
+# (cfg, backbone, accelerator, output dir, datasets) -> (metrics, protocol) on the main process, None elsewhere
+Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path, "EvalDatasets"], "tuple[dict, dict] | None"]
 # (cfg, backbone, number of processes, datasets by split) -> the command's own facts of its start-up summary
 Schedule = Callable[[EvalConfig, VisionTransformer, int, dict[str, Any]], dict[str, Any]]
 # (cfg, datasets by split) -> None, or a DataError for data the evaluation cannot use, before any work
@@ -135,11 +135,25 @@ def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
     return Path("runs/eval") / f"{info['backbone'].replace('/', '--')}-{init}"
 
 
-def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, split: str,
-                   out_dir: Path) -> tuple[Tensor, Tensor, Any]:
+class EvalDatasets(dict):
+    """The splits one evaluation reads, by name, each built on first use and then kept: its listing is read,
+    its images checked (with data.on_bad_image=skip, decoded) and its warnings logged once per command. They
+    carry the evaluation transform (resize + centre crop at features.crop_ratio)."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        super().__init__()
+        d = cfg.data
+        self.data, self.transform = d, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio)
+
+    def __missing__(self, split: str) -> Any:
+        self[split] = build_dataset(self.data, split, self.transform)
+        return self[split]
+
+
+def split_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, datasets: EvalDatasets,
+                   split: str, out_dir: Path) -> tuple[Tensor, Tensor, Any]:
     """Features, labels and the dataset of one split, through the feature cache."""
-    transform = eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.features.crop_ratio)
-    dataset = build_dataset(cfg.data, split, transform)
+    dataset = datasets[split]
     f = cfg.features
     features, labels = cached_features(
         vit, dataset, split, out_dir / "features" if f.cache else None, accelerator, f.batch_size,
@@ -197,15 +211,16 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
         if cfg.output:
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
-    datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
-    unlabelled = [d.source for d in datasets.values() if d.num_classes == 0]
+    datasets = EvalDatasets(cfg)
+    splits = {split: datasets[split] for split in (cfg.data.train_split, cfg.data.test_split)}
+    unlabelled = [d.source for d in splits.values() if d.num_classes == 0]
     if needs_labels and unlabelled:
         raise ConfigError(f"eval.{name} needs labelled images, and {unlabelled[0]} has no labels (data.format="
                           f"{cfg.data.format}, data.labels={str(cfg.data.labels).lower()}): evaluate on a labelled "
                           "dataset (--dataset PATH or data.root=...), or write these images' features with "
                           "sslfg-embed (python -m eval.embed)")
     if check_data is not None:
-        check_data(cfg, datasets)
+        check_data(cfg, splits)
     if needs_vit:  # after check_data, which may say why more precisely (raw pixels)
         require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
     world = accelerator.num_processes
@@ -215,12 +230,12 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
              "features.global_batch": cfg.features.batch_size * world, "features.crop_ratio": cfg.features.crop_ratio}
     facts |= schedule(cfg, vit, world, datasets) if schedule else {}
     facts |= {f"{key}.source": sources.get(key, SCHEMA_DEFAULT) for key in run_keys}
-    summary = startup_summary(cfg.data, datasets, sources, facts)
+    summary = startup_summary(cfg.data, splits, sources, facts)
     if accelerator.is_main_process:
         print_summary(summary)
     if args.check:
         return summary
-    produced = measure(cfg, vit, accelerator, out)
+    produced = measure(cfg, vit, accelerator, out, datasets)
     result: dict = {}
     if accelerator.is_main_process and produced is not None:
         metrics, protocol = produced
