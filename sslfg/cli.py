@@ -21,6 +21,8 @@ from sslfg.engine.checkpoint import CheckpointWriteError
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import release_run_dirs
+from sslfg.keys import format_keys
+from sslfg.schema import EvalConfig
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, CheckpointWriteError)
 COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starting so is an example command
@@ -84,19 +86,36 @@ def example_commands(doc: str) -> list[str]:
     return [line for line in lines if line.startswith(COMMAND_STARTS)]
 
 
-def command_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser whose description is `doc` without its example commands, which form the epilog."""
+class _HelpKeys(argparse.Action):
+    """--help-keys: every config key of the command's `schema` (`sslfg.keys.format_keys`), then exit, as --help."""
+
+    def __init__(self, option_strings: list[str], dest: str, schema: type) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list every config key with its type, default, range and meaning, and exit")
+        self.schema = schema
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(format_keys(self.schema))
+        parser.exit()
+
+
+def command_parser(doc: str, schema: type | None = None) -> argparse.ArgumentParser:
+    """A parser whose description is `doc` without its example commands, which form the epilog; with the
+    config `schema` the command reads, --help-keys lists its keys."""
     commands = example_commands(doc)
     text = "\n".join(line for line in doc.splitlines() if line.strip() not in commands).strip()
     examples = commands or ["%(prog)s --config RECIPE.yaml key=value ..."]
     epilog = ("examples:\n" if len(examples) > 1 else "example:\n") + "\n".join(f"  {c}" for c in examples)
     formatter = argparse.RawDescriptionHelpFormatter
-    return argparse.ArgumentParser(description=text, epilog=epilog, formatter_class=formatter)
+    parser = argparse.ArgumentParser(description=text, epilog=epilog, formatter_class=formatter)
+    if schema is not None:
+        parser.add_argument("--help-keys", action=_HelpKeys, schema=schema)
+    return parser
 
 
-def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[str | None, list[str]]:
-    """`--config PATH` and `key=value` overrides from `argv` (None: sys.argv), for `load_config`."""
-    parser = command_parser(description)
+def parse_cli(argv: Sequence[str] | None, description: str, schema: type) -> tuple[str | None, list[str]]:
+    """`--config PATH` and `key=value` overrides of `schema`'s keys from `argv` (None: sys.argv), for `load_config`."""
+    parser = command_parser(description, schema)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML")
     args = parser.parse_intermixed_args(argv)
@@ -112,10 +131,11 @@ def _add_common(parser: argparse.ArgumentParser, check: bool = True) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML files")
 
 
-def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = True) -> CommandLine:
+def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = True,
+                  schema: type | None = None) -> CommandLine:
     """Flags of the recipe commands (train_ssl, eval.finetune; sslfg.data.build.stats without --check):
-    --config, --dataset, --check, key=value."""
-    parser = command_parser(description)
+    --config, --dataset, --check, key=value, and --help-keys for the command's config `schema`."""
+    parser = command_parser(description, schema)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
     _add_common(parser, check)
     args = parser.parse_intermixed_args(argv)
@@ -128,8 +148,8 @@ Option = tuple[str, str, type, str]
 
 def parse_eval_cli(argv: Sequence[str] | None, description: str, options: Sequence[Option] = ()) -> CommandLine:
     """Flags of the eval commands (and a command's own `options`) → config files, key=value overrides and
-    --check for `load_config`."""
-    parser = command_parser(description)
+    --check for `load_config`; --help-keys lists EvalConfig's keys."""
+    parser = command_parser(description, EvalConfig)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
     parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory (its config.yaml gives the "
                         "data settings the command line leaves unset, unless --config/--dataset name the data) or "

@@ -330,7 +330,7 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    report = Study(load_config(*parse_cli(argv, __doc__), StudyConfig)).run()
+    report = Study(load_config(*parse_cli(argv, __doc__, StudyConfig), StudyConfig)).run()
     if is_main_process():
         print(f"report: {report / 'report.md'}")
 
