@@ -185,14 +185,16 @@ class Report:
         arms = [a for a in ("random", *self.arms) if any(self.evals(a, "localise"))]
         if not arms:
             return []
-        lines = ["| arm | n | " + " | ".join(LOCALISATION.values()) + " | keep precision in pretraining (momentum "
-                 "encoder, last log) |", "|---|---|" + "---|" * (len(LOCALISATION) + 1)]
+        lines = ["| arm | n | keep ratio | " + " | ".join(LOCALISATION.values()) + " | keep precision in pretraining "
+                 "(momentum encoder, last log) |", "|---|---|---|" + "---|" * (len(LOCALISATION) + 1)]
         for arm in arms:
             records = self.evals(arm, "localise")
+            ratio = next((r["protocol.keep_ratio"] for r in records if r), "–")
             cells = [stats([_get(r, k) for r in records], scale=1 if k.endswith("lift") else 100.0)
                      for k in LOCALISATION]
             online = stats(self.online_keep(arm)) if arm in self.arms else "–"
-            lines.append(f"| {arm} | {sum(r is not None for r in records)} | {' | '.join(cells)} | {online} |")
+            lines.append(f"| {arm} | {sum(r is not None for r in records)} | {ratio} | {' | '.join(cells)} | "
+                         f"{online} |")
         return lines
 
     def difference_table(self) -> list[str]:
@@ -409,12 +411,13 @@ class Report:
         if localisation := self.localisation_table():
             text += ["## Localisation", "", "Where each backbone looks on the test images (eval.localise, values in "
                      "%, lift a ratio): keep precision = the fraction of the patches LoDisc would keep (its "
-                     "location score from the backbone's own CLS attention, at the keep ratio under Protocols) whose "
-                     "centre lies in the object box; chance = the fraction of all patches inside it; lift = "
-                     "precision / chance (1: no better than chance); GLS IoU and coverage = the box around the "
-                     "top-k patches most similar to CLS against the object box. The last column is the keep "
-                     "precision logged during pretraining, from the teacher (momentum) encoder that picks LoDisc's "
-                     "patches (every method, local branch on or off, at the same keep ratio).", "", *localisation, ""]
+                     "location score from the backbone's own CLS attention, at the keep ratio the arm trained with, "
+                     "the floor at the first arm's) whose centre lies in the object box; chance = the fraction of "
+                     "all patches inside it; lift = precision / chance (1: no better than chance); GLS IoU and "
+                     "coverage = the box around the top-k patches most similar to CLS against the object box. The "
+                     "last column is the keep precision logged during pretraining, from the teacher (momentum) "
+                     "encoder that picks LoDisc's patches (every method, local branch on or off, at the same keep "
+                     "ratio).", "", *localisation, ""]
         if self.cfg.finetune.arms:
             text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20 on the validation split: "
                      f"**{best}** (the test split takes no part in the choice; see Protocols).", "",
