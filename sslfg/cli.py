@@ -113,8 +113,10 @@ def command_parser(doc: str, schema: type | None = None) -> argparse.ArgumentPar
     return parser
 
 
-def parse_cli(argv: Sequence[str] | None, description: str, schema: type) -> tuple[str | None, list[str]]:
-    """`--config PATH` and `key=value` overrides of `schema`'s keys from `argv` (None: sys.argv), for `load_config`."""
+def parse_cli(argv: Sequence[str] | None, description: str,
+              schema: type | None = None) -> tuple[str | None, list[str]]:
+    """`--config PATH` and `key=value` overrides from `argv` (None: sys.argv), for `load_config`; --help-keys lists
+    the keys of the config `schema`."""
     parser = command_parser(description, schema)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML")
