@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	rm -f $(VENV)/.installed-* && touch $@
 
 data: setup
-	$(BIN)/python -m sslfg.data.sample --out data/sample
-	$(BIN)/python -m sslfg.data.cluttered --out data/cluttered
+	$(BIN)/python -m sslfg.data.build.sample --out data/sample
+	$(BIN)/python -m sslfg.data.build.cluttered --out data/cluttered
 
 demo: data
 	$(BIN)/python -m sslfg.study --config configs/study/cluttered.yaml pretrain.epochs=2 output_dir=$(DEMO_STUDY)

@@ -19,8 +19,8 @@ from common import ROOT
 
 from sslfg.config import load_config
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.evaluation import build_backbone, split_features
-from sslfg.knn import knn_evaluate, retrieval_metrics
+from sslfg.evaluation.knn import knn_evaluate, retrieval_metrics
+from sslfg.evaluation.run import EvalDatasets, build_backbone, split_features
 from sslfg.schema import EvalConfig
 
 
@@ -39,8 +39,9 @@ def main() -> None:
     stages: dict[str, list[float]] = {"extraction": [], "knn": [], "retrieval": []}
     for _ in range(args.repeats):
         tic = time.perf_counter()
-        bank, bank_labels, _ = split_features(cfg, vit, accelerator, cfg.data.train_split, ROOT / "runs")
-        queries, query_labels, _ = split_features(cfg, vit, accelerator, cfg.data.test_split, ROOT / "runs")
+        datasets = EvalDatasets(cfg)  # built anew each round: the extraction includes reading the splits
+        bank, bank_labels, _ = split_features(cfg, vit, accelerator, datasets, cfg.data.train_split, ROOT / "runs")
+        queries, query_labels, _ = split_features(cfg, vit, accelerator, datasets, cfg.data.test_split, ROOT / "runs")
         stages["extraction"].append(time.perf_counter() - tic)
         tic = time.perf_counter()
         knn_evaluate(bank, bank_labels, queries, query_labels, ks=cfg.knn.ks, temperature=cfg.knn.temperature)

@@ -57,8 +57,9 @@ from common import (
 )
 from torch import Tensor
 
-from sslfg.models.backbone import create_vit, forward_tokens
+from sslfg.models.backbone import forward_tokens
 from sslfg.models.glsim import gls_boxes, gls_scores
+from sslfg.weights import create_vit
 
 DIM, DEPTH, HEADS, PATCH = 768, 12, 12, 16
 VIT_B = "vit_base_patch16_224"

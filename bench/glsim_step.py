@@ -32,8 +32,8 @@ import torch
 from common import autocast, interleaved, machine, markdown_table, median_spread, paired_ratios, pick_device
 from torch import Tensor, nn
 
-from sslfg.models.backbone import create_vit
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss
+from sslfg.weights import create_vit
 
 NUM_CLASSES = 200
 TARGET_TRAIN = 2.1

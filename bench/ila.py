@@ -38,9 +38,9 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sslfg.models.backbone import create_vit
 from sslfg.models.glsim import ViTClassifier, classification_loss
 from sslfg.models.ila import VARIANTS, attach_ila, count_parameters, final_grid
+from sslfg.weights import create_vit
 
 MODEL = "vit_base_patch16_224"
 NUM_CLASSES = 200

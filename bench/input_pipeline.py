@@ -19,7 +19,7 @@ no model), the per-image cost of decoding and of the two-view transform on one t
 two-view augmentation's throughput per CPU core, PIL against the batched path (worker half on one
 thread; device half on one CPU thread, or on the GPU with `--device cuda`), in interleaved rounds.
 
-    python -m sslfg.data.sample                  # once: builds data/sample
+    python -m sslfg.data.build.sample                  # once: builds data/sample
     python bench/input_pipeline.py [--variants workers:2:2,device:2:2] [--steps 8] [--rounds 2]
     python bench/input_pipeline.py --device cuda --variants workers:4:0,device:4:0
 """

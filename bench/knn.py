@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from common import markdown_table, median_spread, paired_ratios
 
-from sslfg.knn import CHUNK_SIZE, knn_classify, weighted_votes
+from sslfg.evaluation.knn import CHUNK_SIZE, knn_classify, weighted_votes
 
 EXACT = ("matmul", "faiss", "torch", "sklearn")
 CPU = torch.device("cpu")

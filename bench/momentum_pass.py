@@ -26,7 +26,8 @@ from collections.abc import Iterator
 import torch
 from common import autocast, machine, markdown_table, pick_device, synchronize
 
-from sslfg.models.backbone import cls_attention, create_vit, forward_tokens
+from sslfg.models.backbone import cls_attention, forward_tokens
+from sslfg.weights import create_vit
 
 VARIANTS = ("fused pass, no read-out (MoCo v3)", "fused + CLS row (cls_attention)", "explicit attention (before)")
 MB = 2**20

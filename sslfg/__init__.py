@@ -16,7 +16,7 @@ from sslfg.api import (  # noqa: E402
     load_transform,
     run_pretraining,
 )
-from sslfg.models.backbone import load_backbone  # noqa: E402
+from sslfg.weights import load_backbone  # noqa: E402
 
 __all__ = ["embed_images", "evaluate_knn", "evaluate_linear", "load_backbone", "load_recipe", "load_transform",
            "run_pretraining"]

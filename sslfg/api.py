@@ -10,7 +10,7 @@ in the run folder, same numbers), returning Python objects instead of printing t
     model, transform = sslfg.load_backbone(run), sslfg.load_transform(run)
 
 Overrides are the commands' `key=value` strings; errors are the commands' ConfigError / DataError, raised.
-The functions are not named after the modules (sslfg.pretrain, sslfg.embed, ...), which an import of those
+The functions are not named after the modules (sslfg.pretrain, sslfg.evaluation.embed, ...), which an import of those
 modules would replace as attributes of the package.
 """
 
@@ -92,7 +92,7 @@ def load_transform(checkpoint: str | Path, *overrides: str) -> v2.Compose:
     """The evaluation transform the commands apply to a run's images (its data.image_size, mean, std and
     features.crop_ratio): PIL image -> normalised (3, S, S) tensor for `load_backbone(run)`."""
     from sslfg.data.transforms import eval_transform
-    from sslfg.evaluation import run_data_defaults
+    from sslfg.evaluation.run import run_data_defaults
 
     cfg = run_data_defaults(load_config(None, [f"checkpoint={checkpoint}", *overrides], EvalConfig))[0]
     return eval_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.features.crop_ratio)

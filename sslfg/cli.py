@@ -1,5 +1,5 @@
 """The command-line layer shared by every entry point: arguments, logging, one clear line for a
-user error, the start-up summary, and the run-and-report tail of the frozen-feature evaluations."""
+user error, the start-up summary and the metrics table."""
 
 from __future__ import annotations
 
@@ -13,43 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from accelerate import Accelerator
-from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
-from sslfg.config import ConfigError, load_config
-from sslfg.data.datasets import build_dataset
+from sslfg.config import ConfigError
 from sslfg.data.images import DataError
-from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import CheckpointWriteError
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
-from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable, release_run_dir, release_run_dirs
-from sslfg.evaluation import (
-    backbone_spec,
-    build_backbone,
-    output_dir,
-    record,
-    run_data_defaults,
-    write_metrics,
-)
-from sslfg.models.backbone import require_vit
+from sslfg.engine.rundir import release_run_dirs
+from sslfg.keys import format_keys
 from sslfg.schema import EvalConfig
-from sslfg.summary import startup_summary, token_grid
 
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, CheckpointWriteError)
 COMMAND_STARTS = ("python ", "accelerate ")  # an indented docstring line starting so is an example command
-# the other processes wait at a barrier while the main one runs kNN, retrieval and t-SNE alone
-EVAL_TIMEOUT_S = 6 * 3600
-
-# (cfg, backbone, accelerator, output dir) -> (metrics, protocol) on the main process, None elsewhere
-Measure = Callable[[EvalConfig, VisionTransformer, Accelerator, Path], "tuple[dict, dict] | None"]
-# (cfg, backbone, number of processes, datasets by split) -> the command's own facts of its start-up summary
-Schedule = Callable[[EvalConfig, VisionTransformer, int, dict[str, Any]], dict[str, Any]]
-# (cfg, datasets by split) -> None, or a DataError for data the evaluation cannot use, before any work
-CheckData = Callable[[EvalConfig, dict[str, Any]], None]
-
-
 @dataclass
 class CommandLine:
     """What a command was asked to do: config files in merge order, key=value overrides, --check."""
@@ -110,19 +86,38 @@ def example_commands(doc: str) -> list[str]:
     return [line for line in lines if line.startswith(COMMAND_STARTS)]
 
 
-def command_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser whose description is `doc` without its example commands, which form the epilog."""
+class _HelpKeys(argparse.Action):
+    """--help-keys: every config key of the command's `schema` (`sslfg.keys.format_keys`), then exit, as --help."""
+
+    def __init__(self, option_strings: list[str], dest: str, schema: type) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="list every config key with its type, default, range and meaning, and exit")
+        self.schema = schema
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(format_keys(self.schema))
+        parser.exit()
+
+
+def command_parser(doc: str, schema: type | None = None) -> argparse.ArgumentParser:
+    """A parser whose description is `doc` without its example commands, which form the epilog; with the
+    config `schema` the command reads, --help-keys lists its keys."""
     commands = example_commands(doc)
     text = "\n".join(line for line in doc.splitlines() if line.strip() not in commands).strip()
     examples = commands or ["%(prog)s --config RECIPE.yaml key=value ..."]
     epilog = ("examples:\n" if len(examples) > 1 else "example:\n") + "\n".join(f"  {c}" for c in examples)
     formatter = argparse.RawDescriptionHelpFormatter
-    return argparse.ArgumentParser(description=text, epilog=epilog, formatter_class=formatter)
+    parser = argparse.ArgumentParser(description=text, epilog=epilog, formatter_class=formatter)
+    if schema is not None:
+        parser.add_argument("--help-keys", action=_HelpKeys, schema=schema)
+    return parser
 
 
-def parse_cli(argv: Sequence[str] | None, description: str) -> tuple[str | None, list[str]]:
-    """`--config PATH` and `key=value` overrides from `argv` (None: sys.argv), for `load_config`."""
-    parser = command_parser(description)
+def parse_cli(argv: Sequence[str] | None, description: str,
+              schema: type | None = None) -> tuple[str | None, list[str]]:
+    """`--config PATH` and `key=value` overrides from `argv` (None: sys.argv), for `load_config`; --help-keys lists
+    the keys of the config `schema`."""
+    parser = command_parser(description, schema)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML")
     args = parser.parse_intermixed_args(argv)
@@ -138,10 +133,11 @@ def _add_common(parser: argparse.ArgumentParser, check: bool = True) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML files")
 
 
-def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = True) -> CommandLine:
-    """Flags of the recipe commands (train_ssl, eval.finetune; sslfg.data.stats without --check):
-    --config, --dataset, --check, key=value."""
-    parser = command_parser(description)
+def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = True,
+                  schema: type | None = None) -> CommandLine:
+    """Flags of the recipe commands (train_ssl, eval.finetune; sslfg.data.build.stats without --check):
+    --config, --dataset, --check, key=value, and --help-keys for the command's config `schema`."""
+    parser = command_parser(description, schema)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
     _add_common(parser, check)
     args = parser.parse_intermixed_args(argv)
@@ -154,8 +150,8 @@ Option = tuple[str, str, type, str]
 
 def parse_eval_cli(argv: Sequence[str] | None, description: str, options: Sequence[Option] = ()) -> CommandLine:
     """Flags of the eval commands (and a command's own `options`) → config files, key=value overrides and
-    --check for `load_config`."""
-    parser = command_parser(description)
+    --check for `load_config`; --help-keys lists EvalConfig's keys."""
+    parser = command_parser(description, EvalConfig)
     parser.add_argument("--config", metavar="PATH", help="YAML recipe of EvalConfig keys")
     parser.add_argument("--checkpoint", metavar="PATH", help="sslfg run directory (its config.yaml gives the "
                         "data settings the command line leaves unset, unless --config/--dataset name the data) or "
@@ -188,60 +184,6 @@ def print_metrics(metrics: dict[str, float], path: Path) -> None:
     """A command's final metrics as `format_table` and the file that holds them."""
     print(format_table(metrics))
     print(f"metrics: {path}")
-
-
-def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
-                   schedule: Schedule | None = None, needs_labels: bool = True,
-                   check_data: CheckData | None = None, needs_vit: str = "") -> dict:
-    """Config (data keys from the run's own config.yaml: `run_data_defaults`), accelerator, frozen
-    backbone and the train/test datasets (labelled, unless not `needs_labels`), which `check_data` may
-    refuse (with --check too); prints the start-up summary (and stops there with --check); `measure`
-    returns (metrics, protocol) on the main process (None elsewhere); the result, with the summary, is
-    written to <output_dir>/<name>.json and printed. `needs_vit` (what of `measure` reads a ViT's
-    attention or tokens) refuses another backbone at start-up."""
-    args = parse_eval_cli(argv, description)
-    cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
-    accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
-    out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
-    check_output_dir(cfg.output_dir if "output_dir" in sources else out)  # set empty: an unset variable?
-    if not args.check:  # before any time is spent
-        ensure_writable(out)
-        if accelerator.is_main_process:
-            claim_run_dir(out, "eval")
-        if cfg.output:
-            ensure_writable(Path(cfg.output).parent, "output")
-    vit, info = build_backbone(cfg)
-    datasets = {split: build_dataset(cfg.data, split) for split in (cfg.data.train_split, cfg.data.test_split)}
-    unlabelled = [d.source for d in datasets.values() if d.num_classes == 0]
-    if needs_labels and unlabelled:
-        raise ConfigError(f"eval.{name} needs labelled images, and {unlabelled[0]} has no labels (data.format="
-                          f"{cfg.data.format}, data.labels={str(cfg.data.labels).lower()}): evaluate on a labelled "
-                          "dataset (--dataset PATH or data.root=...), or write these images' features with "
-                          "sslfg-embed (python -m eval.embed)")
-    if check_data is not None:
-        check_data(cfg, datasets)
-    if needs_vit:  # after check_data, which may say why more precisely (raw pixels)
-        require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
-    world = accelerator.num_processes
-    facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
-             "backbone": info["backbone"], "features": cfg.features.kind,
-             **token_grid(vit),
-             "features.global_batch": cfg.features.batch_size * world, "features.crop_ratio": cfg.features.crop_ratio}
-    summary = startup_summary(cfg.data, datasets, sources,
-                              facts | (schedule(cfg, vit, world, datasets) if schedule else {}))
-    if accelerator.is_main_process:
-        print_summary(summary)
-    if args.check:
-        return summary
-    produced = measure(cfg, vit, accelerator, out)
-    result: dict = {}
-    if accelerator.is_main_process and produced is not None:
-        metrics, protocol = produced
-        result = summary | record(cfg, info, protocol, metrics)
-        print_metrics(metrics, write_metrics(out, name, result, cfg.output))
-    accelerator.wait_for_everyone()
-    release_run_dir(out)
-    return result
 
 
 RATIO_SUFFIXES = ("lift",)  # metrics that are ratios, not fractions: printed as they are, not in %

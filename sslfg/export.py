@@ -20,7 +20,8 @@ import yaml
 from timm.models._hub import save_for_hf
 
 from sslfg.config import ConfigError
-from sslfg.models.backbone import BACKBONE_META, RUN_CONFIG, load_backbone
+from sslfg.engine.rundir import RUN_CONFIG
+from sslfg.weights import BACKBONE_META, load_backbone
 
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-4  # largest |onnxruntime - torch| accepted on the check batch
@@ -107,7 +108,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> float:
 
 
 def evaluation_numbers(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Each <run>/eval/<command>.json's metrics: the keys after the protocol.* block (`sslfg.evaluation.record`
+    """Each <run>/eval/<command>.json's metrics: the keys after the protocol.* block (`sslfg.evaluation.run.record`
     writes what produced the numbers first, then the protocol, then the metrics)."""
     numbers = {}
     for path in sorted((run_dir / EVAL_DIR).glob("*.json")):

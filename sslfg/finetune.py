@@ -24,24 +24,17 @@ from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, steps_per_epoch
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
+from sslfg.evaluation.localisation import finetune_test_boxes, glsim_localisation
 from sslfg.figures import save_crop_figure
 from sslfg.files import write_json
-from sslfg.localisation import finetune_test_boxes, glsim_localisation
-from sslfg.models.backbone import (
-    backbone_source,
-    create_backbone,
-    export_backbone,
-    forward_tokens,
-    pretrained_record,
-    require_vit,
-    timm_kwargs,
-)
+from sslfg.models.backbone import forward_tokens, require_vit, timm_kwargs
 from sslfg.models.glsim import GLSim, ViTClassifier, classification_loss, gls_scores
 from sslfg.models.heads import check_batch_norm
 from sslfg.models.ila import attach_ila, count_parameters, final_grid
 from sslfg.schema import FeatureConfig, FinetuneConfig
 from sslfg.summary import startup_summary, token_grid
 from sslfg.verdicts import correct_path, write_correct
+from sslfg.weights import backbone_source, create_backbone, export_backbone, pretrained_record
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +198,7 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
         record = {**summary, "dataset": cfg.data.root, "train_split": cfg.data.train_split,
                   "test_split": cfg.data.test_split, "seed": cfg.seed, "step": step, **info,
                   **{f"test.{k}": v for k, v in result.items()}, **speed, **timing}
-        if isinstance(net, GLSim) and test_ds.boxes is not None:  # where its crops land (sslfg.localisation)
+        if isinstance(net, GLSim) and test_ds.boxes is not None:  # where its crops land (sslfg.evaluation.localisation)
             boxes = finetune_test_boxes(test_ds, cfg.data.image_size, cfg.augment.resize_ratio)
             record |= glsim_localisation(net, test_ds, boxes, accelerator.device, t.batch_size)
         name = f"eval_step_{step:08d}.json" if cfg.eval_only else "metrics.json"

@@ -25,15 +25,15 @@ from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
+from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
-from sslfg.localisation import CROP_RATIO, OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
-from sslfg.models.backbone import export_backbone, pretrained_record, require_vit
+from sslfg.models.backbone import require_vit
 from sslfg.models.heads import check_batch_norm
-from sslfg.online_knn import OnlineKnn, evaluation_data
 from sslfg.schema import FeatureConfig, PretrainConfig
 from sslfg.summary import kept_patches, startup_summary, token_grid
+from sslfg.weights import export_backbone, pretrained_record
 
 log = logging.getLogger(__name__)
 

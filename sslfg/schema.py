@@ -47,16 +47,19 @@ class DataConfig:
     """Where the images are and how they are laid out (METHODS §5)."""
 
     root: str = ""  # dataset folder; required for every real run
+    # csv: <split>.csv of class_id,dir rows; imagefolder: root/<split>/<class>/<image>; folder: every image under
+    # root, without labels
     format: Literal["csv", "imagefolder", "folder"] = "csv"
     images_dir: str = "images"  # csv layout: folder the `dir` column is relative to
     train_split: str = "train_val"  # csv: <split>.csv; imagefolder: root/<split>/
-    val_split: str = "val"
-    test_split: str = "test"
+    val_split: str = "val"  # with a `train` split, what choices (the probe's lr, the fine-tuning init) are made on
+    test_split: str = "test"  # the split the reported numbers are measured on
     num_classes: int = bounded(NON_NEGATIVE, 0)  # 0: infer from the data
-    image_size: int = bounded(AT_LEAST_1, 224)
-    mean: tuple[float, float, float] = bounded("[0, 1]", IMAGENET_MEAN)  # of pixels in [0, 1]
-    std: tuple[float, float, float] = bounded("(0, 1]", IMAGENET_STD)
-    num_workers: int = bounded(NON_NEGATIVE, 4)
+    image_size: int = bounded(AT_LEAST_1, 224)  # side of the square images the model sees, in pixels
+    # per-channel mean of the pixels in [0, 1], for the normalisation (python -m sslfg.data.build.stats measures it)
+    mean: tuple[float, float, float] = bounded("[0, 1]", IMAGENET_MEAN)
+    std: tuple[float, float, float] = bounded("(0, 1]", IMAGENET_STD)  # per-channel std of the pixels in [0, 1]
+    num_workers: int = bounded(NON_NEGATIVE, 4)  # loader worker processes per process; 0: load in the process
     # error: an unreadable image (missing, empty, truncated, undecodable) stops the run, naming file and row,
     # when it is reached; skip: every image is decoded once when the dataset is built, and the bad ones are
     # dropped, each logged, and counted in the run's metrics (data.skipped_images)
@@ -81,28 +84,29 @@ class EvalDataConfig:
     read instead of `data` (e.g. when `data` has no labels): the layout keys of `data`, read with labels and
     through the run's own data.image_size, mean and std. root "": `data` itself."""
 
-    root: str = ""
-    format: Literal["csv", "imagefolder"] = "csv"
-    images_dir: str = "images"
+    root: str = ""  # the labelled dataset's folder; "": `data` itself
+    format: Literal["csv", "imagefolder"] = "csv"  # as data.format, labelled layouts only
+    images_dir: str = "images"  # as data.images_dir
     train_split: str = "train_val"  # the online kNN's bank
     test_split: str = "test"  # its queries, and the keep precision's images
-    num_classes: int = bounded(NON_NEGATIVE, 0)
-    boxes: bool = False
+    num_classes: int = bounded(NON_NEGATIVE, 0)  # as data.num_classes
+    boxes: bool = False  # as data.boxes; the keep precision (train.loc_every) needs them
 
 
 @dataclass
 class AugmentConfig:
     """Two-view BYOL-asymmetric augmentations (METHODS §1)."""
 
+    # RandomResizedCrop's range of the crop's area, as a fraction of the image's
     crop_scale: tuple[float, float] = bounded("(0, 1]", (0.08, 1.0), ordered=True)
     # brightness, contrast, saturation, hue (torchvision allows hue up to 0.5)
     jitter: tuple[float, float, float, float] = bounded((NON_NEGATIVE,) * 3 + ("[0, 0.5]",), (0.4, 0.4, 0.2, 0.1))
-    jitter_p: float = bounded(PROBABILITY, 0.8)
-    grayscale_p: float = bounded(PROBABILITY, 0.2)
+    jitter_p: float = bounded(PROBABILITY, 0.8)  # probability of the colour jitter
+    grayscale_p: float = bounded(PROBABILITY, 0.2)  # probability of turning a view grey
     blur_p: tuple[float, float] = bounded(PROBABILITY, (1.0, 0.1))  # view 1, view 2
-    blur_sigma: tuple[float, float] = bounded(POSITIVE, (0.1, 2.0), ordered=True)
-    solarize_p: tuple[float, float] = bounded(PROBABILITY, (0.0, 0.2))
-    flip_p: float = bounded(PROBABILITY, 0.5)
+    blur_sigma: tuple[float, float] = bounded(POSITIVE, (0.1, 2.0), ordered=True)  # range of the blur's sigma, px
+    solarize_p: tuple[float, float] = bounded(PROBABILITY, (0.0, 0.2))  # view 1, view 2
+    flip_p: float = bounded(PROBABILITY, 0.5)  # probability of a horizontal flip
 
 
 @dataclass
@@ -115,7 +119,7 @@ class ModelConfig:
     weights: str = ""  # local weights file (safetensors or a torch state dict); "" = from scratch
     # timm's weights for `name` (name.tag or hf-hub:org/repo) from the Hugging Face cache, downloaded if online
     pretrained: bool = False
-    drop_path_rate: float = bounded(RATE, 0.0)
+    drop_path_rate: float = bounded(RATE, 0.0)  # stochastic depth of the student's blocks (the teacher has none)
 
     relations: ClassVar = (CLS_TOKEN_POOLING,)
 
@@ -124,16 +128,16 @@ class ModelConfig:
 class LoopConfig:
     """What the shared training loop reads: length, batching, precision, clipping, checkpoints."""
 
-    epochs: int = bounded(AT_LEAST_1, 100)
+    epochs: int = bounded(AT_LEAST_1, 100)  # passes over the training split; the schedules span them
     # >0 stops after this many optimizer steps; schedules still follow `epochs`
     max_steps: int = bounded(NON_NEGATIVE, 0)
     batch_size: int = bounded(AT_LEAST_1, 256)  # per process
-    grad_accum_steps: int = bounded(AT_LEAST_1, 1)
+    grad_accum_steps: int = bounded(AT_LEAST_1, 1)  # batches per optimizer step
     clip_grad: float = bounded(NON_NEGATIVE, 0.0)  # 0: no clipping
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate's autocast; no: float32
     checkpoint_every: int = bounded(AT_LEAST_1, 500)  # optimizer steps
-    keep_checkpoints: int = bounded(AT_LEAST_1, 2)
-    log_every: int = bounded(AT_LEAST_1, 10)
+    keep_checkpoints: int = bounded(AT_LEAST_1, 2)  # the newest checkpoints kept; older ones are deleted
+    log_every: int = bounded(AT_LEAST_1, 10)  # optimizer steps between metrics.jsonl lines
     # steps between the processes' agreement on a stop signal (sslfg.engine.preemption)
     stop_check_every: int = bounded(AT_LEAST_1, 10)
     # where metrics and the resolved config (as hyper-parameters) go, besides metrics.jsonl (sslfg.engine.metrics)
@@ -146,10 +150,10 @@ class TrainConfig(LoopConfig):
     """Pretraining: the loop plus AdamW, its schedules and the EMA momentum (METHODS §1)."""
 
     base_lr: float = bounded(POSITIVE, 1.5e-4)  # lr = base_lr * global_batch / 256
-    min_lr: float = bounded(NON_NEGATIVE, 0.0)
-    warmup_epochs: float = bounded(NON_NEGATIVE, 0.0)
-    weight_decay: float = bounded(NON_NEGATIVE, 0.1)
-    weight_decay_end: float = bounded("(-inf, inf)", -1.0)  # <0: constant weight decay
+    min_lr: float = bounded(NON_NEGATIVE, 0.0)  # the lr the cosine ends at
+    warmup_epochs: float = bounded(NON_NEGATIVE, 0.0)  # linear lr warmup from 0, before the cosine
+    weight_decay: float = bounded(NON_NEGATIVE, 0.1)  # AdamW's, at the start (see weight_decay_end)
+    weight_decay_end: float = bounded("(-inf, inf)", -1.0)  # the cosine's end; <0: constant weight decay
     betas: tuple[float, float] = bounded(RATE, (0.9, 0.999))  # torch AdamW defaults, as MoCo v3
     # torch.compile the online encoder's blocks (forward and backward); on the CPU it needs a C++ compiler
     compile: bool = False
@@ -158,7 +162,7 @@ class TrainConfig(LoopConfig):
     knn_every: int = bounded(NON_NEGATIVE, 0)
     # at most this many bank (data.train_split) and query (data.test_split) images
     knn_samples: int = bounded(AT_LEAST_1, 2000)
-    # LoDisc keep precision (sslfg.localisation) of the teacher encoder every n epochs and at step 0; 0: off
+    # LoDisc keep precision (sslfg.evaluation.localisation) of the teacher encoder every n epochs and at step 0; 0: off
     loc_every: int = bounded(NON_NEGATIVE, 0)
     loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many data.test_split images (with boxes)
 
@@ -178,8 +182,8 @@ class TrainConfig(LoopConfig):
 class PretrainConfig:
     """Everything `train_ssl.py` reads."""
 
-    output_dir: str = "runs/pretrain"
-    seed: int = bounded(NON_NEGATIVE, 0)
+    output_dir: str = "runs/pretrain"  # the run directory: config.yaml, checkpoints, metrics, exported backbone
+    seed: int = bounded(NON_NEGATIVE, 0)  # of every random draw: weights, data order, augmentations
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -216,10 +220,10 @@ class FeatureConfig:
 
     # final CLS; mean of patch tokens; last n blocks' CLS; raw normalised pixels (the floor)
     kind: Literal["cls", "mean", "lastn", "pixels"] = "cls"
-    last_n: int = bounded(AT_LEAST_1, 4)
+    last_n: int = bounded(AT_LEAST_1, 4)  # kind lastn: the CLS of this many final blocks, concatenated
     batch_size: int = bounded(AT_LEAST_1, 256)  # per process
     crop_ratio: float = bounded("(0, 1]", 0.875)  # eval transform: resize to size/crop_ratio, centre crop
-    cache: bool = True
+    cache: bool = True  # keep each split's features in <output_dir>/features, keyed by weights, images, settings
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: extract under bf16 autocast (part of the cache key)
 
 
@@ -228,13 +232,14 @@ class KnnConfig:
     """kNN classifier (DINO protocol) and leave-one-out retrieval (LoDisc protocol)."""
 
     ks: list[int] = bounded(AT_LEAST_1, factory=lambda: [10, 20, 100, 200])  # 1-NN is always reported
-    temperature: float = bounded(POSITIVE, 0.07)
+    temperature: float = bounded(POSITIVE, 0.07)  # T of the neighbours' vote weights exp(sim/T)
     # auto: faiss where it can search on the device (faiss-cpu on the CPU), else torch (so torch on a GPU)
     backend: Literal["auto", "faiss", "torch"] = "auto"
     float16: bool = False  # store the bank in float16: half the memory of a big bank, similarities to ~1e-3
-    retrieval: bool = True
-    figures: bool = True
-    # also val.knn.*: bank train, queries the validation split or linear.val_fraction of train (sslfg.selection)
+    retrieval: bool = True  # also leave-one-out retrieval over the test split (top-1, top-5, mAP)
+    figures: bool = True  # the test queries' nearest training images and the t-SNE map of the test features
+    # also val.knn.*: bank train, queries the validation split or linear.val_fraction of train
+    # (sslfg.evaluation.selection)
     val: bool = False
 
 
@@ -243,22 +248,23 @@ class LinearConfig:
     """Linear probe on the frozen backbone (LoDisc recipe)."""
 
     mode: Literal["fast", "full"] = "fast"  # fast: cached features, lr sweep; full: augmented images
-    epochs: int = bounded(AT_LEAST_1, 100)
-    batch_size: int = bounded(AT_LEAST_1, 256)
+    epochs: int = bounded(AT_LEAST_1, 100)  # of each head
+    batch_size: int = bounded(AT_LEAST_1, 256)  # per process
     # fast mode: base lrs swept at once, each scaled by batch / 256 like `lr`
     lrs: list[float] = bounded(POSITIVE, factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     lr: float = bounded(POSITIVE, 0.5)  # full mode: base lr, scaled by batch / 256
-    momentum: float = bounded(RATE, 0.9)
-    weight_decay: float = bounded(NON_NEGATIVE, 0.0)
+    momentum: float = bounded(RATE, 0.9)  # SGD's
+    weight_decay: float = bounded(NON_NEGATIVE, 0.0)  # SGD's
     val_fraction: float = bounded("(0, 1)", 0.1)  # held out of the train split when the dataset has no val split
     resume: str = ""  # full mode: "" | "auto" | path to a checkpoint directory (as the pretraining `resume`)
 
 
 @dataclass
 class LocaliseConfig:
-    """eval.localise: where a frozen backbone looks (sslfg.localisation)."""
+    """eval.localise: where a frozen backbone looks (sslfg.evaluation.localisation)."""
 
-    keep_ratio: float = bounded("(0, 1]", 0.30)  # LoDisc's kept fraction, from the backbone's own CLS attention
+    # LoDisc's kept fraction, from the backbone's own CLS attention; unset: an evaluated run's method.local.keep_ratio
+    keep_ratio: float = bounded("(0, 1]", 0.30)
     attention_layers: int = bounded(NON_NEGATIVE, 0)  # rank by the last n blocks; 0: every block
     top_k: int = bounded(AT_LEAST_1, 8)  # GLS patches that define the box (GLSim's default)
     figure_samples: int = bounded(NON_NEGATIVE, 6)  # test images in figures/localise.png; 0: no figure
@@ -266,7 +272,7 @@ class LocaliseConfig:
 
 @dataclass
 class EmbedConfig:
-    """eval.embed: the frozen features of one split as .npy shards (sslfg.embed)."""
+    """eval.embed: the frozen features of one split as .npy shards (sslfg.evaluation.embed)."""
 
     split: str = ""  # the split to embed (a csv name or a folder); "": data.train_split; format folder: every image
     dtype: Literal["float16", "float32"] = "float32"  # float32: what faiss reads; float16: half the disk
@@ -281,10 +287,10 @@ class EvalConfig:
     random_init: bool = False  # the floor: the checkpoint's (or model's) architecture, random weights
     pretrained: bool = False  # timm's weights for `model` from the Hugging Face cache (as model.pretrained)
     model: str = ""  # timm name; needed for a weights file or a random init without a run directory
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs of `model` (embed_dim, ...)
     output_dir: str = ""  # default: <run>/eval, or runs/eval/<model>-<init>
     output: str = ""  # also write the metrics JSON here
-    seed: int = bounded(NON_NEGATIVE, 0)
+    seed: int = bounded(NON_NEGATIVE, 0)  # of the random init, the held-out selection split and the figures
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -304,17 +310,17 @@ class EvalConfig:
 class FinetuneModelConfig:
     """The classifier on the backbone: GLSim (METHODS §2) or the plain ViT CLS head."""
 
-    head: Literal["glsim", "vit"] = "glsim"
+    head: Literal["glsim", "vit"] = "glsim"  # GLSim's head (METHODS §2) or a linear head on the CLS token
     name: str = "vit_base_patch16_224"  # timm name, used when `init` is a weights file or empty (scratch)
     patch_size: int = bounded(NON_NEGATIVE, 0)  # 0: the timm default for `name`
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (embed_dim, depth, ...)
     pretrained: bool = False  # with `init` empty: timm's weights for `name` (as the pretraining model.pretrained)
-    drop_path_rate: float = bounded(RATE, 0.1)
+    drop_path_rate: float = bounded(RATE, 0.1)  # stochastic depth of the backbone's blocks
     top_k: int = bounded(AT_LEAST_1, 8)  # GLS patches that define the crop (16 for Stanford Dogs)
     crop_box: Literal["inclusive", "reference"] = "inclusive"  # reference: the original code's box
-    label_smoothing: float = bounded(RATE, 0.1)
+    label_smoothing: float = bounded(RATE, 0.1)  # of the cross-entropy
     adapter: Literal["none", "ila", "ila+", "ila++"] = "none"  # ILA (METHODS §3): frozen backbone + adapters
-    adapter_width: int = bounded(AT_LEAST_1, 8)
+    adapter_width: int = bounded(AT_LEAST_1, 8)  # hidden width of each ILA adapter
     adapter_positions: list[int] = bounded(NON_NEGATIVE, factory=list)  # empty: after blocks depth/3-1 and 2·depth/3-1
 
     relations: ClassVar = (CLS_TOKEN_POOLING,)
@@ -326,9 +332,9 @@ class FinetuneAugmentConfig:
     + CenterCrop(S) for testing."""
 
     resize_ratio: float = bounded(AT_LEAST_1, 1.34)  # the crop must fit in the resized image
-    trivial_augment: bool = True
-    random_erasing: float = bounded(PROBABILITY, 0.3)
-    flip: bool = True
+    trivial_augment: bool = True  # torchvision's TrivialAugmentWide on training images
+    random_erasing: float = bounded(PROBABILITY, 0.3)  # probability of RandomErasing on a training image
+    flip: bool = True  # horizontal flip of training images
 
 
 @dataclass
@@ -338,12 +344,12 @@ class FinetuneTrainConfig(LoopConfig):
     epochs: int = bounded(AT_LEAST_1, 50)
     batch_size: int = bounded(AT_LEAST_1, 8)
     clip_grad: float = bounded(NON_NEGATIVE, 1.0)
-    lr: float = bounded(POSITIVE, 0.01)
-    min_lr: float = bounded(NON_NEGATIVE, 1e-5)
+    lr: float = bounded(POSITIVE, 0.01)  # SGD's lr after warmup, not scaled by the batch
+    min_lr: float = bounded(NON_NEGATIVE, 1e-5)  # the lr the cosine ends at
     warmup_steps: int = bounded(NON_NEGATIVE, 500)  # must be fewer than the run's steps (checked at start)
-    weight_decay: float = bounded(NON_NEGATIVE, 0.0)
-    sgd_momentum: float = bounded(RATE, 0.9)
-    nesterov: bool = True
+    weight_decay: float = bounded(NON_NEGATIVE, 0.0)  # SGD's
+    sgd_momentum: float = bounded(RATE, 0.9)  # SGD's
+    nesterov: bool = True  # Nesterov momentum
 
     relations: ClassVar = (
         Relation(("min_lr", "lr"), lambda min_lr, lr: min_lr <= lr, "{0} must be at most {1}, or the cosine would rise",
@@ -355,8 +361,8 @@ class FinetuneTrainConfig(LoopConfig):
 class FinetuneConfig:
     """Everything `eval.finetune` reads."""
 
-    output_dir: str = "runs/finetune"
-    seed: int = bounded(NON_NEGATIVE, 0)
+    output_dir: str = "runs/finetune"  # the run directory: config.yaml, checkpoints, metrics
+    seed: int = bounded(NON_NEGATIVE, 0)  # of every random draw: head, data order, augmentations
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     init: str = ""  # an sslfg run directory, a weights file (with model.name), or "" for scratch
     eval_only: bool = False  # evaluate the newest checkpoint (or `resume`) on the test split
@@ -401,7 +407,7 @@ class StudyEvalConfig:
 
     knn: list[str] = field(default_factory=list)  # extra key=value for eval.knn
     linear: list[str] = field(default_factory=list)  # extra key=value for eval.linear; [] with run_linear false
-    run_linear: bool = True
+    run_linear: bool = True  # eval.linear on every pretraining arm and floor
     random_floor: bool = True  # random init of the same architecture, same protocols (raw pixels always run)
 
 
@@ -420,7 +426,7 @@ class StudySupervisedConfig:
     plain head) for as many epochs as each pretraining arm, then evaluated frozen like the arms: can this
     architecture learn the task at this budget at all?"""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no supervised reference
     config: str = ""  # fine-tuning recipe (data, augmentation, optimiser); "": the first fine-tuning arm's
     settings: dict[str, Any] = field(default_factory=dict)  # dotted key: value; with config "", the first arm's
 
@@ -429,9 +435,9 @@ class StudySupervisedConfig:
 class StudyConfig:
     """Everything `python -m sslfg.study` reads: one dataset, one budget, seeds, and the arms."""
 
-    output_dir: str = "runs/study"
+    output_dir: str = "runs/study"  # the study folder: seed<s>/ with every arm's runs, the report
     dataset: str = ""  # dataset recipe for the evaluations; the arms' recipes must name the same data.root
-    seeds: list[int] = bounded(NON_NEGATIVE, factory=lambda: [0])
+    seeds: list[int] = bounded(NON_NEGATIVE, factory=lambda: [0])  # every arm runs once per seed
     pretrain: StudyPretrainConfig = field(default_factory=StudyPretrainConfig)
     evaluate: StudyEvalConfig = field(default_factory=StudyEvalConfig)
     finetune: StudyFinetuneConfig = field(default_factory=StudyFinetuneConfig)

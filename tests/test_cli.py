@@ -1,5 +1,5 @@
 """The command layer: start-up summary and --check on every command, evaluation on a run's own data,
-eval.finetune --dataset and its test table, per-command --help examples, sslfg.data.stats."""
+eval.finetune --dataset and its test table, per-command --help examples, sslfg.data.build.stats."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn, linear
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import load_config, save_config
-from sslfg.data import stats
+from sslfg.data.build import stats
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config
@@ -204,7 +204,7 @@ def test_help_examples_are_the_commands_own(main, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     examples = [line.strip() for line in out.split("example", 1)[1].splitlines()[1:] if line.startswith("  ")]
     own = {train_ssl.main: "train_ssl.py", knn.main: "eval.knn", linear.main: "eval.linear",
-           finetune_cli.main: "eval.finetune", stats.main: "sslfg.data.stats"}[main]
+           finetune_cli.main: "eval.finetune", stats.main: "sslfg.data.build.stats"}[main]
     assert examples and all(own in line.split("#")[0] for line in examples), examples
     assert "configs/pretrain/cub.yaml" not in out
     assert main is not finetune_cli.main or "keep_ratio" not in out  # a pretraining key

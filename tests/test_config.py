@@ -12,9 +12,9 @@ import yaml
 
 from sslfg.cli import parse_cli
 from sslfg.config import ConfigError, check_warmup, key_sources, load_config, save_config, to_dict
-from sslfg.models.backbone import create_vit
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
-from sslfg.study import Study
+from sslfg.study.run import Study
+from sslfg.weights import create_vit
 
 
 @dataclass

@@ -19,7 +19,7 @@ How each is checked:
   (csv and imagefolder layouts in one folder, with object boxes), data.images_dir=images, data.num_classes=0 and
   data.num_workers=0 appended, and for eval.finetune train.warmup_steps=0 (the tiny data gives fewer
   steps than a recipe's warmup).
-- sslfg.study, sslfg.report and sslfg.data.sample (no --check: they run a whole study or build data)
+- sslfg.study, sslfg.study.report and sslfg.data.build.sample (no --check: they run a whole study or build data)
   and make targets: the module imports and has a main / the Makefile has the target.
 """
 
@@ -32,6 +32,7 @@ import shutil
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -39,7 +40,7 @@ from sslfg.commands import embed, export, knn, linear, localise
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import save_config
-from sslfg.data import stats
+from sslfg.data.build import stats
 from sslfg.pretrain import pretrain
 from sslfg.schema import FinetuneConfig
 from tests.conftest import TINY_MODEL, tiny_config, write_csv_dataset
@@ -51,10 +52,10 @@ CONSOLE = {"sslfg-pretrain": "train_ssl.py", "sslfg-knn": "eval.knn", "sslfg-lin
            "sslfg-study": "sslfg.study", "sslfg-export": "eval.export"}
 COMMAND_START = ("python ", "accelerate ", "make ", *(f"{name} " for name in CONSOLE))
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
-                                     "eval.finetune": finetune_cli.main, "sslfg.data.stats": stats.main,
+                                     "eval.finetune": finetune_cli.main, "sslfg.data.build.stats": stats.main,
                                      "eval.localise": localise.main, "eval.embed": embed.main,
                                      "eval.export": export.main}
-NOT_CHECKABLE = ("sslfg.study", "sslfg.report", "sslfg.data.sample")  # no --check: import + main only
+NOT_CHECKABLE = ("sslfg.study", "sslfg.study.report", "sslfg.data.build.sample")  # no --check: import + main only
 RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton",
             "runs/cluttered_lodisc", "runs/cluttered_unlabelled")  # -> the tiny pretraining run
 FINETUNE_CONFIGS = ("runs/glsim_sample/config.yaml",)  # -> the tiny fine-tuning recipe
@@ -73,6 +74,12 @@ def help_commands(main: Callable, capsys: pytest.CaptureFixture[str]) -> list[st
     text = capsys.readouterr().out
     examples = re.split(r"\nexamples?:\n", text, maxsplit=1)[1]
     return [strip_comment(line) for line in examples.splitlines() if line.startswith("  ")]
+
+
+def entry_module(name: str) -> ModuleType:
+    """The module `python -m name` runs: a package's __main__."""
+    module = importlib.import_module(name)
+    return importlib.import_module(f"{name}.__main__") if hasattr(module, "__path__") else module
 
 
 def strip_comment(line: str) -> str:
@@ -167,7 +174,7 @@ def test_every_documented_command_runs_with_check(placeholders: tuple[Path, Path
             continue
         entry, args = entry_and_args(command)
         if entry in NOT_CHECKABLE:
-            assert callable(importlib.import_module(entry).main), (where, command)
+            assert callable(entry_module(entry).main), (where, command)
             continue
         assert entry in ENTRY_POINTS, (where, command)
         argv = substitute(entry, args, run, ft_config, data_root)
@@ -199,4 +206,4 @@ def test_console_commands_are_the_entry_points() -> None:
         entry = CONSOLE[name]
         shim = entry.removesuffix(".py")  # train_ssl.py -> the module train_ssl
         assert callable(getattr(importlib.import_module(module), function)), name
-        assert importlib.import_module(module).main is importlib.import_module(shim).main, name
+        assert importlib.import_module(module).main is entry_module(shim).main, name

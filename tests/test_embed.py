@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import sslfg.embed
+import sslfg.evaluation.embed
 from sslfg.cli import run_cli
 from sslfg.commands import embed
 from tests.conftest import write_csv_dataset
@@ -69,7 +69,7 @@ def test_unlabelled_folder_has_no_label_column(data: Path, tmp_path: Path) -> No
 def test_a_stopped_embedding_recomputes_only_the_missing_shards(data: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     out, calls, stop_at = tmp_path / "out", [], [2]
-    extract = sslfg.embed.extract_features
+    extract = sslfg.evaluation.embed.extract_features
 
     def counted(*a, **k):
         calls.append(len(a[1]))
@@ -77,7 +77,7 @@ def test_a_stopped_embedding_recomputes_only_the_missing_shards(data: Path, tmp_
             raise KeyboardInterrupt  # a stop while that shard is computed
         return extract(*a, **k)
 
-    monkeypatch.setattr(sslfg.embed, "extract_features", counted)
+    monkeypatch.setattr(sslfg.evaluation.embed, "extract_features", counted)
     assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 130
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["complete"] for s in manifest["shards"]] == [True, False, False] and not manifest["complete"]

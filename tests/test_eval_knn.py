@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sslfg.cli import run_cli
-from sslfg.commands import knn, localise
+from sslfg.commands import knn, linear, localise
+from sslfg.data import datasets as datasets_module
 from sslfg.pretrain import pretrain
 from sslfg.verdicts import correct_path, read_correct
 from tests.conftest import tiny_config
@@ -103,3 +106,26 @@ def test_knn_on_validation_never_reads_the_test_split(tiny_run: Path, tiny_data:
     (shuffled / "test.csv").write_text("\n".join([header, *(f"{(int(r[0]) + 1) % 3}{r[1:]}" for r in rows)]) + "\n")
     other = knn.main([*args, f"data.root={shuffled}", f"output_dir={tmp_path / 'b'}"])
     assert other["val.knn.k3.top1"] == result["val.knn.k3.top1"] and other["knn.k3.top1"] != result["knn.k3.top1"]
+
+
+@pytest.mark.parametrize("command", [knn, linear], ids=["knn", "linear"])
+def test_an_evaluation_reads_each_split_once(command, tiny_run: Path, tiny_data: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Each split is built once per command: with data.on_bad_image=skip every image is decoded twice, once when
+    its split is read and once for its features (three times when the command built its splits twice), and a
+    test split that the training split lists is warned about once."""
+    decoded: Counter[str] = Counter()
+
+    def counting(path: str, *args: object) -> object:
+        decoded[path] += 1
+        return load_image(path, *args)
+
+    load_image = datasets_module.load_image
+    monkeypatch.setattr(datasets_module, "load_image", counting)
+    args = ["--checkpoint", str(tiny_run), *data_args(tiny_data), "data.on_bad_image=skip", "features.cache=false",
+            "knn.figures=false", "linear.epochs=1"]
+    command.main([*args, f"output_dir={tmp_path / 'test'}"])
+    assert len(decoded) == 32 and set(decoded.values()) == {2}
+    with caplog.at_level(logging.WARNING, logger="sslfg.data.datasets"):
+        command.main([*args, "data.test_split=train_val", f"output_dir={tmp_path / 'overlap'}"])
+    assert sum("also lists" in r.getMessage() for r in caplog.records) == 1

@@ -18,8 +18,8 @@ from sslfg import load_backbone
 from sslfg.commands import export, knn
 from sslfg.config import ConfigError
 from sslfg.export import ONNX_FILE
-from sslfg.models.backbone import BACKBONE_META, BACKBONE_WEIGHTS
 from sslfg.pretrain import pretrain
+from sslfg.weights import BACKBONE_META, BACKBONE_WEIGHTS
 from tests.conftest import tiny_config, write_csv_dataset
 from tests.reliability.procs import ENV, ROOT
 

@@ -9,9 +9,10 @@ import torch
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.features import cached_features, extract_features, pool_features, weights_digest
-from sslfg.models.backbone import create_vit, forward_tokens
+from sslfg.evaluation.features import cached_features, extract_features, pool_features, weights_digest
+from sslfg.models.backbone import forward_tokens
 from sslfg.schema import DataConfig
+from sslfg.weights import create_vit
 
 
 def tiny_vit(seed: int = 0):

@@ -14,7 +14,7 @@ from sslfg.commands import finetune as finetune_cli
 from sslfg.config import ConfigError
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
-from sslfg.evaluation import build_backbone
+from sslfg.evaluation.run import build_backbone
 from sslfg.finetune import build_classifier, finetune, throughput
 from sslfg.models.glsim import GLSim, ViTClassifier
 from sslfg.pretrain import pretrain

@@ -19,7 +19,7 @@ from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import ConfigError
-from sslfg.models.backbone import create_vit, pretrained_record
+from sslfg.weights import create_vit, pretrained_record
 from tests.conftest import write_csv_dataset
 from tests.reliability.procs import ENV, ROOT, pretrain_args
 

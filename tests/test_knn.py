@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import sslfg.knn
-from sslfg.knn import (
+import sslfg.evaluation.knn
+from sslfg.evaluation.knn import (
     knn_classify,
     knn_evaluate,
     knn_scores,
@@ -237,7 +237,7 @@ def test_k_larger_than_bank_is_clamped(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ks_larger_than_the_bank_are_dropped_with_a_warning(backend: str, caplog: pytest.LogCaptureFixture) -> None:
     bank, bank_labels, queries, query_labels = data(12, 5, 8, 3)
-    with caplog.at_level("WARNING", logger="sslfg.knn"):
+    with caplog.at_level("WARNING", logger="sslfg.evaluation.knn"):
         m = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(12, 20, 200), backend=backend)
     assert set(m) == {"knn.k12.top1", "knn.k12.top5", "knn.k1.top1"}  # no k reported under a clamped name
     assert m == knn_evaluate(bank, bank_labels, queries, query_labels, ks=(12,), backend=backend)
@@ -299,9 +299,9 @@ def test_auto_backend_and_lazy_faiss_fallback(
     assert resolve_backend("torch", "cpu")[0] == "torch"
     bank, bank_labels, queries, query_labels = data(60, 20, 8, 4)
     expected = knn_evaluate(bank, bank_labels, queries, query_labels, ks=(5,), backend="torch")
-    monkeypatch.setattr(sslfg.knn, "_faiss", lambda: None)  # as if faiss were not installed
+    monkeypatch.setattr(sslfg.evaluation.knn, "_faiss", lambda: None)  # as if faiss were not installed
     assert resolve_backend("auto", "cpu") == ("torch", "faiss is not installed")
-    with caplog.at_level("WARNING", logger="sslfg.knn"):
+    with caplog.at_level("WARNING", logger="sslfg.evaluation.knn"):
         assert knn_evaluate(bank, bank_labels, queries, query_labels, ks=(5,), backend="faiss") == expected
     assert "knn.backend=faiss but faiss is not installed; searching with torch" in caplog.text
 

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from sslfg.cli import run_cli
 from sslfg.commands import linear
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.linear import LinearHeads, epoch_batches, fast_probe, train_heads
-from sslfg.models.backbone import create_vit
+from sslfg.evaluation.linear import LinearHeads, epoch_batches, fast_probe, train_heads
+from sslfg.evaluation.selection import stratified_holdout
 from sslfg.schema import LinearConfig
-from sslfg.selection import stratified_holdout
 from sslfg.verdicts import correct_path, read_correct
+from sslfg.weights import create_vit
 
 TINY = ("--random-init", "--model", "vit_tiny_patch16_224",
         "model_kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}")
@@ -143,7 +143,7 @@ def test_fast_mode_end_to_end(tiny_data: Path, val_data: Path, tmp_path: Path,
     hits = read_correct(correct_path(tmp_path / "a", "linear"), "linear.top1")
     assert len(hits) == 8 and hits.mean() == pytest.approx(result["linear.top1"])
     # two lrs: the choice is always at an edge, warned in the log and the json
-    with caplog.at_level(logging.WARNING, logger="sslfg.linear"):
+    with caplog.at_level(logging.WARNING, logger="sslfg.evaluation.linear"):
         edge = linear.main(tiny_args(tiny_data, tmp_path / "c", "linear.lrs=[0.01, 0.1]"))
     assert edge["protocol.lr_warning"].startswith(f"linear.lrs: the chosen lr {edge['protocol.lr']:g} is the")
     assert edge["protocol.lr_warning"] in caplog.text

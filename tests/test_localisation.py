@@ -16,13 +16,11 @@ from safetensors.torch import load_file
 
 from sslfg.cli import run_cli
 from sslfg.commands.localise import main as localise_main
-from sslfg.config import ConfigError, load_config
+from sslfg.config import COMMAND_LINE, ConfigError, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform, finetune_transforms
 from sslfg.engine.checkpoint import checkpoint_dirs
-from sslfg.finetune import build_classifier, finetune
-from sslfg.localisation import (
-    OnlineLocalisation,
+from sslfg.evaluation.localisation import (
     backbone_looks,
     box_coverage,
     box_iou,
@@ -33,10 +31,13 @@ from sslfg.localisation import (
     keep_precision,
     yxyx_to_xyxy,
 )
+from sslfg.evaluation.online import OnlineLocalisation
+from sslfg.finetune import build_classifier, finetune
 from sslfg.methods import METHODS, build_method
-from sslfg.models.backbone import forward_tokens, load_backbone
+from sslfg.models.backbone import forward_tokens
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
+from sslfg.weights import load_backbone
 from tests.conftest import tiny_config
 from tests.methods.references import reference_kept
 from tests.test_finetune import ft_config
@@ -250,6 +251,24 @@ def test_eval_localise_scores_the_frozen_backbone(boxed_data: Path, tmp_path: Pa
                  "localise.attention_layers: every block"):  # the start-up summary
         assert f"\n  {fact}\n" in out, fact
     assert got["localise.kept_patches"] == "4 of 16" and got["data.test.boxes"] is True
+
+
+def test_eval_localise_takes_the_run_keep_ratio_unless_set(boxed_data: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A run trained at keep ratio 0.5 is scored at 0.5, not the schema's 0.30 (the study's keep15 / keep50 arms
+    were); localise.keep_ratio set on the command line wins; the summary and localise.json say where it came from."""
+    cfg = boxed_config(boxed_data, tmp_path / "run", max_steps=1)
+    cfg.method.local.keep_ratio = 0.5
+    run = pretrain(cfg)
+    own = localise_main(["--checkpoint", str(run), "localise.figure_samples=0"])
+    assert own["protocol.keep_ratio"] == 0.5 and own["protocol.kept_patches"] == 8
+    assert own["localise.keep_ratio.source"] == f"{run / 'config.yaml'} (the run's method.local.keep_ratio)"
+    out = capsys.readouterr().out
+    assert "\n  localise.keep_ratio: 0.5\n" in out and "\n  localise.kept_patches: 8 of 16\n" in out
+    told = localise_main(["--checkpoint", str(run), "localise.keep_ratio=0.25", "localise.figure_samples=0",
+                          f"output_dir={tmp_path / 'told'}"])
+    assert told["protocol.keep_ratio"] == 0.25 and told["protocol.kept_patches"] == 4
+    assert told["localise.keep_ratio.source"] == COMMAND_LINE
 
 
 def test_eval_localise_without_boxes_is_one_error_line(tiny_data: Path, tmp_path: Path,

@@ -12,10 +12,11 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
-from sslfg.knn import knn_evaluate
-from sslfg.models.backbone import forward_tokens, load_backbone
-from sslfg.online_knn import OnlineKnn
+from sslfg.evaluation.knn import knn_evaluate
+from sslfg.evaluation.online import OnlineKnn
+from sslfg.models.backbone import forward_tokens
 from sslfg.pretrain import pretrain
+from sslfg.weights import load_backbone
 from tests.conftest import tiny_config
 
 

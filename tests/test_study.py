@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from sslfg import study as study_module
 from sslfg.cli import run_cli
 from sslfg.config import ConfigError, load_config
-from sslfg.report import build_report
-from sslfg.report import main as report_main
 from sslfg.schema import StudyConfig
-from sslfg.study import Study
-from sslfg.studydir import best_pretrain_arm
+from sslfg.study import run as study_module
+from sslfg.study.layout import best_pretrain_arm
+from sslfg.study.report import build_report
+from sslfg.study.report import main as report_main
+from sslfg.study.run import Study
 from sslfg.verdicts import correct_path, write_correct
 from tests.conftest import TINY_METHOD, TINY_MODEL
 from tests.reliability.procs import command, finish, start
@@ -228,7 +228,8 @@ def test_a_study_on_data_with_boxes_reports_where_each_arm_looks(tmp_path: Path)
         assert row in section, row
     lodisc = next(line for line in section.splitlines() if line.startswith("| lodisc |")).split(" | ")
     loc = json.loads((root / "seed0/lodisc/eval/localise.json").read_text())
-    assert lodisc[2] == f"{100 * loc['loc.keep_precision']:.2f}" and lodisc[4] == f"{loc['loc.keep_lift']:.2f}"
+    assert lodisc[2] == str(loc["protocol.keep_ratio"])  # the ratio the arm trained with
+    assert lodisc[3] == f"{100 * loc['loc.keep_precision']:.2f}" and lodisc[5] == f"{loc['loc.keep_lift']:.2f}"
     records = [json.loads(x) for x in (root / "seed0/lodisc/metrics.jsonl").read_text().splitlines()]
     last = [r["online_loc.keep_precision"] for r in records if "online_loc.keep_precision" in r][-1]
     assert lodisc[-1].strip(" |") == f"{100 * last:.2f}"

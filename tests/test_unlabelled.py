@@ -21,7 +21,7 @@ from sslfg.data.images import DataError
 from sslfg.methods import METHODS
 from sslfg.pretrain import pretrain
 from sslfg.schema import DataConfig, StudyConfig
-from sslfg.study import Study
+from sslfg.study.run import Study
 from tests.conftest import tiny_config, write_csv_dataset
 from tests.reliability.procs import pretrain_args
 from tests.test_study import write_recipes

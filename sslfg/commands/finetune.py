@@ -23,7 +23,7 @@ from sslfg.schema import FinetuneConfig
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_run_cli(argv, __doc__)
+    args = parse_run_cli(argv, __doc__, schema=FinetuneConfig)
     cfg = load_config(args.files, args.overrides, FinetuneConfig)
     run_dir = finetune(cfg, args.check, print_summary, print_metrics)
     if not args.check:

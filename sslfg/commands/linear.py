@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sslfg.cli import console, run_evaluation
-from sslfg.linear import probe_splits, run_fast_probe, run_full_probe
+from sslfg.cli import console
+from sslfg.evaluation.linear import probe_splits, run_probe
+from sslfg.evaluation.run import run_evaluation
 from sslfg.schema import EvalConfig
 
 
@@ -37,12 +38,11 @@ def schedule(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any])
     lin = cfg.linear
     lrs = lin.lrs if lin.mode == "fast" else [lin.lr]
     return {"linear.mode": lin.mode, "epochs": lin.epochs, "global_batch": lin.batch_size * num_processes,
-            "lr": [lr * lin.batch_size / 256 for lr in lrs], **probe_splits(cfg, datasets[cfg.data.train_split])}
+            "lr": [lr * lin.batch_size / 256 for lr in lrs], **probe_splits(cfg, datasets)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run_evaluation(argv, __doc__, "linear", lambda cfg, vit, accelerator, out: (
-        run_fast_probe if cfg.linear.mode == "fast" else run_full_probe)(cfg, vit, accelerator, out), schedule)
+    return run_evaluation(argv, __doc__, "linear", run_probe, schedule)
 
 
 cli = console(main)

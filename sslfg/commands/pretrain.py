@@ -22,7 +22,7 @@ from sslfg.schema import PretrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_run_cli(argv, __doc__)
+    args = parse_run_cli(argv, __doc__, schema=PretrainConfig)
     run_dir = pretrain(load_config(args.files, args.overrides, PretrainConfig), args.check, print_summary)
     if not args.check:
         print(f"run directory: {run_dir}")

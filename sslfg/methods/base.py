@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.methods.local import LocalBranch
-from sslfg.models.backbone import cls_attention, create_backbone, grid_size, pooled_feature, require_vit, timm_kwargs
+from sslfg.models.backbone import cls_attention, grid_size, pooled_feature, require_vit, timm_kwargs
+from sslfg.weights import create_backbone
 
 if TYPE_CHECKING:
     from sslfg.schema import ModelConfig

@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from sslfg.data.boxes import eval_boxes, transform_box
-from sslfg.data.cub import convert_cub
+from sslfg.data.build.cub import convert_cub
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError, loaded_size
 from sslfg.data.transforms import eval_transform

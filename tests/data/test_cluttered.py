@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslfg.data import cluttered, sample
 from sslfg.data.boxes import eval_boxes
+from sslfg.data.build import cluttered, sample
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.schema import DataConfig

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sslfg.data.sample as sample
+import sslfg.data.build.sample as sample
 from sslfg.data.datasets import CsvSplitDataset
 from sslfg.data.images import DataError
 
@@ -117,7 +117,7 @@ def test_refuses_a_foreign_folder(tmp_path: Path, source) -> None:
     cache, _ = source
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(DataError, match="was not built by sslfg.data.sample"):
+    with pytest.raises(DataError, match="was not built by sslfg.data.build.sample"):
         _prepare(tmp_path / "mine", cache)
     assert (tmp_path / "mine" / "thesis.tex").exists()
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sslfg import cli
 from sslfg.commands import knn
 from sslfg.engine.accelerator import make_accelerator
+from sslfg.evaluation import run as evaluation_run
 from tests.reliability.procs import ENV, ROOT, command
 from tests.test_eval_knn import TINY, data_args
 
@@ -19,7 +19,7 @@ WORKER = """
 import sys, time
 import torch.distributed as dist
 from sslfg.commands import knn
-from sslfg import cli
+from sslfg.evaluation import run as evaluation_run
 from sslfg.engine.accelerator import make_accelerator
 acc = make_accelerator(timeout_s=float(sys.argv[1]))
 if acc.is_main_process:
@@ -50,6 +50,6 @@ def test_evaluation_commands_ask_for_the_long_timeout(monkeypatch: pytest.Monkey
         asked.append(timeout_s)
         return make_accelerator(*args, timeout_s=timeout_s, **kwargs)
 
-    monkeypatch.setattr(cli, "make_accelerator", recording)
+    monkeypatch.setattr(evaluation_run, "make_accelerator", recording)
     knn.main(["--random-init", "--model", "vit_tiny_patch16_224", *TINY, *data_args(tiny_data), "--check"])
-    assert asked == [cli.EVAL_TIMEOUT_S] and cli.EVAL_TIMEOUT_S >= 3600
+    assert asked == [evaluation_run.EVAL_TIMEOUT_S] and evaluation_run.EVAL_TIMEOUT_S >= 3600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ import yaml
 from safetensors.torch import save_file
 
 from sslfg.config import ConfigError
-from sslfg.models.backbone import backbone_source, create_vit
 from sslfg.models.glsim import GLSim
+from sslfg.weights import backbone_source, create_vit
 from tests.conftest import tiny_method
 
+MODELS = Path(__file__).resolve().parents[2] / "sslfg" / "models"
 NAME = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -165,3 +167,11 @@ def test_model_file_of_an_unreadable_wrapper_is_refused_with_the_runs_backbone(t
         create_vit(NAME, KWARGS, weights=str(path))
     message = str(e.value)
     assert "unexpected" in message and str(run / "backbone.safetensors") in message
+
+
+def test_the_model_layer_does_not_know_run_folders() -> None:
+    """sslfg.models builds and reads the networks; weights files, checkpoints and run directories are sslfg.weights'
+    and sslfg.engine's (issue 24 §5): no module of sslfg/models imports them."""
+    imported = {(path.name, node.module) for path in MODELS.glob("*.py")
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {(name, module) for name, module in imported if module.startswith(("sslfg.engine", "sslfg.weights"))}

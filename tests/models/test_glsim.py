@@ -12,7 +12,7 @@ from timm.layers import DropPath
 
 from sslfg.config import load_config
 from sslfg.finetune import build_classifier
-from sslfg.models.backbone import create_vit, forward_tokens, new_block, timm_kwargs
+from sslfg.models.backbone import forward_tokens, new_block, timm_kwargs
 from sslfg.models.glsim import (
     GLSim,
     ViTClassifier,
@@ -24,6 +24,7 @@ from sslfg.models.glsim import (
 )
 from sslfg.models.ila import InterLayerAdapter, attach_ila, final_grid
 from sslfg.schema import FinetuneConfig
+from sslfg.weights import create_vit
 from tests.conftest import TINY_MODEL
 
 

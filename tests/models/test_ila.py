@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from sslfg.models.backbone import create_vit, forward_tokens, timm_kwargs
+from sslfg.models.backbone import forward_tokens, timm_kwargs
 from sslfg.models.ila import InterLayerAdapter, attach_ila, count_parameters, final_grid
+from sslfg.weights import create_vit
 
 
 def narrow_vit(img_size: int, patch_size: int, depth: int, seed: int = 0) -> torch.nn.Module:

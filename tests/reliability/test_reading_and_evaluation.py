@@ -31,14 +31,14 @@ from safetensors.torch import save
 
 from sslfg import figures
 from sslfg.commands import knn, localise
-from sslfg.data import stats
+from sslfg.data.build import stats
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import IMAGE_EXTENSIONS, DataError, load_image
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.features import cached_features
-from sslfg.models.backbone import create_vit
+from sslfg.evaluation.features import cached_features
 from sslfg.schema import DataConfig
+from sslfg.weights import create_vit
 from tests.conftest import write_csv_dataset
 from tests.reliability.outcomes import user_error
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from sslfg import study as study_module
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
@@ -22,6 +21,7 @@ from sslfg.engine import checkpoint as checkpoint_module
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.preemption import Interrupted, StopSignals
 from sslfg.engine.rundir import LOCK_FILE
+from sslfg.study import run as study_module
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import (
     ENV,

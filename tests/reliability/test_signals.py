@@ -29,8 +29,8 @@ from sslfg.config import load_config
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.preemption import INTERRUPTED, Interrupted
 from sslfg.schema import StudyConfig
-from sslfg.study import Study
-from sslfg.studydir import done_path, pretrain_dir
+from sslfg.study.layout import done_path, pretrain_dir
+from sslfg.study.run import Study
 from tests.reliability.procs import (
     TIMEOUT,
     Reference,

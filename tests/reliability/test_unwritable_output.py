@@ -16,6 +16,7 @@ import pytest
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
+from sslfg.evaluation import knn_transfer
 from tests.reliability.outcomes import Recorder, user_error
 from tests.reliability.procs import finetune_args, pretrain_args
 from tests.test_eval_knn import TINY, data_args
@@ -63,7 +64,7 @@ ENTRIES = {
                  [("sslfg.finetune", "build_dataset"), ("sslfg.finetune", "build_classifier")]),
     "eval.knn": (knn.main, lambda data, out: ["--random-init", "--model", "vit_tiny_patch16_224", *TINY,
                                               *data_args(data), f"output_dir={out}"],
-                 [("sslfg.evaluation", "build_dataset"), ("sslfg.evaluation", "create_backbone")]),
+                 [("sslfg.evaluation.run", "build_dataset"), ("sslfg.evaluation.run", "create_backbone")]),
 }
 
 
@@ -91,8 +92,8 @@ def test_unwritable_output_dir_stops_before_any_work(tiny_data: Path, tmp_path: 
 
 def test_unwritable_output_file_of_an_evaluation(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    extract = Recorder(knn.split_features)
-    monkeypatch.setattr(knn, "split_features", extract)
+    extract = Recorder(knn_transfer.split_features)
+    monkeypatch.setattr(knn_transfer, "split_features", extract)
     (tmp_path / "file").write_text("")
     main, args, _ = ENTRIES["eval.knn"]
     message = user_error(main, [*args(tiny_data, tmp_path / "eval"), "--output", str(tmp_path / "file" / "m.json")],

@@ -17,7 +17,7 @@ from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
 from sslfg.engine.checkpoint import checkpoint_dirs
-from sslfg.models.backbone import backbone_source, create_vit, load_backbone
+from sslfg.weights import backbone_source, create_vit, load_backbone
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import finetune_args, pretrain_args
 from tests.test_eval_knn import TINY, data_args

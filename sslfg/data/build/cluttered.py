@@ -1,10 +1,10 @@
 """The cluttered sample: the bundled sample's garments, small, on a larger canvas among clutter, with boxes.
 
-    python -m sslfg.data.cluttered [--out data/cluttered] [--per-class 1000] [--test-per-class 200]
+    python -m sslfg.data.build.cluttered [--out data/cluttered] [--per-class 1000] [--test-per-class 200]
 
 In the style of the cluttered MNIST of the spatial-transformer literature, so that "where does the
 model look?" has an answer: each image of the sample (same rows, splits and sizes as
-`sslfg.data.sample`, from the same Fashion-MNIST files) becomes an 84x84 grey canvas with
+`sslfg.data.build.sample`, from the same Fashion-MNIST files) becomes an 84x84 grey canvas with
 
 - the 28x28 garment at a uniformly random position, wholly inside the canvas (its square is a
   ninth of the canvas);
@@ -16,7 +16,7 @@ The csv files carry the garment's tight box (`x0,y0,x1,y1`, around its non-zero 
 exclusive) in canvas pixels: with the clutter kept off it, the box holds exactly the garment.
 Every random choice of an image comes from a generator seeded by (SEED, part, index), so the
 output is the same bytes on every run and independent of thread scheduling. Output layout and
-build (temporary folder, marker, rebuild on other parameters) are those of `sslfg.data.sample`.
+build (temporary folder, marker, rebuild on other parameters) are those of `sslfg.data.build.sample`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sslfg.data.datasets import BOX_COLUMNS
-from sslfg.data.images import DataError
-from sslfg.data.sample import (
+from sslfg.data.build.sample import (
     SEED,
     SOURCE_FILES,
     SYSTEM_DIR,
@@ -38,6 +36,8 @@ from sslfg.data.sample import (
     build_from_fashion_mnist,
     command_line,
 )
+from sslfg.data.datasets import BOX_COLUMNS
+from sslfg.data.images import DataError
 
 CANVAS = 84  # 3 x 28: the garment's square covers a ninth of the canvas; patch 12 keeps the demo's 7x7 grid
 PIECES = (4, 6)  # clutter pieces per image, inclusive range
@@ -55,11 +55,11 @@ def prepare_cluttered(
     cache_dir: str | os.PathLike[str] | None = None,
     system_dir: str | os.PathLike[str] = SYSTEM_DIR,
 ) -> Path:
-    """Build the cluttered sample in `out_dir` (arguments as `sslfg.data.sample.prepare_sample`)."""
+    """Build the cluttered sample in `out_dir` (arguments as `sslfg.data.build.sample.prepare_sample`)."""
     params = {"dataset": "fashion-mnist-cluttered", "licence": "MIT (Zalando Research)", "canvas": CANVAS,
               "pieces": list(PIECES), "piece_side": list(PIECE_SIDE)}
     return build_from_fashion_mnist(out_dir, params, per_class, test_per_class, _renderer, BOX_COLUMNS,
-                                    cache_dir=cache_dir, system_dir=system_dir, builder="sslfg.data.cluttered")
+                                    cache_dir=cache_dir, system_dir=system_dir, builder="sslfg.data.build.cluttered")
 
 
 def _renderer(data: Parts) -> Render:
@@ -126,7 +126,7 @@ def _free_spot(side: int, box: Box, rng: np.random.Generator) -> tuple[int, int]
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build the cluttered sample and print its folder."""
-    command_line(argv, "sslfg.data.cluttered", __doc__, "data/cluttered", prepare_cluttered)
+    command_line(argv, "sslfg.data.build.cluttered", __doc__, "data/cluttered", prepare_cluttered)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ contiguous indices (a test class absent from training counts as an error).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -32,16 +33,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from sslfg.config import ConfigError
-from sslfg.data.datasets import build_dataset
 from sslfg.data.loader import sample_seed
 from sslfg.data.transforms import crop_flip_transform
 from sslfg.engine.loop import LoopState
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation import skipped_images, split_features
-from sslfg.features import feature_precision, pool_features
+from sslfg.evaluation.features import feature_precision, pool_features
+from sslfg.evaluation.run import EvalDatasets, skipped_images, split_features
+from sslfg.evaluation.selection import holdout_names, selection_features, selection_splits, stratified_holdout
 from sslfg.schema import EvalConfig, LinearConfig, LoopConfig
-from sslfg.selection import holdout_names, selection_features, selection_splits, stratified_holdout
 from sslfg.verdicts import correct_path, write_correct
 
 log = logging.getLogger(__name__)
@@ -197,16 +197,17 @@ def check_settings(lin: LinearConfig) -> None:
         raise ConfigError("linear.lrs is empty; the fast mode needs at least one learning rate to sweep")
 
 
-def probe_splits(cfg: EvalConfig, train_ds: Any) -> dict[str, Any]:
+def probe_splits(cfg: EvalConfig, datasets: EvalDatasets) -> dict[str, Any]:
     """For the start-up summary: the split and number of images the probe fits its heads on and selects
     the lr on (fast mode; as `selection_features` chooses them), or trains its one head on (full mode)."""
     d, lin = cfg.data, cfg.linear
+    train_ds = datasets[d.train_split]
     if lin.mode == "full":
         return {"linear.fit_split": d.train_split, "linear.fit_images": len(train_ds),
                 "linear.val_split": "none (full mode: linear.lr, no selection)"}
     pair = selection_splits(d)
     if pair is not None:
-        fit, val = (len(build_dataset(d, split)) for split in pair)
+        fit, val = (len(datasets[split]) for split in pair)
     else:
         keep, held = stratified_holdout(torch.as_tensor(train_ds.labels), lin.val_fraction, cfg.seed)
         pair, fit, val = holdout_names(d.train_split, lin.val_fraction, cfg.seed), len(keep), len(held)
@@ -214,17 +215,25 @@ def probe_splits(cfg: EvalConfig, train_ds: Any) -> dict[str, Any]:
             "linear.val_images": val}
 
 
-def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator,
-                   out: Path) -> tuple[dict[str, float], dict[str, Any]]:
+def run_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, out: Path,
+              datasets: EvalDatasets) -> tuple[dict[str, float], dict[str, Any]]:
+    """eval.linear's measurement: the probe of linear.mode."""
+    probe = run_fast_probe if cfg.linear.mode == "fast" else run_full_probe
+    return probe(cfg, vit, accelerator, out, datasets)
+
+
+def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, out: Path,
+                   datasets: EvalDatasets) -> tuple[dict[str, float], dict[str, Any]]:
     """Fast mode on the cached features of the configured splits → (metrics, protocol) on the
     main process, ({}, {}) on the others. Every split is extracted before any training, so a missing
     or empty split fails first."""
     d, lin = cfg.data, cfg.linear
     check_settings(lin)
-    *train, train_ds = split_features(cfg, vit, accelerator, d.train_split, out)
-    *test, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
-    fit, val, selection_ds, selection = selection_features(cfg, vit, accelerator, out, train, lin.val_fraction, "lr")
-    datasets = [train_ds, test_ds, *selection_ds]
+    *train, train_ds = split_features(cfg, vit, accelerator, datasets, d.train_split, out)
+    *test, test_ds = split_features(cfg, vit, accelerator, datasets, d.test_split, out)
+    fit, val, selection_ds, selection = selection_features(cfg, vit, accelerator, out, datasets, train,
+                                                           lin.val_fraction, "lr")
+    read = [train_ds, test_ds, *selection_ds]
     if not accelerator.is_main_process:
         return {}, {}
     dev = accelerator.device
@@ -243,13 +252,13 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         "weight_decay": lin.weight_decay, "schedule": "cosine to 0 per step", "head_init": f"normal(0, {INIT_STD})",
         "feature_norm": "none", "augmentation": "none (cached eval-transform features)",
         "train_size": len(train[1]), "fit_size": len(fit[1]), "val_size": len(val[1]), "test_size": len(test[1]),
-        "skipped_images": skipped_images(*datasets),
+        "skipped_images": skipped_images(*read),
     }
     return {"linear.top1": result.top1, "linear.top5": result.top5}, protocol
 
 
-def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator,
-                   out: Path) -> tuple[dict[str, float], dict[str, Any]]:
+def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, out: Path,
+                   datasets: EvalDatasets) -> tuple[dict[str, float], dict[str, Any]]:
     """Full mode: trains (or resumes, `linear.resume`) one head on augmented images of
     data.train_split in <out>/linear_full, then scores it on the cached test features →
     (metrics, protocol) on the main process, ({}, {}) on the others."""
@@ -257,8 +266,9 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     check_settings(lin)
     # The backbone is frozen, so the head applied to cached eval features is the eval pass; extracting them
     # first also fails fast on a bad test split.
-    test_x, test_y, test_ds = split_features(cfg, vit, accelerator, d.test_split, out)
-    dataset = build_dataset(d, d.train_split, crop_flip_transform(d.image_size, d.mean, d.std))
+    test_x, test_y, test_ds = split_features(cfg, vit, accelerator, datasets, d.test_split, out)
+    dataset = copy.copy(datasets[d.train_split])  # the split already read, with the augmentation instead
+    dataset.transform = crop_flip_transform(d.image_size, d.mean, d.std)
     world = accelerator.num_processes
     if len(dataset) < lin.batch_size * world:
         raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "

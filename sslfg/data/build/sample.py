@@ -1,6 +1,6 @@
 """The bundled sample dataset: a balanced Fashion-MNIST subset in the csv-split layout (METHODS §5).
 
-    python -m sslfg.data.sample [--out data/sample] [--per-class 1000] [--test-per-class 200]
+    python -m sslfg.data.build.sample [--out data/sample] [--per-class 1000] [--test-per-class 200]
 
 Source: Fashion-MNIST (Zalando Research, MIT licence) as packaged by Debian
 (`dataset-fashion-mnist`), read from /usr/share/datasets/fashion-mnist when the package is
@@ -17,7 +17,7 @@ Per class, `per_class` train images are drawn with a fixed seed and split 90/10 
 `test_per_class` test images are drawn from t10k. The folder is built under a temporary name and
 renamed when complete, so a run that is interrupted leaves no half-written `<out>`; a second run
 with the same parameters returns at once. Two runs for the same `<out>` must not overlap.
-`build_from_fashion_mnist` does all this for any per-image rendering (`sslfg.data.cluttered`).
+`build_from_fashion_mnist` does all this for any per-image rendering (`sslfg.data.build.cluttered`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def prepare_sample(
     """
     params = {"dataset": "fashion-mnist", "licence": "MIT (Zalando Research)"}
     return build_from_fashion_mnist(out_dir, params, per_class, test_per_class, _copy_garment, (),
-                                    cache_dir=cache_dir, system_dir=system_dir, builder="sslfg.data.sample")
+                                    cache_dir=cache_dir, system_dir=system_dir, builder="sslfg.data.build.sample")
 
 
 def _copy_garment(data: Parts) -> Render:
@@ -303,7 +303,7 @@ def _download_to(cache: Path, searched: tuple[Path, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build the sample dataset and print its folder."""
-    command_line(argv, "sslfg.data.sample", __doc__, "data/sample", prepare_sample)
+    command_line(argv, "sslfg.data.build.sample", __doc__, "data/sample", prepare_sample)
 
 
 def command_line(argv: list[str] | None, module: str, doc: str, default_out: str, prepare: Callable[..., Path]) -> None:

@@ -1,6 +1,6 @@
 """The study report: one folder with report.md and its figures, rebuilt from the finished arms.
 
-    python -m sslfg.report runs/study_sample
+    python -m sslfg.study.report runs/study_sample
 
 Numbers are mean ± sample std over the seeds that finished (n in the table); each table names its
 protocol, and the commands section gives the command line of every arm. Comparisons are verdicts with
@@ -26,7 +26,7 @@ from sslfg.cli import run_cli  # noqa: E402
 from sslfg.config import ConfigError, load_config  # noqa: E402
 from sslfg.files import write_text  # noqa: E402
 from sslfg.schema import StudyConfig  # noqa: E402
-from sslfg.studydir import (  # noqa: E402
+from sslfg.study.layout import (  # noqa: E402
     KNN_KEY,
     STUDY_FILE,
     SUPERVISED,
@@ -185,14 +185,16 @@ class Report:
         arms = [a for a in ("random", *self.arms) if any(self.evals(a, "localise"))]
         if not arms:
             return []
-        lines = ["| arm | n | " + " | ".join(LOCALISATION.values()) + " | keep precision in pretraining (momentum "
-                 "encoder, last log) |", "|---|---|" + "---|" * (len(LOCALISATION) + 1)]
+        lines = ["| arm | n | keep ratio | " + " | ".join(LOCALISATION.values()) + " | keep precision in pretraining "
+                 "(momentum encoder, last log) |", "|---|---|---|" + "---|" * (len(LOCALISATION) + 1)]
         for arm in arms:
             records = self.evals(arm, "localise")
+            ratio = next((r["protocol.keep_ratio"] for r in records if r), "–")
             cells = [stats([_get(r, k) for r in records], scale=1 if k.endswith("lift") else 100.0)
                      for k in LOCALISATION]
             online = stats(self.online_keep(arm)) if arm in self.arms else "–"
-            lines.append(f"| {arm} | {sum(r is not None for r in records)} | {' | '.join(cells)} | {online} |")
+            lines.append(f"| {arm} | {sum(r is not None for r in records)} | {ratio} | {' | '.join(cells)} | "
+                         f"{online} |")
         return lines
 
     def difference_table(self) -> list[str]:
@@ -409,12 +411,13 @@ class Report:
         if localisation := self.localisation_table():
             text += ["## Localisation", "", "Where each backbone looks on the test images (eval.localise, values in "
                      "%, lift a ratio): keep precision = the fraction of the patches LoDisc would keep (its "
-                     "location score from the backbone's own CLS attention, at the keep ratio under Protocols) whose "
-                     "centre lies in the object box; chance = the fraction of all patches inside it; lift = "
-                     "precision / chance (1: no better than chance); GLS IoU and coverage = the box around the "
-                     "top-k patches most similar to CLS against the object box. The last column is the keep "
-                     "precision logged during pretraining, from the teacher (momentum) encoder that picks LoDisc's "
-                     "patches (every method, local branch on or off, at the same keep ratio).", "", *localisation, ""]
+                     "location score from the backbone's own CLS attention, at the keep ratio the arm trained with, "
+                     "the floor at the first arm's) whose centre lies in the object box; chance = the fraction of "
+                     "all patches inside it; lift = precision / chance (1: no better than chance); GLS IoU and "
+                     "coverage = the box around the top-k patches most similar to CLS against the object box. The "
+                     "last column is the keep precision logged during pretraining, from the teacher (momentum) "
+                     "encoder that picks LoDisc's patches (every method, local branch on or off, at the same keep "
+                     "ratio).", "", *localisation, ""]
         if self.cfg.finetune.arms:
             text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20 on the validation split: "
                      f"**{best}** (the test split takes no part in the choice; see Protocols).", "",
@@ -434,7 +437,7 @@ def build_report(root: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or args[0].startswith("-"):
-        raise ConfigError("usage: python -m sslfg.report STUDY_DIR")
+        raise ConfigError("usage: python -m sslfg.study.report STUDY_DIR")
     print(f"report: {build_report(Path(args[0])) / 'report.md'}")
 
 

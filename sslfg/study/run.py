@@ -4,7 +4,7 @@ fine-tuning arms → report.
     python -m sslfg.study --config configs/study/sample.yaml
     python -m sslfg.study --config configs/study/cub.yaml seeds=[1,2,3]
     accelerate launch -m sslfg.study --config configs/study/cub.yaml     # every arm on all processes
-    python -m sslfg.report runs/study_sample                             # rebuild the report only
+    python -m sslfg.study.report runs/study_sample                       # rebuild the report only
 
 Every arm runs through its real command (sslfg.commands: pretrain, knn, linear, finetune, and localise
 when the dataset has object boxes) in this process, with the command line it would take on its own
@@ -56,9 +56,8 @@ from sslfg.distributed import is_main_process, world_size
 from sslfg.engine.preemption import Interrupted
 from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable, release_run_dir
 from sslfg.files import write_json
-from sslfg.report import build_report
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
-from sslfg.studydir import (
+from sslfg.study.layout import (
     FLOORS,
     STUDY_FILE,
     SUPERVISED,
@@ -72,6 +71,7 @@ from sslfg.studydir import (
     read_json,
     split_spec,
 )
+from sslfg.study.report import build_report
 
 log = logging.getLogger(__name__)
 
@@ -330,12 +330,9 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    report = Study(load_config(*parse_cli(argv, __doc__), StudyConfig)).run()
+    report = Study(load_config(*parse_cli(argv, __doc__, StudyConfig), StudyConfig)).run()
     if is_main_process():
         print(f"report: {report / 'report.md'}")
 
 
 cli = console(main)
-
-if __name__ == "__main__":
-    cli()

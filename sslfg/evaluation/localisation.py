@@ -12,6 +12,9 @@ Object boxes are (x0, y0, x1, y1) in the pixels of the image the model sees, x1 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -19,16 +22,13 @@ from torch.utils.data import DataLoader
 
 from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes, transform_box
-from sslfg.data.datasets import build_dataset
-from sslfg.data.transforms import eval_transform
-from sslfg.methods import MomentumMethod
+from sslfg.data.transforms import denormalize
+from sslfg.evaluation.run import PIXELS, EvalDatasets, skipped_images
+from sslfg.figures import save_localisation_figure
 from sslfg.methods.local import keep_indices
 from sslfg.models.backbone import cls_attention, forward_tokens, grid_size
 from sslfg.models.glsim import GLSim, gls_boxes
-from sslfg.online_knn import _evenly_spaced, evaluation_data
-from sslfg.schema import FeatureConfig, PretrainConfig
-
-CROP_RATIO = FeatureConfig().crop_ratio  # the evaluations' resize + centre crop
+from sslfg.schema import EvalConfig
 
 
 def centres_inside(boxes: Tensor, grid: int, patch_size: float) -> Tensor:
@@ -103,34 +103,44 @@ def backbone_looks(vit: VisionTransformer, images: Tensor, keep_ratio: float, to
     return keep_indices(torch.stack(maps), keep_ratio), yxyx_to_xyxy(gls)
 
 
-class OnlineLocalisation:
-    """LoDisc keep precision during pretraining: the patches the teacher (momentum) encoder keeps (its attention
-    at method.local.keep_ratio, also with the local branch off, so that arms compare at equal budget) on up to
-    `train.loc_samples` evenly spaced test images, eval-transformed (not augmented)."""
+def needs_attention(cfg: EvalConfig, datasets: dict[str, Any]) -> None:
+    """Refused at start-up (--check too): raw pixels have no attention to rank patches by."""
+    if cfg.features.kind == PIXELS:
+        raise ConfigError("features.kind: pixels has no attention to keep patches by; eval.localise needs a backbone "
+                          "(leave features.kind at cls)")
 
-    def __init__(self, cfg: PretrainConfig) -> None:
-        d = evaluation_data(cfg)
-        dataset = build_dataset(d, d.test_split, eval_transform(d.image_size, d.mean, d.std, CROP_RATIO))
-        if dataset.boxes is None:
-            raise ConfigError(f"train.loc_every: keep precision needs object boxes, and the test split "
-                              f"'{d.test_split}' of {d.root} has none; add box columns or set train.loc_every=0")
-        subset = _evenly_spaced(dataset, cfg.train.loc_samples)  # the online kNN's choice of images
-        self.images = torch.stack([image for image, _ in subset])
-        self.boxes = eval_boxes(dataset, d.image_size, CROP_RATIO)[subset.indices]
-        self.batch_size = cfg.train.batch_size
 
-    @torch.no_grad()
-    def __call__(self, model: MomentumMethod) -> dict[str, float]:
-        encoder = model.momentum_encoder
-        was_training = encoder.training
-        device = next(encoder.parameters()).device
-        # Eval mode (no drop path) and its own RNG state: measuring must not change the training run.
-        with torch.random.fork_rng(devices=[]):
-            encoder.eval()
-            keep = torch.cat([model.kept_patches(x.to(device)).cpu() for x in self.images.split(self.batch_size)])
-            encoder.train(was_training)
-        grid = grid_size(encoder)
-        return keep_metrics(keep, self.boxes, grid, self.images.shape[-1] / grid, prefix="online_loc.")
+def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path,
+                      datasets: EvalDatasets) -> tuple[dict, dict] | None:
+    """Kept patches and GLS boxes of every test image on the main process (one frozen pass each)."""
+    if not accelerator.is_main_process:
+        return None
+    d, loc, crop = cfg.data, cfg.localise, cfg.features.crop_ratio
+    dataset = datasets[d.test_split]
+    if dataset.boxes is None:
+        raise ConfigError(f"data.boxes: eval.localise needs object boxes in data.test_split '{d.test_split}' of "
+                          f"{d.root}; give its csv the columns x0,y0,x1,y1 and set data.boxes=true")
+    boxes = eval_boxes(dataset, d.image_size, crop)
+    vit = vit.to(accelerator.device).eval()
+    keep, gls = [], []
+    for images, _ in DataLoader(dataset, batch_size=cfg.features.batch_size, num_workers=d.num_workers):
+        k, g = backbone_looks(vit, images.to(accelerator.device), loc.keep_ratio, loc.top_k, loc.attention_layers)
+        keep.append(k.cpu())
+        gls.append(g.cpu())
+    keep, gls = torch.cat(keep), torch.cat(gls)
+    grid = grid_size(vit)
+    patch_size = d.image_size // grid
+    metrics = keep_metrics(keep, boxes, grid, patch_size) | gls_metrics(gls.float(), boxes)
+    protocol = {"name": "localise", "split": d.test_split, "images": len(dataset), "crop_ratio": crop,
+                "keep_ratio": loc.keep_ratio, "kept_patches": keep.shape[1], "patches": grid**2,
+                "attention_layers": loc.attention_layers, "top_k": loc.top_k,
+                "skipped_images": skipped_images(dataset)}
+    if loc.figure_samples > 0:
+        picks = torch.linspace(0, len(dataset) - 1, min(loc.figure_samples, len(dataset))).long()
+        images = denormalize(torch.stack([dataset[i][0] for i in picks.tolist()]), d.mean, d.std)
+        save_localisation_figure(images, boxes[picks], keep[picks], gls[picks], patch_size,
+                                 out / "figures" / "localise.png", f"kept {keep.shape[1]}/{grid**2} patches")
+    return metrics, protocol
 
 
 def finetune_test_boxes(dataset, image_size: int, resize_ratio: float) -> Tensor:

@@ -1,7 +1,7 @@
 """Per-channel pixel mean and std of a dataset's training split, to paste into its recipe.
 
-    python -m sslfg.data.stats --config configs/datasets/sample.yaml
-    python -m sslfg.data.stats --config configs/pretrain/sample.yaml data.root=data/sample data.num_workers=0
+    python -m sslfg.data.build.stats --config configs/datasets/sample.yaml
+    python -m sslfg.data.build.stats --config configs/pretrain/sample.yaml data.root=data/sample data.num_workers=0
 
 Images are resized (shorter side) to data.image_size and centre-cropped, as RGB in [0, 1]; the std is
 over every pixel of the split (population std). Prints the `data:` lines for the recipe. A channel whose

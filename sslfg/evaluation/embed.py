@@ -5,14 +5,14 @@ An output folder holds
   dataset order: concatenated they are row i = image i;
 - `images.csv`: `index,path` (and `label` when the dataset has labels), one row per image in the same order;
 - `manifest.json`: what was embedded (model, checkpoint, data, split, transform, feature, dtype, dim, count) under
-  `key` (sslfg.features.cache_key: weights, images, labels, transform, feature, precision), and the shards, each
-  with its rows and whether it is complete.
+  `key` (sslfg.evaluation.features.cache_key: weights, images, labels, transform, feature, precision), and the
+  shards, each with its rows and whether it is complete.
 
 Every file is written atomically (sslfg.files), a shard's manifest entry only after the shard, so a stopped run
 leaves complete shards that a rerun of the same embedding keeps (it recomputes only the others). A folder is
 written only if it is empty (hidden files aside) or holds an embedding with the same key, dtype and shard size.
-Features come from sslfg.features.extract_features: every process of an `accelerate launch` embeds its part of
-each shard, and the main process writes the gathered shard.
+Features come from sslfg.evaluation.features.extract_features: every process of an `accelerate launch` embeds its
+part of each shard, and the main process writes the gathered shard.
 """
 
 from __future__ import annotations
@@ -29,10 +29,17 @@ from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Subset
 
-from sslfg.config import ConfigError
-from sslfg.features import cache_key, extract_features, weights_digest
+from sslfg.cli import CommandLine, print_summary
+from sslfg.config import ConfigError, load_config
+from sslfg.data.datasets import build_dataset
+from sslfg.data.transforms import eval_transform
+from sslfg.engine.accelerator import make_accelerator
+from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable
+from sslfg.evaluation.features import cache_key, extract_features, weights_digest
+from sslfg.evaluation.run import build_backbone, output_dir, run_data_defaults
 from sslfg.files import atomic_path, write_json, write_text
 from sslfg.schema import EvalConfig
+from sslfg.summary import startup_summary
 
 MANIFEST = "manifest.json"
 IMAGES = "images.csv"
@@ -121,3 +128,37 @@ def write_embeddings(cfg: EvalConfig, vit: VisionTransformer, dataset: Any, mani
         write_json(out / MANIFEST, manifest)
     accelerator.wait_for_everyone()
     return manifest
+
+
+def run_embedding(args: CommandLine) -> dict:
+    """eval.embed from its command line: config (the run's own data settings as `run_data_defaults`), backbone,
+    the split's dataset, start-up summary (and stop there with --check), then the shards; returns the manifest."""
+    cfg, sources, data_note = run_data_defaults(load_config(args.files, args.overrides, EvalConfig))
+    if cfg.output:
+        raise ConfigError("output: eval.embed writes no metrics file; name its folder with output_dir=PATH")
+    accelerator = make_accelerator()
+    vit, info = build_backbone(cfg)
+    split = cfg.embed.split or cfg.data.train_split
+    d = cfg.data
+    dataset = build_dataset(d, split, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio))
+    out = output_dir(cfg, info) if cfg.output_dir else output_dir(cfg, info) / f"embed-{split}"
+    check_output_dir(cfg.output_dir or out)  # --check too
+    manifest = plan(cfg, vit, dataset, split, info)
+    manifest = previous(out, manifest) or manifest
+    complete = sum(s["complete"] for s in manifest["shards"])
+    facts = {"data.settings": data_note, "command": "embed", "num_processes": accelerator.num_processes,
+             "init": info["init"], "backbone": info["backbone"], "embed.output_dir": str(out),
+             "embed.shards": f"{len(manifest['shards'])} of up to {cfg.embed.shard_size} rows, {complete} complete",
+             "embed.dtype": cfg.embed.dtype, "features.kind": cfg.features.kind}
+    summary = startup_summary(d, {split: dataset}, sources, facts)
+    if accelerator.is_main_process:
+        print_summary(summary)
+    if args.check:
+        return summary
+    ensure_writable(out)
+    if accelerator.is_main_process:
+        claim_run_dir(out, "embed")
+    manifest = write_embeddings(cfg, vit, dataset, manifest, accelerator, out)
+    if accelerator.is_main_process:
+        print(f"embeddings: {out} ({manifest['count']} x {manifest['dim']} {manifest['dtype']})")
+    return manifest | {"output_dir": str(out)}

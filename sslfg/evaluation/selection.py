@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from sslfg.config import ConfigError
-from sslfg.evaluation import split_features
+from sslfg.evaluation.run import EvalDatasets, split_features
 from sslfg.schema import DataConfig, EvalConfig
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,16 @@ def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tens
     return order[~is_val].sort().values, order[is_val].sort().values
 
 
-def selection_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, out: Path, train: Split,
-                       val_fraction: float, what: str) -> tuple[Split, Split, list[Any], dict[str, str]]:
+def selection_features(cfg: EvalConfig, vit: VisionTransformer, accelerator: Accelerator, out: Path,
+                       datasets: EvalDatasets, train: Split, val_fraction: float,
+                       what: str) -> tuple[Split, Split, list[Any], dict[str, str]]:
     """(fit, val) features for choosing `what` (named in the log), the datasets read, and the protocol
     entries that say which splits they are. `train` is data.train_split's (features, labels), held out
     of when the dataset has no validation split."""
     d = cfg.data
     pair = selection_splits(d)
     if pair is not None:
-        (*fit, fit_ds), (*val, val_ds) = (split_features(cfg, vit, accelerator, s, out) for s in pair)
+        (*fit, fit_ds), (*val, val_ds) = (split_features(cfg, vit, accelerator, datasets, s, out) for s in pair)
         return tuple(fit), tuple(val), [fit_ds, val_ds], {"selection_split": pair[1], "selection_train_split": pair[0]}
     keep, held = stratified_holdout(train[1], val_fraction, cfg.seed)
     if len(held) == 0:

@@ -1,6 +1,6 @@
 """CUB-200-2011's annotation files -> the csv layout with object boxes (README "Data layouts").
 
-    python -m sslfg.data.cub --cub data/CUB_200_2011 [--out data/CUB_200_2011]
+    python -m sslfg.data.build.cub --cub data/CUB_200_2011 [--out data/CUB_200_2011]
 
 Reads, from the CUB_200_2011 folder, `images.txt` (id path), `image_class_labels.txt` (id class,
 1-based), `train_test_split.txt` (id is_training), `bounding_boxes.txt` (id x y width height, in
@@ -92,7 +92,7 @@ def convert_cub(cub: str | Path, out: str | Path | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: convert, print the files written."""
-    parser = argparse.ArgumentParser(prog="python -m sslfg.data.cub", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sslfg.data.build.cub", description=__doc__.split("\n")[0])
     parser.add_argument("--cub", required=True, help="the CUB_200_2011 folder")
     parser.add_argument("--out", default=None, help="where to write the csv files (default: --cub)")
     args = parser.parse_args(argv)

@@ -1,0 +1,97 @@
+"""The evaluations during pretraining, on bounded subsets of labelled test data every few epochs, so that a user
+sees progress (or collapse) while training rather than after it: the online kNN and the keep precision."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from accelerate import Accelerator
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Subset
+
+from sslfg.config import ConfigError
+from sslfg.data.boxes import eval_boxes
+from sslfg.data.datasets import build_dataset
+from sslfg.data.transforms import eval_transform
+from sslfg.evaluation.features import extract_features
+from sslfg.evaluation.knn import knn_evaluate
+from sslfg.evaluation.localisation import keep_metrics
+from sslfg.methods import MomentumMethod
+from sslfg.models.backbone import grid_size
+from sslfg.schema import DataConfig, FeatureConfig, PretrainConfig
+
+K = 20
+CROP_RATIO = FeatureConfig().crop_ratio  # the evaluations' resize + centre crop
+
+
+def evaluation_data(cfg: PretrainConfig) -> DataConfig:
+    """What the online evaluations read: `eval_data`'s labelled dataset at the run's image size and normalisation
+    when eval_data.root is set, else `data`."""
+    if not cfg.eval_data.root:
+        return cfg.data
+    return dataclasses.replace(cfg.data, **dataclasses.asdict(cfg.eval_data), labels=True)
+
+
+class OnlineKnn:
+    """kNN top-1 (k 20, DINO protocol, CLS features) of up to `train.knn_samples` evenly spaced
+    test images against as many training images, of `evaluation_data` (labelled)."""
+
+    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator) -> None:
+        data = evaluation_data(cfg)
+        transform = eval_transform(data.image_size, data.mean, data.std)
+        bank = build_dataset(data, data.train_split, transform)
+        queries = build_dataset(data, data.test_split, transform)
+        self.bank, self.queries = (evenly_spaced(d, cfg.train.knn_samples) for d in (bank, queries))
+        if len(self.bank) < K:  # a smaller bank would answer k 20 with fewer neighbours under the k20 name
+            raise ConfigError(f"train.knn_samples: the online kNN (k {K}) needs at least {K} bank images, got "
+                              f"{len(self.bank)} (train.knn_samples={cfg.train.knn_samples}, {len(bank)} in "
+                              f"{bank.source}); raise train.knn_samples or set train.knn_every=0")
+        self.accelerator = accelerator
+        self.batch_size = cfg.train.batch_size
+
+    def __call__(self, vit: VisionTransformer) -> dict[str, float]:
+        # Its own RNG state: evaluating must not change the training run's random stream.
+        with torch.random.fork_rng(devices=[]):
+            bank, bank_labels, queries, labels = (
+                t for d in (self.bank, self.queries)
+                for t in extract_features(vit, d, self.accelerator, self.batch_size, num_workers=0, desc="online knn")
+            )
+        vit.train()
+        top1 = knn_evaluate(bank, bank_labels, queries, labels, ks=[K], backend="torch")[f"knn.k{K}.top1"]
+        return {f"online_knn.k{K}.top1": top1}
+
+
+def evenly_spaced(dataset, n: int) -> Subset:
+    """`n` images of `dataset` spread evenly over it (all when it has fewer)."""
+    return Subset(dataset, torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist())
+
+
+class OnlineLocalisation:
+    """LoDisc keep precision during pretraining: the patches the teacher (momentum) encoder keeps (its attention
+    at method.local.keep_ratio, also with the local branch off, so that arms compare at equal budget) on up to
+    `train.loc_samples` evenly spaced test images, eval-transformed (not augmented)."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        d = evaluation_data(cfg)
+        dataset = build_dataset(d, d.test_split, eval_transform(d.image_size, d.mean, d.std, CROP_RATIO))
+        if dataset.boxes is None:
+            raise ConfigError(f"train.loc_every: keep precision needs object boxes, and the test split "
+                              f"'{d.test_split}' of {d.root} has none; add box columns or set train.loc_every=0")
+        subset = evenly_spaced(dataset, cfg.train.loc_samples)  # the online kNN's choice of images
+        self.images = torch.stack([image for image, _ in subset])
+        self.boxes = eval_boxes(dataset, d.image_size, CROP_RATIO)[subset.indices]
+        self.batch_size = cfg.train.batch_size
+
+    @torch.no_grad()
+    def __call__(self, model: MomentumMethod) -> dict[str, float]:
+        encoder = model.momentum_encoder
+        was_training = encoder.training
+        device = next(encoder.parameters()).device
+        # Eval mode (no drop path) and its own RNG state: measuring must not change the training run.
+        with torch.random.fork_rng(devices=[]):
+            encoder.eval()
+            keep = torch.cat([model.kept_patches(x.to(device)).cpu() for x in self.images.split(self.batch_size)])
+            encoder.train(was_training)
+        grid = grid_size(encoder)
+        return keep_metrics(keep, self.boxes, grid, self.images.shape[-1] / grid, prefix="online_loc.")
