@@ -130,6 +130,8 @@ class LoopConfig:
     batch_size: int = bounded(AT_LEAST_1, 256)  # per process
     grad_accum_steps: int = bounded(AT_LEAST_1, 1)
     clip_grad: float = bounded(NON_NEGATIVE, 0.0)  # 0: no clipping
+    # global: one norm over all gradients (torch clip_grad_norm_); per_tensor: each tensor's own (DINO clip_gradients)
+    clip_mode: Literal["global", "per_tensor"] = "global"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int = bounded(AT_LEAST_1, 500)  # optimizer steps
     keep_checkpoints: int = bounded(AT_LEAST_1, 2)

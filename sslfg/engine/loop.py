@@ -149,7 +149,7 @@ def run_loop(
                     watch.see(step + 1, out["loss"])  # numbered as metrics.jsonl and checkpoints: steps done
                     accelerator.backward(out["loss"])
                     if accelerator.sync_gradients and train.clip_grad > 0:
-                        accelerator.clip_grad_norm_(params, train.clip_grad)
+                        clip_gradients(accelerator, optimizer, params, train.clip_grad, train.clip_mode)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.images_seen += _batch_size(batch) * accelerator.num_processes
@@ -182,6 +182,20 @@ def run_loop(
         bar.close()
         state.seconds += time.perf_counter() - tic
         return step
+
+
+def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, params: list[Tensor], max_norm: float,
+                   mode: str) -> None:
+    """`train.clip_mode`: `global` scales every gradient by max_norm / ‖all gradients‖ when that is below 1;
+    `per_tensor` scales each tensor's gradient by max_norm / (‖g‖ + 1e-6) when that is below 1, DINO's
+    `utils.clip_gradients` (`--clip_grad`), with no host sync (a factor clamped to 1 multiplies exactly)."""
+    if mode == "global":
+        accelerator.clip_grad_norm_(params, max_norm)
+        return
+    accelerator.unscale_gradients(optimizer)  # fp16: clip the true gradients, as clip_grad_norm_ does
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_((max_norm / (p.grad.norm(2) + 1e-6)).clamp(max=1.0))
 
 
 def _raise_if_non_finite(watch: NonFiniteWatch, accelerator: Accelerator, run_dir: Path, state: LoopState,
