@@ -22,18 +22,20 @@ if TYPE_CHECKING:
 
 @dataclass
 class DINOConfig:
-    """`method.dino`: DINO's head, temperatures and centre (defaults: its ViT-S/16 recipe)."""
+    """`method.dino`: DINO's head, temperatures and centre. Defaults: `main_dino.py`'s (DINO's plain ViT-S/16
+    run); its README's boosted run sets teacher_temp 0.07, warmup_teacher_temp_epochs 30, norm_last_layer false
+    (configs/pretrain/dino_vit_s16_cub_boosted.yaml, METHODS §6)."""
 
     momentum: float = bounded(RATE, 0.996)  # EMA m0, cosine to 1 (--momentum_teacher)
-    hidden_dim: int = bounded(AT_LEAST_1, 2048)
-    bottleneck_dim: int = bounded(AT_LEAST_1, 256)
-    out_dim: int = bounded(AT_LEAST_1, 65536)  # K, the prototypes of the softmax
-    norm_last_layer: bool = True  # the weight-normalised last layer's norm fixed to 1 (more stable)
-    student_temp: float = bounded(POSITIVE, 0.1)
-    teacher_temp: float = bounded(POSITIVE, 0.07)  # after the warm-up
-    warmup_teacher_temp: float = bounded(POSITIVE, 0.04)  # at epoch 0, linear to teacher_temp
-    warmup_teacher_temp_epochs: int = bounded(NON_NEGATIVE, 30)
-    center_momentum: float = bounded(RATE, 0.9)
+    hidden_dim: int = bounded(AT_LEAST_1, 2048)  # DINOHead's default
+    bottleneck_dim: int = bounded(AT_LEAST_1, 256)  # DINOHead's default
+    out_dim: int = bounded(AT_LEAST_1, 65536)  # K, the prototypes of the softmax (--out_dim)
+    norm_last_layer: bool = True  # the weight-normalised last layer's norm fixed to 1 (--norm_last_layer)
+    student_temp: float = bounded(POSITIVE, 0.1)  # DINOLoss's default
+    teacher_temp: float = bounded(POSITIVE, 0.04)  # after the warm-up (--teacher_temp)
+    warmup_teacher_temp: float = bounded(POSITIVE, 0.04)  # at epoch 0, linear to teacher_temp (--warmup_teacher_temp)
+    warmup_teacher_temp_epochs: int = bounded(NON_NEGATIVE, 0)  # (--warmup_teacher_temp_epochs)
+    center_momentum: float = bounded(RATE, 0.9)  # DINOLoss's default
 
 
 class DINOHead(nn.Module):

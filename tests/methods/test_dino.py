@@ -4,13 +4,19 @@ log-softmax, the centre's EMA over the teacher outputs, the teacher temperature 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
+from sslfg.config import load_config
+from sslfg.engine.metrics import flat_config
 from sslfg.methods.dino import DINOConfig, dino_cross_entropy, teacher_temperatures
+from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_method
 from tests.methods.references import outputs
+
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
 
 def reference_h(teacher: torch.Tensor, student: torch.Tensor, center: torch.Tensor, tt: float, ts: float
@@ -63,7 +69,8 @@ def test_teacher_temperature_warms_up_per_epoch() -> None:
     cfg = DINOConfig(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3)
     temps = teacher_temperatures(cfg, total_steps=10, per_epoch=2)  # linspace(0.04, 0.07, 3) per epoch, then 0.07
     assert temps == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07, 0.07, 0.07, 0.07, 0.07])
-    assert teacher_temperatures(DINOConfig(warmup_teacher_temp_epochs=0), 3, 1) == pytest.approx([0.07] * 3)
+    no_warmup = DINOConfig(teacher_temp=0.07, warmup_teacher_temp_epochs=0)
+    assert teacher_temperatures(no_warmup, 3, 1) == pytest.approx([0.07] * 3)
     model = tiny_method("dino")
     assert model.schedules(10, 2)["teacher_temp"] == pytest.approx(teacher_temperatures(model.cfg, 10, 2))
 
@@ -81,3 +88,18 @@ def test_head_has_a_weight_normalised_last_layer(norm_last_layer: bool) -> None:
     torch.testing.assert_close(head(x), expected)
     torch.testing.assert_close(copy.deepcopy(head)(x), head(x))  # the teacher's copy computes the same
     assert isinstance(model.predictor, torch.nn.Identity)
+
+
+def test_defaults_are_main_dino_and_the_boosted_recipe_changes_what_dinos_readme_does() -> None:
+    """main_dino.py's defaults (facebookresearch/dino); its README's boosted ViT-S run adds --epochs 300
+    --teacher_temp 0.07 --warmup_teacher_temp_epochs 30 --norm_last_layer false."""
+    main_dino = DINOConfig(momentum=0.996, out_dim=65536, norm_last_layer=True, warmup_teacher_temp=0.04,
+                           teacher_temp=0.04, warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9)
+    assert DINOConfig() == main_dino
+    plain = flat_config(load_config(RECIPES / "dino_vit_s16_cub.yaml", [], PretrainConfig))
+    boosted = flat_config(load_config(RECIPES / "dino_vit_s16_cub_boosted.yaml", [], PretrainConfig))
+    assert {k: plain[k] for k in plain if k.startswith("method.dino.")} == {
+        f"method.dino.{k}": v for k, v in vars(main_dino).items()}
+    assert {k: boosted[k] for k in boosted if boosted[k] != plain[k]} == {
+        "output_dir": "runs/dino_vit_s16_cub_boosted", "train.epochs": 300, "method.dino.teacher_temp": 0.07,
+        "method.dino.warmup_teacher_temp_epochs": 30, "method.dino.norm_last_layer": False}
