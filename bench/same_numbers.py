@@ -51,9 +51,11 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return {hashlib.sha1(t.numpy().tobytes()).hexdigest(): t for t in flat if isinstance(t, torch.Tensor)}
 
 
-def _json_values(text: str) -> list:
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k not in VOLATILE} if isinstance(r, dict) else r for r in rows]
+def _json_values(path: Path) -> list:
+    text = path.read_text()
+    rows = [json.loads(line) for line in text.splitlines()] if path.suffix == ".jsonl" else [json.loads(text)]
+    return [{k: v for k, v in r.items() if k not in VOLATILE and not k.endswith(".source")}  # recipe paths
+            if isinstance(r, dict) else r for r in rows]
 
 
 def compare_file(a: Path, b: Path) -> str:
@@ -65,14 +67,14 @@ def compare_file(a: Path, b: Path) -> str:
         bad = [k for k in ta if ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k])]
         return f"{len(bad)} of {len(ta)} tensors differ, e.g. {bad[:3]}" if bad else ""
     if a.suffix in (".jsonl", ".json"):
-        va, vb = _json_values(a.read_text()), _json_values(b.read_text())
+        va, vb = _json_values(a), _json_values(b)
         if va == vb:
             return ""
         diff = [(i, k, r[k], s.get(k)) for i, (r, s) in enumerate(zip(va, vb, strict=False)) if isinstance(r, dict)
                 for k in r.keys() | s.keys() if r.get(k) != s.get(k)]
         return f"values differ ({len(va)} / {len(vb)} rows), e.g. {diff[:3]}"
-    if a.name in ("config.yaml",):
-        return ""  # the recipe as run: differs by the paths and any --set key
+    if a.name in ("config.yaml", ".sslfg-run.lock"):
+        return ""  # the recipe as run (paths, any --set key); the lock's process id
     return "" if a.read_bytes() == b.read_bytes() else "bytes differ"
 
 

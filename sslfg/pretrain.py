@@ -8,7 +8,6 @@ in-process.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.localisation import CROP_RATIO, OnlineLocalisation
 from sslfg.methods import MomentumMethod, build_method
+from sslfg.methods.base import Method
 from sslfg.models.backbone import export_backbone, pretrained_record, require_vit
 from sslfg.models.heads import check_batch_norm
 from sslfg.online_knn import OnlineKnn, evaluation_data
@@ -98,6 +98,17 @@ def online_evaluations(cfg: PretrainConfig, accelerator) -> tuple[OnlineKnn | No
     return built.get("online_knn"), built.get("online_loc"), notes
 
 
+def method_hooks(method: Method, schedules: dict[str, np.ndarray]) -> dict[str, Callable[..., None]]:
+    """The loop's before_step and after_update: the method's own hooks with the step's values of its schedules."""
+    own = {k: v for k, v in schedules.items() if k not in ("lr", "weight_decay")}  # momentum, teacher_temp, ...
+
+    def values(step: int) -> dict[str, float]:
+        return {k: float(v[step]) for k, v in own.items()}
+
+    return {"before_step": lambda s: method.set_step(values(s)),
+            "after_update": lambda s, applied: method.after_update(values(s), applied)}
+
+
 @torch.no_grad()
 def mask_figure(model: MomentumMethod, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path,
                 title: str) -> None:
@@ -144,29 +155,20 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
-        # the weight the teacher's initial values keep at the end (∏ m): near 1, the init picks LoDisc's patches
-        "teacher.momentum_start": model.momentum_start(), "teacher.init_share": float(np.prod(schedules["momentum"])),
+        **model.summary(schedules),
         **pretrained_record(model.encoder), **online_notes, **token_grid(model.encoder),
         **method_facts(cfg, model.encoder)})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:
         return run_dir
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=float(schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(), lr=float(schedules["lr"][0]), betas=t.betas,
+                                  weight_decay=t.weight_decay)
     model, optimizer = run.start(model, optimizer)
-    method: MomentumMethod = accelerator.unwrap_model(model)
+    method: Method = accelerator.unwrap_model(model)
     metrics = run.metrics(t.log_with, cfg)
     if accelerator.is_main_process and run.start_step == 0 and figures:
         mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
-
-    def compute_loss(batch):
-        return model(*views.to_device(batch[0], accelerator.device))  # data.augment_on: device augments here
-
-    own = [k for k in schedules if k not in ("lr", "weight_decay")]
-
-    def before_step(s: int) -> None:  # the method's scheduled values of this step (DINO's teacher temperature)
-        method.set_step({k: float(schedules[k][s]) for k in own})
 
     if online_knn is not None and run.start_step == 0:
         metrics.log(0, online_knn(method.encoder))
@@ -174,23 +176,16 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     if online_loc is not None and run.start_step == 0:
         metrics.log(0, online_loc(method))
 
-    state = LoopState(schedules=schedules, start_step=run.start_step)
-
-    def after_update(s: int) -> None:  # only after an applied optimizer step (fp16 skips some)
-        method.update_momentum(float(schedules["momentum"][s]))
-
-    def after_step(s: int) -> None:  # after every step, applied or not: evaluation must not be lost
+    def evaluate(s: int) -> None:  # after every step, applied or not: evaluation must not be lost
         if online_knn is not None and (s + 1) % (t.knn_every * per_epoch) == 0:
-            tic = time.perf_counter()
             metrics.log(s + 1, online_knn(method.encoder))
-            state.seconds -= time.perf_counter() - tic  # evaluating is not training: keep images/s comparable
         if online_loc is not None and (s + 1) % (t.loc_every * per_epoch) == 0:
-            tic = time.perf_counter()
             metrics.log(s + 1, online_loc(method))
-            state.seconds -= time.perf_counter() - tic
 
-    step = run.train(model, optimizer, loader, sampler, t, state, metrics, compute_loss,
-                     before_step=before_step, after_update=after_update, after_step=after_step)
+    state = LoopState(schedules=schedules, start_step=run.start_step)
+    step = run.train(model, optimizer, loader, sampler, t, state, metrics,
+                     lambda batch: model(*views.to_device(batch[0], accelerator.device)),  # device augments here
+                     **method_hooks(method, schedules), evaluate=evaluate)
 
     if accelerator.is_main_process:
         export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir,

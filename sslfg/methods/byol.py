@@ -38,10 +38,11 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
 class BYOL(MomentumMethod):
     """lightly's BYOL heads (projector D → h → out, predictor out → h → out: Linear, BatchNorm1d, ReLU,
     Linear), their batch norms over the batch of every process as BYOL's cross-replica batch norm.
-    Loss: (2 − 2·cos(p1, z2)) + (2 − 2·cos(p2, z1))."""
+    Loss: (2 − 2·cos(p1, z2)) + (2 − 2·cos(p2, z1)). Biases and norms get no weight decay, as in BYOL."""
 
     name = "byol"
     Config = BYOLConfig
+    decay_biases_and_norms = False  # BYOL §3.3: biases and batch norm excluded from weight decay
 
     def build_heads(self, dim: int) -> tuple[nn.Module, nn.Module]:
         c = self.cfg

@@ -36,6 +36,7 @@ class DINOConfig:
     warmup_teacher_temp: float = bounded(POSITIVE, 0.04)  # at epoch 0, linear to teacher_temp (--warmup_teacher_temp)
     warmup_teacher_temp_epochs: int = bounded(NON_NEGATIVE, 0)  # (--warmup_teacher_temp_epochs)
     center_momentum: float = bounded(RATE, 0.9)  # DINOLoss's default
+    freeze_last_layer: int = bounded(NON_NEGATIVE, 1)  # epochs without training the last layer (--freeze_last_layer)
 
 
 class DINOHead(nn.Module):
@@ -88,16 +89,20 @@ def teacher_temperatures(cfg: DINOConfig, total_steps: int, per_epoch: int) -> n
 
 class DINO(MomentumMethod):
     """Two global views; loss = (H(t2, s1) + H(t1, s2)) / 2 as DINO averages its pairs. The centre
-    c ← m_c·c + (1 − m_c)·mean(teacher outputs) moves after every forward, the mean over the batch of
-    every process (lightly's `center_mean` all-reduces it); it is a buffer, so checkpoints hold it."""
+    c ← m_c·c + (1 − m_c)·mean(teacher outputs) moves once per optimizer step, the mean over the batch of every
+    process (lightly's `center_mean` all-reduces it) and of every micro-batch of the step, so that accumulation
+    equals the larger batch; it is a buffer, so checkpoints hold it. As in DINO's code, biases and norms get no
+    weight decay and the head's last layer does not train during the first `freeze_last_layer` epochs."""
 
     name = "dino"
     Config = DINOConfig
+    decay_biases_and_norms = False
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         super().__init__(model, method, image_size)
         self.register_buffer("center", torch.zeros(1, self.cfg.out_dim))
         self.teacher_temp = self.cfg.warmup_teacher_temp  # the pretraining loop sets each step's (set_step)
+        self.batch_centers: list[Tensor] = []  # this optimizer step's, one per forward
 
     def build_heads(self, dim: int) -> tuple[nn.Module, nn.Module]:
         c = self.cfg
@@ -110,6 +115,9 @@ class DINO(MomentumMethod):
     def set_step(self, values: dict[str, float]) -> None:
         self.teacher_temp = values["teacher_temp"]
 
+    def frozen_epochs(self) -> dict[str, int]:
+        return {"projector.last_layer.": self.cfg.freeze_last_layer}  # DINO's cancel_gradients_last_layer
+
     def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         def h(t: Tensor, s: Tensor) -> Tensor:
             return dino_cross_entropy(t, s, self.center, self.teacher_temp, self.cfg.student_temp)
@@ -118,5 +126,13 @@ class DINO(MomentumMethod):
 
     @torch.no_grad()
     def observe_teacher(self, teacher: list[Tensor]) -> None:
-        m = self.cfg.center_momentum
-        self.center.mul_(m).add_(center_mean(torch.cat(teacher).float(), dim=(0,)), alpha=1 - m)
+        self.batch_centers.append(center_mean(torch.cat(teacher).float(), dim=(0,)))
+
+    @torch.no_grad()
+    def after_update(self, values: dict[str, float], applied: bool) -> None:
+        """The EMA after an applied step; the centre after every step, as DINO's moves in each forward."""
+        super().after_update(values, applied)
+        if self.batch_centers:
+            m, batch = self.cfg.center_momentum, self.batch_centers
+            self.center.mul_(m).add_(batch[0] if len(batch) == 1 else torch.stack(batch).mean(0), alpha=1 - m)
+            self.batch_centers = []

@@ -20,7 +20,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 # facebookresearch/dino, utils.py (commit 144f70567a6ff853b9ea44503ba37fdcf8ca41fb), verbatim
 def dino_clip_gradients(model, clip):
     norms = []
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # noqa: B007
         if p.grad is not None:
             param_norm = p.grad.data.norm(2)
             norms.append(param_norm.item())
