@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from sslfg.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, RATE, Relation, bounded
 from sslfg.data.images import MAX_PIXELS
-from sslfg.methods import MethodConfig
+from sslfg.method_config import MethodConfig
 from sslfg.models.backbone import sizes_near
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

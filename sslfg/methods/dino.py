@@ -3,7 +3,6 @@ view is trained towards the teacher's centred and sharpened softmax of the other
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,30 +12,12 @@ from lightly.models.modules.center import center_mean
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from sslfg.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, RATE, bounded
+from sslfg.losses import dino_cross_entropy
+from sslfg.method_config import DINOConfig
 from sslfg.methods.base import MomentumMethod
 
 if TYPE_CHECKING:
     from sslfg.schema import ModelConfig
-
-
-@dataclass
-class DINOConfig:
-    """`method.dino`: DINO's head, temperatures and centre. Defaults: `main_dino.py`'s (DINO's plain ViT-S/16
-    run); its README's boosted run sets teacher_temp 0.07, warmup_teacher_temp_epochs 30, norm_last_layer false
-    (configs/pretrain/dino_vit_s16_cub_boosted.yaml, METHODS §6)."""
-
-    momentum: float = bounded(RATE, 0.996)  # EMA m0, cosine to 1 (--momentum_teacher)
-    hidden_dim: int = bounded(AT_LEAST_1, 2048)  # DINOHead's default
-    bottleneck_dim: int = bounded(AT_LEAST_1, 256)  # DINOHead's default
-    out_dim: int = bounded(AT_LEAST_1, 65536)  # K, the prototypes of the softmax (--out_dim)
-    norm_last_layer: bool = True  # the weight-normalised last layer's norm fixed to 1 (--norm_last_layer)
-    student_temp: float = bounded(POSITIVE, 0.1)  # DINOLoss's default
-    teacher_temp: float = bounded(POSITIVE, 0.04)  # after the warm-up (--teacher_temp)
-    warmup_teacher_temp: float = bounded(POSITIVE, 0.04)  # at epoch 0, linear to teacher_temp (--warmup_teacher_temp)
-    warmup_teacher_temp_epochs: int = bounded(NON_NEGATIVE, 0)  # (--warmup_teacher_temp_epochs)
-    center_momentum: float = bounded(RATE, 0.9)  # DINOLoss's default
-    freeze_last_layer: int = bounded(NON_NEGATIVE, 1)  # epochs without training the last layer (--freeze_last_layer)
 
 
 class DINOHead(nn.Module):
@@ -63,19 +44,6 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
-
-
-def dino_cross_entropy(teacher: Tensor, student: Tensor, center: Tensor, teacher_temp: float,
-                       student_temp: float) -> Tensor:
-    """H(t, s) = −Σ_k softmax((t − c)/τ_t)_k · log softmax(s/τ_s)_k, mean over the batch (B, K) → ().
-
-    Written here rather than with lightly's DINOLoss: its forward also moves the centre, which the local
-    term (teacher on the masked view) must use without moving. float32 with autocast off: a softmax over
-    65,536 prototypes at τ 0.04 in bf16 would lose the small probabilities.
-    """
-    with torch.autocast(student.device.type, enabled=False):
-        target = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
-        return -(target * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1).mean()
 
 
 def teacher_temperatures(cfg: DINOConfig, total_steps: int, per_epoch: int) -> np.ndarray:

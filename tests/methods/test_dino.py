@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from sslfg.config import load_config
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.metrics import flat_config
-from sslfg.methods.dino import DINOConfig, dino_cross_entropy, teacher_temperatures
+from sslfg.losses import dino_cross_entropy
+from sslfg.method_config import DINOConfig
+from sslfg.methods.dino import teacher_temperatures
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config, tiny_method

@@ -4,12 +4,14 @@ names for the figures and the exported backbone."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 import torch
 
 from sslfg.config import ConfigError, load_config
+from sslfg.method_config import CONFIGS
 from sslfg.methods import METHODS, build_method
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
@@ -124,3 +126,20 @@ def test_parameter_groups_are_the_originals(name: str) -> None:
     assert frozen == ({"projector.last_layer.parametrizations.weight.original0",
                        "projector.last_layer.parametrizations.weight.original1"} if name == "dino" else set())
     assert {g["frozen_epochs"] for g in groups} == ({0, 1} if name == "dino" else {0})
+
+
+def imports(module: str) -> set[str]:
+    """The modules `sslfg/<module>.py` imports at run time (not under TYPE_CHECKING)."""
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "sslfg" / f"{module}.py").read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(
+        node.test) for n in ast.walk(node)}
+    return {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree) if id(n) not in typing_only
+            and isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
+
+
+def test_method_keys_live_without_torch_and_name_the_registered_methods() -> None:
+    """No import circle schema ↔ methods: the schema reads the `method` keys from sslfg.method_config, which
+    imports no torch and no method; the registry and the configs name the same methods."""
+    assert not any(m.startswith("sslfg.methods") for m in imports("schema"))
+    assert imports("method_config") <= {"__future__", "dataclasses", "typing", "sslfg.config"}
+    assert list(CONFIGS) == list(METHODS) and all(METHODS[n].Config is CONFIGS[n] for n in METHODS)
