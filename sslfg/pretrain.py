@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslfg.config import key_sources
+from sslfg.config import ConfigError, key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
 from sslfg.data.datasets import build_dataset
 from sslfg.data.loader import SeededDataset, sample_seed
-from sslfg.data.transforms import denormalize, eval_data_config
+from sslfg.data.transforms import denormalize, eval_data_config, local_crop_size
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
@@ -52,6 +52,11 @@ def method_facts(cfg: PretrainConfig, encoder) -> dict[str, str]:
             f"{layers})" if local.weight or t.loc_every else "")  # both refuse a backbone without patches first
     facts = {"method": cfg.method.name, "method.local": f"on: weight {local.weight:g}, {local.view} view of {kept}"
              if local.weight else "off (method.local.weight 0)"}
+    if cfg.augment.local_crops:
+        a = cfg.augment
+        facts["augment.local_crops"] = (f"{a.local_crops} local views of {local_crop_size(cfg.data.image_size, a)} px "
+                                        f"(scale {a.local_crop_scale[0]:g}-{a.local_crop_scale[1]:g}) besides the 2 "
+                                        f"global ones of {cfg.data.image_size} px, {a.interpolation} crops")
     if t.loc_every:
         facts["train.loc_every"] = (f"every {t.loc_every} epochs: {kept} of up to {t.loc_samples} "
                                     f"{cfg.data.test_split} images against their boxes, crop ratio {CROP_RATIO:g}")
@@ -109,6 +114,25 @@ def method_hooks(method: Method, schedules: dict[str, np.ndarray]) -> dict[str, 
             "after_update": lambda s, applied: method.after_update(values(s), applied)}
 
 
+def check_local_views(cfg: PretrainConfig, method: MomentumMethod) -> None:
+    """ConfigError unless the method can use `augment.local_crops` local views: its loss takes them (DINO) and a
+    ViT takes their size (timm's dynamic_img_size, a whole number of patches)."""
+    n, size = cfg.augment.local_crops, local_crop_size(cfg.data.image_size, cfg.augment)
+    if n == 0:
+        return
+    if not method.multi_crop:
+        raise ConfigError(f"augment.local_crops: {n} local views are DINO's multi-crop; method.name={cfg.method.name} "
+                          f"uses the two global views only: set augment.local_crops=0, or method.name=dino")
+    if method.vit and not method.encoder.dynamic_img_size:
+        raise ConfigError(f"augment.local_crops: local views of {size} px need a ViT that takes other sizes than "
+                          f"data.image_size {cfg.data.image_size}: add dynamic_img_size: true to model.kwargs (timm "
+                          f"then resamples the position embedding, as DINO's interpolate_pos_encoding)")
+    if method.vit and size % method.patch_size:
+        raise ConfigError(f"augment.local_crop_size: local views of {size} px are not a whole number of "
+                          f"{method.patch_size} px patches; set augment.local_crop_size to a multiple of "
+                          f"{method.patch_size} (e.g. {max(1, round(size / method.patch_size)) * method.patch_size})")
+
+
 @torch.no_grad()
 def mask_figure(model: MomentumMethod, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path,
                 title: str) -> None:
@@ -118,7 +142,7 @@ def mask_figure(model: MomentumMethod, dataset, views: TwoViewPipeline, cfg: Pre
     indices = torch.linspace(0, len(dataset) - 1, n).long().tolist()
     items = [seeded[(i, sample_seed(cfg.seed, -1, i))][0] for i in indices]
     device = next(model.parameters()).device
-    v1, v2 = views.to_device([torch.stack(parts) for parts in zip(*items, strict=True)], device)
+    v1, v2, *_ = views.to_device([torch.stack(parts) for parts in zip(*items, strict=True)], device)
     keep = model.kept_patches(torch.cat([v1, v2])).chunk(2)
     v1, v2 = (denormalize(v, cfg.data.mean, cfg.data.std).cpu() for v in (v1, v2))
     save_mask_figure(v1, v2, keep[0].cpu(), keep[1].cpu(), model.patch_size, path, title)
@@ -137,6 +161,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     sampler, loader = run.loader(dataset, t.batch_size, t.grad_accum_steps)
 
     model = build_method(cfg.model, cfg.method, cfg.data.image_size)
+    check_local_views(cfg, model)
     check_batch_norm(model, t.batch_size, accelerator.num_processes, ", run on more processes, or use method.name=dino "
                      "(no batch norm in its head)")
     if t.loc_every > 0:

@@ -92,7 +92,7 @@ class EvalDataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Two-view BYOL-asymmetric augmentations (METHODS §1)."""
+    """Two-view BYOL-asymmetric augmentations (METHODS §1), and DINO's local views (multi-crop, §6)."""
 
     crop_scale: tuple[float, float] = bounded("(0, 1]", (0.08, 1.0), ordered=True)
     # brightness, contrast, saturation, hue (torchvision allows hue up to 0.5)
@@ -103,6 +103,13 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = bounded(POSITIVE, (0.1, 2.0), ordered=True)
     solarize_p: tuple[float, float] = bounded(PROBABILITY, (0.0, 0.2))
     flip_p: float = bounded(PROBABILITY, 0.5)
+    # the crops' resampling: bilinear as MoCo v3 and LoDisc (torchvision's default), bicubic as DINO
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # multi-crop (DINO, METHODS §6): this many local views besides the two global ones (crop_scale); 0: none
+    local_crops: int = bounded(NON_NEGATIVE, 0)
+    local_crop_scale: tuple[float, float] = bounded("(0, 1]", (0.05, 0.4), ordered=True)  # DINO's
+    local_crop_size: int = bounded(NON_NEGATIVE, 0)  # px; 0: DINO's 96 at 224 scaled, round(96/224 · S)
+    local_blur_p: float = bounded(PROBABILITY, 0.5)  # DINO's local views: blur 0.5, no solarize
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -55,6 +56,7 @@ class Method(nn.Module):
     Config: ClassVar[type]
     # False: biases and norms (every 1-D tensor) get no weight decay, as in DINO's and BYOL's code
     decay_biases_and_norms: ClassVar[bool] = True
+    multi_crop: ClassVar[bool] = False  # True: its loss uses local views besides the two global ones (DINO)
 
     def schedules(self, total_steps: int, per_epoch: int) -> dict[str, np.ndarray]:
         """Per-step values this method needs besides lr and weight decay (logged with them)."""
@@ -122,8 +124,8 @@ class MomentumMethod(Method):
         raise NotImplementedError
 
     def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        """The loss between the student's outputs [s1, s2] and the teacher's [t1, t2] of the other view:
-        the pairs (s1, t2) and (s2, t1)."""
+        """The loss between the student's outputs [s1, s2] (and the local views' of a `multi_crop` method) and
+        the teacher's [t1, t2] of another view: the pairs (s1, t2) and (s2, t1) (and each local view's with both)."""
         raise NotImplementedError
 
     def momentum_start(self) -> float:
@@ -159,12 +161,17 @@ class MomentumMethod(Method):
         update_momentum(self.encoder, self.momentum_encoder, m)
         update_momentum(self.projector, self.momentum_projector, m)
 
-    def student(self, x1: Tensor, x2: Tensor) -> list[Tensor]:
-        # One encoder pass over both views (LayerNorm is per token, so for a ViT this equals two passes; a CNN's
-        # batch norm sees both views, as in lightly's and solo-learn's concatenated passes);
-        # the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL.
-        cls = pooled_feature(self.encoder, torch.cat([x1, x2])).chunk(2)
-        return [self.predictor(self.projector(c)) for c in cls]
+    def student(self, *views: Tensor) -> list[Tensor]:
+        """The student's output on each view. One encoder pass per run of same-sized views (the global views, then
+        the local ones, as DINO's MultiCropWrapper; LayerNorm is per token, so for a ViT this equals a pass per
+        view; a CNN's batch norm sees the views of the pass, as in lightly's and solo-learn's concatenated
+        passes); the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL."""
+        out: list[Tensor] = []
+        for _, same in itertools.groupby(views, key=lambda v: v.shape[-2:]):
+            same = list(same)
+            out += [self.predictor(self.projector(c)) for c in pooled_feature(self.encoder, torch.cat(same)).chunk(
+                len(same))]
+        return out
 
     @torch.no_grad()
     def teacher_cls(self, x: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
@@ -183,15 +190,17 @@ class MomentumMethod(Method):
         """The patches the local branch keeps for images x, (B, K) ascending (also with the branch off)."""
         return self.local.keep(self.teacher_cls(x, attention=True)[1])
 
-    def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        student = self.student(x1, x2)
+    def forward(self, x1: Tensor, x2: Tensor, *local_views: Tensor) -> dict[str, Tensor]:
+        """The loss of the two global views x1, x2 and any local views (multi-crop, `multi_crop` methods): the
+        student sees every view, the teacher and the local branch the global ones."""
+        student = self.student(x1, x2, *local_views)
         x = torch.cat([x1, x2])
         cls, maps = self.teacher_cls(x, attention=self.local.on)
         teacher = self.teacher_outputs(cls)
         loss_global = self.pair_loss(student, teacher)
         out = {"loss_global": loss_global, "loss": loss_global}
         if self.local.on:
-            loss_local = self.local.loss(self, student, x, self.local.keep(maps))
+            loss_local = self.local.loss(self, student[:2], x, self.local.keep(maps))
             out.update(loss_local=loss_local, loss=loss_global + self.local.cfg.weight * loss_local)
         self.observe_teacher(teacher)
         return out

@@ -56,7 +56,8 @@ def teacher_temperatures(cfg: DINOConfig, total_steps: int, per_epoch: int) -> n
 
 
 class DINO(MomentumMethod):
-    """Two global views; loss = (H(t2, s1) + H(t1, s2)) / 2 as DINO averages its pairs. The centre
+    """Two global views and any local ones (multi-crop); loss = the mean of H(tᵢ, sᵥ) over the teacher's global
+    views i and the student's views v ≠ i, as DINOLoss ((H(t2, s1) + H(t1, s2)) / 2 for two views). The centre
     c ← m_c·c + (1 − m_c)·mean(teacher outputs) moves once per optimizer step, the mean over the batch of every
     process (lightly's `center_mean` all-reduces it) and of every micro-batch of the step, so that accumulation
     equals the larger batch; it is a buffer, so checkpoints hold it. As in DINO's code, biases and norms get no
@@ -65,6 +66,7 @@ class DINO(MomentumMethod):
     name = "dino"
     Config = DINOConfig
     decay_biases_and_norms = False
+    multi_crop = True
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         super().__init__(model, method, image_size)
@@ -87,10 +89,10 @@ class DINO(MomentumMethod):
         return {"projector.last_layer.": self.cfg.freeze_last_layer}  # DINO's cancel_gradients_last_layer
 
     def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        def h(t: Tensor, s: Tensor) -> Tensor:
-            return dino_cross_entropy(t, s, self.center, self.teacher_temp, self.cfg.student_temp)
-
-        return (h(teacher[1], student[0]) + h(teacher[0], student[1])) / 2
+        """DINOLoss: the mean of H(tᵢ, sᵥ) over both teacher (global) views i and every student view v ≠ i."""
+        terms = [dino_cross_entropy(t, s, self.center, self.teacher_temp, self.cfg.student_temp)
+                 for i, t in enumerate(teacher) for v, s in enumerate(student) if v != i]
+        return sum(terms) / len(terms)
 
     @torch.no_grad()
     def observe_teacher(self, teacher: list[Tensor]) -> None:

@@ -107,6 +107,10 @@ def test_defaults_are_main_dino_and_the_boosted_recipe_changes_what_dinos_readme
     boosted = flat_config(load_config(RECIPES / "dino_vit_s16_cub_boosted.yaml", [], PretrainConfig))
     assert {k: plain[k] for k in plain if k.startswith("method.dino.")} == {
         f"method.dino.{k}": v for k, v in vars(main_dino).items()}
+    assert {k: plain[f"augment.{k}"] for k in ("crop_scale", "local_crops", "local_crop_scale", "local_crop_size",
+                                               "local_blur_p", "interpolation")} == {
+        "crop_scale": "[0.4, 1.0]", "local_crops": 8, "local_crop_scale": "[0.05, 0.4]", "local_crop_size": 96,
+        "local_blur_p": 0.5, "interpolation": "bicubic"}  # DataAugmentationDINO's multi-crop
     assert {k: boosted[k] for k in boosted if boosted[k] != plain[k]} == {
         "output_dir": "runs/dino_vit_s16_cub_boosted", "train.epochs": 300, "method.dino.teacher_temp": 0.07,
         "method.dino.warmup_teacher_temp_epochs": 30, "method.dino.norm_last_layer": False}
