@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from sslfg.config import load_config
-from sslfg.methods import MethodConfig, MomentumMethod, build_method
+from sslfg.method_config import MethodConfig
+from sslfg.methods import MomentumMethod, build_method
 from sslfg.schema import ModelConfig, PretrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -55,7 +55,7 @@ from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.loop import LoopState, run_loop, steps_per_epoch
 from sslfg.engine.metrics import MetricsLog
 from sslfg.methods import MomentumMethod, build_method
-from sslfg.pretrain import build_schedules
+from sslfg.pretrain import build_schedules, method_hooks
 from sslfg.schema import PretrainConfig
 
 
@@ -70,9 +70,8 @@ class Trainer:
         model = build_method(cfg.model, cfg.method, cfg.data.image_size)
         per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
         self.schedules = build_schedules(cfg, model, t.epochs * per_epoch, t.batch_size, per_epoch)
-        trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            trainable, lr=float(self.schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay
+            model.param_groups(), lr=float(self.schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.method: MomentumMethod = self.accelerator.unwrap_model(self.model)
@@ -85,8 +84,10 @@ class Trainer:
         def compute_loss(batch: Any) -> dict[str, torch.Tensor]:  # as sslfg.pretrain's
             return self.model(*views.to_device(batch[0], self.accelerator.device))
 
-        def after_step(step: int) -> None:
-            self.method.update_momentum(float(self.schedules["momentum"][step]))
+        hooks = method_hooks(self.method, self.schedules)
+
+        def after_update(step: int, applied: bool) -> None:  # sslfg.pretrain's, and a time stamp
+            hooks["after_update"](step, applied)
             stamps.append(time.perf_counter())
 
         train = dataclasses.replace(self.cfg.train, max_steps=warmup + steps)
@@ -102,7 +103,8 @@ class Trainer:
                 self.run_dir,
                 self.metrics,
                 compute_loss,
-                after_step,
+                before_step=hooks["before_step"],
+                after_update=after_update,
             )
         return steps * self.cfg.train.batch_size / (stamps[-1] - stamps[warmup - 1])
 

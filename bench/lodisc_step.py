@@ -40,7 +40,8 @@ from common import (
     two_views,
 )
 
-from sslfg.methods import MethodConfig, MomentumMethod
+from sslfg.method_config import MethodConfig
+from sslfg.methods import MomentumMethod
 from sslfg.methods.local import zero_fill
 from sslfg.models.backbone import forward_tokens
 from sslfg.schema import ModelConfig

@@ -1,4 +1,5 @@
-"""MoCo v3 InfoNCE with keys gathered from every process."""
+"""The methods' losses, one home: MoCo v3's InfoNCE with keys gathered from every process, BYOL's 2 − 2·cos and
+DINO's cross-entropy between the centred, sharpened teacher softmax and the student's."""
 
 from __future__ import annotations
 
@@ -36,3 +37,26 @@ def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
         logits = q @ keys.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
     return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """2 − 2·cos(p, z), mean over the batch: ‖p̂ − ẑ‖² of the L2-normalised vectors (B, D) → ().
+
+    Written here rather than with lightly's NegativeCosineSimilarity (−cos) to keep BYOL's form and to
+    compute it in float32 with autocast off.
+    """
+    with torch.autocast(p.device.type, enabled=False):
+        return 2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=-1).mean()
+
+
+def dino_cross_entropy(teacher: Tensor, student: Tensor, center: Tensor, teacher_temp: float,
+                       student_temp: float) -> Tensor:
+    """H(t, s) = −Σ_k softmax((t − c)/τ_t)_k · log softmax(s/τ_s)_k, mean over the batch (B, K) → ().
+
+    Written here rather than with lightly's DINOLoss: its forward also moves the centre, which the local
+    term (teacher on the masked view) must use without moving. float32 with autocast off: a softmax over
+    65,536 prototypes at τ 0.04 in bf16 would lose the small probabilities.
+    """
+    with torch.autocast(student.device.type, enabled=False):
+        target = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+        return -(target * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1).mean()

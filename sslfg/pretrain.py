@@ -8,18 +8,17 @@ in-process.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sslfg.config import key_sources
+from sslfg.config import ConfigError, key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
 from sslfg.data.datasets import build_dataset
 from sslfg.data.loader import SeededDataset, sample_seed
-from sslfg.data.transforms import denormalize, eval_data_config
+from sslfg.data.transforms import denormalize, eval_data_config, local_crop_size
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
@@ -29,6 +28,7 @@ from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, e
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.methods import MomentumMethod, build_method
+from sslfg.methods.base import Method
 from sslfg.models.backbone import require_vit
 from sslfg.models.heads import check_batch_norm
 from sslfg.schema import FeatureConfig, PretrainConfig
@@ -52,6 +52,11 @@ def method_facts(cfg: PretrainConfig, encoder) -> dict[str, str]:
             f"{layers})" if local.weight or t.loc_every else "")  # both refuse a backbone without patches first
     facts = {"method": cfg.method.name, "method.local": f"on: weight {local.weight:g}, {local.view} view of {kept}"
              if local.weight else "off (method.local.weight 0)"}
+    if cfg.augment.local_crops:
+        a = cfg.augment
+        facts["augment.local_crops"] = (f"{a.local_crops} local views of {local_crop_size(cfg.data.image_size, a)} px "
+                                        f"(scale {a.local_crop_scale[0]:g}-{a.local_crop_scale[1]:g}) besides the 2 "
+                                        f"global ones of {cfg.data.image_size} px, {a.interpolation} crops")
     if t.loc_every:
         facts["train.loc_every"] = (f"every {t.loc_every} epochs: {kept} of up to {t.loc_samples} "
                                     f"{cfg.data.test_split} images against their boxes, crop ratio {CROP_RATIO:g}")
@@ -98,6 +103,36 @@ def online_evaluations(cfg: PretrainConfig, accelerator) -> tuple[OnlineKnn | No
     return built.get("online_knn"), built.get("online_loc"), notes
 
 
+def method_hooks(method: Method, schedules: dict[str, np.ndarray]) -> dict[str, Callable[..., None]]:
+    """The loop's before_step and after_update: the method's own hooks with the step's values of its schedules."""
+    own = {k: v for k, v in schedules.items() if k not in ("lr", "weight_decay")}  # momentum, teacher_temp, ...
+
+    def values(step: int) -> dict[str, float]:
+        return {k: float(v[step]) for k, v in own.items()}
+
+    return {"before_step": lambda s: method.set_step(values(s)),
+            "after_update": lambda s, applied: method.after_update(values(s), applied)}
+
+
+def check_local_views(cfg: PretrainConfig, method: MomentumMethod) -> None:
+    """ConfigError unless the method can use `augment.local_crops` local views: its loss takes them (DINO) and a
+    ViT takes their size (timm's dynamic_img_size, a whole number of patches)."""
+    n, size = cfg.augment.local_crops, local_crop_size(cfg.data.image_size, cfg.augment)
+    if n == 0:
+        return
+    if not method.multi_crop:
+        raise ConfigError(f"augment.local_crops: {n} local views are DINO's multi-crop; method.name={cfg.method.name} "
+                          f"uses the two global views only: set augment.local_crops=0, or method.name=dino")
+    if method.vit and not method.encoder.dynamic_img_size:
+        raise ConfigError(f"augment.local_crops: local views of {size} px need a ViT that takes other sizes than "
+                          f"data.image_size {cfg.data.image_size}: add dynamic_img_size: true to model.kwargs (timm "
+                          f"then resamples the position embedding, as DINO's interpolate_pos_encoding)")
+    if method.vit and size % method.patch_size:
+        raise ConfigError(f"augment.local_crop_size: local views of {size} px are not a whole number of "
+                          f"{method.patch_size} px patches; set augment.local_crop_size to a multiple of "
+                          f"{method.patch_size} (e.g. {max(1, round(size / method.patch_size)) * method.patch_size})")
+
+
 @torch.no_grad()
 def mask_figure(model: MomentumMethod, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path,
                 title: str) -> None:
@@ -107,7 +142,7 @@ def mask_figure(model: MomentumMethod, dataset, views: TwoViewPipeline, cfg: Pre
     indices = torch.linspace(0, len(dataset) - 1, n).long().tolist()
     items = [seeded[(i, sample_seed(cfg.seed, -1, i))][0] for i in indices]
     device = next(model.parameters()).device
-    v1, v2 = views.to_device([torch.stack(parts) for parts in zip(*items, strict=True)], device)
+    v1, v2, *_ = views.to_device([torch.stack(parts) for parts in zip(*items, strict=True)], device)
     keep = model.kept_patches(torch.cat([v1, v2])).chunk(2)
     v1, v2 = (denormalize(v, cfg.data.mean, cfg.data.std).cpu() for v in (v1, v2))
     save_mask_figure(v1, v2, keep[0].cpu(), keep[1].cpu(), model.patch_size, path, title)
@@ -126,6 +161,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     sampler, loader = run.loader(dataset, t.batch_size, t.grad_accum_steps)
 
     model = build_method(cfg.model, cfg.method, cfg.data.image_size)
+    check_local_views(cfg, model)
     check_batch_norm(model, t.batch_size, accelerator.num_processes, ", run on more processes, or use method.name=dino "
                      "(no batch norm in its head)")
     if t.loc_every > 0:
@@ -144,29 +180,20 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
-        # the weight the teacher's initial values keep at the end (∏ m): near 1, the init picks LoDisc's patches
-        "teacher.momentum_start": model.momentum_start(), "teacher.init_share": float(np.prod(schedules["momentum"])),
+        **model.summary(schedules),
         **pretrained_record(model.encoder), **online_notes, **token_grid(model.encoder),
         **method_facts(cfg, model.encoder)})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:
         return run_dir
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=float(schedules["lr"][0]), betas=t.betas, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(), lr=float(schedules["lr"][0]), betas=t.betas,
+                                  weight_decay=t.weight_decay)
     model, optimizer = run.start(model, optimizer)
-    method: MomentumMethod = accelerator.unwrap_model(model)
+    method: Method = accelerator.unwrap_model(model)
     metrics = run.metrics(t.log_with, cfg)
     if accelerator.is_main_process and run.start_step == 0 and figures:
         mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
-
-    def compute_loss(batch):
-        return model(*views.to_device(batch[0], accelerator.device))  # data.augment_on: device augments here
-
-    own = [k for k in schedules if k not in ("lr", "weight_decay")]
-
-    def before_step(s: int) -> None:  # the method's scheduled values of this step (DINO's teacher temperature)
-        method.set_step({k: float(schedules[k][s]) for k in own})
 
     if online_knn is not None and run.start_step == 0:
         metrics.log(0, online_knn(method.encoder))
@@ -174,23 +201,16 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     if online_loc is not None and run.start_step == 0:
         metrics.log(0, online_loc(method))
 
-    state = LoopState(schedules=schedules, start_step=run.start_step)
-
-    def after_update(s: int) -> None:  # only after an applied optimizer step (fp16 skips some)
-        method.update_momentum(float(schedules["momentum"][s]))
-
-    def after_step(s: int) -> None:  # after every step, applied or not: evaluation must not be lost
+    def evaluate(s: int) -> None:  # after every step, applied or not: evaluation must not be lost
         if online_knn is not None and (s + 1) % (t.knn_every * per_epoch) == 0:
-            tic = time.perf_counter()
             metrics.log(s + 1, online_knn(method.encoder))
-            state.seconds -= time.perf_counter() - tic  # evaluating is not training: keep images/s comparable
         if online_loc is not None and (s + 1) % (t.loc_every * per_epoch) == 0:
-            tic = time.perf_counter()
             metrics.log(s + 1, online_loc(method))
-            state.seconds -= time.perf_counter() - tic
 
-    step = run.train(model, optimizer, loader, sampler, t, state, metrics, compute_loss,
-                     before_step=before_step, after_update=after_update, after_step=after_step)
+    state = LoopState(schedules=schedules, start_step=run.start_step)
+    step = run.train(model, optimizer, loader, sampler, t, state, metrics,
+                     lambda batch: model(*views.to_device(batch[0], accelerator.device)),  # device augments here
+                     **method_hooks(method, schedules), evaluate=evaluate)
 
     if accelerator.is_main_process:
         export_backbone(method.encoder, cfg.model.name, method.timm_kwargs, run_dir,

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from sslfg.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, RATE, Relation, bounded
 from sslfg.data.images import MAX_PIXELS
-from sslfg.methods import MethodConfig
+from sslfg.method_config import MethodConfig
 from sslfg.models.backbone import sizes_near
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,7 +95,7 @@ class EvalDataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Two-view BYOL-asymmetric augmentations (METHODS §1)."""
+    """Two-view BYOL-asymmetric augmentations (METHODS §1), and DINO's local views (multi-crop, §6)."""
 
     # RandomResizedCrop's range of the crop's area, as a fraction of the image's
     crop_scale: tuple[float, float] = bounded("(0, 1]", (0.08, 1.0), ordered=True)
@@ -107,6 +107,13 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = bounded(POSITIVE, (0.1, 2.0), ordered=True)  # range of the blur's sigma, px
     solarize_p: tuple[float, float] = bounded(PROBABILITY, (0.0, 0.2))  # view 1, view 2
     flip_p: float = bounded(PROBABILITY, 0.5)  # probability of a horizontal flip
+    # the crops' resampling: bilinear as MoCo v3 and LoDisc (torchvision's default), bicubic as DINO
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # multi-crop (DINO, METHODS §6): this many local views besides the two global ones (crop_scale); 0: none
+    local_crops: int = bounded(NON_NEGATIVE, 0)
+    local_crop_scale: tuple[float, float] = bounded("(0, 1]", (0.05, 0.4), ordered=True)  # DINO's
+    local_crop_size: int = bounded(NON_NEGATIVE, 0)  # px; 0: DINO's 96 at 224 scaled, round(96/224 · S)
+    local_blur_p: float = bounded(PROBABILITY, 0.5)  # DINO's local views: blur 0.5, no solarize
 
 
 @dataclass
@@ -134,6 +141,8 @@ class LoopConfig:
     batch_size: int = bounded(AT_LEAST_1, 256)  # per process
     grad_accum_steps: int = bounded(AT_LEAST_1, 1)  # batches per optimizer step
     clip_grad: float = bounded(NON_NEGATIVE, 0.0)  # 0: no clipping
+    # global: one norm over all gradients (torch clip_grad_norm_); per_tensor: each tensor's own (DINO clip_gradients)
+    clip_mode: Literal["global", "per_tensor"] = "global"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate's autocast; no: float32
     checkpoint_every: int = bounded(AT_LEAST_1, 500)  # optimizer steps
     keep_checkpoints: int = bounded(AT_LEAST_1, 2)  # the newest checkpoints kept; older ones are deleted

@@ -1,10 +1,10 @@
-"""The two-view augmentation split in two (METHODS §1): loader workers decode, crop and flip each image
-(uint8) and draw its photometric parameters; the training device applies colour jitter, grayscale,
+"""The two-view augmentation (and DINO's local views) split in two (METHODS §1): loader workers decode, crop
+and flip each image (uint8) and draw its photometric parameters; the training device applies colour jitter, grayscale,
 Gaussian blur, solarization and normalisation to the whole batch at once (`data.augment_on: device`).
 
 Workers draw with torch's CPU generator in exactly the order of `sslfg.data.transforms.TwoViewTransform`
-(view 1's crop, flip, jitter, grayscale, blur, solarize, then view 2's), through the same torchvision
-objects, so under one seed both paths pick the same crops and parameters; `SeededDataset` seeds that
+(view 1's crop, flip, jitter, grayscale, blur, solarize, then view 2's, then each local view's), through the
+same torchvision objects, so under one seed both paths pick the same crops and parameters; `SeededDataset` seeds that
 generator per (seed, epoch, index), which keeps runs deterministic and resume exact on any number of
 processes. The device half is per sample with no Python loop over the batch and no host sync; it
 computes in float32 on images in [0, 1] (the PIL path rounds to 8 bits after every operation).
@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # torchvision's own, batched
 
-from sslfg.data.transforms import TwoViewTransform, blur_kernel_size, gaussian_kernel1d, geometric_steps
+from sslfg.data.transforms import TwoViewTransform, blur_kernel_size, gaussian_kernel1d, geometric_steps, view_specs
 from sslfg.schema import AugmentConfig
 
 # One view's photometric parameters: a float32 row per image (workers draw it, the device applies it).
@@ -60,19 +60,21 @@ def draw_view_params(aug: AugmentConfig, jitter: v2.ColorJitter, blur_p: float, 
 
 
 class TwoViewCrops:
-    """The workers' half: `__call__(img) -> (u1, u2, params)`, two (3, S, S) uint8 crops (RandomResizedCrop
-    and flip as TwoViewTransform) and their photometric parameters (2, NUM_PARAMS)."""
+    """The workers' half: `__call__(img) -> (u1, u2, l1, ..., lN, params)`, each view's uint8 crop (RandomResizedCrop
+    and flip as TwoViewTransform: the two global views (3, S, S), then the local ones) and their photometric
+    parameters (2 + N, NUM_PARAMS)."""
 
     def __init__(self, image_size: int, aug: AugmentConfig) -> None:
-        self.aug, self.geometry = aug, v2.Compose(geometric_steps(image_size, aug))
-        self.jitter = v2.ColorJitter(*aug.jitter)
+        self.aug, self.jitter = aug, v2.ColorJitter(*aug.jitter)
+        self.views = [(v2.Compose(geometric_steps(size, aug, scale)), blur_p, solarize_p)
+                      for size, scale, blur_p, solarize_p in view_specs(image_size, aug)]
 
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, ...]:
         crops, params = [], []
-        for blur_p, solarize_p in zip(self.aug.blur_p, self.aug.solarize_p, strict=True):
-            crops.append(TF.pil_to_tensor(self.geometry(img)))
+        for geometry, blur_p, solarize_p in self.views:
+            crops.append(TF.pil_to_tensor(geometry(img)))
             params.append(draw_view_params(self.aug, self.jitter, blur_p, solarize_p))
-        return crops[0], crops[1], torch.stack(params)
+        return *crops, torch.stack(params)
 
 
 def _per_sample(values: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,7 @@ def resolve_augment_on(setting: str, device: torch.device, image_size: int) -> A
 @dataclass
 class TwoViewPipeline:
     """The per-image `transform` for the dataset and `to_device`, which turns a collated batch of its
-    outputs into the two normalised views (B, 3, S, S) on the device."""
+    outputs into the normalised views on the device: the two global ones (B, 3, S, S), then the local ones."""
 
     transform: Any
     augment_on: AugmentOn
@@ -179,13 +181,12 @@ class TwoViewPipeline:
     std: Sequence[float]
     hue: bool
 
-    def to_device(self, views: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, views: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
         if self.augment_on == "workers":
-            return tuple(v.to(device, non_blocking=True) for v in views)  # type: ignore[return-value]
-        u1, u2, params = (v.to(device, non_blocking=True) for v in views)
+            return tuple(v.to(device, non_blocking=True) for v in views)
+        *crops, params = (v.to(device, non_blocking=True) for v in views)
         with torch.autocast(device.type, enabled=False):  # float32 whatever the run's mixed precision
-            return (photometric(u1, params[:, 0], self.mean, self.std, self.hue),
-                    photometric(u2, params[:, 1], self.mean, self.std, self.hue))
+            return tuple(photometric(u, params[:, i], self.mean, self.std, self.hue) for i, u in enumerate(crops))
 
 
 def two_view_pipeline(image_size: int, aug: AugmentConfig, mean: Sequence[float], std: Sequence[float],

@@ -5,7 +5,8 @@ Every random choice comes from torch's global RNG (torchvision.transforms.v2 dra
 torch.rand / torch.randint / Tensor.uniform_, never with Python's `random`), so seeding torch's
 CPU generator per sample (`sslfg.data.loader.SeededDataset`) reproduces the augmentations
 exactly on resume. Resampling is bilinear, as in MoCo v3 and LoDisc (torchvision's default), except the
-fine-tuning recipe's bicubic resize (GLSim); PIL resizing antialiases.
+fine-tuning recipe's bicubic resize (GLSim) and the pretraining crops under `augment.interpolation: bicubic`
+(DINO); PIL resizing antialiases.
 """
 
 from __future__ import annotations
@@ -66,15 +67,19 @@ def gaussian_kernel1d(size: int, sigma: float | torch.Tensor) -> torch.Tensor:
 
 
 class TwoViewTransform:
-    """BYOL-asymmetric two-view augmentation: `__call__(img) -> (v1, v2)`.
+    """BYOL-asymmetric two-view augmentation, and DINO's local views: `__call__(img) -> (v1, v2, l1, ..., lN)`.
 
-    Both views: RandomResizedCrop(S, scale=aug.crop_scale), horizontal flip (aug.flip_p),
+    Global views: RandomResizedCrop(S, scale=aug.crop_scale), horizontal flip (aug.flip_p),
     ColorJitter(*aug.jitter) with p aug.jitter_p, grayscale (aug.grayscale_p), Gaussian blur
     (kernel `blur_kernel_size(S)`, sigma in aug.blur_sigma) with p aug.blur_p[i], solarize
     (threshold 128 on the 8-bit image) with p aug.solarize_p[i], then float32 in [0, 1] and
     Normalize(mean, std). The blur is `SeparableGaussianBlur` (torchvision's, computed faster).
     The views differ only in blur and solarize probabilities (by default view 1 is always blurred
-    and never solarized). Input: a PIL RGB image; outputs: two (3, S, S) float32 tensors.
+    and never solarized). Then aug.local_crops local views (`local_crop_size`, scale aug.local_crop_scale,
+    blur p aug.local_blur_p, no solarize, as DINO's). Each view draws after the one before it from the generator
+    `SeededDataset` seeds per (seed, epoch, index), so view k's draws are a function of (seed, epoch, index, k)
+    and adding local views leaves the global ones as they were. Input: a PIL RGB image; outputs: (3, S, S) and
+    (3, s, s) float32 tensors.
     """
 
     def __init__(
@@ -84,21 +89,34 @@ class TwoViewTransform:
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
-        self.views = tuple(
-            _view(image_size, aug, mean, std, blur_p, solarize_p)
-            for blur_p, solarize_p in zip(aug.blur_p, aug.solarize_p, strict=True)
-        )
+        self.views = tuple(_view(size, aug, mean, std, blur_p, solarize_p, scale)
+                           for size, scale, blur_p, solarize_p in view_specs(image_size, aug))
 
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.views[0](img), self.views[1](img)
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, ...]:
+        return tuple(view(img) for view in self.views)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(\n  view1={self.views[0]},\n  view2={self.views[1]})"
+        views = "".join(f"\n  view{i + 1}={v}," for i, v in enumerate(self.views))
+        return f"{type(self).__name__}({views[:-1]})"
 
 
-def geometric_steps(size: int, aug: AugmentConfig) -> list[v2.Transform]:
-    """The geometric head of a view: RandomResizedCrop(S) and, unless flip_p is 0, a horizontal flip."""
-    steps: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=tuple(aug.crop_scale), interpolation=INTERPOLATION)]
+def local_crop_size(image_size: int, aug: AugmentConfig) -> int:
+    """The local views' side: aug.local_crop_size, or DINO's 96 px at 224 scaled to the image, round(96/224 · S)."""
+    return aug.local_crop_size or round(image_size * 96 / 224)
+
+
+def view_specs(image_size: int, aug: AugmentConfig) -> list[tuple[int, tuple[float, float], float, float]]:
+    """(size, crop scale, blur p, solarize p) of each view: the two global ones, then the local ones."""
+    local = (local_crop_size(image_size, aug), tuple(aug.local_crop_scale), aug.local_blur_p, 0.0)
+    return [*((image_size, tuple(aug.crop_scale), b, s) for b, s in zip(aug.blur_p, aug.solarize_p, strict=True)),
+            *[local] * aug.local_crops]
+
+
+def geometric_steps(size: int, aug: AugmentConfig, scale: tuple[float, float] | None = None) -> list[v2.Transform]:
+    """The geometric head of a view: RandomResizedCrop(S, scale, aug.interpolation) (scale: aug.crop_scale unless
+    given) and, unless flip_p is 0, a horizontal flip."""
+    steps: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=scale or tuple(aug.crop_scale),
+                                                      interpolation=InterpolationMode(aug.interpolation))]
     if aug.flip_p > 0:
         steps.append(v2.RandomHorizontalFlip(aug.flip_p))
     return steps
@@ -111,10 +129,11 @@ def _view(
     std: Sequence[float],
     blur_p: float,
     solarize_p: float,
+    scale: tuple[float, float],
 ) -> v2.Compose:
     """One view's pipeline; transforms with probability 0 are left out (cheaper, clearer repr). The
     random draws come in the order `sslfg.data.batch_augment.TwoViewCrops` repeats."""
-    steps = geometric_steps(size, aug)
+    steps = geometric_steps(size, aug, scale)
     if aug.jitter_p > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(*aug.jitter)], p=aug.jitter_p))
     if aug.grayscale_p > 0:

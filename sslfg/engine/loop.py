@@ -112,16 +112,18 @@ def run_loop(
     log: MetricsLog,
     compute_loss: Callable[[Any], dict[str, Tensor]],
     before_step: Callable[[int], None] | None = None,
-    after_update: Callable[[int], None] | None = None,
-    after_step: Callable[[int], None] | None = None,
+    after_update: Callable[[int, bool], None] | None = None,
+    evaluate: Callable[[int], None] | None = None,
 ) -> int:
     """Trains from `state.start_step` to the end of the schedule (or `train.max_steps`).
 
     compute_loss(batch) returns {"loss": scalar, ...more scalars to log}; before_step(step) runs before each
-    forward of that optimizer step (every micro-batch of it); after_update(step) runs
-    once per optimizer step that was applied (the EMA update: not after a step fp16's GradScaler
-    skipped), after_step(step) once per optimizer step, applied or not (the online kNN). Returns the
-    last step reached; a stop signal raises `Interrupted` after the step in flight and its checkpoint.
+    forward of that optimizer step (every micro-batch of it); after_update(step, applied) once per optimizer
+    step, after it, applied False when fp16's GradScaler skipped it (the EMA runs only after an applied one);
+    evaluate(step) last, once per optimizer step (the online kNN): its time is not training time. A parameter
+    group's `wd_scale` multiplies the scheduled weight decay, and its parameters keep no gradient while the
+    epoch is below its `frozen_epochs`. Returns the last step reached; a stop signal raises `Interrupted` after
+    the step in flight and its checkpoint.
     """
     with StopSignals(train.stop_check_every) as signals:
         per_epoch = steps_per_epoch(sampler, train.grad_accum_steps)
@@ -149,16 +151,20 @@ def run_loop(
                     watch.see(step + 1, out["loss"])  # numbered as metrics.jsonl and checkpoints: steps done
                     accelerator.backward(out["loss"])
                     if accelerator.sync_gradients and train.clip_grad > 0:
-                        accelerator.clip_grad_norm_(params, train.clip_grad)
+                        clip_gradients(accelerator, optimizer, params, train.clip_grad, train.clip_mode)
+                    if accelerator.sync_gradients:
+                        drop_frozen_gradients(optimizer, epoch)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.images_seen += _batch_size(batch) * accelerator.num_processes
                 if not accelerator.sync_gradients:
                     continue
-                if after_update is not None and not accelerator.optimizer_step_was_skipped:
-                    after_update(step)
-                if after_step is not None:
-                    after_step(step)
+                if after_update is not None:
+                    after_update(step, not accelerator.optimizer_step_was_skipped)
+                if evaluate is not None:
+                    evaluating = time.perf_counter()
+                    evaluate(step)
+                    tic += time.perf_counter() - evaluating  # evaluating is not training: images/s stay comparable
                 step += 1
                 signum = signals.requested(accelerator, step)
                 log_now = step % train.log_every == 0 or step == stop
@@ -182,6 +188,29 @@ def run_loop(
         bar.close()
         state.seconds += time.perf_counter() - tic
         return step
+
+
+def clip_gradients(accelerator: Accelerator, optimizer: torch.optim.Optimizer, params: list[Tensor], max_norm: float,
+                   mode: str) -> None:
+    """`train.clip_mode`: `global` scales every gradient by max_norm / ‖all gradients‖ when that is below 1;
+    `per_tensor` scales each tensor's gradient by max_norm / (‖g‖ + 1e-6) when that is below 1, DINO's
+    `utils.clip_gradients` (`--clip_grad`), with no host sync (a factor clamped to 1 multiplies exactly)."""
+    if mode == "global":
+        accelerator.clip_grad_norm_(params, max_norm)
+        return
+    accelerator.unscale_gradients(optimizer)  # fp16: clip the true gradients, as clip_grad_norm_ does
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_((max_norm / (p.grad.norm(2) + 1e-6)).clamp(max=1.0))
+
+
+def drop_frozen_gradients(optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """Parameters of a group with `frozen_epochs` > epoch keep no gradient, so the optimizer leaves them (and
+    their weight decay) alone, as DINO's `cancel_gradients_last_layer` after clipping."""
+    for group in optimizer.param_groups:
+        if epoch < group.get("frozen_epochs", 0):
+            for p in group["params"]:
+                p.grad = None
 
 
 def _raise_if_non_finite(watch: NonFiniteWatch, accelerator: Accelerator, run_dir: Path, state: LoopState,

@@ -76,8 +76,8 @@ class Run:
 
     def train(self, model: nn.Module, optimizer: Optimizer, loader: DataLoader, sampler: EpochBatchSampler,
               loop: LoopConfig, state: LoopState, metrics: MetricsLog,
-              compute_loss: Callable[[Any], dict[str, Tensor]], **hooks: Callable[[int], None]) -> int:
-        """`run_loop` (its `hooks`: before_step, after_update, after_step), then closes `metrics`; the last step."""
+              compute_loss: Callable[[Any], dict[str, Tensor]], **hooks: Callable[..., None]) -> int:
+        """`run_loop` (its `hooks`: before_step, after_update, evaluate), then closes `metrics`; the last step."""
         step = run_loop(self.accelerator, model, optimizer, loader, sampler, loop, state, self.run_dir, metrics,
                         compute_loss, **hooks)
         metrics.close()

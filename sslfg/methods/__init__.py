@@ -1,19 +1,18 @@
-"""The pretraining methods: name -> class, and the `method` section of a pretraining recipe.
+"""The pretraining methods: name -> class. Their recipe keys (`method`) are `sslfg.method_config`'s, without torch.
 
-Adding a method is one module (a `MomentumMethod` subclass with its `Config`), one line in `METHODS`,
-a recipe and a test file: `method.name` accepts it and `method.<name>` holds its keys.
+Adding a method is one module (a `MomentumMethod` subclass with its `Config`), its `Config` dataclass and one
+line in `sslfg.method_config.CONFIGS`, one line in `METHODS`, a recipe and a test file: `method.name` accepts it
+and `method.<name>` holds its keys.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Literal
+from typing import Any
 
-from sslfg.config import NON_NEGATIVE, ConfigError, bounded
+from sslfg.config import ConfigError
 from sslfg.methods.base import MomentumMethod
 from sslfg.methods.byol import BYOL
 from sslfg.methods.dino import DINO
-from sslfg.methods.local import LocalConfig
 from sslfg.methods.mocov3 import MoCoV3
 
 METHODS: dict[str, type[MomentumMethod]] = {
@@ -21,25 +20,6 @@ METHODS: dict[str, type[MomentumMethod]] = {
     "dino": DINO,
     "byol": BYOL,
 }
-
-
-def _method_config() -> type:
-    """The dataclass of `method`: name, local, and one section per registered method."""
-    fields: list[tuple[str, Any, Any]] = [
-        ("name", Literal[tuple(METHODS)], dataclasses.field(default="mocov3")),
-        ("local", LocalConfig, dataclasses.field(default_factory=LocalConfig)),
-        # the teacher's EMA start as a half-life in optimizer steps, m0 = 2^(-1/h), replacing
-        # method.<name>.momentum; a short run needs a short one or the teacher stays its random init; 0: off
-        ("teacher_half_life", float, bounded(NON_NEGATIVE, 0.0)),
-        *((name, cls.Config, dataclasses.field(default_factory=cls.Config)) for name, cls in METHODS.items()),
-    ]
-    cls = dataclasses.make_dataclass("MethodConfig", fields)
-    cls.__module__ = __name__
-    cls.__doc__ = "`method`: which pretraining method (`name`), its local branch and each method's own keys."
-    return cls
-
-
-MethodConfig = _method_config()
 
 
 def build_method(model: Any, method: Any, image_size: int) -> MomentumMethod:

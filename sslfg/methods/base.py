@@ -1,8 +1,9 @@
-"""What every momentum (student–teacher) method shares: the two encoders and their heads, one EMA
-update per optimizer step, a teacher pass that can also read every block's CLS attention, and the
+"""What every pretraining method shares (`Method`: its step, parameter groups and after-update work) and what
+every momentum (student–teacher) method adds (`MomentumMethod`): the two encoders and their heads, one EMA
+update per applied optimizer step, a teacher pass that can also read every block's CLS attention, and the
 loss assembly with the optional local branch (METHODS §1, §6).
 
-A method subclass gives its `Config` (the `method.<name>` keys), its heads (`build_heads`) and its
+A momentum method subclass gives its `Config` (the `method.<name>` keys), its heads (`build_heads`) and its
 pair loss (`pair_loss`); everything else is here. State-dict names are the same for every method:
 `encoder`, `projector`, `predictor` (the student), `momentum_encoder`, `momentum_projector` (the
 teacher), so checkpoints, `sslfg.load_backbone` and the figures read any of them.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -44,16 +46,59 @@ def without_noise(module: nn.Module) -> nn.Module:
     return module
 
 
-class MomentumMethod(nn.Module):
+class Method(nn.Module):
+    """A pretraining method's step, which the generic loop runs (`sslfg.pretrain`): `forward(*views)` takes the
+    views of a batch (B, 3, H, W) each and returns its losses ({"loss", ...more to log}); before each forward
+    `set_step` gets that step's values of `schedules`; after each optimizer step `after_update` does the method's
+    own work (the EMA, DINO's centre); the optimizer trains `param_groups`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    # False: biases and norms (every 1-D tensor) get no weight decay, as in DINO's and BYOL's code
+    decay_biases_and_norms: ClassVar[bool] = True
+    multi_crop: ClassVar[bool] = False  # True: its loss uses local views besides the two global ones (DINO)
+
+    def schedules(self, total_steps: int, per_epoch: int) -> dict[str, np.ndarray]:
+        """Per-step values this method needs besides lr and weight decay (logged with them)."""
+        return {}
+
+    def set_step(self, values: dict[str, float]) -> None:
+        """Called before each step's forward with that step's scheduled values (DINO's teacher temperature)."""
+
+    def after_update(self, values: dict[str, float], applied: bool) -> None:
+        """Called once per optimizer step, after it, with its scheduled values; `applied` is False when fp16's
+        GradScaler skipped it (the weights did not move)."""
+
+    def frozen_epochs(self) -> dict[str, int]:
+        """{part of a parameter name: epochs}: those parameters do not train during the first epochs (DINO's last
+        layer); the loop drops their gradients after clipping."""
+        return {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups, in `named_parameters` order: `wd_scale` 0 for biases and
+        1-D tensors unless `decay_biases_and_norms` (DINO's `utils.get_params_groups` rule), `frozen_epochs` from
+        `frozen_epochs()`; one group when neither applies."""
+        frozen, groups = self.frozen_epochs(), {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                no_decay = not self.decay_biases_and_norms and (name.endswith(".bias") or p.ndim == 1)
+                epochs = max((e for part, e in frozen.items() if part in name), default=0)
+                groups.setdefault((0.0 if no_decay else 1.0, epochs), []).append(p)
+        return [{"params": ps, "wd_scale": wd, "frozen_epochs": epochs} for (wd, epochs), ps in groups.items()]
+
+    def summary(self, schedules: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Facts for the start-up summary."""
+        return {}
+
+
+class MomentumMethod(Method):
     """Student (encoder → projector → predictor) and teacher (EMA of encoder and projector).
 
     forward(x1, x2) takes two views (B, 3, H, W) and returns {"loss", "loss_global"} and, with the
     local branch on, "loss_local": loss = global + method.local.weight · local, only tensors the loss
     is made of (the kept patches come from `kept_patches`).
     """
-
-    name: ClassVar[str]
-    Config: ClassVar[type]
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         super().__init__()
@@ -80,8 +125,8 @@ class MomentumMethod(nn.Module):
         raise NotImplementedError
 
     def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        """The loss between the student's outputs [s1, s2] and the teacher's [t1, t2] of the other view:
-        the pairs (s1, t2) and (s2, t1)."""
+        """The loss between the student's outputs [s1, s2] (and the local views' of a `multi_crop` method) and
+        the teacher's [t1, t2] of another view: the pairs (s1, t2) and (s2, t1) (and each local view's with both)."""
         raise NotImplementedError
 
     def momentum_start(self) -> float:
@@ -95,8 +140,15 @@ class MomentumMethod(nn.Module):
         momentum, from `momentum_start()` to 1 on a half cosine."""
         return {"momentum": cosine_schedule(self.momentum_start(), 1.0, total_steps)}
 
-    def set_step(self, values: dict[str, float]) -> None:
-        """Called before each step's forward with that step's scheduled values (DINO's teacher temperature)."""
+    def after_update(self, values: dict[str, float], applied: bool) -> None:
+        """The EMA, only after an applied optimizer step."""
+        if applied:
+            self.update_momentum(values["momentum"])
+
+    def summary(self, schedules: dict[str, np.ndarray]) -> dict[str, Any]:
+        # the weight the teacher's initial values keep at the end (∏ m): near 1, the init picks LoDisc's patches
+        return {"teacher.momentum_start": self.momentum_start(),
+                "teacher.init_share": float(np.prod(schedules["momentum"]))}
 
     def observe_teacher(self, teacher: list[Tensor]) -> None:
         """Called after the loss of each forward with the teacher outputs of both views (DINO's centre)."""
@@ -110,12 +162,17 @@ class MomentumMethod(nn.Module):
         update_momentum(self.encoder, self.momentum_encoder, m)
         update_momentum(self.projector, self.momentum_projector, m)
 
-    def student(self, x1: Tensor, x2: Tensor) -> list[Tensor]:
-        # One encoder pass over both views (LayerNorm is per token, so for a ViT this equals two passes; a CNN's
-        # batch norm sees both views, as in lightly's and solo-learn's concatenated passes);
-        # the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL.
-        cls = pooled_feature(self.encoder, torch.cat([x1, x2])).chunk(2)
-        return [self.predictor(self.projector(c)) for c in cls]
+    def student(self, *views: Tensor) -> list[Tensor]:
+        """The student's output on each view. One encoder pass per run of same-sized views (the global views, then
+        the local ones, as DINO's MultiCropWrapper; LayerNorm is per token, so for a ViT this equals a pass per
+        view; a CNN's batch norm sees the views of the pass, as in lightly's and solo-learn's concatenated
+        passes); the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL."""
+        out: list[Tensor] = []
+        for _, same in itertools.groupby(views, key=lambda v: v.shape[-2:]):
+            same = list(same)
+            out += [self.predictor(self.projector(c)) for c in pooled_feature(self.encoder, torch.cat(same)).chunk(
+                len(same))]
+        return out
 
     @torch.no_grad()
     def teacher_cls(self, x: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
@@ -134,15 +191,17 @@ class MomentumMethod(nn.Module):
         """The patches the local branch keeps for images x, (B, K) ascending (also with the branch off)."""
         return self.local.keep(self.teacher_cls(x, attention=True)[1])
 
-    def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        student = self.student(x1, x2)
+    def forward(self, x1: Tensor, x2: Tensor, *local_views: Tensor) -> dict[str, Tensor]:
+        """The loss of the two global views x1, x2 and any local views (multi-crop, `multi_crop` methods): the
+        student sees every view, the teacher and the local branch the global ones."""
+        student = self.student(x1, x2, *local_views)
         x = torch.cat([x1, x2])
         cls, maps = self.teacher_cls(x, attention=self.local.on)
         teacher = self.teacher_outputs(cls)
         loss_global = self.pair_loss(student, teacher)
         out = {"loss_global": loss_global, "loss": loss_global}
         if self.local.on:
-            loss_local = self.local.loss(self, student, x, self.local.keep(maps))
+            loss_local = self.local.loss(self, student[:2], x, self.local.keep(maps))
             out.update(loss_local=loss_local, loss=loss_global + self.local.cfg.weight * loss_local)
         self.observe_teacher(teacher)
         return out

@@ -3,7 +3,6 @@ view is trained towards the teacher's centred and sharpened softmax of the other
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,27 +12,12 @@ from lightly.models.modules.center import center_mean
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from sslfg.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, RATE, bounded
+from sslfg.losses import dino_cross_entropy
+from sslfg.method_config import DINOConfig
 from sslfg.methods.base import MomentumMethod
 
 if TYPE_CHECKING:
     from sslfg.schema import ModelConfig
-
-
-@dataclass
-class DINOConfig:
-    """`method.dino`: DINO's head, temperatures and centre (defaults: its ViT-S/16 recipe)."""
-
-    momentum: float = bounded(RATE, 0.996)  # EMA m0, cosine to 1 (--momentum_teacher)
-    hidden_dim: int = bounded(AT_LEAST_1, 2048)
-    bottleneck_dim: int = bounded(AT_LEAST_1, 256)
-    out_dim: int = bounded(AT_LEAST_1, 65536)  # K, the prototypes of the softmax
-    norm_last_layer: bool = True  # the weight-normalised last layer's norm fixed to 1 (more stable)
-    student_temp: float = bounded(POSITIVE, 0.1)
-    teacher_temp: float = bounded(POSITIVE, 0.07)  # after the warm-up
-    warmup_teacher_temp: float = bounded(POSITIVE, 0.04)  # at epoch 0, linear to teacher_temp
-    warmup_teacher_temp_epochs: int = bounded(NON_NEGATIVE, 30)
-    center_momentum: float = bounded(RATE, 0.9)
 
 
 class DINOHead(nn.Module):
@@ -62,19 +46,6 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
-def dino_cross_entropy(teacher: Tensor, student: Tensor, center: Tensor, teacher_temp: float,
-                       student_temp: float) -> Tensor:
-    """H(t, s) = −Σ_k softmax((t − c)/τ_t)_k · log softmax(s/τ_s)_k, mean over the batch (B, K) → ().
-
-    Written here rather than with lightly's DINOLoss: its forward also moves the centre, which the local
-    term (teacher on the masked view) must use without moving. float32 with autocast off: a softmax over
-    65,536 prototypes at τ 0.04 in bf16 would lose the small probabilities.
-    """
-    with torch.autocast(student.device.type, enabled=False):
-        target = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
-        return -(target * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1).mean()
-
-
 def teacher_temperatures(cfg: DINOConfig, total_steps: int, per_epoch: int) -> np.ndarray:
     """τ_t per step: DINO's per-epoch schedule, linear from warmup_teacher_temp at epoch 0 to teacher_temp
     at epoch warmup_teacher_temp_epochs − 1, then constant."""
@@ -85,17 +56,23 @@ def teacher_temperatures(cfg: DINOConfig, total_steps: int, per_epoch: int) -> n
 
 
 class DINO(MomentumMethod):
-    """Two global views; loss = (H(t2, s1) + H(t1, s2)) / 2 as DINO averages its pairs. The centre
-    c ← m_c·c + (1 − m_c)·mean(teacher outputs) moves after every forward, the mean over the batch of
-    every process (lightly's `center_mean` all-reduces it); it is a buffer, so checkpoints hold it."""
+    """Two global views and any local ones (multi-crop); loss = the mean of H(tᵢ, sᵥ) over the teacher's global
+    views i and the student's views v ≠ i, as DINOLoss ((H(t2, s1) + H(t1, s2)) / 2 for two views). The centre
+    c ← m_c·c + (1 − m_c)·mean(teacher outputs) moves once per optimizer step, the mean over the batch of every
+    process (lightly's `center_mean` all-reduces it) and of every micro-batch of the step, so that accumulation
+    equals the larger batch; it is a buffer, so checkpoints hold it. As in DINO's code, biases and norms get no
+    weight decay and the head's last layer does not train during the first `freeze_last_layer` epochs."""
 
     name = "dino"
     Config = DINOConfig
+    decay_biases_and_norms = False
+    multi_crop = True
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         super().__init__(model, method, image_size)
         self.register_buffer("center", torch.zeros(1, self.cfg.out_dim))
         self.teacher_temp = self.cfg.warmup_teacher_temp  # the pretraining loop sets each step's (set_step)
+        self.batch_centers: list[Tensor] = []  # this optimizer step's, one per forward
 
     def build_heads(self, dim: int) -> tuple[nn.Module, nn.Module]:
         c = self.cfg
@@ -108,13 +85,24 @@ class DINO(MomentumMethod):
     def set_step(self, values: dict[str, float]) -> None:
         self.teacher_temp = values["teacher_temp"]
 
-    def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        def h(t: Tensor, s: Tensor) -> Tensor:
-            return dino_cross_entropy(t, s, self.center, self.teacher_temp, self.cfg.student_temp)
+    def frozen_epochs(self) -> dict[str, int]:
+        return {"projector.last_layer.": self.cfg.freeze_last_layer}  # DINO's cancel_gradients_last_layer
 
-        return (h(teacher[1], student[0]) + h(teacher[0], student[1])) / 2
+    def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        """DINOLoss: the mean of H(tᵢ, sᵥ) over both teacher (global) views i and every student view v ≠ i."""
+        terms = [dino_cross_entropy(t, s, self.center, self.teacher_temp, self.cfg.student_temp)
+                 for i, t in enumerate(teacher) for v, s in enumerate(student) if v != i]
+        return sum(terms) / len(terms)
 
     @torch.no_grad()
     def observe_teacher(self, teacher: list[Tensor]) -> None:
-        m = self.cfg.center_momentum
-        self.center.mul_(m).add_(center_mean(torch.cat(teacher).float(), dim=(0,)), alpha=1 - m)
+        self.batch_centers.append(center_mean(torch.cat(teacher).float(), dim=(0,)))
+
+    @torch.no_grad()
+    def after_update(self, values: dict[str, float], applied: bool) -> None:
+        """The EMA after an applied step; the centre after every step, as DINO's moves in each forward."""
+        super().after_update(values, applied)
+        if self.batch_centers:
+            m, batch = self.cfg.center_momentum, self.batch_centers
+            self.center.mul_(m).add_(batch[0] if len(batch) == 1 else torch.stack(batch).mean(0), alpha=1 - m)
+            self.batch_centers = []

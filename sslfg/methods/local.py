@@ -10,28 +10,17 @@ on the masked other view, weighted by `method.local.weight`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from sslfg.config import NON_NEGATIVE, ConfigError, bounded
+from sslfg.config import ConfigError
+from sslfg.method_config import LocalConfig
 from sslfg.models.backbone import forward_tokens
 
 if TYPE_CHECKING:
     from sslfg.methods.base import MomentumMethod
-
-
-@dataclass
-class LocalConfig:
-    """`method.local`: the local branch, for every method."""
-
-    weight: float = bounded(NON_NEGATIVE, 1.0)  # λ; 0 switches the branch off (plain MoCo v3, BYOL, DINO)
-    view: Literal["zero_fill", "drop_tokens"] = "zero_fill"  # LoDisc's masked input; drop_tokens: only kept tokens
-    keep_ratio: float = bounded("(0, 1]", 0.30)
-    # the location score sums the last n blocks' CLS attention; 0: every block (LoDisc)
-    attention_layers: int = bounded(NON_NEGATIVE, 0)
 
 
 def location_score(cls_attn: Tensor) -> Tensor:

@@ -3,27 +3,12 @@ projection of the other, keys gathered from every process. With the local branch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
-from sslfg.config import AT_LEAST_1, POSITIVE, RATE, bounded
 from sslfg.losses import contrastive_loss
+from sslfg.method_config import MoCoV3Config
 from sslfg.methods.base import MomentumMethod
 from sslfg.models.heads import mlp
-
-
-@dataclass
-class MoCoV3Config:
-    """`method.mocov3`: LoDisc's heads and loss (MoCo v3's with Dropout 0.2; 0 gives MoCo v3's)."""
-
-    momentum: float = bounded(RATE, 0.99)  # EMA m0, cosine to 1 (MoCo v3 --moco-m 0.99 --moco-m-cos)
-    temperature: float = bounded(POSITIVE, 0.2)
-    use_projector: bool = True  # false reproduces the LoDisc code, which builds the projector but never runs it
-    proj_hidden_dim: int = bounded(AT_LEAST_1, 4096)
-    pred_hidden_dim: int = bounded(AT_LEAST_1, 4096)
-    projector_dropout: float = bounded(RATE, 0.2)  # LoDisc's Dropout after each hidden layer of the projector
-    predictor_dropout: float = bounded(RATE, 0.2)
 
 
 class MoCoV3(MomentumMethod):

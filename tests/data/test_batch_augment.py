@@ -144,11 +144,13 @@ def test_parameter_draws_follow_the_configured_probabilities() -> None:
     assert len(off) and (off == torch.tensor([1, 1, 1, 0.0])).all()  # jitter off: neutral factors
 
 
-def test_batch_path_gives_the_worker_paths_views_under_the_same_seed() -> None:
+@pytest.mark.parametrize("local", [{}, {"local_crops": 2, "local_crop_size": 12, "interpolation": "bicubic"}])
+def test_batch_path_gives_the_worker_paths_views_under_the_same_seed(local: dict) -> None:
     """Same seed: same crops and parameters, so the same views, up to the PIL path's 8-bit rounding after
     every operation (its hue is computed in 8-bit HSV): mean |difference| ≤ 2.5 and max ≤ 16 grey levels.
-    Views that draw no photometric change are bitwise equal."""
-    aug, size = AugmentConfig(blur_sigma=(0.1, 1.0)), 24
+    Views that draw no photometric change are bitwise equal. Also with DINO's local views (multi-crop) and
+    bicubic crops."""
+    aug, size = AugmentConfig(blur_sigma=(0.1, 1.0), **local), 24
     workers, crops = TwoViewTransform(size, aug, MEAN, STD), ba.TwoViewCrops(size, aug)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (30, 36, 3), dtype=np.uint8)).resize((40, 48)) for _ in range(12)]
@@ -158,17 +160,19 @@ def test_batch_path_gives_the_worker_paths_views_under_the_same_seed() -> None:
         ref.append(workers(img))
         torch.manual_seed(seed)
         items.append(crops(img))
-    u1, u2, params = (torch.stack(parts) for parts in zip(*items, strict=True))
+    *uint8, params = (torch.stack(parts) for parts in zip(*items, strict=True))
     pipeline = ba.TwoViewPipeline(crops, "device", MEAN, STD, hue=True)
     levels, plain_views = torch.tensor(STD).view(1, 3, 1, 1) * 255, 0
-    for view, batch in enumerate(pipeline.to_device([u1, u2, params], torch.device("cpu"))):
+    batches = pipeline.to_device([*uint8, params], torch.device("cpu"))
+    assert [b.shape[-1] for b in batches] == [24, 24] + [12] * local.get("local_crops", 0)
+    for view, batch in enumerate(batches):
         diff = ((batch - torch.stack([r[view] for r in ref])) * levels).abs()
         assert diff.mean((1, 2, 3)).max() <= 2.5 and diff.max() <= 16, (view, diff.mean((1, 2, 3)), diff.max())
         plain = (params[:, view, [ba.JITTER, ba.GRAYSCALE, ba.SIGMA, ba.SOLARIZE]] == 0).all(1)
         assert (diff[plain] == 0).all()
         plain_views += int(plain.sum())
     assert plain_views > 0  # view 1 is always blurred: these come from view 2
-    other = ((batch - torch.stack([r[0] for r in ref])) * levels).abs().mean()  # view 2 against view 1
+    other = ((batches[1] - torch.stack([r[0] for r in ref])) * levels).abs().mean()  # view 2 against view 1
     assert other > 20  # the tolerance separates a different view
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,23 +101,29 @@ def test_host_reads_only_at_log_and_checkpoint_steps(tmp_path: Path) -> None:
     assert sorted(set(Traced.reads)) == [4, 5, 8, 10, 12]
 
 
-def test_skipped_step_skips_the_update_callback_but_not_the_step_callback(tmp_path: Path) -> None:
-    """fp16's GradScaler skips step 2 (infinite gradients): after_update (the EMA) does not run for it,
-    after_step (the online kNN) does, and the weights really stayed as they were."""
+def test_skipped_step_is_told_to_the_update_callback_and_evaluation_is_not_training_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16's GradScaler skips step 2 (infinite gradients): after_update learns it (the EMA does not run for it),
+    evaluate (the online kNN) runs for every step, the weights really stayed as they were, and the time spent
+    evaluating is not counted as training time."""
     accelerator = make_accelerator()
     accelerator.scaler = torch.amp.GradScaler("cpu")  # what accelerate builds for fp16 on a GPU
     args = toy_run(tmp_path, 5, lambda i, loss: InfGrad.apply(loss) if i == 2 else loss, accelerator)
-    model = args[1]
+    model, state = args[1], args[6]
     updates, steps, weights = [], [], []
+    clock = [0.0]  # the loop's clock, which only evaluating advances
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
 
-    def after_step(s: int) -> None:
+    def evaluate(s: int) -> None:
         steps.append(s)
         weights.append(model.weight.detach().clone())
+        clock[0] += 100.0
 
-    run_loop(*args, after_update=updates.append, after_step=after_step)
+    run_loop(*args, after_update=lambda s, applied: updates.append((s, applied)), evaluate=evaluate)
     assert steps == [0, 1, 2, 3, 4]
-    assert updates == [0, 1, 3, 4]
+    assert updates == [(0, True), (1, True), (2, False), (3, True), (4, True)]
     assert torch.equal(weights[2], weights[1]) and not torch.equal(weights[3], weights[2])
+    assert state.seconds == 0.0  # the 500 s of evaluation are not training time
     assert accelerator.scaler.get_scale() == pytest.approx(2.0**16 / 2)  # one overflow halves the scale
 
 

@@ -1,11 +1,15 @@
 """Reference computations the method tests compare with, written out plainly: the CLS attention from the
-blocks' weights, LoDisc's kept patches (product of the maps, threshold at rank ⌊N·ratio⌋) and masked views."""
+blocks' weights, LoDisc's kept patches (product of the maps, threshold at rank ⌊N·ratio⌋) and masked views;
+DINO's own loss (`DINOLoss`, copied)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslfg.methods import MomentumMethod
@@ -91,3 +95,61 @@ def reference_ctr(q: Tensor, k: Tensor, t: float) -> Tensor:
         logits = [float(qi @ kj) / t for kj in kn]
         total -= logits[i] - math.log(sum(math.exp(v) for v in logits))
     return torch.tensor(total / len(qn) * 2 * t, dtype=torch.float64)
+
+
+# facebookresearch/dino, main_dino.py (commit 144f70567a6ff853b9ea44503ba37fdcf8ca41fb), verbatim; its
+# update_center all-reduces, so a test on one process replaces dist.all_reduce and dist.get_world_size
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
+                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
+                 center_momentum=0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # we apply a warm up for the teacher temperature because
+        # a too high temperature makes the training instable at the beginning
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp,
+                        teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
+        ))
+
+    def forward(self, student_output, teacher_output, epoch):
+        """
+        Cross-entropy between softmax outputs of the teacher and student networks.
+        """
+        student_out = student_output / self.student_temp
+        student_out = student_out.chunk(self.ncrops)
+
+        # teacher centering and sharpening
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
+        teacher_out = teacher_out.detach().chunk(2)
+
+        total_loss = 0
+        n_loss_terms = 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    # we skip cases where student and teacher operate on the same view
+                    continue
+                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+                total_loss += loss.mean()
+                n_loss_terms += 1
+        total_loss /= n_loss_terms
+        self.update_center(teacher_output)
+        return total_loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        """
+        Update center used for teacher output.
+        """
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+        dist.all_reduce(batch_center)
+        batch_center = batch_center / (len(teacher_output) * dist.get_world_size())
+
+        # ema update
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)

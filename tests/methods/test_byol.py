@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sslfg.methods.byol import byol_loss
+from sslfg.losses import byol_loss
 from sslfg.models.heads import GlobalBatchNorm1d
 from tests.conftest import tiny_method
 from tests.methods.references import outputs

@@ -4,12 +4,14 @@ names for the figures and the exported backbone."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 import torch
 
 from sslfg.config import ConfigError, load_config
+from sslfg.method_config import CONFIGS
 from sslfg.methods import METHODS, build_method
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
@@ -86,3 +88,58 @@ def test_ema_runs_once_per_optimizer_step_with_accumulation(name: str, tiny_data
     assert len(forwards) == 6 and len(calls) == 3
     m0 = cls.Config().momentum
     assert calls[0] == m0 and m0 < calls[1] < calls[2] < 1  # the method's momentum schedule, step by step
+
+
+# facebookresearch/dino, utils.py (commit 144f70567a6ff853b9ea44503ba37fdcf8ca41fb), verbatim
+def get_params_groups(model):
+    regularized = []
+    not_regularized = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # we do not regularize biases nor Norm parameters
+        if name.endswith(".bias") or len(param.shape) == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_parameter_groups_are_the_originals(name: str) -> None:
+    """MoCo v3 decays every parameter (main_moco.py: AdamW(model.parameters())); DINO (get_params_groups, copied
+    above) and BYOL (§3.3: biases and batch norm excluded) decay no bias and no norm; DINO's last layer is apart,
+    frozen for method.dino.freeze_last_layer epochs."""
+    model = tiny_method(name, **{"method.dino.norm_last_layer": False})
+    groups = model.param_groups()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [id(p) for g in groups for p in g["params"]] != [] and {id(p) for g in groups for p in g["params"]} == {
+        id(p) for p in trainable} and sum(len(g["params"]) for g in groups) == len(trainable)
+    decayed = {id(p) for g in groups if g["wd_scale"] == 1.0 for p in g["params"]}
+    if name == "mocov3":
+        assert len(groups) == 1 and [id(p) for p in groups[0]["params"]] == [id(p) for p in trainable]
+    else:
+        regularized, not_regularized = get_params_groups(model)
+        assert decayed == {id(p) for p in regularized["params"]} and not_regularized["params"]
+    frozen = {n for n, p in model.named_parameters() for g in groups if g["frozen_epochs"] for q in g["params"]
+              if q is p}
+    assert frozen == ({"projector.last_layer.parametrizations.weight.original0",
+                       "projector.last_layer.parametrizations.weight.original1"} if name == "dino" else set())
+    assert {g["frozen_epochs"] for g in groups} == ({0, 1} if name == "dino" else {0})
+
+
+def imports(module: str) -> set[str]:
+    """The modules `sslfg/<module>.py` imports at run time (not under TYPE_CHECKING)."""
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "sslfg" / f"{module}.py").read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(
+        node.test) for n in ast.walk(node)}
+    return {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree) if id(n) not in typing_only
+            and isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
+
+
+def test_method_keys_live_without_torch_and_name_the_registered_methods() -> None:
+    """No import circle schema ↔ methods: the schema reads the `method` keys from sslfg.method_config, which
+    imports no torch and no method; the registry and the configs name the same methods."""
+    assert not any(m.startswith("sslfg.methods") for m in imports("schema"))
+    assert imports("method_config") <= {"__future__", "dataclasses", "typing", "sslfg.config"}
+    assert list(CONFIGS) == list(METHODS) and all(METHODS[n].Config is CONFIGS[n] for n in METHODS)

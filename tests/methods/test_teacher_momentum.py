@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from sslfg.pretrain import pretrain
 from sslfg.methods import METHODS
+from sslfg.pretrain import pretrain
 from tests.conftest import tiny_config, tiny_method
 
 
@@ -72,7 +72,8 @@ def test_teacher_has_no_drop_path_or_dropout(name: str) -> None:
     cls1, maps1 = method.teacher_cls(x, attention=True)
     cls2, maps2 = method.teacher_cls(x, attention=True)
     assert torch.equal(cls1, cls2) and all(torch.equal(a, b) for a, b in zip(maps1, maps2, strict=True))
-    assert torch.equal(method.teacher_outputs(torch.cat([cls1, cls1]))[0], method.teacher_outputs(torch.cat([cls1, cls1]))[0])
+    both = torch.cat([cls1, cls1])
+    assert torch.equal(method.teacher_outputs(both)[0], method.teacher_outputs(both)[0])
     torch.manual_seed(1)
     s1 = method.student(x, x)
     assert not torch.equal(s1[0], s1[1])  # the student still drops paths (same input, other noise)

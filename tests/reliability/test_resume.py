@@ -12,19 +12,27 @@ from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.methods import METHODS
 from sslfg.pretrain import pretrain
+from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config
 from tests.reliability.procs import assert_same_optimizer, final_state
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_interrupted_mid_epoch_run_resumes_exactly(name: str, tiny_data: Path, tmp_path: Path) -> None:
-    """Every method with its local branch (DINO: its centre and teacher temperature too)."""
-    straight_cfg = tiny_config(tiny_data, tmp_path / "straight")  # 3 steps per epoch, 6 in all
-    straight_cfg.method.name = name
-    straight = pretrain(straight_cfg)
+@pytest.mark.parametrize("name, local_crops", [*((m, 0) for m in METHODS), ("dino", 2)])
+def test_interrupted_mid_epoch_run_resumes_exactly(name: str, local_crops: int, tiny_data: Path,
+                                                   tmp_path: Path) -> None:
+    """Every method with its local branch (DINO: its centre, teacher temperature and last layer frozen in epoch 0
+    too; and with multi-crop, 2 local views of 8 px)."""
+    def recipe(out: Path, **train: int) -> PretrainConfig:
+        cfg = tiny_config(tiny_data, out, **train)
+        cfg.method.name = name
+        if local_crops:
+            cfg.augment.local_crops, cfg.augment.local_crop_size = local_crops, 8
+            cfg.model.kwargs = {**cfg.model.kwargs, "dynamic_img_size": True}
+        return cfg
+
+    straight = pretrain(recipe(tmp_path / "straight"))  # 3 steps per epoch, 6 in all
     # Stop mid-epoch at step 2, with loader workers this time: augmentations must not depend on them.
-    cfg = tiny_config(tiny_data, tmp_path / "resumed", max_steps=2)
-    cfg.method.name = name
+    cfg = recipe(tmp_path / "resumed", max_steps=2)
     cfg.data.num_workers = 2
     resumed = pretrain(cfg)
     assert [p.name for p in checkpoint_dirs(resumed)] == ["step_00000002"]
