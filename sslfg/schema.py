@@ -47,7 +47,7 @@ class DataConfig:
     """Where the images are and how they are laid out (METHODS §5)."""
 
     root: str = ""  # dataset folder; required for every real run
-    format: Literal["csv", "imagefolder", "folder"] = "csv"
+    format: Literal["csv", "imagefolder", "folder", "shards"] = "csv"  # shards: sslfg.data.shard_reader
     images_dir: str = "images"  # csv layout: folder the `dir` column is relative to
     train_split: str = "train_val"  # csv: <split>.csv; imagefolder: root/<split>/
     val_split: str = "val"

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -130,10 +131,12 @@ class _ImageListDataset(Dataset):
         if len(bad) == len(self.paths):
             raise DataError(f"every one of the {len(bad)} images of this split is unreadable (data.on_bad_image=skip "
                             f"leaves none): {_summarise([reason for _, reason in self.skipped])}")
+        keep = np.array([i not in bad for i in range(len(problems))])
         for name in self._per_sample:
             values = getattr(self, name)
-            if values is not None:
-                setattr(self, name, [v for i, v in enumerate(values) if i not in bad])
+            if values is not None:  # the shards layout keeps numpy arrays: filtered as arrays
+                setattr(self, name, values[keep] if isinstance(values, np.ndarray) else
+                        [v for v, kept in zip(values, keep, strict=True) if kept])
         log.warning("data.on_bad_image=skip: skipped %d of %d images; %d remain", len(bad), len(problems), len(self))
 
 
@@ -446,13 +449,18 @@ def build_dataset(
             f"data.root does not exist or is not a folder: {cfg.root} (resolved to "
             f"{os.path.abspath(cfg.root)}). For the bundled sample run `python -m sslfg.data.sample`."
         )
-    if cfg.boxes and cfg.format != "csv":
+    if cfg.boxes and cfg.format not in ("csv", "shards"):
         raise DataError(f"data.boxes is true but data.format is {cfg.format!r}: object boxes are read from the box "
-                        "columns of the csv layout; use data.format=csv or set data.boxes=false.")
+                        "columns of the csv layout (or shards written from it); use data.format=csv or set "
+                        "data.boxes=false.")
     if cfg.format == "folder":
         return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image, cfg.max_image_pixels)
+    if cfg.format == "shards":  # imported here: the shard reader builds on this module
+        from sslfg.data.shard_reader import ShardDataset
+
+        return ShardDataset(cfg.root, split, transform, cfg.on_bad_image, cfg.labels, cfg.boxes, cfg.max_image_pixels)
     if cfg.format not in ("csv", "imagefolder"):
-        raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
+        raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder, shards.")
     if not cfg.labels:  # the split's images only: no classes to share or check between splits
         if cfg.format == "csv":
             return CsvSplitDataset(cfg.root, split, cfg.images_dir, transform=transform, on_bad_image=cfg.on_bad_image,
