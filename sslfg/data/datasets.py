@@ -17,7 +17,7 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
   images are checked, against the size of their image (read from its header, kept in `sizes`), so a box
   past its image's right or bottom edge stops every command at start-up, `--check` included;
 - `sizes: list[tuple[int, int]] | None`: (width, height) of each image as loaded, read with the boxes;
-- `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`.
+- `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`; `image(i)`: the RGB PIL image.
 
 Splits share one class mapping: `build_dataset` gives every split other than `data.train_split` the
 training split's classes (ImageFolder: by folder name; csv: its class count when neither
@@ -97,6 +97,10 @@ class _ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img = self._load(index)
         return (self.transform(img) if self.transform is not None else img), self.labels[index]
+
+    def image(self, index: int) -> Image.Image:
+        """Image `index` as loaded, without the transform (figures)."""
+        return self._load(index)
 
     def _load(self, index: int) -> Image.Image:
         try:
