@@ -214,10 +214,10 @@ def test_two_gloo_processes_see_disjoint_samples_that_cover_the_epoch(sharded: P
 def straight_runs(tiny_data: Path, sharded: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same uninterrupted pretraining on the csv layout and on its shards."""
     root = tmp_path_factory.mktemp("straight")
-    folder = pretrain(tiny_config(tiny_data, root / "folder", figure_samples=0))
-    cfg = tiny_config(sharded, root / "shards", figure_samples=0)
-    cfg.data.format = "shards"
-    return folder, pretrain(cfg)
+    folder_cfg, cfg = tiny_config(tiny_data, root / "folder", figure_samples=0), tiny_config(sharded, root / "shards")
+    folder_cfg.data.augment_on = cfg.data.augment_on = "device"  # the batch augmentation on the training device
+    cfg.data.format, cfg.train.figure_samples = "shards", 0
+    return pretrain(folder_cfg), pretrain(cfg)
 
 
 def test_pretraining_and_knn_on_a_sharded_copy_give_the_same_numbers(straight_runs: tuple[Path, Path],
@@ -240,9 +240,10 @@ def test_pretraining_and_knn_on_a_sharded_copy_give_the_same_numbers(straight_ru
 
 def test_mid_epoch_resume_from_shards_is_exact(straight_runs: tuple[Path, Path], sharded: Path,
                                                tmp_path: Path) -> None:
-    """Stopped at step 2 (of 3 an epoch) with two loader workers, resumed: bitwise the uninterrupted run."""
+    """Stopped at step 2 (of 3 an epoch) with two loader workers, resumed: bitwise the uninterrupted run (which
+    read the shards in the main process)."""
     cfg = tiny_config(sharded, tmp_path / "resumed", max_steps=2, figure_samples=0)
-    cfg.data.format, cfg.data.num_workers = "shards", 2
+    cfg.data.format, cfg.data.num_workers, cfg.data.augment_on = "shards", 2, "device"
     resumed = pretrain(cfg)
     cfg.resume, cfg.train.max_steps = "auto", 0
     pretrain(cfg)
