@@ -82,7 +82,7 @@ class EvalDataConfig:
     through the run's own data.image_size, mean and std. root "": `data` itself."""
 
     root: str = ""
-    format: Literal["csv", "imagefolder"] = "csv"
+    format: Literal["csv", "imagefolder", "shards"] = "csv"
     images_dir: str = "images"
     train_split: str = "train_val"  # the online kNN's bank
     test_split: str = "test"  # its queries, and the keep precision's images

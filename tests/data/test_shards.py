@@ -15,13 +15,14 @@ import torch
 
 from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
-from sslfg.config import ConfigError
+from sslfg.config import ConfigError, load_config
 from sslfg.data import shards
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.data.shard_reader import ShardDataset
+from sslfg.online_knn import evaluation_data
 from sslfg.pretrain import pretrain
-from sslfg.schema import DataConfig
+from sslfg.schema import DataConfig, PretrainConfig
 from tests.conftest import tiny_config, write_csv_dataset
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import assert_same_optimizer, command, final_state, finish, pretrain_args, start
@@ -251,3 +252,13 @@ def test_mid_epoch_resume_from_shards_is_exact(straight_runs: tuple[Path, Path],
     assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert_same_optimizer(optim_a, optim_b)
     assert metrics_a == metrics_b and [m["step"] for m in metrics_a] == [1, 2, 3, 4, 5, 6]
+
+
+def test_online_evaluations_read_labelled_shards(sharded: Path, tiny_data: Path) -> None:
+    """eval_data.format=shards: a run on unlabelled images has its online kNN and keep precision read labelled
+    shards (the key was refused before)."""
+    overrides = [f"data.root={tiny_data / 'images'}", "data.format=folder", f"eval_data.root={sharded}",
+                 "eval_data.format=shards", "eval_data.train_split=train"]
+    data = evaluation_data(load_config(None, overrides, PretrainConfig))
+    bank = build_dataset(data, data.train_split)
+    assert isinstance(bank, ShardDataset) and bank.num_classes == 3 and len(bank) == 24
