@@ -491,6 +491,12 @@ def build_dataset(
     return dataset
 
 
+def split_exists(cfg: DataConfig, split: str) -> bool:
+    """Whether `split` of the dataset `cfg` describes is there: its csv file, folder or shard index."""
+    name = {"csv": f"{split}.csv", "shards": f"{split}.json"}.get(cfg.format, split)
+    return os.path.exists(os.path.join(cfg.root, name))
+
+
 def _training_listing(cfg: DataConfig, split: str) -> CsvSplitDataset | ImageFolderDataset | None:
     """The listing of `cfg.train_split` (no image checked) that `split` is defined against; None for the
     training split itself, or when it does not exist (every command builds it too, and says so)."""

@@ -3,12 +3,13 @@
     python -m sslfg.data.shards --config configs/datasets/sample.yaml --out data/sample_shards
 
 Any dataset a recipe's data section describes (csv with or without labels and boxes, imagefolder, folder;
-key=value overrides apply) is read as every command reads it, and each of data.train_split, data.val_split and
-data.test_split that exists becomes `<split>-000000.tar`, ... of about --shard-mb each, with `<split>.json`
-(shards, class names) and `<split>.npz` (offsets, labels, sizes, boxes); the folder layout has one split, written
-as data.train_split. Each image is stored byte for byte and decoded as it is written, under the readers' rules
-(data.on_bad_image, data.max_image_pixels). Everything is written into a temporary folder beside --out and
-renamed to --out at the end: --out holds a whole set or nothing, and an --out that is not empty is refused.
+key=value overrides apply) is read as every command reads it, and each of data.train_split, data.val_split,
+data.test_split and `train` (which the evaluations' selections pair with data.val_split) that exists becomes
+`<split>-000000.tar`, ... of about --shard-mb each, with `<split>.json` (shards, class names) and `<split>.npz`
+(offsets, labels, sizes, boxes); the folder layout has one split, written as data.train_split. Each image is
+stored byte for byte and decoded as it is written, under the readers' rules (data.on_bad_image,
+data.max_image_pixels). Everything is written into a temporary folder beside --out and renamed to --out at the
+end: --out holds a whole set or nothing, and an --out that is not empty is refused.
 Read the shards with data.format=shards data.root=<out>, the other data keys as for the original.
 """
 
@@ -30,23 +31,24 @@ from PIL import Image
 
 from sslfg.cli import command_parser, run_cli
 from sslfg.config import ConfigError
-from sslfg.data.datasets import build_dataset
+from sslfg.data.datasets import build_dataset, split_exists
 from sslfg.data.images import DataError, decode_image
 from sslfg.data.shard_reader import FORMAT_VERSION, sample_key, shard_name
 from sslfg.data.stats import load_data_config
 from sslfg.schema import DataConfig
+from sslfg.selection import SELECTION_TRAIN_SPLIT
 
 SHARD_MB = 256.0  # WebDataset's advice: shards of a few hundred MB stream well and are few
 log = logging.getLogger(__name__)
 
 
 def splits_of(data: DataConfig) -> list[str]:
-    """The splits of `data` that exist, each once (the folder layout: data.train_split, for all of it)."""
+    """The splits of `data` that exist, each once: data.train_split, val_split, test_split and the split the
+    evaluations' selections pair with val_split (`sslfg.selection`); the folder layout: data.train_split."""
     if data.format == "folder":
         return [data.train_split]
-    names = dict.fromkeys((data.train_split, data.val_split, data.test_split))
-    where = "{}.csv" if data.format == "csv" else "{}"
-    return [s for s in names if os.path.exists(os.path.join(data.root, where.format(s)))]
+    names = dict.fromkeys((data.train_split, data.val_split, data.test_split, SELECTION_TRAIN_SPLIT))
+    return [s for s in names if split_exists(data, s)]
 
 
 def write_shards(data: DataConfig, out: str, shard_mb: float = SHARD_MB) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from sslfg.data.shard_reader import ShardDataset
 from sslfg.online_knn import evaluation_data
 from sslfg.pretrain import pretrain
 from sslfg.schema import DataConfig, PretrainConfig
+from sslfg.selection import selection_splits
 from tests.conftest import tiny_config, write_csv_dataset
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import assert_same_optimizer, command, final_state, finish, pretrain_args, start
@@ -91,6 +93,18 @@ def test_writer_round_trip(layout: str, boxed: Path, tmp_path: Path) -> None:
         assert names == ["000000000.png", *(["000000000.cls"] if labelled else []), "000000000.json"]
         assert about["label"] == (sharded.labels[0] if labelled else None)
         assert ("box" in about) == data.boxes and about["size"] == list(sharded.sizes[0])
+
+
+def test_every_split_the_commands_read_is_written(tiny_data: Path, tmp_path: Path) -> None:
+    """data.train_split, val_split, test_split and `train`, which the selections pair with val_split: the linear
+    probe and the study's fine-tuning init choose on the same splits from the shards as from the csv files."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    shutil.copy(root / "test.csv", root / "val.csv")
+    data = DataConfig(root=str(root), train_split="train_val", val_split="val", test_split="test")
+    assert shards.write_shards(data, str(tmp_path / "s")) == ["train_val", "val", "test", "train"]
+    read = dataclasses.replace(data, root=str(tmp_path / "s"), format="shards")
+    assert selection_splits(read) == selection_splits(data) == ("train", "val")
 
 
 def test_writer_never_overwrites(sharded: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
