@@ -462,7 +462,8 @@ def build_dataset(
     if cfg.format == "shards":  # imported here: the shard reader builds on this module
         from sslfg.data.shard_reader import ShardDataset
 
-        return ShardDataset(cfg.root, split, transform, cfg.on_bad_image, cfg.labels, cfg.boxes, cfg.max_image_pixels)
+        return ShardDataset(cfg.root, split, transform, cfg.on_bad_image, cfg.labels, cfg.boxes, cfg.max_image_pixels,
+                            cfg.num_classes)
     if cfg.format not in ("csv", "imagefolder"):
         raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder, shards.")
     if not cfg.labels:  # the split's images only: no classes to share or check between splits

@@ -44,14 +44,16 @@ def sample_key(row: int) -> str:
 
 class ShardDataset(_ImageListDataset):
     """A split of the shards layout (see the module docstring). `labelled` False reads every label as -1 (no
-    classes); `boxes` True needs a split written with boxes. A shard that is missing or shorter than the index
+    classes); `boxes` True needs a split written with boxes; `num_classes` > 0 must be the split's class count
+    (data.num_classes). A shard that is missing or shorter than the index
     says is an error naming it, or with `on_bad_image="skip"` a warning, its unreadable samples then dropped
     by the skip scan like any unreadable image."""
 
     _per_sample = ("_shard", "_offset", "_nbytes", "labels", "sizes", "_ext", "boxes", "_key")
 
     def __init__(self, root: str, split: str, transform: Transform | None = None, on_bad_image: OnBadImage = "error",
-                 labelled: bool = True, boxes: bool = False, max_pixels: int = MAX_PIXELS) -> None:
+                 labelled: bool = True, boxes: bool = False, max_pixels: int = MAX_PIXELS,
+                 num_classes: int = 0) -> None:
         super().__init__(transform, on_bad_image, max_pixels)
         self.root = os.path.abspath(root)
         self.source = os.path.join(self.root, f"{split}.json")
@@ -67,6 +69,9 @@ class ShardDataset(_ImageListDataset):
                             "data.labels=false to read their images, or write shards from a labelled dataset.")
         self.classes = meta["classes"] if labelled else []
         self.num_classes = len(self.classes)
+        if labelled and 0 < num_classes != self.num_classes:
+            raise DataError(f"{self.source} has {self.num_classes} classes but data.num_classes is {num_classes}; make "
+                            "them agree (0 takes the count of the shards).")
         self.labels = index["label"] if labelled else np.full(len(self._shard), -1, dtype=np.int32)
         self.overlaps_train = meta["overlaps_train"]
         if self.overlaps_train:

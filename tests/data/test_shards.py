@@ -180,9 +180,9 @@ def test_damaged_shard_is_skipped_and_logged_under_skip(damage: str, sharded: Pa
     assert np.array_equal(np.asarray(dataset[3][0]), np.asarray(intact[kept[3]][0]))
 
 
-def test_reader_refuses_what_the_shards_lack(boxed: Path, tmp_path: Path) -> None:
-    """Labels from shards written without labels, boxes from shards without boxes, a split not written: each a
-    DataError naming the file and the setting that fixes it."""
+def test_reader_refuses_what_the_shards_lack(boxed: Path, sharded: Path, tmp_path: Path) -> None:
+    """Labels from shards written without labels, boxes from shards without boxes, a split not written, another
+    class count: each a DataError naming the file and the setting that fixes it."""
     out = tmp_path / "shards"
     shards.write_shards(DataConfig(root=str(boxed / "images"), format="folder", train_split="all"), str(out))
     read = DataConfig(root=str(out), format="shards", train_split="all")
@@ -192,6 +192,8 @@ def test_reader_refuses_what_the_shards_lack(boxed: Path, tmp_path: Path) -> Non
         build_dataset(DataConfig(root=str(out), format="shards", labels=False, boxes=True), "all")
     with pytest.raises(DataError, match=r"split index not found: .*test\.json. Shard splits in .*: all;"):
         build_dataset(read, "test")
+    with pytest.raises(DataError, match=r"train\.json has 3 classes but data.num_classes is 5"):
+        build_dataset(DataConfig(root=str(sharded), format="shards", train_split="train", num_classes=5), "train")
     with pytest.raises(ConfigError, match="already shards"):
         shards.write_shards(read, str(tmp_path / "again"))
 
