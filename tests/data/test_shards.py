@@ -21,6 +21,7 @@ from sslfg.data import shards
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.data.shard_reader import ShardDataset
+from sslfg.features import cache_key
 from sslfg.online_knn import evaluation_data
 from sslfg.pretrain import pretrain
 from sslfg.schema import DataConfig, PretrainConfig
@@ -278,3 +279,14 @@ def test_online_evaluations_read_labelled_shards(sharded: Path, tiny_data: Path)
     data = evaluation_data(load_config(None, overrides, PretrainConfig))
     bank = build_dataset(data, data.train_split)
     assert isinstance(bank, ShardDataset) and bank.num_classes == 3 and len(bank) == 24
+
+
+def test_cached_features_follow_the_shards(sharded: Path, tmp_path: Path) -> None:
+    """The feature cache's key stamps each image by its shard: shards written again in the same place (other
+    bytes, other time) give another key, so eval.knn does not reuse features of the old images."""
+    copy = tmp_path / "shards"
+    shutil.copytree(sharded, copy)
+    key = cache_key("w", ShardDataset(str(copy), "train"), "train", "t", "cls", 4)
+    shard = copy / "train-000000.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert cache_key("w", ShardDataset(str(copy), "train"), "train", "t", "cls", 4) != key
