@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -290,3 +291,13 @@ def test_cached_features_follow_the_shards(sharded: Path, tmp_path: Path) -> Non
     shard = copy / "train-000000.tar"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     assert cache_key("w", ShardDataset(str(copy), "train"), "train", "t", "cls", 4) != key
+
+
+def test_a_pickled_dataset_opens_its_own_shards(sharded: Path) -> None:
+    """A DataLoader worker started by spawn gets the dataset pickled: without the parent's file descriptors (their
+    numbers mean nothing in another process), it opens the shards itself."""
+    dataset = ShardDataset(str(sharded), "train")
+    first = np.asarray(dataset[0][0])
+    assert dataset._fds
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert copy._fds == {} and np.array_equal(np.asarray(copy[0][0]), first) and copy._fds
