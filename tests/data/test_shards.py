@@ -91,6 +91,8 @@ def test_writer_round_trip(layout: str, boxed: Path, tmp_path: Path) -> None:
         with tarfile.open(out / meta["shards"][0]["file"]) as tar:
             names = tar.getnames()
             about = json.loads(tar.extractfile(names[-1]).read())
+            image = tar.getmember(names[0])
+        assert (image.offset_data, image.size) == (sharded._offset[0], sharded._nbytes[0])  # the index = tar's view
         labelled = layout in ("csv+boxes", "imagefolder")
         assert names == ["000000000.png", *(["000000000.cls"] if labelled else []), "000000000.json"]
         assert about["label"] == (sharded.labels[0] if labelled else None)
