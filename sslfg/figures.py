@@ -14,8 +14,6 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
-from sslfg.data.images import MAX_PIXELS, load_image
-
 OBJECT_BOX = (0, 200, 0)  # green
 GLS_BOX = (230, 0, 0)  # red
 KEPT = (230, 200, 0)  # yellow
@@ -65,18 +63,18 @@ def save_mask_figure(view1: Tensor, view2: Tensor, keep1: Tensor, keep2: Tensor,
     return path
 
 
-def save_neighbour_grid(query_paths: list[str], neighbour_paths: list[list[str]], same_class: list[list[bool]],
-                        path: Path, side: int = 96, max_pixels: int = MAX_PIXELS) -> Path:
+def save_neighbour_grid(queries: list[Image.Image], neighbours: list[list[Image.Image]], same_class: list[list[bool]],
+                        path: Path, side: int = 96) -> Path:
     """One row per query: the query image, then its nearest training images with a green
-    (same class) or red (other class) border; images load under `max_pixels` (data.max_image_pixels)."""
+    (same class) or red (other class) border."""
     border, pad = max(2, side // 24), 6
-    columns = 1 + max(len(row) for row in neighbour_paths)
-    sheet = Image.new("RGB", (columns * (side + pad) + pad, len(query_paths) * (side + pad) + pad), "white")
-    for r, (query, row, same) in enumerate(zip(query_paths, neighbour_paths, same_class, strict=True)):
+    columns = 1 + max(len(row) for row in neighbours)
+    sheet = Image.new("RGB", (columns * (side + pad) + pad, len(queries) * (side + pad) + pad), "white")
+    for r, (query, row, same) in enumerate(zip(queries, neighbours, same_class, strict=True)):
         y = pad + r * (side + pad)
-        sheet.paste(load_image(query, max_pixels).resize((side, side)), (pad, y))
+        sheet.paste(query.resize((side, side)), (pad, y))
         for c, (neighbour, ok) in enumerate(zip(row, same, strict=True)):
-            thumb = load_image(neighbour, max_pixels).resize((side - 2 * border, side - 2 * border))
+            thumb = neighbour.resize((side - 2 * border, side - 2 * border))
             framed = ImageOps.expand(thumb, border=border, fill=(0, 170, 0) if ok else (210, 0, 0))
             sheet.paste(framed, (pad + (c + 1) * (side + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,8 +48,8 @@ class DataConfig:
 
     root: str = ""  # dataset folder; required for every real run
     # csv: <split>.csv of class_id,dir rows; imagefolder: root/<split>/<class>/<image>; folder: every image under
-    # root, without labels
-    format: Literal["csv", "imagefolder", "folder"] = "csv"
+    # root, without labels; shards: tar shards written by python -m sslfg.data.shards (sslfg.data.shard_reader)
+    format: Literal["csv", "imagefolder", "folder", "shards"] = "csv"
     images_dir: str = "images"  # csv layout: folder the `dir` column is relative to
     train_split: str = "train_val"  # csv: <split>.csv; imagefolder: root/<split>/
     val_split: str = "val"  # with a `train` split, what choices (the probe's lr, the fine-tuning init) are made on
@@ -85,7 +85,7 @@ class EvalDataConfig:
     through the run's own data.image_size, mean and std. root "": `data` itself."""
 
     root: str = ""  # the labelled dataset's folder; "": `data` itself
-    format: Literal["csv", "imagefolder"] = "csv"  # as data.format, labelled layouts only
+    format: Literal["csv", "imagefolder", "shards"] = "csv"  # as data.format, labelled layouts only
     images_dir: str = "images"  # as data.images_dir
     train_split: str = "train_val"  # the online kNN's bank
     test_split: str = "test"  # its queries, and the keep precision's images

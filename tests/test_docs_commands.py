@@ -19,7 +19,8 @@ How each is checked:
   (csv and imagefolder layouts in one folder, with object boxes), data.images_dir=images, data.num_classes=0 and
   data.num_workers=0 appended, and for eval.finetune train.warmup_steps=0 (the tiny data gives fewer
   steps than a recipe's warmup).
-- sslfg.study, sslfg.study.report and sslfg.data.build.sample (no --check: they run a whole study or build data)
+- sslfg.study, sslfg.study.report, sslfg.data.build.sample and sslfg.data.shards (no --check: they run a whole
+  study or build data; tests/data/test_shards.py runs the shard writer's main)
   and make targets: the module imports and has a main / the Makefile has the target.
 """
 
@@ -55,7 +56,7 @@ ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn":
                                      "eval.finetune": finetune_cli.main, "sslfg.data.build.stats": stats.main,
                                      "eval.localise": localise.main, "eval.embed": embed.main,
                                      "eval.export": export.main}
-NOT_CHECKABLE = ("sslfg.study", "sslfg.study.report", "sslfg.data.build.sample")  # no --check: import + main only
+NOT_CHECKABLE = ("sslfg.study", "sslfg.study.report", "sslfg.data.build.sample", "sslfg.data.shards")  # import + main
 RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton",
             "runs/cluttered_lodisc", "runs/cluttered_unlabelled")  # -> the tiny pretraining run
 FINETUNE_CONFIGS = ("runs/glsim_sample/config.yaml",)  # -> the tiny fine-tuning recipe

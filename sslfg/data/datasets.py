@@ -17,7 +17,7 @@ keeps plain lists, so it is cheap to index and picklable for DataLoader workers.
   images are checked, against the size of their image (read from its header, kept in `sizes`), so a box
   past its image's right or bottom edge stops every command at start-up, `--check` included;
 - `sizes: list[tuple[int, int]] | None`: (width, height) of each image as loaded, read with the boxes;
-- `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`.
+- `__getitem__(i) -> (transform(image) or the RGB PIL image, label)`; `image(i)`: the RGB PIL image.
 
 Splits share one class mapping: `build_dataset` gives every split other than `data.train_split` the
 training split's classes (ImageFolder: by folder name; csv: its class count when neither
@@ -45,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -97,6 +98,10 @@ class _ImageListDataset(Dataset):
         img = self._load(index)
         return (self.transform(img) if self.transform is not None else img), self.labels[index]
 
+    def image(self, index: int) -> Image.Image:
+        """Image `index` as loaded, without the transform (figures)."""
+        return self._load(index)
+
     def _load(self, index: int) -> Image.Image:
         try:
             return load_image(self.paths[index], self.max_pixels)
@@ -130,10 +135,12 @@ class _ImageListDataset(Dataset):
         if len(bad) == len(self.paths):
             raise DataError(f"every one of the {len(bad)} images of this split is unreadable (data.on_bad_image=skip "
                             f"leaves none): {_summarise([reason for _, reason in self.skipped])}")
+        keep = np.array([i not in bad for i in range(len(problems))])
         for name in self._per_sample:
             values = getattr(self, name)
-            if values is not None:
-                setattr(self, name, [v for i, v in enumerate(values) if i not in bad])
+            if values is not None:  # the shards layout keeps numpy arrays: filtered as arrays
+                setattr(self, name, values[keep] if isinstance(values, np.ndarray) else
+                        [v for v, kept in zip(values, keep, strict=True) if kept])
         log.warning("data.on_bad_image=skip: skipped %d of %d images; %d remain", len(bad), len(problems), len(self))
 
 
@@ -447,13 +454,19 @@ def build_dataset(
             f"{os.path.abspath(cfg.root)}). Set data.root to your dataset's folder; `make data` builds the bundled "
             "data/sample and data/cluttered."
         )
-    if cfg.boxes and cfg.format != "csv":
+    if cfg.boxes and cfg.format not in ("csv", "shards"):
         raise DataError(f"data.boxes is true but data.format is {cfg.format!r}: object boxes are read from the box "
-                        "columns of the csv layout; use data.format=csv or set data.boxes=false.")
+                        "columns of the csv layout (or shards written from it); use data.format=csv or set "
+                        "data.boxes=false.")
     if cfg.format == "folder":
         return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image, cfg.max_image_pixels)
+    if cfg.format == "shards":  # imported here: the shard reader builds on this module
+        from sslfg.data.shard_reader import ShardDataset
+
+        return ShardDataset(cfg.root, split, transform, cfg.on_bad_image, cfg.labels, cfg.boxes, cfg.max_image_pixels,
+                            cfg.num_classes)
     if cfg.format not in ("csv", "imagefolder"):
-        raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder.")
+        raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder, shards.")
     if not cfg.labels:  # the split's images only: no classes to share or check between splits
         if cfg.format == "csv":
             return CsvSplitDataset(cfg.root, split, cfg.images_dir, transform=transform, on_bad_image=cfg.on_bad_image,
@@ -478,6 +491,12 @@ def build_dataset(
     if split == cfg.test_split and (train is not None or split == cfg.train_split):
         dataset.overlaps_train = check_leakage(dataset, train or dataset)
     return dataset
+
+
+def split_exists(cfg: DataConfig, split: str) -> bool:
+    """Whether `split` of the dataset `cfg` describes is there: its csv file, folder or shard index."""
+    name = {"csv": f"{split}.csv", "shards": f"{split}.json"}.get(cfg.format, split)
+    return os.path.exists(os.path.join(cfg.root, name))
 
 
 def _training_listing(cfg: DataConfig, split: str) -> CsvSplitDataset | ImageFolderDataset | None:

@@ -6,6 +6,7 @@ truncated JPEG raises instead of silently training on a half-grey picture.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 
@@ -70,7 +71,25 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Im
     """
     path = os.fspath(path)
     try:
-        with Image.open(path) as img:
+        return _decode(path, path, max_pixels)
+    except _DECODE_ERRORS as err:
+        raise _load_error(path, err) from err
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`load_image` for the bytes of an image file (a shard member), called `name` in messages."""
+    try:
+        return _decode(io.BytesIO(data), name, max_pixels)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"cannot decode image {name} ({len(data)} bytes): {type(err).__name__}: {err}. It is "
+                        "truncated, corrupt or not an image; write the shards again from the original "
+                        "files.") from err
+
+
+def _decode(source: str | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    """The RGB image of `source` (see `load_image`); DataError naming `name` if too large or unreadable as pixels."""
+    try:
+        with Image.open(source) as img:
             if img.width * img.height > max_pixels:
                 raise DataError(f"a {img.width}x{img.height} image ({img.width * img.height:,} pixels), more than "
                                 f"data.max_image_pixels = {max_pixels:,} allows (a guard against decompression "
@@ -78,9 +97,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Im
             img.load()
             return _to_rgb(_upright(img))
     except DataError as err:  # too large, or decoded but the pixels cannot be read as an image
-        raise DataError(f"{path} is {err}") from None
-    except _DECODE_ERRORS as err:
-        raise _load_error(path, err) from err
+        raise DataError(f"{name} is {err}") from None
 
 
 def _upright(img: Image.Image) -> Image.Image:

@@ -87,10 +87,13 @@ def cache_key(weights: str, dataset: object, split: str, transform: object, kind
 
 
 def _file_stamp(path: str) -> tuple[int, int]:
-    """(size, mtime in ns) of a file, cheap to read for every image; (-1, -1) for one that is gone (the
-    extraction then names it)."""
+    """(size, mtime in ns) of a file, cheap to read for every image, or of its shard for a member of one
+    (`<shard>.tar/<member>`, the shards layout); (-1, -1) for one that is gone (the extraction then names it)."""
     try:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except NotADirectoryError:  # the path goes through a file: a shard member
+            st = os.stat(os.path.dirname(path))
     except OSError:
         return -1, -1
     return st.st_size, st.st_mtime_ns

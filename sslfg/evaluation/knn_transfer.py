@@ -31,11 +31,11 @@ def neighbour_figure(bank, bank_labels, bank_ds, queries, query_labels, query_ds
     sims = F.normalize(queries[picks], dim=1) @ F.normalize(bank, dim=1).T
     nearest = sims.topk(min(GRID_NEIGHBOURS, len(bank)), dim=1).indices
     save_neighbour_grid(
-        [query_ds.paths[i] for i in picks.tolist()],
-        [[bank_ds.paths[j] for j in row] for row in nearest.tolist()],
+        [query_ds.image(i) for i in picks.tolist()],
+        [[bank_ds.image(j) for j in row] for row in nearest.tolist()],
         [[bool(bank_labels[j] == query_labels[i]) for j in row] for i, row in zip(picks.tolist(), nearest.tolist(),
                                                                                    strict=True)],
-        path, max_pixels=bank_ds.max_pixels,
+        path,
     )
 
 

@@ -9,7 +9,6 @@ each class). The test split is read only for the reported numbers.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from sslfg.config import ConfigError
+from sslfg.data.datasets import split_exists
 from sslfg.evaluation.run import EvalDatasets, split_features
 from sslfg.schema import DataConfig, EvalConfig
 
@@ -29,8 +29,8 @@ Split = tuple[Tensor, Tensor]  # features (N, D) float, labels (N,) int64
 
 
 def _has_split(data: DataConfig, split: str) -> bool:
-    """Whether the split's csv file (csv layout) or folder (imagefolder layout) exists."""
-    return os.path.exists(os.path.join(data.root, f"{split}.csv" if data.format == "csv" else split))
+    """Whether the split's csv file (csv layout), folder (imagefolder layout) or shard index exists."""
+    return split_exists(data, split)
 
 
 def selection_splits(data: DataConfig) -> tuple[str, str] | None:

@@ -1,0 +1,188 @@
+"""Shards against the folder layout (issue 25), side by side in one run: loader images/s with a cold and a warm
+page cache, pretraining step images/s and its real/synthetic ratio (P4), and the memory of a 10 M-image index.
+
+Sets: the sample (data/sample train_val: 10,000 PNGs of 28 px, the sample recipe) and `--synthetic` JPEGs of
+224 px in an imagefolder layout generated under a temporary folder (deleted at the end), each written to shards
+by `sslfg.data.shards` (its images/s reported). Loader: the training DataLoader (EpochBatchSampler, seeded items,
+the `data.augment_on: device` crops in `--workers` workers), `--batches` batches after 2 untimed ones; cold: every
+file of the layout dropped from the page cache first (posix_fadvise DONTNEED), warm: every file read once first.
+Step: the library's loop (bench/input_pipeline.py's Trainer) on the sample recipe's model, fed by the folder
+loader, the shard loader, or one pre-made batch (synthetic); at 224 px with patch 16 and batch 32.
+Memory: a 10 M-sample index (numbers only, one empty shard) opened by the reader: array bytes and RSS growth.
+
+    python -m sslfg.data.build.sample              # once: builds data/sample
+    python bench/shards.py [--sample data/sample] [--synthetic 20000] [--batches 20] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import ROOT, markdown_table, sample_config
+from input_pipeline import Trainer, loader_alone
+from PIL import Image
+
+from sslfg.data.batch_augment import two_view_pipeline
+from sslfg.data.datasets import build_dataset
+from sslfg.data.loader import EpochBatchSampler, seeded_loader
+from sslfg.data.shard_reader import FORMAT_VERSION, INDEX_ARRAYS, ShardDataset, shard_name
+from sslfg.data.shards import write_shards
+from sslfg.schema import DataConfig, PretrainConfig
+
+INDEX_SAMPLES = 10_000_000
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def index_memory(tmp: Path, n: int, boxes: bool) -> tuple[int, int]:
+    """(array bytes, RSS growth) of a ShardDataset over an index of `n` samples written as the writer does."""
+    root = tmp / f"index{int(boxes)}"
+    root.mkdir()
+    (root / shard_name("big", 0)).touch()
+    arrays = {"shard": np.zeros(n, np.uint32), "offset": np.arange(n, dtype=np.int64) * 4096,
+              "nbytes": np.full(n, 4096, np.uint32), "label": np.arange(n, dtype=np.int32) % 10_000,
+              "size": np.full((n, 2), 224, np.int32), "ext": np.zeros(n, np.uint8)}
+    if boxes:
+        arrays["box"] = np.ones((n, 4), np.float64)
+    assert set(INDEX_ARRAYS) <= set(arrays)
+    np.savez(root / "big.npz", **arrays)
+    meta = {"format": FORMAT_VERSION, "split": "big", "source": "synthetic", "samples": n, "boxes": boxes,
+            "shards": [{"file": shard_name("big", 0), "bytes": 0, "samples": n}], "classes": ["c"] * 10_000,
+            "extensions": ["jpg"], "overlaps_train": 0, "skipped": 0}
+    (root / "big.json").write_text(json.dumps(meta))
+    del arrays
+    before = rss()
+    dataset = ShardDataset(str(root), "big", boxes=boxes)
+    grown = rss() - before
+    nbytes = sum(v.nbytes for v in vars(dataset).values() if isinstance(v, np.ndarray))
+    return nbytes, grown
+
+
+def synthetic_jpegs(root: Path, n: int, classes: int = 10) -> Path:
+    """`n` 224 px JPEGs (smooth colour fields with grain, ~photo-sized files) as root/train/<class>/<i>.jpg."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / str(i % classes)
+        folder.mkdir(parents=True, exist_ok=True)
+        small = Image.fromarray(rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)).resize((224, 224), Image.BICUBIC)
+        grain = rng.integers(-12, 13, (224, 224, 3))
+        pixels = np.clip(np.asarray(small, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def files_of(data: DataConfig, split: str) -> list[str]:
+    """Every file the layout reads for `split`: the images, or the shards."""
+    if data.format == "shards":
+        return sorted(str(p) for p in Path(data.root).glob(f"{split}-*.tar"))
+    return list(build_dataset(data, split).paths)
+
+
+def set_cache(paths: list[str], cold: bool) -> None:
+    """Drops the files from the page cache (cold), or reads each once (warm)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if cold:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 1 << 20):
+                    pass
+        finally:
+            os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sample", default=str(ROOT / "data" / "sample"), help="the sample dataset's folder")
+    parser.add_argument("--synthetic", type=int, default=20_000, help="224 px JPEGs to generate (0: none)")
+    parser.add_argument("--batches", type=int, default=20, help="timed loader batches per measurement")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per measurement")
+    parser.add_argument("--index", type=int, default=INDEX_SAMPLES, help="samples of the index measured for memory")
+    parser.add_argument("--tmp", default=None, help="folder for the generated data (default: the system's)")
+    args = parser.parse_args()
+    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        memory = [(boxes, *index_memory(tmp, args.index, boxes)) for boxes in (False, True)]
+        for boxes in (0, 1):
+            for f in (tmp / f"index{boxes}").iterdir():
+                f.unlink()
+
+        base = sample_config()
+        base.data.root, base.data.num_workers = args.sample, args.workers
+        sets: dict[str, tuple[PretrainConfig, int]] = {"sample (28 px PNG)": (base, 128)}
+        if args.synthetic:
+            cfg = dataclasses.replace(base, data=dataclasses.replace(
+                base.data, root=str(synthetic_jpegs(tmp / "jpegs", args.synthetic)), format="imagefolder",
+                train_split="train", image_size=224, num_classes=0))
+            cfg.model = dataclasses.replace(base.model, patch_size=16)
+            sets[f"synthetic ({args.synthetic} JPEGs, 224 px)"] = (cfg, 32)
+
+        writer, loader_rows, step_rows = [], [], []
+        for name, (cfg, batch) in sets.items():
+            cfg.train = dataclasses.replace(cfg.train, batch_size=batch)
+            d = cfg.data
+            out = tmp / f"shards-{len(writer)}"
+            tic = time.perf_counter()
+            write_shards(d, str(out))
+            seconds = time.perf_counter() - tic
+            shard_data = dataclasses.replace(d, root=str(out), format="shards")
+            n = len(build_dataset(shard_data, d.train_split))
+            writer.append([name, f"{n}", f"{len(files_of(shard_data, d.train_split))}", f"{n / seconds:.0f}"])
+            layouts = {"folder": d, "shards": shard_data}
+            views = two_view_pipeline(d.image_size, cfg.augment, d.mean, d.std, "device")
+            datasets = {k: build_dataset(v, v.train_split, views.transform) for k, v in layouts.items()}
+            sampler = EpochBatchSampler(n, batch, seed=cfg.seed)
+            speed: dict[tuple[str, str], float] = {}
+            for cache in ("cold", "warm"):
+                for layout in (("folder", "shards") if cache == "cold" else ("shards", "folder")):
+                    set_cache(files_of(layouts[layout], d.train_split), cold=cache == "cold")
+                    loader = seeded_loader(datasets[layout], sampler, args.workers)
+                    speed[(layout, cache)] = loader_alone(loader, sampler, args.batches, 2)
+                    del loader
+            for cache in ("cold", "warm"):
+                folder, shard = speed[("folder", cache)], speed[("shards", cache)]
+                loader_rows.append([name, cache, f"{folder:.0f}", f"{shard:.0f}", f"{shard / folder:.2f}"])
+            with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
+                trainer = Trainer(cfg, sampler, Path(run_dir))
+                synthetic = [((torch.randn(batch, 3, d.image_size, d.image_size),) * 2, torch.zeros(batch))]
+                plain = two_view_pipeline(d.image_size, cfg.augment, d.mean, d.std, "workers")
+                step = {"synthetic": trainer.images_per_second(synthetic * (2 + args.steps), plain, args.steps, 2)}
+                for layout in ("shards", "folder"):
+                    loader = seeded_loader(datasets[layout], sampler, args.workers)
+                    step[layout] = trainer.images_per_second(loader, views, args.steps, 2)
+                    del loader
+            step_rows.append([name, f"{step['folder']:.0f}", f"{step['shards']:.0f}", f"{step['synthetic']:.0f}",
+                              f"{100 * step['folder'] / step['synthetic']:.0f} %",
+                              f"{100 * step['shards'] / step['synthetic']:.0f} %"])
+
+    print(f"### Shards against folders: {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start, "
+          f"{args.workers} loader workers, torch {torch.__version__}\n")
+    print(markdown_table(["set", "images", "shards", "writer images/s"], writer))
+    print("\n" + markdown_table(["set", "page cache", "folder images/s", "shards images/s", "shards / folder"],
+                                loader_rows))
+    print("\n" + markdown_table(["set", "folder step images/s", "shards step images/s", "synthetic images/s",
+                                 "folder / synthetic", "shards / synthetic (P4)"], step_rows))
+    print("\n" + markdown_table(
+        [f"index of {args.index:,} samples", "array bytes", "RSS growth", "bytes per sample"],
+        [[("with boxes" if boxes else "no boxes"), f"{nbytes / 2**20:.0f} MiB", f"{grown / 2**20:.0f} MiB",
+          f"{nbytes / args.index:.0f}"] for boxes, nbytes, grown in memory]))
+
+
+if __name__ == "__main__":
+    main()
