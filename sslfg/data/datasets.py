@@ -183,10 +183,13 @@ class CsvSplitDataset(_ImageListDataset):
         self.csv_path = self.source = os.path.join(self.root, f"{split}.csv")
         self.images_root = os.path.join(self.root, images_dir)
         if not os.path.isfile(self.csv_path):
+            shards = os.path.isfile(os.path.join(self.root, f"{split}.npz"))  # the shard writer's index of this split
             raise DataError(
                 f"split file not found: {self.csv_path}. Split csv files in {self.root}: "
-                f"{', '.join(_split_csvs(self.root)) or 'none'}. Set the split (data.train_split, "
-                "data.val_split, data.test_split) to one of them, or check data.root."
+                f"{', '.join(_split_csvs(self.root)) or 'none'}. "
+                + ("The folder holds tar shards of this split (python -m sslfg.data.shards): set data.format=shards."
+                   if shards else "Set the split (data.train_split, data.val_split, data.test_split) to one of them, "
+                   "or check data.root.")
             )
 
         names_path = os.path.join(self.root, CLASS_NAMES_FILE)

@@ -200,6 +200,9 @@ def test_reader_refuses_what_the_shards_lack(boxed: Path, sharded: Path, tmp_pat
         build_dataset(DataConfig(root=str(sharded), format="shards", train_split="train", num_classes=5), "train")
     with pytest.raises(ConfigError, match="already shards"):
         shards.write_shards(read, str(tmp_path / "again"))
+    # shards read as another layout: the error says what the folder holds
+    with pytest.raises(DataError, match=r"all\.csv.*holds tar shards of this split .*set data.format=shards"):
+        build_dataset(DataConfig(root=str(out), format="csv", train_split="all"), "all")
 
 
 def test_index_memory_per_sample(boxed: Path, tmp_path: Path) -> None:
