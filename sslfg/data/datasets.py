@@ -183,7 +183,7 @@ class CsvSplitDataset(_ImageListDataset):
         self.csv_path = self.source = os.path.join(self.root, f"{split}.csv")
         self.images_root = os.path.join(self.root, images_dir)
         if not os.path.isfile(self.csv_path):
-            shards = os.path.isfile(os.path.join(self.root, f"{split}.npz"))  # the shard writer's index of this split
+            shards = split_exists(DataConfig(root=self.root, format="shards"), split)
             raise DataError(
                 f"split file not found: {self.csv_path}. Split csv files in {self.root}: "
                 f"{', '.join(_split_csvs(self.root)) or 'none'}. "
