@@ -446,6 +446,9 @@ class StudyConfig:
 
     output_dir: str = "runs/study"  # the study folder: seed<s>/ with every arm's runs, the report
     dataset: str = ""  # dataset recipe for the evaluations; the arms' recipes must name the same data.root
+    # data keys set in the dataset recipe and in every arm, before the arm's own (e.g. {format: shards, root:
+    # data/sample_shards} runs the study on a sharded copy of its data without copying the recipes)
+    data: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = bounded(NON_NEGATIVE, factory=lambda: [0])  # every arm runs once per seed
     pretrain: StudyPretrainConfig = field(default_factory=StudyPretrainConfig)
     evaluate: StudyEvalConfig = field(default_factory=StudyEvalConfig)

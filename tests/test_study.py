@@ -311,3 +311,33 @@ def test_one_seed_compares_by_bootstrap_over_the_test_images(tiny_data: Path, tm
         write_correct(correct_path(root / "seed0" / arm / "eval", "knn"), "test", hits)
     text = (build_report(root) / "report.md").read_text()
     assert "| lodisc | mocov3 | +100.00 [100.00, 100.00] | better | – | – |" in text
+
+
+def test_study_data_keys_reach_every_arm_and_the_shards_give_the_folders_numbers(tiny_data: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`data: {format: shards, root: ...}` runs the same study on a sharded copy without copying the recipes: every
+    command gets the keys (before the arm's own), the report names them, and an evaluation reads the same images."""
+    from sslfg.data import shards
+    from sslfg.schema import DataConfig
+
+    sharded = tmp_path / "shards"
+    shards.write_shards(DataConfig(root=str(tiny_data), train_split="train"), str(sharded), 1.0)
+    study = write_recipes(tiny_data, tmp_path / "recipes", seeds=[0])
+    keys = ["data.format=shards", f"data.root={sharded}"]
+    plans = {}
+    for name, extra in (("folder", []), ("shards", [f"data={{format: shards, root: {sharded}}}"])):
+        plans[name] = Study(load_config(str(study), [f"output_dir={tmp_path / name}", *extra], StudyConfig))
+    s = plans["shards"]
+    arms = [*s.pretrain_arms(0, 2), *s.floor_arms(0), *s.supervised_arms(0, 2), *s.finetune_arms(0, "mocov3")]
+    assert {a.kind for a in arms} == {"pretrain", "knn", "linear", "finetune"}
+    for arm in arms:
+        assert arm.argv[arm.argv.index(keys[0]):][:2] == keys, arm.command
+    assert s.data.format == "shards" and s.data.root == str(sharded)
+    for name, plan in plans.items():  # the raw-pixel kNN floor, no training: the same numbers from both layouts
+        plan.run_arm(next(a for a in plan.floor_arms(0) if a.id.endswith("knn.pixels")))
+    knn = [json.loads((tmp_path / n / "seed0" / "pixels" / "eval" / "knn.json").read_text()) for n in plans]
+    same = ("knn.k20.top1", "retrieval.mAP", "protocol.queries", "protocol.bank_size")
+    assert [knn[0][k] for k in same] == [knn[1][k] for k in same] and knn[1]["protocol.queries"] > 0
+    # a misspelt data key is one error naming the study's key before anything runs
+    with pytest.raises(ConfigError, match=r"^data: .*data\.formt"):
+        Study(load_config(str(study), [f"output_dir={tmp_path / 'x'}", "data={formt: shards}"], StudyConfig))

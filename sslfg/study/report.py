@@ -81,6 +81,11 @@ def _settings(name: str, spec: Any, section: str) -> str:
     return " ".join([*recipe, *(f"`{k}={json.dumps(v)}`" for k, v in settings.items())]) or "the recipe as is"
 
 
+def data_note(data: dict[str, Any]) -> str:
+    """The study's `data` keys, which every arm and evaluation ran with, after the dataset recipe's name."""
+    return f" with {', '.join(f'`data.{k}={json.dumps(v)}`' for k, v in data.items())}" if data else ""
+
+
 class Report:
     """Reads a study folder; `write()` produces report/report.md and the PNGs beside it."""
 
@@ -387,7 +392,8 @@ class Report:
         budget = read_json(self.root / "budget.json")
         text = [
             f"# Study: {Path(self.cfg.output_dir).name}, {len(self.seeds)} seed(s)", "",
-            f"Dataset recipe `{self.cfg.dataset}`; seeds {self.seeds}; machine: {machine.get('platform', '?')}, "
+            f"Dataset recipe `{self.cfg.dataset}`{data_note(self.cfg.data)}; seeds {self.seeds}; machine: "
+            f"{machine.get('platform', '?')}, "
             f"{machine.get('cpu_count', '?')} CPU cores, GPU {machine.get('gpu', '?')}, "
             f"{machine.get('processes', 1)} process(es), torch {machine.get('torch', '?')}; run on "
             f"{machine.get('date', '?')}.", "",

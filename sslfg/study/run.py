@@ -108,13 +108,14 @@ def overrides(settings: dict[str, Any]) -> list[str]:
     return [f"{key}={text(value)}" for key, value in settings.items()]
 
 
-def _check(schema: type, config: str, args: list[str], where: str, data_root: str) -> Any:
-    """Loads an arm's config now, so that a typo in the last arm stops the study before the first."""
+def _check(schema: type, config: str, args: list[str], where: str, data_root: str | None) -> Any:
+    """Loads an arm's config now, so that a typo in the last arm stops the study before the first; its data.root
+    must be `data_root` (None: not checked)."""
     try:
         cfg = load_config(config or None, args, schema)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if os.path.normpath(cfg.data.root) != os.path.normpath(data_root):
+    if data_root is not None and os.path.normpath(cfg.data.root) != os.path.normpath(data_root):
         raise ConfigError(f"{where}: its recipe trains on data.root '{cfg.data.root}' but the study's dataset is "
                           f"'{data_root}'; every arm must use the same data")
     return cfg
@@ -131,7 +132,8 @@ class Study:
         if not cfg.seeds:
             raise ConfigError("seeds: the study needs at least one seed")
         self.cfg, self.root = cfg, Path(cfg.output_dir)
-        self.data = load_config(cfg.dataset, [], EvalConfig).data
+        self.data_args = overrides({f"data.{key}": value for key, value in cfg.data.items()})
+        self.data = _check(EvalConfig, cfg.dataset, self.data_args, "data", None).data
         if self.data.format == "folder" or not self.data.labels:  # the study's evaluations would fail after training
             raise ConfigError(f"dataset: the study evaluates every arm with labels (kNN, linear probe, fine-tuning), "
                               f"and {cfg.dataset} has none (data.format={self.data.format}, data.labels="
@@ -162,14 +164,15 @@ class Study:
         own, settings = split_spec(name, spec, "pretrain")
         budget = {"train.epochs": epochs} if epochs else {}
         run = {"seed": seed, "output_dir": str(pretrain_dir(self.root, seed, name)), "resume": "auto"}
-        return own.get("config", self.cfg.pretrain.config), overrides({**settings, **budget, **run}), \
-            f"pretrain.arms.{name}"
+        return own.get("config", self.cfg.pretrain.config), \
+            [*self.data_args, *overrides({**settings, **budget, **run})], f"pretrain.arms.{name}"
 
     def _finetune_args(self, name: str, spec: Any, seed: int, init: str) -> tuple[str, list[str], str]:
         own, settings = split_spec(name, spec, "finetune")
         budget = {"train.epochs": self.cfg.finetune.epochs} if self.cfg.finetune.epochs else {}
         run = {"seed": seed, "init": init, "output_dir": str(finetune_dir(self.root, seed, name)), "resume": "auto"}
-        return own.get("config", ""), overrides({**settings, **budget, **run}), f"finetune.arms.{name}"
+        return own.get("config", ""), [*self.data_args, *overrides({**settings, **budget, **run})], \
+            f"finetune.arms.{name}"
 
     def _supervised_args(self, seed: int, epochs: int) -> tuple[str, list[str], str]:
         """The supervised reference's fine-tuning recipe and overrides: the first pretraining arm's ViT (name,
@@ -191,7 +194,7 @@ class Study:
                  "model.head": "vit", "model.adapter": "none"}
         run = {"seed": seed, "init": "", "train.epochs": pretrain.train.epochs,
                "output_dir": str(pretrain_dir(self.root, seed, SUPERVISED)), "resume": "auto"}
-        return config, overrides({**settings, **model, **run}), where
+        return config, [*self.data_args, *overrides({**settings, **model, **run})], where
 
     def supervised_arms(self, seed: int, epochs: int) -> list[Arm]:
         """The supervised reference and its frozen evaluations; none with supervised.enabled=false."""
@@ -218,7 +221,7 @@ class Study:
     def eval_arms(self, seed: int, name: str, source: list[str], kinds: Sequence[str] = ("knn", "linear"),
                   extra: Sequence[str] = ()) -> list[Arm]:
         e = self.cfg.evaluate
-        common = [*source, "--dataset", self.cfg.dataset, f"seed={seed}",
+        common = [*source, "--dataset", self.cfg.dataset, *self.data_args, f"seed={seed}",
                   f"output_dir={eval_dir(self.root, seed, name)}", *extra]
         # a pretraining arm's kNN also runs on the validation split: the fine-tuning init is chosen there
         per_kind = {"knn": [*e.knn, *(["knn.val=true"] if name in self.cfg.pretrain.arms else [])],
