@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from sslfg.config import ConfigError, key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
@@ -24,7 +25,7 @@ from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data
+from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data, evaluation_datasets
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.methods import MomentumMethod, build_method
@@ -77,16 +78,19 @@ def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: in
     }
 
 
-def online_evaluations(cfg: PretrainConfig, accelerator) -> tuple[OnlineKnn | None, OnlineLocalisation | None,
-                                                                  dict[str, str]]:
-    """The online kNN (train.knn_every) and keep precision (train.loc_every) the recipe asks for, built now so that
-    --check meets every error their first evaluation would, and a start-up summary line for each saying on which
-    data it runs, or that it is off and why: on data without labels (and no eval_data.root) the kNN is off, and
-    so is the keep precision unless that data has boxes, each with one logged warning."""
+def online_evaluations(cfg: PretrainConfig, accelerator,
+                       train: Dataset) -> tuple[OnlineKnn | None, OnlineLocalisation | None, dict[str, str]]:
+    """The online kNN (train.knn_every) and keep precision (train.loc_every) the recipe asks for, on one set of
+    `evaluation_datasets` (`train`, the pretraining's train split, is the kNN bank's images when they are the same
+    data), built now so that --check meets every error their first evaluation would, and a start-up summary line
+    for each saying on which data it runs, or that it is off and why: on data without labels (and no
+    eval_data.root) the kNN is off, and so is the keep precision unless that data has boxes, each with one logged
+    warning."""
     t, data = cfg.train, evaluation_data(cfg)
     labelled = data.format != "folder" and data.labels
-    wanted = {"online_knn": (t.knn_every, labelled, lambda: OnlineKnn(cfg, accelerator)),
-              "online_loc": (t.loc_every, labelled or data.boxes, lambda: OnlineLocalisation(cfg))}
+    datasets = evaluation_datasets(cfg, train)  # each split built on first use, once for both
+    wanted = {"online_knn": (t.knn_every, labelled, lambda: OnlineKnn(cfg, accelerator, datasets)),
+              "online_loc": (t.loc_every, labelled or data.boxes, lambda: OnlineLocalisation(cfg, datasets))}
     built, notes = {}, {}
     for name, (every, possible, build) in wanted.items():
         key = f"train.{name.removeprefix('online_')}_every"
@@ -175,7 +179,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
     schedules = build_schedules(cfg, model, t.epochs * per_epoch, global_batch, per_epoch)
-    online_knn, online_loc, online_notes = online_evaluations(cfg, accelerator)
+    online_knn, online_loc, online_notes = online_evaluations(cfg, accelerator, dataset)
     summary = startup_summary(cfg.data, {cfg.data.train_split: dataset}, key_sources(cfg), {
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
