@@ -39,7 +39,8 @@ def main() -> None:
     stages: dict[str, list[float]] = {"extraction": [], "knn": [], "retrieval": []}
     for _ in range(args.repeats):
         tic = time.perf_counter()
-        datasets = EvalDatasets(cfg)  # built anew each round: the extraction includes reading the splits
+        # built anew each round: the extraction includes reading the splits
+        datasets = EvalDatasets(cfg.data, cfg.features.crop_ratio)
         bank, bank_labels, _ = split_features(cfg, vit, accelerator, datasets, cfg.data.train_split, ROOT / "runs")
         queries, query_labels, _ = split_features(cfg, vit, accelerator, datasets, cfg.data.test_split, ROOT / "runs")
         stages["extraction"].append(time.perf_counter() - tic)

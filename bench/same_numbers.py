@@ -1,19 +1,29 @@
-"""Proof that a refactor changes no number: the same tiny pretraining (MoCo v3 + LoDisc's local branch, online kNN
-and keep precision) and the frozen-feature evaluations (eval.knn, eval.linear, eval.localise) run once with the
-code of an earlier checkout and once with this one, on the same tiny data, then every output file is compared.
+"""Proof that a change moves no number: the same runs with the code of an earlier checkout and with this one,
+then every output file compared. Two run sets (`--set`, default both):
+
+- pipeline: a tiny pretraining (MoCo v3 + LoDisc's local branch, online kNN and keep precision) on generated tiny
+  data with boxes, then eval.knn, eval.linear and eval.localise of it;
+- methods: 4 steps of each sample recipe (LoDisc, BYOL, DINO, and BYOL and DINO without weight decay, so that a
+  change of the weight-decay groups alone leaves those equal) on the bundled sample (`--data`, `make data`).
 
     git archive main | tar -x -C /tmp/before   # the earlier code, e.g. the commit a branch started from
     PYTHONPATH=. python bench/same_numbers.py --before /tmp/before --out /tmp/same_numbers
+    PYTHONPATH=. python bench/same_numbers.py --before /tmp/before --out /tmp/sn --set methods \
+        --override dino_wd0 method.dino.freeze_last_layer=0
 
-Each side runs in its own checkout (cwd and PYTHONPATH), one CPU thread, so both are deterministic. A file
+`--override ARM KEY=VALUE` adds an override to one methods arm on the new side only (a key the old code does not
+know); the compared config.yaml and summary.json leave that key out. Each side runs in its own checkout (cwd and
+PYTHONPATH), one CPU thread, so both are deterministic; a side whose output folder exists is not run again. A file
 compares as: `same` (identical bytes), `same values` (JSON/YAML/text equal once the side's output path and the
-wall-time fields are masked; checkpoints and weights: every tensor equal), or `DIFFERENT` (what differs). Exits
-1 when any file differs or is missing on one side.
+wall-time fields are masked; checkpoints and weights: every tensor equal, an optimizer's state as a set of tensors
+so that a new parameter-group order still compares), or `DIFFERENT` (what differs). Exits 1 when any file differs
+or is missing on one side.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -35,31 +45,51 @@ DATA = ["data.image_size=32", "data.num_workers=0", "data.train_split=train", "d
 TRAIN = ["train.epochs=2", "train.batch_size=8", "train.checkpoint_every=3", "train.log_every=1",
          "train.knn_every=1", "train.loc_every=1", "train.figure_samples=2", "method.local.keep_ratio=0.5"]
 EVALS = {"knn": ["knn.val=true"], "linear": ["linear.epochs=2", "linear.batch_size=8"], "localise": []}
+METHODS_COMMON = ["data.num_workers=0", "train.max_steps=4", "train.batch_size=32", "train.checkpoint_every=2",
+                  "train.log_every=1", "train.knn_samples=64", "train.figure_samples=2"]
+WD0 = ["train.weight_decay=0", "train.weight_decay_end=0"]
+ARMS = {"lodisc": ("sample.yaml", []), "byol": ("byol_sample.yaml", []), "byol_wd0": ("byol_sample.yaml", WD0),
+        "dino": ("dino_sample.yaml", []), "dino_wd0": ("dino_sample.yaml", WD0)}
+SETS = ("pipeline", "methods")
 # values that are wall times, dates or machine facts, not results of the computation
 MASKED_KEY = re.compile(r"(^|[._])(time|second|elapsed|date|started|finished|wall|host|pid|throughput)|_s$|/s$")
 # tensorboard names its files by wall time, host and process id: <time>/events.out.tfevents.<time>.<host>.<pid>.<n>
 EVENT_NAME = re.compile(r"tfevents\.\d+\.[^/]+\.\d+(?=\.\d+$)|(?<=tensorboard/)\d{9,}\.\d+")
 
 
-def run_side(code: Path, data: Path, out: Path) -> None:
-    """The pretraining and the evaluations with the code of checkout `code`, outputs under `out`."""
-    env = os.environ | {"PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+def pipeline_commands(data: Path, out: Path) -> list[list[str]]:
+    """The tiny pretraining and the three evaluations of it, outputs under `out`."""
     run = out / "run"
-    commands = [[sys.executable, "train_ssl.py", "--config", "configs/pretrain/sample.yaml", f"data.root={data}",
-                 f"output_dir={run}", *DATA, *TINY, *TRAIN]]
-    commands += [[sys.executable, "-m", f"eval.{name}", "--checkpoint", str(run), *args]
-                 for name, args in EVALS.items()]
-    with open(out.parent / f"{out.name}.log", "w") as log:
+    commands = [["train_ssl.py", "--config", "configs/pretrain/sample.yaml", f"data.root={data}", f"output_dir={run}",
+                 *DATA, *TINY, *TRAIN]]
+    return commands + [["-m", f"eval.{name}", "--checkpoint", str(run), *args] for name, args in EVALS.items()]
+
+
+def methods_commands(data: Path, out: Path, overrides: dict[str, list[str]]) -> list[list[str]]:
+    """A few steps of each sample recipe (`ARMS`), with `overrides` per arm, outputs under out/<arm>."""
+    return [["train_ssl.py", "--config", f"configs/pretrain/{recipe}", *METHODS_COMMON, *arm_overrides,
+             *overrides.get(arm, []), f"output_dir={out / arm}", f"data.root={data}"]
+            for arm, (recipe, arm_overrides) in ARMS.items()]
+
+
+def run_side(code: Path, commands: list[list[str]], log_path: Path) -> None:
+    """`commands` (python's arguments) with the code of checkout `code`, their output into `log_path`."""
+    env = os.environ | {"PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    with open(log_path, "w") as log:
         for command in commands:
-            subprocess.run(command, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            subprocess.run([sys.executable, *command], cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           check=True)
 
 
-def masked(value: Any, roots: tuple[str, ...], key: str = "") -> Any:
-    """`value` with the side's output paths replaced by <out> and wall-time fields by <masked>."""
+def masked(value: Any, roots: tuple[str, ...], key: str = "", dropped: tuple[str, ...] = ()) -> Any:
+    """`value` with the side's output paths replaced by <out>, wall-time fields by <masked>, and the dotted keys
+    `dropped` (flat as in summary.json, with their .source, or nested as in config.yaml) left out."""
     if MASKED_KEY.search(key.lower()):
         return "<masked>"
     if isinstance(value, dict):
-        return {k: masked(v, roots, str(k)) for k, v in value.items()}
+        kept = {k: v for k, v in value.items() if str(k).removesuffix(".source") not in dropped}
+        return {k: masked(v, roots, str(k), tuple(d.split(".", 1)[1] for d in dropped if d.startswith(f"{k}.")))
+                for k, v in kept.items()}
     if isinstance(value, list):
         return [masked(v, roots) for v in value]
     if isinstance(value, str):
@@ -82,9 +112,14 @@ def events_of(path: Path) -> list[tuple[int, str, Any]]:
 
 
 def tensors_of(path: Path) -> Any:
+    """A weights file's tensors; an optimizer's state as {hash: tensor}, so that the order of its groups is free."""
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and isinstance(state.get("state"), dict):
+        flat = [v for s in state["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return {hashlib.sha1(t.numpy().tobytes()).hexdigest() + str(t.dtype): t for t in flat}
+    return state
 
 
 def equal(a: Any, b: Any) -> bool:
@@ -98,22 +133,22 @@ def equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def parsed(path: Path, roots: tuple[str, ...]) -> Any:
+def parsed(path: Path, roots: tuple[str, ...], dropped: tuple[str, ...]) -> Any:
     """A text output as data: JSON, JSON lines, YAML, else its lines with timestamps masked."""
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        return masked(yaml.safe_load(text), roots)
+        return masked(yaml.safe_load(text), roots, dropped=dropped)
     try:
-        return masked(json.loads(text), roots)
+        return masked(json.loads(text), roots, dropped=dropped)
     except json.JSONDecodeError:
         pass
     try:
-        return [masked(json.loads(line), roots) for line in text.splitlines()]
+        return [masked(json.loads(line), roots, dropped=dropped) for line in text.splitlines()]
     except json.JSONDecodeError:
         return masked(text.splitlines(), roots)
 
 
-def compare(a: Path, b: Path, roots: tuple[str, ...]) -> str:
+def compare(a: Path, b: Path, roots: tuple[str, ...], dropped: tuple[str, ...] = ()) -> str:
     if a.read_bytes() == b.read_bytes():
         return "same"
     if "tfevents" in a.name:
@@ -121,7 +156,7 @@ def compare(a: Path, b: Path, roots: tuple[str, ...]) -> str:
     if a.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         return "same values" if equal(tensors_of(a), tensors_of(b)) else "DIFFERENT tensors"
     try:
-        left, right = parsed(a, roots[:2]), parsed(b, roots[2:])
+        left, right = parsed(a, roots[:2], dropped), parsed(b, roots[2:], dropped)
     except UnicodeDecodeError:
         return "DIFFERENT bytes"
     if left == right:
@@ -137,23 +172,36 @@ def main() -> int:
     parser.add_argument("--before", type=Path, required=True, help="checkout of the earlier code")
     parser.add_argument("--after", type=Path, default=ROOT, help="checkout of the new code (default: this one)")
     parser.add_argument("--out", type=Path, required=True, help="working folder (data, both sides' outputs)")
+    parser.add_argument("--set", choices=SETS, action="append", dest="sets", help="run set; default: both")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "sample", help="the methods set's data")
+    parser.add_argument("--override", nargs=2, action="append", default=[], metavar=("ARM", "KEY=VALUE"),
+                        help=f"a methods arm's extra override on the new side ({', '.join(ARMS)})")
     args = parser.parse_args()
-    data = args.out / "data"
-    if not data.is_dir():
-        write_csv_dataset(data, n_train=24, n_test=8, size=32, boxes=True)
+    overrides: dict[str, list[str]] = {}
+    for arm, kv in args.override:
+        overrides.setdefault(arm, []).append(kv)
+    tiny = args.out / "data"
+    if "pipeline" in (args.sets or SETS) and not tiny.is_dir():
+        write_csv_dataset(tiny, n_train=24, n_test=8, size=32, boxes=True)
     sides = {name: args.out / name for name in ("before", "after")}
     for name, code in (("before", args.before), ("after", args.after)):
-        if not sides[name].is_dir():
-            run_side(code.resolve(), data.resolve(), sides[name])
-    found = [{normalised(p.relative_to(s)): p for p in s.rglob("*") if p.is_file()} for s in sides.values()]
+        for run_set in args.sets or SETS:
+            out = sides[name] / run_set
+            if not out.is_dir():
+                commands = (pipeline_commands(tiny.resolve(), out.resolve()) if run_set == "pipeline" else
+                            methods_commands(args.data.resolve(), out.resolve(), overrides if name == "after" else {}))
+                run_side(code.resolve(), commands, args.out / f"{name}_{run_set}.log")  # not compared: timings
+    found = [{normalised(p.relative_to(side)): p for run_set in args.sets or SETS for p in (side / run_set).rglob("*")
+              if p.is_file()} for side in sides.values()]
     files = sorted(found[0].keys() | found[1].keys())
     # each side's output folder and code checkout (in a command line) read as <out>
     roots = (str(sides["before"].resolve()), str(args.before.resolve()), str(sides["after"].resolve()),
              str(args.after.resolve()))
+    dropped = tuple(kv.split("=", 1)[0] for kv in sum(overrides.values(), []))
     different = 0
     for rel in files:
         a, b = (side.get(rel) for side in found)
-        verdict = compare(a, b, roots) if a and b else "DIFFERENT: missing on one side"
+        verdict = compare(a, b, roots, dropped) if a and b else "DIFFERENT: missing on one side"
         different += verdict.startswith("DIFFERENT")
         print(f"{verdict:12s} {rel}")
     print(f"{len(files)} files, {different} different")

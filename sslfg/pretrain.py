@@ -7,12 +7,16 @@ in-process.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Dataset
 
 from sslfg.config import ConfigError, key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
@@ -24,12 +28,12 @@ from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data
+from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data, evaluation_datasets
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
 from sslfg.methods import MomentumMethod, build_method
 from sslfg.methods.base import Method
-from sslfg.models.backbone import require_vit
+from sslfg.models.backbone import build_model, require_vit, timm_kwargs
 from sslfg.models.heads import check_batch_norm
 from sslfg.schema import FeatureConfig, PretrainConfig
 from sslfg.summary import kept_patches, startup_summary, token_grid
@@ -77,16 +81,19 @@ def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: in
     }
 
 
-def online_evaluations(cfg: PretrainConfig, accelerator) -> tuple[OnlineKnn | None, OnlineLocalisation | None,
-                                                                  dict[str, str]]:
-    """The online kNN (train.knn_every) and keep precision (train.loc_every) the recipe asks for, built now so that
-    --check meets every error their first evaluation would, and a start-up summary line for each saying on which
-    data it runs, or that it is off and why: on data without labels (and no eval_data.root) the kNN is off, and
-    so is the keep precision unless that data has boxes, each with one logged warning."""
+def online_evaluations(cfg: PretrainConfig, accelerator,
+                       train: Dataset) -> tuple[OnlineKnn | None, OnlineLocalisation | None, dict[str, str]]:
+    """The online kNN (train.knn_every) and keep precision (train.loc_every) the recipe asks for, on one set of
+    `evaluation_datasets` (`train`, the pretraining's train split, is the kNN bank's images when they are the same
+    data), built now so that --check meets every error their first evaluation would, and a start-up summary line
+    for each saying on which data it runs, or that it is off and why: on data without labels (and no
+    eval_data.root) the kNN is off, and so is the keep precision unless that data has boxes, each with one logged
+    warning."""
     t, data = cfg.train, evaluation_data(cfg)
     labelled = data.format != "folder" and data.labels
-    wanted = {"online_knn": (t.knn_every, labelled, lambda: OnlineKnn(cfg, accelerator)),
-              "online_loc": (t.loc_every, labelled or data.boxes, lambda: OnlineLocalisation(cfg))}
+    datasets = evaluation_datasets(cfg, train)  # each split built on first use, once for both
+    wanted = {"online_knn": (t.knn_every, labelled, lambda: OnlineKnn(cfg, accelerator, datasets)),
+              "online_loc": (t.loc_every, labelled or data.boxes, lambda: OnlineLocalisation(cfg, datasets))}
     built, notes = {}, {}
     for name, (every, possible, build) in wanted.items():
         key = f"train.{name.removeprefix('online_')}_every"
@@ -114,6 +121,23 @@ def method_hooks(method: Method, schedules: dict[str, np.ndarray]) -> dict[str, 
             "after_update": lambda s, applied: method.after_update(values(s), applied)}
 
 
+def local_view_sizes(cfg: PretrainConfig) -> tuple[PretrainConfig, dict[str, str]]:
+    """`cfg` with timm's dynamic_img_size on when `augment.local_crops` asks for local views and the backbone is a
+    timm ViT whose model.kwargs leave it unset (without it a ViT takes data.image_size only), and the start-up
+    summary line that says so. The kwarg goes into config.yaml and backbone.json, which rebuild the same model."""
+    kwargs = cfg.model.kwargs
+    if not cfg.augment.local_crops or "dynamic_img_size" in kwargs:
+        return cfg, {}
+    with torch.random.fork_rng(devices=[]):  # a look at the architecture: the run's own init is drawn later
+        encoder, _ = build_model(cfg.model.name, timm_kwargs(cfg.data.image_size, cfg.model.patch_size, kwargs))
+    if not isinstance(encoder, VisionTransformer):
+        return cfg, {}
+    cfg = copy.copy(cfg)  # the caller's config (a study's) stays as it was
+    cfg.model = dataclasses.replace(cfg.model, kwargs={**kwargs, "dynamic_img_size": True})
+    return cfg, {"model.kwargs.dynamic_img_size": "true, set for augment.local_crops (a ViT takes the local views' "
+                                                  "size only with it; timm resamples the position embedding)"}
+
+
 def check_local_views(cfg: PretrainConfig, method: MomentumMethod) -> None:
     """ConfigError unless the method can use `augment.local_crops` local views: its loss takes them (DINO) and a
     ViT takes their size (timm's dynamic_img_size, a whole number of patches)."""
@@ -123,10 +147,11 @@ def check_local_views(cfg: PretrainConfig, method: MomentumMethod) -> None:
     if not method.multi_crop:
         raise ConfigError(f"augment.local_crops: {n} local views are DINO's multi-crop; method.name={cfg.method.name} "
                           f"uses the two global views only: set augment.local_crops=0, or method.name=dino")
-    if method.vit and not method.encoder.dynamic_img_size:
+    if method.vit and not method.encoder.dynamic_img_size:  # model.kwargs.dynamic_img_size: false (else set)
         raise ConfigError(f"augment.local_crops: local views of {size} px need a ViT that takes other sizes than "
-                          f"data.image_size {cfg.data.image_size}: add dynamic_img_size: true to model.kwargs (timm "
-                          f"then resamples the position embedding, as DINO's interpolate_pos_encoding)")
+                          f"data.image_size {cfg.data.image_size}, and model.kwargs sets dynamic_img_size: false: "
+                          f"remove it or set it true (timm then resamples the position embedding, as DINO's "
+                          f"interpolate_pos_encoding), or set augment.local_crops=0")
     if method.vit and size % method.patch_size:
         raise ConfigError(f"augment.local_crop_size: local views of {size} px are not a whole number of "
                           f"{method.patch_size} px patches; set augment.local_crop_size to a multiple of "
@@ -152,6 +177,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     """Runs (or resumes) a pretraining run; returns its run directory. The start-up summary goes to
     `on_summary` (main process) and into summary.json; `check` stops after it, before anything is written."""
     t = cfg.train
+    cfg, local_note = local_view_sizes(cfg)
     run = open_run(cfg, cfg.output_dir, cfg.resume, make_accelerator(t.mixed_precision, t.grad_accum_steps), check)
     accelerator, run_dir = run.accelerator, run.run_dir
 
@@ -175,14 +201,14 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)
     global_batch = t.batch_size * accelerator.num_processes * t.grad_accum_steps
     schedules = build_schedules(cfg, model, t.epochs * per_epoch, global_batch, per_epoch)
-    online_knn, online_loc, online_notes = online_evaluations(cfg, accelerator)
+    online_knn, online_loc, online_notes = online_evaluations(cfg, accelerator, dataset)
     summary = startup_summary(cfg.data, {cfg.data.train_split: dataset}, key_sources(cfg), {
         "steps": len(schedules["lr"]), "max_steps": t.max_steps, "epochs": t.epochs, "global_batch": global_batch,
         "lr": scaled_lr(cfg, global_batch), "warmup_steps": round(t.warmup_epochs * per_epoch),
         "num_processes": accelerator.num_processes, "init": cfg.model.weights or "scratch", "resume": cfg.resume,
         **model.summary(schedules),
         **pretrained_record(model.encoder), **online_notes, **token_grid(model.encoder),
-        **method_facts(cfg, model.encoder)})
+        **method_facts(cfg, model.encoder), **local_note})
     if on_summary is not None and accelerator.is_main_process:
         on_summary(summary)
     if check:

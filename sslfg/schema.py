@@ -261,6 +261,7 @@ class LinearConfig:
     batch_size: int = bounded(AT_LEAST_1, 256)  # per process
     # fast mode: base lrs swept at once, each scaled by batch / 256 like `lr`
     lrs: list[float] = bounded(POSITIVE, factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    extend_grid: int = bounded(NON_NEGATIVE, 6)  # fast mode: most lrs swept past the end the chosen lr is at; 0: none
     lr: float = bounded(POSITIVE, 0.5)  # full mode: base lr, scaled by batch / 256
     momentum: float = bounded(RATE, 0.9)  # SGD's
     weight_decay: float = bounded(NON_NEGATIVE, 0.0)  # SGD's

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from sslfg.cli import run_cli
 from sslfg.commands import linear
 from sslfg.engine.schedules import cosine_schedule
-from sslfg.evaluation.linear import LinearHeads, epoch_batches, fast_probe, train_heads
+from sslfg.evaluation.linear import LinearHeads, epoch_batches, fast_probe, lrs_beyond, train_heads
 from sslfg.evaluation.selection import stratified_holdout
 from sslfg.schema import LinearConfig
 from sslfg.verdicts import correct_path, read_correct
@@ -28,11 +29,11 @@ PROTOCOL_KEYS = ("mode", "lr", "epochs", "batch_size", "selection_split", "train
 LIN = LinearConfig(epochs=10, batch_size=32, lrs=[1e-4, 0.1, 1.0, 10.0])
 
 
-def blobs(n: int, seed: int, classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linearly separable features: fixed class centres (norm ~8) plus N(0, 0.5²) noise."""
+def blobs(n: int, seed: int, classes: int = 4, dim: int = 16, noise: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed class centres (norm ~8) plus N(0, noise²): linearly separable at the default noise."""
     centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 2
     labels = torch.arange(n) % classes
-    return centres[labels] + 0.5 * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), labels
+    return centres[labels] + noise * torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), labels
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,46 @@ def test_fast_probe_separates_and_selects_on_validation_only(splits: dict) -> No
     # Validation labels only an untrained head agrees with: the sweep follows validation to the smallest
     # lr, although on test it is the worst one.
     untrained = LinearHeads(16, 4, seed=0)(s["val"][0])[0].argmax(dim=1)
-    misled = fast_probe(s["fit"], (s["val"][0], untrained), s["train"], s["test"], LIN, seed=0)
+    misled = fast_probe(s["fit"], (s["val"][0], untrained), s["train"], s["test"], replace(LIN, extend_grid=0), seed=0)
     assert misled.lr == 1e-4 and misled.val_top1[1e-4] == 1.0 and misled.top1 < 0.5
     # ... and that choice is at the edge of the grid: said, with the way out; an inner choice says nothing.
     assert misled.edge_warning == ("linear.lrs: the chosen lr 0.0001 is the smallest of the grid [0.0001, 0.1, 1.0, "
                                    "10.0]; a better one may lie below it: extend linear.lrs")
     assert result.lr in (0.1, 1.0) and result.edge_warning == ""
     assert result.hits.shape == (200,) and result.hits.double().mean().item() == result.top1
+
+
+def test_lrs_beyond_continue_the_grid_spacing() -> None:
+    assert lrs_beyond([0.001, 0.003, 0.01, 0.03], "smallest", 3) == [0.0003, 0.0001, 3e-05]
+    assert lrs_beyond([0.3, 1.0, 3.0], "largest", 3) == [10.0, 30.0, 100.0]
+    assert lrs_beyond([1.0, 2.0], "largest", 2) == [4.0, 8.0]  # two lrs: their one ratio
+
+
+@pytest.fixture(scope="module")
+def noisy() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """fit, val, train, test of overlapping blobs: val top-1 rises with the lr up to ~0.1-1 (10 epochs, batch 32),
+    then falls a little."""
+    fit, val, test = (blobs(n, seed, noise=2.0) for n, seed in ((160, 1), (160, 2), (400, 3)))
+    return [fit, val, (torch.cat([fit[0], val[0]]), torch.cat([fit[1], val[1]])), test]
+
+
+@pytest.mark.parametrize("lrs", [[1e-5, 3e-5, 1e-4], [10.0, 30.0, 100.0]], ids=["best_above", "best_below"])
+def test_grid_extends_past_its_end_until_the_best_is_inside(noisy: list, lrs: list[float]) -> None:
+    lin = LinearConfig(epochs=10, batch_size=32, lrs=lrs, extend_grid=12)
+    today = fast_probe(*noisy, replace(lin, extend_grid=0), seed=0)
+    assert list(today.val_top1) == lrs and today.lr in (min(lrs), max(lrs)) and today.edge_warning
+    result = fast_probe(*noisy, lin, seed=0)
+    swept = sorted(result.val_top1)
+    assert 0 < result.extended <= 12 and not result.at_bound and result.edge_warning == ""
+    assert min(swept) < result.lr < max(swept) and result.lr not in lrs  # an interior lr, past the old grid
+    assert max(result.val_top1.values()) > max(today.val_top1.values()) and result.top1 > today.top1
+    assert {lr: result.val_top1[lr] for lr in lrs} == today.val_top1  # the grid's own heads do not move
+    # The bound: 2 more lrs, the chosen one still at the end; said, with the grid swept and the bound.
+    bounded = fast_probe(*noisy, replace(lin, extend_grid=2), seed=0)
+    assert bounded.extended == 2 and bounded.at_bound and len(bounded.val_top1) == 5
+    side = "largest" if lrs[0] < 1 else "smallest"
+    assert bounded.edge_warning.startswith(f"linear.lrs: the chosen lr {bounded.lr:g} is the {side} of the grid "
+                                           f"{sorted(bounded.val_top1)} (linear.extend_grid=2 lrs swept past")
 
 
 def test_class_ids_with_gaps_give_the_same_probe(splits: dict) -> None:
@@ -144,7 +178,7 @@ def test_fast_mode_end_to_end(tiny_data: Path, val_data: Path, tmp_path: Path,
     assert len(hits) == 8 and hits.mean() == pytest.approx(result["linear.top1"])
     # two lrs: the choice is always at an edge, warned in the log and the json
     with caplog.at_level(logging.WARNING, logger="sslfg.evaluation.linear"):
-        edge = linear.main(tiny_args(tiny_data, tmp_path / "c", "linear.lrs=[0.01, 0.1]"))
+        edge = linear.main(tiny_args(tiny_data, tmp_path / "c", "linear.lrs=[0.01, 0.1]", "linear.extend_grid=0"))
     assert edge["protocol.lr_warning"].startswith(f"linear.lrs: the chosen lr {edge['protocol.lr']:g} is the")
     assert edge["protocol.lr_warning"] in caplog.text
 

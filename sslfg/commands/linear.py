@@ -10,9 +10,10 @@
 
 fast (default): one head per lr in linear.lrs trained at once on cached features; the lr is chosen on
 `train` + data.val_split when the dataset has both, else on linear.val_fraction held out of
-data.train_split; that lr is retrained on data.train_split and reported on data.test_split. A chosen
-lr at either end of linear.lrs is warned about (log, and protocol.lr_warning in the json). Which test
-images the probe got right goes to linear.correct.json.
+data.train_split; while the chosen lr is an end of the lrs swept, up to linear.extend_grid more lrs past it
+are swept on the same split; that lr is retrained on data.train_split and reported on data.test_split. A
+chosen lr still at an end is warned about (log, and protocol.lr_warning in the json, which also lists
+protocol.lrs_swept and protocol.val_top1). Which test images the probe got right goes to linear.correct.json.
 full: augmented images through the frozen backbone at linear.lr, no sweep; checkpoints every epoch
 in <output_dir>/linear_full. Unless --dataset or --config names the data, a run directory's own
 data settings fill every data key the command line leaves unset (data.settings in the summary says
@@ -37,8 +38,9 @@ def schedule(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any])
     images it trains on and selects the lr on (`probe_splits`)."""
     lin = cfg.linear
     lrs = lin.lrs if lin.mode == "fast" else [lin.lr]
+    extend = {"linear.extend_grid": lin.extend_grid} if lin.mode == "fast" else {}
     return {"linear.mode": lin.mode, "epochs": lin.epochs, "global_batch": lin.batch_size * num_processes,
-            "lr": [lr * lin.batch_size / 256 for lr in lrs], **probe_splits(cfg, datasets)}
+            "lr": [lr * lin.batch_size / 256 for lr in lrs], **extend, **probe_splits(cfg, datasets)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -155,36 +155,74 @@ class FastProbeResult:
     """What `fast_probe` chose and measured."""
 
     lr: float  # the chosen lr, as listed in linear.lrs (before the batch / 256 scaling)
-    val_top1: dict[float, float]  # validation top-1 of every swept lr
+    val_top1: dict[float, float]  # validation top-1 of every swept lr, linear.lrs first, then the extension's
     top1: float  # test accuracy of the chosen lr retrained on the train split
     top5: float
     hits: Tensor  # (N,) bool: the test images the chosen lr got right (top-1)
+    extended: int = 0  # lrs swept beyond linear.lrs (linear.extend_grid)
+    at_bound: bool = False  # the extension stopped at linear.extend_grid with the chosen lr still at the edge
 
     @property
     def edge_warning(self) -> str:
         """A sentence when the chosen lr is the smallest or largest of several swept (the best may lie beyond)."""
-        lrs = list(self.val_top1)
-        if len(lrs) < 2 or self.lr not in (min(lrs), max(lrs)):
+        lrs = sorted(self.val_top1) if self.extended else list(self.val_top1)
+        side = edge_side(self.lr, lrs)
+        if not side:
             return ""
-        side, beyond = ("smallest", "below") if self.lr == min(lrs) else ("largest", "above")
-        return (f"linear.lrs: the chosen lr {self.lr:g} is the {side} of the grid {lrs}; a better one may lie "
+        bound = f" (linear.extend_grid={self.extended} lrs swept past linear.lrs)" if self.at_bound else ""
+        beyond = "below" if side == "smallest" else "above"
+        return (f"linear.lrs: the chosen lr {self.lr:g} is the {side} of the grid {lrs}{bound}; a better one may lie "
                 f"{beyond} it: extend linear.lrs")
+
+
+def edge_side(lr: float, lrs: Sequence[float]) -> str:
+    """"smallest" or "largest" when `lr` is that end of several `lrs`, else ""."""
+    if len(lrs) < 2 or lr not in (min(lrs), max(lrs)):
+        return ""
+    return "smallest" if lr == min(lrs) else "largest"
+
+
+def lrs_beyond(lrs: Sequence[float], side: str, count: int) -> list[float]:
+    """`count` lrs past the `side` end of `lrs` (at least two), outward, spaced as the grid's end: each new lr is
+    one step past the last, the step being the one two places in (the default grid's 1, 3.3 rhythm continues:
+    0.001, 0.003, 0.01 → 3e-4, 1e-4, 3e-5), rounded to 6 significant digits."""
+    grid = sorted(lrs) if side == "smallest" else sorted(lrs, reverse=True)  # grid[0] is the end
+    new: list[float] = []
+    for _ in range(count):
+        ratio = grid[1] / grid[2] if len(grid) > 2 else grid[0] / grid[1]
+        grid.insert(0, float(f"{grid[0] * ratio:.6g}"))
+        new.append(grid[0])
+    return new
+
+
+EXTEND_STEP = 3  # lrs swept per round of the grid's extension
 
 
 def fast_probe(fit: Split, val: Split, train: Split, test: Split, lin: LinearConfig, seed: int = 0) -> FastProbeResult:
     """The fast linear probe on feature tensors (all on one device).
 
-    Sweeps `lin.lrs` (each · batch / 256) on `fit`, picks the best top-1 on `val` (ties: the lr
-    listed first), retrains that lr on `train` and scores it on `test`. `test` is used only after
-    the choice; `fit`/`val` and `train` may overlap (train = fit ∪ val usually).
+    Sweeps `lin.lrs` (each · batch / 256) on `fit` and picks the best top-1 on `val` (ties: the lr
+    listed first). While that lr is an end of the lrs swept, sweeps up to EXTEND_STEP more past it
+    (`lrs_beyond`), at most `lin.extend_grid` in all, on the same split (the heads are independent, so a
+    later round equals training them with the grid). Then retrains the chosen lr on `train` and scores it
+    on `test`. `test` is used only after the choice; `fit`/`val` and `train` may overlap (train = fit ∪ val
+    usually).
     """
     check_settings(lin)
     scale = lin.batch_size / 256
-    val_top1 = fit_and_score(fit, val, [lr * scale for lr in lin.lrs], lin, seed)[0].double().mean(dim=1)
-    best = int(val_top1.argmax())  # first of equal maxima
-    top1, top5 = fit_and_score(train, test, [lin.lrs[best] * scale], lin, seed)
-    return FastProbeResult(lin.lrs[best], dict(zip(lin.lrs, val_top1.tolist(), strict=True)),
-                           top1[0].double().mean().item(), top5[0].double().mean().item(), top1[0].cpu())
+    lrs, new = [], list(lin.lrs)
+    val_top1: list[float] = []
+    while new:
+        lrs += new
+        val_top1 += fit_and_score(fit, val, [lr * scale for lr in new], lin, seed)[0].double().mean(dim=1).tolist()
+        best = lrs[val_top1.index(max(val_top1))]  # first of equal maxima
+        side, room = edge_side(best, lrs), lin.extend_grid - (len(lrs) - len(lin.lrs))
+        new = lrs_beyond(lrs, side, min(EXTEND_STEP, room)) if side and room > 0 else []
+    top1, top5 = fit_and_score(train, test, [best * scale], lin, seed)
+    extended = len(lrs) - len(lin.lrs)
+    return FastProbeResult(best, dict(zip(lrs, val_top1, strict=True)), top1[0].double().mean().item(),
+                           top5[0].double().mean().item(), top1[0].cpu(), extended,
+                           bool(extended and edge_side(best, lrs)))
 
 
 def check_settings(lin: LinearConfig) -> None:
@@ -246,7 +284,8 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     protocol = {
         "name": "linear", "mode": "fast", **selection, "train_split": d.train_split, "test_split": d.test_split,
         "lr": result.lr, "lr_scaled": result.lr * scale, "lrs": lin.lrs, "val_top1": result.val_top1,
-        "lr_warning": result.edge_warning,
+        "lrs_swept": sorted(result.val_top1), "extend_grid": lin.extend_grid, "lrs_extended": result.extended,
+        "extend_grid_at_bound": result.at_bound, "lr_warning": result.edge_warning,
         "selection": "best validation top-1 (ties: first listed lr), then retrained on train_split",
         "epochs": lin.epochs, "batch_size": lin.batch_size, "optimizer": "sgd", "momentum": lin.momentum,
         "weight_decay": lin.weight_decay, "schedule": "cosine to 0 per step", "head_init": f"normal(0, {INIT_STD})",

@@ -3,20 +3,20 @@ sees progress (or collapse) while training rather than after it: the online kNN 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes
-from sslfg.data.datasets import build_dataset
-from sslfg.data.transforms import eval_transform
 from sslfg.evaluation.features import extract_features
 from sslfg.evaluation.knn import knn_evaluate
 from sslfg.evaluation.localisation import keep_metrics
+from sslfg.evaluation.run import EvalDatasets
 from sslfg.methods import MomentumMethod
 from sslfg.models.backbone import grid_size
 from sslfg.schema import DataConfig, FeatureConfig, PretrainConfig
@@ -33,15 +33,25 @@ def evaluation_data(cfg: PretrainConfig) -> DataConfig:
     return dataclasses.replace(cfg.data, **dataclasses.asdict(cfg.eval_data), labels=True)
 
 
+def evaluation_datasets(cfg: PretrainConfig, train: Dataset | None = None) -> EvalDatasets:
+    """The labelled splits the online evaluations read, each built once for both (with `on_bad_image=skip` building
+    one decodes every image) at the evaluation resize and centre crop. `train`: the pretraining's own train split,
+    reused with that transform when the evaluations read `data` (no eval_data.root) rather than read again."""
+    datasets = EvalDatasets(evaluation_data(cfg), CROP_RATIO)
+    if train is not None and not cfg.eval_data.root:
+        datasets[cfg.data.train_split] = copy.copy(train)
+        datasets[cfg.data.train_split].transform = datasets.transform
+    return datasets
+
+
 class OnlineKnn:
     """kNN top-1 (k 20, DINO protocol, CLS features) of up to `train.knn_samples` evenly spaced
-    test images against as many training images, of `evaluation_data` (labelled)."""
+    test images against as many training images, of `evaluation_data` (labelled); `datasets`: its
+    `evaluation_datasets` when already built."""
 
-    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator) -> None:
-        data = evaluation_data(cfg)
-        transform = eval_transform(data.image_size, data.mean, data.std)
-        bank = build_dataset(data, data.train_split, transform)
-        queries = build_dataset(data, data.test_split, transform)
+    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator, datasets: EvalDatasets | None = None) -> None:
+        datasets = evaluation_datasets(cfg) if datasets is None else datasets
+        bank, queries = datasets[datasets.data.train_split], datasets[datasets.data.test_split]
         self.bank, self.queries = (evenly_spaced(d, cfg.train.knn_samples) for d in (bank, queries))
         if len(self.bank) < K:  # a smaller bank would answer k 20 with fewer neighbours under the k20 name
             raise ConfigError(f"train.knn_samples: the online kNN (k {K}) needs at least {K} bank images, got "
@@ -70,11 +80,13 @@ def evenly_spaced(dataset, n: int) -> Subset:
 class OnlineLocalisation:
     """LoDisc keep precision during pretraining: the patches the teacher (momentum) encoder keeps (its attention
     at method.local.keep_ratio, also with the local branch off, so that arms compare at equal budget) on up to
-    `train.loc_samples` evenly spaced test images, eval-transformed (not augmented)."""
+    `train.loc_samples` evenly spaced test images, eval-transformed (not augmented); `datasets`: the
+    `evaluation_datasets` when already built."""
 
-    def __init__(self, cfg: PretrainConfig) -> None:
-        d = evaluation_data(cfg)
-        dataset = build_dataset(d, d.test_split, eval_transform(d.image_size, d.mean, d.std, CROP_RATIO))
+    def __init__(self, cfg: PretrainConfig, datasets: EvalDatasets | None = None) -> None:
+        datasets = evaluation_datasets(cfg) if datasets is None else datasets
+        d = datasets.data
+        dataset = datasets[d.test_split]
         if dataset.boxes is None:
             raise ConfigError(f"train.loc_every: keep precision needs object boxes, and the test split "
                               f"'{d.test_split}' of {d.root} has none; add box columns or set train.loc_every=0")

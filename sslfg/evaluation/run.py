@@ -24,7 +24,7 @@ from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, claim_run_dir, ens
 from sslfg.evaluation.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import require_vit
-from sslfg.schema import EvalConfig, PretrainConfig
+from sslfg.schema import DataConfig, EvalConfig, PretrainConfig
 from sslfg.summary import SCHEMA_DEFAULT, key_origins, startup_summary, token_grid
 from sslfg.weights import backbone_source, create_backbone, pretrained_record
 
@@ -138,12 +138,11 @@ def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
 class EvalDatasets(dict):
     """The splits one evaluation reads, by name, each built on first use and then kept: its listing is read,
     its images checked (with data.on_bad_image=skip, decoded) and its warnings logged once per command. They
-    carry the evaluation transform (resize + centre crop at features.crop_ratio)."""
+    carry the evaluation transform (resize + centre crop at `crop_ratio`, an eval command's features.crop_ratio)."""
 
-    def __init__(self, cfg: EvalConfig) -> None:
+    def __init__(self, data: DataConfig, crop_ratio: float) -> None:
         super().__init__()
-        d = cfg.data
-        self.data, self.transform = d, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio)
+        self.data, self.transform = data, eval_transform(data.image_size, data.mean, data.std, crop_ratio)
 
     def __missing__(self, split: str) -> Any:
         self[split] = build_dataset(self.data, split, self.transform)
@@ -211,7 +210,7 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
         if cfg.output:
             ensure_writable(Path(cfg.output).parent, "output")
     vit, info = build_backbone(cfg)
-    datasets = EvalDatasets(cfg)
+    datasets = EvalDatasets(cfg.data, cfg.features.crop_ratio)
     splits = {split: datasets[split] for split in (cfg.data.train_split, cfg.data.test_split)}
     unlabelled = [d.source for d in splits.values() if d.num_classes == 0]
     if needs_labels and unlabelled:

@@ -14,11 +14,16 @@ import torch.distributed as dist
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
+from sslfg.cli import run_cli
+from sslfg.commands import knn
 from sslfg.config import ConfigError
 from sslfg.data import batch_augment as ba
 from sslfg.data.transforms import TwoViewTransform, geometric_steps, local_crop_size
-from sslfg.pretrain import pretrain
+from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.models.backbone import pooled_feature
+from sslfg.pretrain import local_view_sizes, pretrain
 from sslfg.schema import AugmentConfig
+from sslfg.weights import backbone_source, create_vit, load_backbone
 from tests.conftest import tiny_config, tiny_method
 from tests.methods.references import DINOLoss
 
@@ -99,8 +104,9 @@ def test_dino_pretrains_with_local_views(augment_on: str, tiny_data: Path, tmp_p
 @pytest.mark.parametrize("change, message", [
     ({"method.name": "mocov3"}, r"augment.local_crops: 2 local views are DINO's multi-crop; method.name=mocov3 uses "
                                 r"the two global views only: set augment.local_crops=0, or method.name=dino"),
-    ({"kwargs": {}}, r"augment.local_crops: local views of 8 px need a ViT that takes other sizes than "
-                     r"data.image_size 16: add dynamic_img_size: true to model.kwargs"),
+    ({"kwargs": {"dynamic_img_size": False}}, r"augment.local_crops: local views of 8 px need a ViT that takes "
+                                              r"other sizes than data.image_size 16, and model.kwargs sets "
+                                              r"dynamic_img_size: false: remove it or set it true"),
     ({"augment.local_crop_size": 6}, r"augment.local_crop_size: local views of 6 px are not a whole number of 4 px "
                                      r"patches; set augment.local_crop_size to a multiple of 4 \(e.g. 8\)"),
 ])
@@ -112,3 +118,39 @@ def test_local_views_a_recipe_cannot_use_are_config_errors(change: dict, message
     cfg.model.kwargs = {**cfg.model.kwargs, **change.get("kwargs", {"dynamic_img_size": True})}
     with pytest.raises(ConfigError, match=message):
         pretrain(cfg, check=True)
+
+
+def test_local_views_turn_on_dynamic_img_size_and_the_backbone_rebuilds(tiny_data: Path, tmp_path: Path) -> None:
+    """A recipe without timm's kwarg gets it (said in the summary); config.yaml and backbone.json record it, so
+    that load_backbone, a checkpoint folder and eval.knn rebuild the trained model, initialised as a recipe that
+    sets the kwarg itself."""
+    runs, summaries, configs = {}, [], {}
+    for name, kwargs in (("auto", {}), ("explicit", {"dynamic_img_size": True})):
+        cfg = configs[name] = tiny_config(tiny_data, tmp_path / name, max_steps=2, figure_samples=0)
+        cfg.method.name, cfg.augment.local_crops, cfg.augment.local_crop_size = "dino", 2, 8
+        cfg.model.kwargs = {**cfg.model.kwargs, **kwargs}
+        runs[name] = pretrain(cfg, on_summary=summaries.append)
+    assert "dynamic_img_size" not in configs["auto"].model.kwargs  # the caller's config is left as it was
+    assert summaries[0]["model.kwargs.dynamic_img_size"].startswith("true, set for augment.local_crops")
+    assert "model.kwargs.dynamic_img_size" not in summaries[1]
+    run = runs["auto"]
+    assert json.loads((run / "backbone.json").read_text())["kwargs"]["dynamic_img_size"] is True
+    assert (run / "config.yaml").read_text() == (runs["explicit"] / "config.yaml").read_text().replace(
+        str(tmp_path / "explicit"), str(tmp_path / "auto"))
+    exported, explicit = load_backbone(run), load_backbone(runs["explicit"])
+    assert exported.dynamic_img_size
+    name, kwargs, weights = backbone_source(str(checkpoint_dirs(run)[-1]), "", {})
+    student = create_vit(name, kwargs, weights).eval()  # the online encoder of the last checkpoint
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(pooled_feature(exported, x), pooled_feature(student, x))
+        assert torch.equal(pooled_feature(exported, x), pooled_feature(explicit, x))
+    assert run_cli(knn.main, ["--checkpoint", str(run), "data.num_workers=0", "knn.ks=[5]",
+                              f"output_dir={tmp_path / 'eval'}"]) == 0
+
+
+def test_local_views_leave_a_backbone_that_is_not_a_vit_as_it_is(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.method.name, cfg.augment.local_crops, cfg.augment.local_crop_size = "dino", 2, 8
+    cfg.model.name, cfg.model.patch_size, cfg.model.kwargs = "resnet10t", 0, {}
+    assert local_view_sizes(cfg) == (cfg, {})
