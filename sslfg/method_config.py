@@ -69,11 +69,10 @@ class DINOConfig:
 class SimCLRConfig:
     """`method.simclr`: SimCLR v1's projection head and NT-Xent (no teacher, METHODS §6)."""
 
-    # τ of NT-Xent: SimCLR's ImageNet runs (run.py --temperature=0.1, the paper's Table 5 best at large batch);
-    # its CIFAR-10 runs use 0.5
+    # τ of NT-Xent (SimCLR run.py --temperature, default 0.1 as its ImageNet runs; its CIFAR-10 runs set 0.5)
     temperature: float = bounded(POSITIVE, 0.1)
-    proj_hidden_dim: int = bounded(AT_LEAST_1, 2048)  # hidden width of the 2-layer head (SimCLR v1: 2048, ResNet-50's)
-    out_dim: int = bounded(AT_LEAST_1, 128)  # width of the projection the loss compares (SimCLR v1: 128)
+    proj_hidden_dim: int = bounded(AT_LEAST_1, 2048)  # hidden width of the head (SimCLR v1: 2048, ResNet-50's)
+    out_dim: int = bounded(AT_LEAST_1, 128)  # width of the projection the loss compares (run.py --head_proj_dim 128)
 
 
 @dataclass
