@@ -14,7 +14,7 @@ import torch
 
 from sslfg.config import load_config
 from sslfg.method_config import MethodConfig
-from sslfg.methods import MomentumMethod, build_method
+from sslfg.methods import Method, build_method
 from sslfg.schema import ModelConfig, PretrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def synchronize(device: torch.device) -> None:
 
 def build(
     cfg: ModelConfig, image_size: int, device: torch.device, seed: int = 0, method: MethodConfig | None = None
-) -> tuple[MomentumMethod, torch.optim.Optimizer]:
+) -> tuple[Method, torch.optim.Optimizer]:
     """The method (default: the schema's, LoDisc) in training mode and an AdamW over its trainable parameters;
     same seed, same weights."""
     torch.manual_seed(seed)
@@ -70,7 +70,7 @@ def build(
 
 def build_variants(
     cfg: ModelConfig, image_size: int, device: torch.device, method: MethodConfig | None = None
-) -> dict[str, tuple[MomentumMethod, torch.optim.Optimizer]]:
+) -> dict[str, tuple[Method, torch.optim.Optimizer]]:
     """One (model, optimizer) per entry of VARIANTS, all with the same initial weights."""
     return {
         name: build(cfg, image_size, device, method=with_local(method, **overrides))
@@ -78,15 +78,16 @@ def build_variants(
     }
 
 
-def train_step(model: MomentumMethod, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
+def train_step(model: Method, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
                amp: str) -> None:
-    """Forward, backward, AdamW step and one EMA update: what the training loop does per step."""
+    """Forward, backward, AdamW step and the method's after-update work (one EMA update at momentum 0.99 for a
+    method with a teacher): what the training loop does per step."""
     with autocast(x1.device, amp):
         loss = model(x1, x2)["loss"]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.update_momentum(0.99)
+    model.after_update({"momentum": 0.99}, applied=True)
 
 
 def two_views(batch: int, image_size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,14 @@
-"""The methods' losses, one home: MoCo v3's InfoNCE with keys gathered from every process, BYOL's 2 − 2·cos and
-DINO's cross-entropy between the centred, sharpened teacher softmax and the student's."""
+"""The methods' losses, one home: MoCo v3's InfoNCE with keys gathered from every process, BYOL's 2 − 2·cos,
+DINO's cross-entropy between the centred, sharpened teacher softmax and the student's, and the losses of the methods
+without a teacher (SimCLR's NT-Xent, Barlow Twins', VICReg's), each over the batch of every process."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from lightly.loss import NTXentLoss, VICRegLoss
 from torch import Tensor
 
 from sslfg.distributed import rank_and_world
@@ -60,3 +63,35 @@ def dino_cross_entropy(teacher: Tensor, student: Tensor, center: Tensor, teacher
     with torch.autocast(student.device.type, enabled=False):
         target = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
         return -(target * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1).mean()
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent: for each of the 2N projections, −log exp(s_ij/τ) / Σ_{k≠i} exp(s_ik/τ) with s the cosine
+    similarity and j its other view, the 2N others of every process as negatives, mean over the 2N (lightly's
+    NTXentLoss, gathered with gradient). float32 with autocast off, as `contrastive_loss`."""
+    with torch.autocast(z1.device.type, enabled=False):
+        return NTXentLoss(temperature, gather_distributed=True)(z1.float(), z2.float())
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambda_param: float) -> Tensor:
+    """Barlow Twins: Σ_i (1 − C_ii)² + λ Σ_i Σ_{j≠i} C_ij², with C = z1ᵀz2 / N the cross-correlation of embeddings
+    (B, K) already batch-normalised over the batch of every process, summed over the processes (the original's
+    all_reduce of C, here with gradient), N the global batch. Not lightly's BarlowTwinsLoss: it normalises over each
+    process's batch, so that two processes would not equal one."""
+    _, world = rank_and_world()
+    with torch.autocast(z1.device.type, enabled=False):
+        c = z1.float().T @ z2.float() / (z1.shape[0] * world)
+        if world > 1:
+            c = dist_fn.all_reduce(c)
+        off_diagonal = ~torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
+        return (c.diagonal() - 1).pow(2).sum() + lambda_param * c[off_diagonal].pow(2).sum()
+
+
+def vicreg_loss(z1: Tensor, z2: Tensor, sim_coeff: float, std_coeff: float, cov_coeff: float,
+                eps: float) -> Tensor:
+    """VICReg: λ·MSE(z1, z2) + μ·½(Σ hinge(1 − √(Var z + eps)) / K of each view) + ν·(Σ_{i≠j} Cov(z)_ij² / K of each
+    view), the variance and covariance over the embeddings of every process (lightly's VICRegLoss, gathered with
+    gradient as the original's FullGatherLayer). float32 with autocast off."""
+    with torch.autocast(z1.device.type, enabled=False):
+        loss = VICRegLoss(sim_coeff, std_coeff, cov_coeff, gather_distributed=True, eps=eps)
+        return loss(z1.float(), z2.float())

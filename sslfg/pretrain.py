@@ -31,8 +31,7 @@ from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data, evaluation_datasets
 from sslfg.figures import save_mask_figure
 from sslfg.files import write_json
-from sslfg.methods import MomentumMethod, build_method
-from sslfg.methods.base import Method
+from sslfg.methods import Method, build_method
 from sslfg.models.backbone import build_model, require_vit, timm_kwargs
 from sslfg.models.heads import check_batch_norm
 from sslfg.schema import FeatureConfig, PretrainConfig
@@ -67,7 +66,7 @@ def method_facts(cfg: PretrainConfig, encoder) -> dict[str, str]:
     return facts
 
 
-def build_schedules(cfg: PretrainConfig, method: MomentumMethod, total_steps: int, global_batch: int,
+def build_schedules(cfg: PretrainConfig, method: Method, total_steps: int, global_batch: int,
                     per_epoch: int) -> dict:
     """lr (scaled by global batch / 256, warmup + cosine), weight decay and the method's own values (EMA
     momentum, ...) per step."""
@@ -138,7 +137,7 @@ def local_view_sizes(cfg: PretrainConfig) -> tuple[PretrainConfig, dict[str, str
                                                   "size only with it; timm resamples the position embedding)"}
 
 
-def check_local_views(cfg: PretrainConfig, method: MomentumMethod) -> None:
+def check_local_views(cfg: PretrainConfig, method: Method) -> None:
     """ConfigError unless the method can use `augment.local_crops` local views: its loss takes them (DINO) and a
     ViT takes their size (timm's dynamic_img_size, a whole number of patches)."""
     n, size = cfg.augment.local_crops, local_crop_size(cfg.data.image_size, cfg.augment)
@@ -158,8 +157,20 @@ def check_local_views(cfg: PretrainConfig, method: MomentumMethod) -> None:
                           f"{method.patch_size} (e.g. {max(1, round(size / method.patch_size)) * method.patch_size})")
 
 
+def check_compile(cfg: PretrainConfig, method: Method, figures: bool) -> None:
+    """ConfigError when `train.compile` would compile the encoder whose attention picks the kept patches (a method
+    without a teacher reads its own encoder's): compiled blocks skip the forward hooks that read it."""
+    reads = {"method.local.weight": method.local.on, "train.loc_every": cfg.train.loc_every > 0,
+             "train.figure_samples": figures}
+    if method.attention_encoder is method.encoder and any(reads.values()):
+        keys = [k for k, on in reads.items() if on]
+        raise ConfigError(f"train.compile: {cfg.method.name} ranks patches by its own encoder's attention ("
+                          f"{', '.join(keys)}), which compiled blocks do not let forward hooks read; set "
+                          f"train.compile=false, or set {' and '.join(f'{k}=0' for k in keys)}")
+
+
 @torch.no_grad()
-def mask_figure(model: MomentumMethod, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path,
+def mask_figure(model: Method, dataset, views: TwoViewPipeline, cfg: PretrainConfig, path: Path,
                 title: str) -> None:
     """The two views of a few fixed training images and the patches the local branch keeps (or would keep)."""
     n = min(cfg.train.figure_samples, len(dataset))
@@ -193,9 +204,10 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     if t.loc_every > 0:
         require_vit(model.encoder, cfg.model.name, "train.loc_every", "LoDisc keep precision logging",
                     "set train.loc_every=0, or use a ViT")
-    if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
-        compile_modules(model.encoder.blocks if model.vit else [model.encoder], accelerator.device)
     figures = t.figure_samples > 0 and model.vit  # the patches the local branch keeps: a ViT's attention
+    if t.compile:  # not the momentum encoder: its attention is read by forward hooks, which compiled code skips
+        check_compile(cfg, model, figures)
+        compile_modules(model.encoder.blocks if model.vit else [model.encoder], accelerator.device)
     if t.figure_samples > 0 and not model.vit and accelerator.is_main_process:
         log.info("train.figure_samples: no kept-patch figures: %s has no attention to keep patches by", cfg.model.name)
     per_epoch = steps_per_epoch(sampler, t.grad_accum_steps)

@@ -333,7 +333,7 @@ def test_study_data_keys_reach_every_arm_and_the_shards_give_the_folders_numbers
     for arm in arms:
         assert arm.argv[arm.argv.index(keys[0]):][:2] == keys, arm.command
     assert s.data.format == "shards" and s.data.root == str(sharded)
-    for name, plan in plans.items():  # the raw-pixel kNN floor, no training: the same numbers from both layouts
+    for plan in plans.values():  # the raw-pixel kNN floor, no training: the same numbers from both layouts
         plan.run_arm(next(a for a in plan.floor_arms(0) if a.id.endswith("knn.pixels")))
     knn = [json.loads((tmp_path / n / "seed0" / "pixels" / "eval" / "knn.json").read_text()) for n in plans]
     same = ("knn.k20.top1", "retrieval.mAP", "protocol.queries", "protocol.bank_size")

@@ -17,7 +17,7 @@ from sslfg.evaluation.features import extract_features
 from sslfg.evaluation.knn import knn_evaluate
 from sslfg.evaluation.localisation import keep_metrics
 from sslfg.evaluation.run import EvalDatasets
-from sslfg.methods import MomentumMethod
+from sslfg.methods import Method
 from sslfg.models.backbone import grid_size
 from sslfg.schema import DataConfig, FeatureConfig, PretrainConfig
 
@@ -78,10 +78,10 @@ def evenly_spaced(dataset, n: int) -> Subset:
 
 
 class OnlineLocalisation:
-    """LoDisc keep precision during pretraining: the patches the teacher (momentum) encoder keeps (its attention
-    at method.local.keep_ratio, also with the local branch off, so that arms compare at equal budget) on up to
-    `train.loc_samples` evenly spaced test images, eval-transformed (not augmented); `datasets`: the
-    `evaluation_datasets` when already built."""
+    """LoDisc keep precision during pretraining: the patches the method's attention encoder keeps (the teacher's, or
+    the encoder's own for a method without one) by its attention at method.local.keep_ratio, also with the local
+    branch off, so that arms compare at equal budget, on up to `train.loc_samples` evenly spaced test images,
+    eval-transformed (not augmented); `datasets`: the `evaluation_datasets` when already built."""
 
     def __init__(self, cfg: PretrainConfig, datasets: EvalDatasets | None = None) -> None:
         datasets = evaluation_datasets(cfg) if datasets is None else datasets
@@ -96,8 +96,8 @@ class OnlineLocalisation:
         self.batch_size = cfg.train.batch_size
 
     @torch.no_grad()
-    def __call__(self, model: MomentumMethod) -> dict[str, float]:
-        encoder = model.momentum_encoder
+    def __call__(self, model: Method) -> dict[str, float]:
+        encoder = model.attention_encoder
         was_training = encoder.training
         device = next(encoder.parameters()).device
         # Eval mode (no drop path) and its own RNG state: measuring must not change the training run.

@@ -1,7 +1,8 @@
-"""What every pretraining method shares (`Method`: its step, parameter groups and after-update work) and what
-every momentum (student–teacher) method adds (`MomentumMethod`): the two encoders and their heads, one EMA
-update per applied optimizer step, a teacher pass that can also read every block's CLS attention, and the
-loss assembly with the optional local branch (METHODS §1, §6).
+"""What every pretraining method shares (`Method`: its encoder and local branch, its step, parameter groups and
+after-update work) and what every momentum (student–teacher) method adds (`MomentumMethod`): the teacher encoder
+and heads, one EMA update per applied optimizer step, a teacher pass that can also read every block's CLS
+attention, and the loss assembly with the optional local branch (METHODS §1, §6). Methods without a teacher are
+`sslfg.methods.siamese`'s.
 
 A momentum method subclass gives its `Config` (the `method.<name>` keys), its heads (`build_heads`) and its
 pair loss (`pair_loss`); everything else is here. State-dict names are the same for every method:
@@ -59,6 +60,41 @@ class Method(nn.Module):
     decay_biases_and_norms: ClassVar[bool] = True
     multi_crop: ClassVar[bool] = False  # True: its loss uses local views besides the two global ones (DINO)
 
+    def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
+        """The trained encoder (`encoder`, the backbone a run exports) and the local branch (`local`)."""
+        super().__init__()
+        self.cfg = getattr(method, self.name)  # this method's own section, method.<name>
+        kwargs = timm_kwargs(image_size, model.patch_size, model.kwargs)
+        self.encoder, self.timm_kwargs = create_backbone(model.name, kwargs, model.weights, model.drop_path_rate,
+                                                         pretrained=model.pretrained)
+        self.vit = isinstance(self.encoder, VisionTransformer)  # else only the global method (pooled feature)
+        if method.local.weight > 0:
+            require_vit(self.encoder, model.name, "model.name", "LoDisc's local branch (method.local.weight > 0)",
+                        "set method.local.weight=0 for the global method alone, or use a ViT")
+        self.patch_size = image_size // grid_size(self.encoder) if self.vit else 0
+        self.local = LocalBranch(method.local, self.patch_size, len(self.encoder.blocks) if self.vit else 0)
+
+    @property
+    def attention_encoder(self) -> nn.Module:
+        """The encoder whose CLS attention picks the kept patches (the teacher's, or the encoder's own)."""
+        raise NotImplementedError
+
+    def kept_patches(self, x: Tensor) -> Tensor:
+        """The patches the local branch keeps for images x, (B, K) ascending (also with the branch off)."""
+        with torch.no_grad(), cls_attention(self.attention_encoder) as maps:
+            pooled_feature(self.attention_encoder, x)
+        return self.local.keep(maps)
+
+    def masked_outputs(self, x: Tensor, keep_idx: Tensor) -> list[Tensor]:
+        """The outputs the local branch compares with: those of the views x (2B, ...) with only the patches
+        keep_idx (2B, K) left, per view."""
+        raise NotImplementedError
+
+    def pair_loss(self, outputs: list[Tensor], masked: list[Tensor]) -> Tensor:
+        """The loss between outputs [o1, o2] (and the local views' of a `multi_crop` method) and other outputs
+        [m1, m2] of the other view: the pairs (o1, m2) and (o2, m1) (and each local view's with both)."""
+        raise NotImplementedError
+
     def schedules(self, total_steps: int, per_epoch: int) -> dict[str, np.ndarray]:
         """Per-step values this method needs besides lr and weight decay (logged with them)."""
         return {}
@@ -101,18 +137,8 @@ class MomentumMethod(Method):
     """
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
-        super().__init__()
-        self.cfg = getattr(method, self.name)  # this method's own section, method.<name>
+        super().__init__(model, method, image_size)
         self.teacher_half_life = method.teacher_half_life
-        kwargs = timm_kwargs(image_size, model.patch_size, model.kwargs)
-        self.encoder, self.timm_kwargs = create_backbone(model.name, kwargs, model.weights, model.drop_path_rate,
-                                                         pretrained=model.pretrained)
-        self.vit = isinstance(self.encoder, VisionTransformer)  # else only the global method (pooled feature)
-        if method.local.weight > 0:
-            require_vit(self.encoder, model.name, "model.name", "LoDisc's local branch (method.local.weight > 0)",
-                        "set method.local.weight=0 for the global method alone, or use a ViT")
-        self.patch_size = image_size // grid_size(self.encoder) if self.vit else 0
-        self.local = LocalBranch(method.local, self.patch_size, len(self.encoder.blocks) if self.vit else 0)
         self.projector, self.predictor = self.build_heads(self.encoder.num_features)
         self.momentum_encoder = without_noise(copy.deepcopy(self.encoder))
         self.momentum_projector = without_noise(copy.deepcopy(self.projector))
@@ -122,11 +148,6 @@ class MomentumMethod(Method):
     def build_heads(self, dim: int) -> tuple[nn.Module, nn.Module]:
         """(projector, predictor) on the CLS of width `dim`; the teacher gets a copy of the projector only
         (nn.Identity for a predictor the method does not have)."""
-        raise NotImplementedError
-
-    def pair_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        """The loss between the student's outputs [s1, s2] (and the local views' of a `multi_crop` method) and
-        the teacher's [t1, t2] of another view: the pairs (s1, t2) and (s2, t1) (and each local view's with both)."""
         raise NotImplementedError
 
     def momentum_start(self) -> float:
@@ -187,9 +208,14 @@ class MomentumMethod(Method):
         """The teacher head on the CLS of both views (2B, D), per view."""
         return [self.momentum_projector(c) for c in cls.chunk(2)]
 
-    def kept_patches(self, x: Tensor) -> Tensor:
-        """The patches the local branch keeps for images x, (B, K) ascending (also with the branch off)."""
-        return self.local.keep(self.teacher_cls(x, attention=True)[1])
+    @property
+    def attention_encoder(self) -> nn.Module:
+        return self.momentum_encoder
+
+    @torch.no_grad()
+    def masked_outputs(self, x: Tensor, keep_idx: Tensor) -> list[Tensor]:
+        """The teacher's outputs of the masked views, without gradient."""
+        return self.teacher_outputs(self.local.masked_cls(self.momentum_encoder, x, keep_idx))
 
     def forward(self, x1: Tensor, x2: Tensor, *local_views: Tensor) -> dict[str, Tensor]:
         """The loss of the two global views x1, x2 and any local views (multi-crop, `multi_crop` methods): the

@@ -1,10 +1,11 @@
-"""LoDisc's location-wise masked local discrimination as a branch any momentum method can switch on
-(METHODS §1, steps 3–6).
+"""LoDisc's location-wise masked local discrimination as a branch any method can switch on (METHODS §1, steps
+3–6, §6).
 
-The teacher's CLS attention ranks the patches (location score), the top ⌊keep_ratio·N⌋ are kept,
-the teacher embeds the other view with only those patches (`zero_fill` or `drop_tokens`), and the
-method's own pair loss is taken between the student's output on one view and the teacher's output
-on the masked other view, weighted by `method.local.weight`.
+The CLS attention of the method's `attention_encoder` (the teacher's; without a teacher, the encoder's own,
+without gradient) ranks the patches (location score), the top ⌊keep_ratio·N⌋ are kept, the method embeds the
+other view with only those patches (`zero_fill` or `drop_tokens`; the teacher without gradient, a method without
+a teacher its own encoder and projector with it), and the method's own pair loss is taken between its output on
+one view and the output on the masked other view, weighted by `method.local.weight`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sslfg.method_config import LocalConfig
 from sslfg.models.backbone import forward_tokens
 
 if TYPE_CHECKING:
-    from sslfg.methods.base import MomentumMethod
+    from sslfg.methods.base import Method
 
 
 def location_score(cls_attn: Tensor) -> Tensor:
@@ -55,9 +56,9 @@ def zero_fill(images: Tensor, keep_idx: Tensor, patch_size: int) -> Tensor:
 
 
 class LocalBranch:
-    """Kept patches from the teacher's attention, the masked view, and the local term of the loss.
+    """Kept patches from the attention, the masked view, and the local term of the loss.
 
-    No parameters of its own: the teacher encoder and head, and the pair loss, are the method's.
+    No parameters of its own: the encoders and heads, and the pair loss, are the method's.
     """
 
     def __init__(self, cfg: LocalConfig, patch_size: int, depth: int) -> None:
@@ -76,16 +77,13 @@ class LocalBranch:
         maps = maps[-self.cfg.attention_layers :] if self.cfg.attention_layers else maps
         return keep_indices(torch.stack(maps), self.cfg.keep_ratio)
 
-    @torch.no_grad()
     def masked_cls(self, encoder: nn.Module, x: Tensor, keep_idx: Tensor) -> Tensor:
-        """The teacher's CLS (B, D) of images x with only the patches keep_idx (B, K) left."""
+        """`encoder`'s CLS (B, D) of images x with only the patches keep_idx (B, K) left."""
         if self.cfg.view == "zero_fill":
             return forward_tokens(encoder, zero_fill(x, keep_idx, self.patch_size))[:, 0]
         return forward_tokens(encoder, x, keep_idx=keep_idx)[:, 0]
 
-    def loss(self, method: MomentumMethod, student: list[Tensor], x: Tensor, keep_idx: Tensor) -> Tensor:
-        """The method's pair loss between the student outputs [s1, s2] and the teacher outputs of the
-        masked views of x = cat(x1, x2) (2B, ...), whose kept patches are keep_idx (2B, K)."""
-        with torch.no_grad():
-            teacher = method.teacher_outputs(self.masked_cls(method.momentum_encoder, x, keep_idx))
-        return method.pair_loss(student, teacher)
+    def loss(self, method: Method, outputs: list[Tensor], x: Tensor, keep_idx: Tensor) -> Tensor:
+        """The method's pair loss between its outputs [o1, o2] and its `masked_outputs` of the masked views of
+        x = cat(x1, x2) (2B, ...), whose kept patches are keep_idx (2B, K)."""
+        return method.pair_loss(outputs, method.masked_outputs(x, keep_idx))

@@ -174,7 +174,8 @@ def cls_attention(vit: VisionTransformer) -> Iterator[list[Tensor]]:
     probabilities, and the explicit path would hold B·H·N² logits per block: ~1 GB at ViT-B, 224 px,
     256 images). Instead a hook on each block's `attn.qkv` takes q of the CLS token and k of every
     token from its output and computes only the CLS row, softmax(q_cls·kᵀ·scale), in float32 whatever
-    the autocast: B·H·N numbers per block. Only the momentum encoder uses it.
+    the autocast: B·H·N numbers per block, without gradient (the maps only rank patches, also when they come
+    from a forward that trains the encoder).
     """
     maps: list[Tensor] = []
     start = vit.num_prefix_tokens
@@ -182,7 +183,7 @@ def cls_attention(vit: VisionTransformer) -> Iterator[list[Tensor]]:
     def reader(attn: torch.nn.Module) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _inputs: tuple[Tensor, ...], qkv: Tensor) -> None:
             b, n, _ = qkv.shape
-            with torch.autocast(qkv.device.type, enabled=False):
+            with torch.no_grad(), torch.autocast(qkv.device.type, enabled=False):
                 q, k, _ = qkv.float().reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
                 q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)  # (B, H, 1, hd), (B, H, N, hd), as the block
                 probs = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, N)

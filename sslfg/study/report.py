@@ -177,7 +177,8 @@ class Report:
         return lines
 
     def online_keep(self, arm: str) -> list[float | None]:
-        """Per seed: the momentum encoder's keep precision at the last step it was logged in pretraining."""
+        """Per seed: the attention encoder's keep precision (the teacher's, or the encoder's own for a method without
+        one) at the last step it was logged in pretraining."""
         values = []
         for seed in self.seeds:
             path = pretrain_dir(self.root, seed, arm) / "metrics.jsonl"
@@ -191,7 +192,7 @@ class Report:
         if not arms:
             return []
         lines = ["| arm | n | keep ratio | " + " | ".join(LOCALISATION.values()) + " | keep precision in pretraining "
-                 "(momentum encoder, last log) |", "|---|---|---|" + "---|" * (len(LOCALISATION) + 1)]
+                 "(teacher or own encoder, last log) |", "|---|---|---|" + "---|" * (len(LOCALISATION) + 1)]
         for arm in arms:
             records = self.evals(arm, "localise")
             ratio = next((r["protocol.keep_ratio"] for r in records if r), "–")
@@ -327,7 +328,7 @@ class Report:
     def curves(self) -> str | None:
         """Global and local loss and online kNN of every pretraining arm (first seed)."""
         panels = [("loss_global", "global loss"), ("loss_local", "local loss"), ("online_knn.k20.top1", "online kNN"),
-                  (ONLINE_KEEP, "keep precision (momentum encoder)")]
+                  (ONLINE_KEEP, "keep precision (attention encoder)")]
         series = {}
         for arm in self.arms:
             path = pretrain_dir(self.root, self.seeds[0], arm) / "metrics.jsonl"
@@ -421,9 +422,10 @@ class Report:
                      "the floor at the first arm's) whose centre lies in the object box; chance = the fraction of "
                      "all patches inside it; lift = precision / chance (1: no better than chance); GLS IoU and "
                      "coverage = the box around the top-k patches most similar to CLS against the object box. The "
-                     "last column is the keep precision logged during pretraining, from the teacher (momentum) "
-                     "encoder that picks LoDisc's patches (every method, local branch on or off, at the same keep "
-                     "ratio).", "", *localisation, ""]
+                     "last column is the keep precision logged during pretraining, from the encoder that picks "
+                     "LoDisc's patches: the teacher (momentum) encoder, or for a method without a teacher (SimCLR, "
+                     "Barlow Twins, VICReg) the encoder itself (every method, local branch on or off, at the same "
+                     "keep ratio).", "", *localisation, ""]
         if self.cfg.finetune.arms:
             text += ["## Fine-tuning", "", f"From the best pretraining arm by mean kNN k20 on the validation split: "
                      f"**{best}** (the test split takes no part in the choice; see Protocols).", "",

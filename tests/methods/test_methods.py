@@ -1,6 +1,6 @@
 """What every registered method shares: the registry, the `method` keys and the moved old keys, gradients
-only to the student, one EMA update per optimizer step with gradient accumulation, and the same state-dict
-names for the figures and the exported backbone."""
+only to the student, one after-update call (the EMA of a method with a teacher) per optimizer step with gradient
+accumulation, and the same state-dict names for the figures and the exported backbone."""
 
 from __future__ import annotations
 
@@ -12,20 +12,23 @@ import torch
 
 from sslfg.config import ConfigError, load_config
 from sslfg.method_config import CONFIGS
-from sslfg.methods import METHODS, build_method
+from sslfg.methods import METHODS, MomentumMethod, build_method
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config, tiny_method
 
 
+MOMENTUM = [name for name, cls in METHODS.items() if issubclass(cls, MomentumMethod)]  # those with a teacher
+
+
 def test_registry_refuses_an_unknown_method_naming_the_known_ones() -> None:
     cfg = PretrainConfig()
-    cfg.method.name = "simclr"
+    cfg.method.name = "swav"
     known = ", ".join(METHODS)
-    with pytest.raises(ConfigError, match=rf"method.name: unknown method 'simclr'; known methods: {known}"):
+    with pytest.raises(ConfigError, match=rf"method.name: unknown method 'swav'; known methods: {known}"):
         build_method(cfg.model, cfg.method, 16)
     with pytest.raises(ConfigError, match=r"method.name: expected one of " + ", ".join(f"'{m}'" for m in METHODS)):
-        load_config(None, ["method.name=simclr"], PretrainConfig)
+        load_config(None, ["method.name=swav"], PretrainConfig)
 
 
 @pytest.mark.parametrize("old, new", [
@@ -50,7 +53,7 @@ def test_old_keys_name_their_new_place(old: str, new: str, tmp_path: Path) -> No
         load_config(recipe, [], PretrainConfig)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", MOMENTUM)
 def test_each_method_has_its_own_keys_with_ranges(name: str) -> None:
     cfg = load_config(None, [f"method.name={name}", f"method.{name}.momentum=0.9"], PretrainConfig)
     assert cfg.method.name == name and getattr(cfg.method, name).momentum == 0.9
@@ -66,26 +69,39 @@ def test_gradients_reach_the_student_only(name: str, local: float) -> None:
     out = model(x1, x2)
     assert set(out) == ({"loss", "loss_global", "loss_local"} if local else {"loss", "loss_global"})
     out["loss"].backward()
-    student = [*model.encoder.parameters(), *model.projector.parameters(), *model.predictor.parameters()]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student if p.requires_grad)
-    assert all(p.grad is None and not p.requires_grad for p in model.momentum_parameters())
+    student = [p for p in model.parameters() if p.requires_grad]  # encoder, projector (and predictor)
+    assert student and all(p.grad is not None and p.grad.abs().sum() > 0 for p in student)
+    teacher = model.momentum_parameters() if isinstance(model, MomentumMethod) else []
+    assert all(p.grad is None and not p.requires_grad for p in teacher)
     names = {k.split(".")[0] for k in model.state_dict()}  # the names checkpoints and load_backbone read
-    assert {"encoder", "projector", "momentum_encoder", "momentum_projector"} <= names
+    assert {"encoder", "projector"} <= names
+    assert not teacher or {"momentum_encoder", "momentum_projector"} <= names
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_ema_runs_once_per_optimizer_step_with_accumulation(name: str, tiny_data: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every method's after-update work once per optimizer step; a method with a teacher updates its EMA there
+    with its momentum schedule, one without has no momentum schedule and no EMA."""
     cls = METHODS[name]
     calls: list[float] = []
+    updates: list[dict[str, float]] = []
     forwards: list[int] = []
-    original_update, original_forward = cls.update_momentum, cls.forward
-    monkeypatch.setattr(cls, "update_momentum", lambda self, m: (calls.append(m), original_update(self, m)))
+    original_after, original_forward = cls.after_update, cls.forward
+    monkeypatch.setattr(cls, "after_update", lambda self, values, applied: (
+        updates.append(values), original_after(self, values, applied)))
     monkeypatch.setattr(cls, "forward", lambda self, a, b: (forwards.append(1), original_forward(self, a, b))[1])
+    if name in MOMENTUM:
+        original_update = cls.update_momentum
+        monkeypatch.setattr(cls, "update_momentum", lambda self, m: (calls.append(m), original_update(self, m)))
     cfg = tiny_config(tiny_data, tmp_path / "run", batch_size=4, grad_accum_steps=2, max_steps=3, figure_samples=0)
     cfg.method.name = name
     pretrain(cfg)
-    assert len(forwards) == 6 and len(calls) == 3
+    assert len(forwards) == 6 and len(updates) == 3
+    if name not in MOMENTUM:
+        assert calls == [] and all("momentum" not in v for v in updates)
+        return
+    assert len(calls) == 3
     m0 = cls.Config().momentum
     assert calls[0] == m0 and m0 < calls[1] < calls[2] < 1  # the method's momentum schedule, step by step
 

@@ -57,8 +57,9 @@ MULTI_CROP = {"augment.local_crops": 2, "augment.local_crop_size": 8,
 @pytest.mark.parametrize("name, extra", [*((m, {}) for m in METHODS if m != "mocov3"), ("dino", MULTI_CROP)])
 def test_every_method_on_two_processes_equals_one_process_with_double_batch(name: str, extra: dict,
                                                                           uneven_data: Path, tmp_path: Path) -> None:
-    """Each method with its local branch: the same losses, weights and buffers (DINO's centre, from the
-    all-process mean of the teacher outputs) with batch 4 on each of two processes as with 8 on one."""
+    """Each method with its local branch (SimCLR, Barlow Twins, VICReg: from the encoder's own attention): the same
+    losses, weights and buffers (DINO's centre, from the all-process mean of the teacher outputs) with batch 4 on
+    each of two processes as with 8 on one."""
     fixed = {"method.name": name, "train.epochs": 1, **extra}
     two = start(command(["train_ssl.py", *pretrain_args(uneven_data, tmp_path / "two", 4, **fixed)], processes=2))
     train_ssl.main(pretrain_args(uneven_data, tmp_path / "one", 8, **fixed))
