@@ -17,7 +17,6 @@ from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config, tiny_method
 
-
 MOMENTUM = [name for name, cls in METHODS.items() if issubclass(cls, MomentumMethod)]  # those with a teacher
 
 
