@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from sslfg.cli import run_cli
 from sslfg.commands import finetune as finetune_cli
+from sslfg.commands import knn as knn_cli
 from sslfg.config import ConfigError
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
@@ -58,6 +59,17 @@ def test_glsim_learns_and_writes_its_outputs(tiny_data: Path, tmp_path: Path) ->
     vit, info = build_backbone(frozen)
     trained = load_file(str(checkpoint_dirs(run)[-1] / "model.safetensors"))
     assert info["backbone"] == "vit_tiny_patch16_224" and torch.equal(vit.pos_embed, trained["encoder.pos_embed"])
+
+
+def test_frozen_evaluation_of_a_fine_tuning_run_with_data_keys_on_the_command_line(tiny_data: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A study on other data (its `data` keys) evaluates the supervised reference, a fine-tuning run, with data.*
+    on the command line: the run's other data keys come from its config.yaml, read with the fine-tuning schema
+    (before: "unknown key 'init'", read as a pretraining run's)."""
+    run = finetune(ft_config(tiny_data, tmp_path / "ft", epochs=1))
+    argv = ["--checkpoint", str(run), f"data.root={tiny_data}", "knn.ks=[1]", f"output_dir={tmp_path / 'knn'}"]
+    assert run_cli(knn_cli.main, argv) == 0
+    assert json.loads((tmp_path / "knn" / "knn.json").read_text())["data.image_size"] == 16  # the run's own
 
 
 def test_eval_only_reproduces_the_saved_accuracy(tiny_data: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, claim_run_dir, ens
 from sslfg.evaluation.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import require_vit
-from sslfg.schema import DataConfig, EvalConfig, PretrainConfig
+from sslfg.schema import DataConfig, EvalConfig, FinetuneConfig, PretrainConfig
 from sslfg.summary import SCHEMA_DEFAULT, key_origins, startup_summary, token_grid
 from sslfg.weights import backbone_source, create_backbone, pretrained_record
 
@@ -110,7 +110,9 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
         raise ConfigError(f"checkpoint: the run folder '{run}' has no {RUN_CONFIG}, so its data settings are unknown; "
                           "give the data with --dataset configs/datasets/<name>.yaml or data.root=PATH")
     if sources.get("data.root", COMMAND_LINE) == COMMAND_LINE and run_config is not None and run_config.is_file():
-        run_data = load_config(run_config, [], PretrainConfig).data
+        # a pretraining or a fine-tuning run (the study's supervised reference); only the latter has `init`
+        kind = FinetuneConfig if "init" in (yaml.safe_load(run_config.read_text()) or {}) else PretrainConfig
+        run_data = load_config(run_config, [], kind).data
         # data.labels=false withheld the labels of the run's own images; another folder is read with its own
         own = ("labels",) if "data.root" in sources else ()
         inherited = {f.name: getattr(run_data, f.name) for f in dataclasses.fields(run_data)
