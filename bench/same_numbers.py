@@ -180,18 +180,19 @@ def main() -> int:
     overrides: dict[str, list[str]] = {}
     for arm, kv in args.override:
         overrides.setdefault(arm, []).append(kv)
+    sets = args.sets or SETS
     tiny = args.out / "data"
-    if "pipeline" in (args.sets or SETS) and not tiny.is_dir():
+    if "pipeline" in sets and not tiny.is_dir():
         write_csv_dataset(tiny, n_train=24, n_test=8, size=32, boxes=True)
     sides = {name: args.out / name for name in ("before", "after")}
     for name, code in (("before", args.before), ("after", args.after)):
-        for run_set in args.sets or SETS:
+        for run_set in sets:
             out = sides[name] / run_set
             if not out.is_dir():
                 commands = (pipeline_commands(tiny.resolve(), out.resolve()) if run_set == "pipeline" else
                             methods_commands(args.data.resolve(), out.resolve(), overrides if name == "after" else {}))
                 run_side(code.resolve(), commands, args.out / f"{name}_{run_set}.log")  # not compared: timings
-    found = [{normalised(p.relative_to(side)): p for run_set in args.sets or SETS for p in (side / run_set).rglob("*")
+    found = [{normalised(p.relative_to(side)): p for run_set in sets for p in (side / run_set).rglob("*")
               if p.is_file()} for side in sides.values()]
     files = sorted(found[0].keys() | found[1].keys())
     # each side's output folder and code checkout (in a command line) read as <out>

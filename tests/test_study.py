@@ -17,7 +17,8 @@ import yaml
 
 from sslfg.cli import run_cli
 from sslfg.config import ConfigError, load_config
-from sslfg.schema import StudyConfig
+from sslfg.data import shards
+from sslfg.schema import DataConfig, StudyConfig
 from sslfg.study import run as study_module
 from sslfg.study.layout import best_pretrain_arm
 from sslfg.study.report import build_report
@@ -317,9 +318,6 @@ def test_study_data_keys_reach_every_arm_and_the_shards_give_the_folders_numbers
                                                                                   tmp_path: Path) -> None:
     """`data: {format: shards, root: ...}` runs the same study on a sharded copy without copying the recipes: every
     command gets the keys (before the arm's own), the report names them, and an evaluation reads the same images."""
-    from sslfg.data import shards
-    from sslfg.schema import DataConfig
-
     sharded = tmp_path / "shards"
     shards.write_shards(DataConfig(root=str(tiny_data), train_split="train"), str(sharded), 1.0)
     study = write_recipes(tiny_data, tmp_path / "recipes", seeds=[0])
