@@ -59,7 +59,7 @@ def index_memory(tmp: Path, n: int, boxes: bool) -> tuple[int, int]:
     assert set(INDEX_ARRAYS) <= set(arrays)
     np.savez(root / "big.npz", **arrays)
     meta = {"format": FORMAT_VERSION, "split": "big", "source": "synthetic", "samples": n, "boxes": boxes,
-            "shards": [{"file": shard_name("big", 0), "bytes": 0, "samples": n}], "classes": ["c"] * 10_000,
+            "shardlist": [{"url": shard_name("big", 0), "filesize": 0, "nsamples": n}], "classes": ["c"] * 10_000,
             "extensions": ["jpg"], "overlaps_train": 0, "skipped": 0}
     (root / "big.json").write_text(json.dumps(meta))
     del arrays

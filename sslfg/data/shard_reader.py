@@ -5,7 +5,8 @@
 - `<split>-000000.tar`, `<split>-000001.tar`, ...: members `<key>.<ext>` (the original image file, byte for byte),
   `<key>.cls` (the class id as text, labelled data only) and `<key>.json` (label, size, box, source file), so
   webdataset / wids read them too;
-- `<split>.json`: the shard files with their byte sizes and sample counts, the class names, the split's source;
+- `<split>.json`: the shard files with their sample counts and byte sizes (`shardlist`: `url`, `nsamples`,
+  `filesize`, with `wids_version` and `name`: a wids dataset description), the class names, the split's source;
 - `<split>.npz`: per sample, numbers only: shard number, byte offset and length of its image in the shard, class
   id, size (width, height) as loaded, extension number, and the box when the source had boxes.
 
@@ -27,7 +28,7 @@ from PIL import Image
 from sslfg.data.datasets import OnBadImage, Transform, _ImageListDataset, _summarise
 from sslfg.data.images import MAX_PIXELS, DataError, decode_image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the shard list under wids' keys (1 had its own; rewrite such shards)
 INDEX_ARRAYS = ("shard", "offset", "nbytes", "label", "size", "ext")  # "box" as well when the source had boxes
 WRITER = "python -m sslfg.data.shards --config <dataset recipe> --out <new folder>"
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ShardDataset(_ImageListDataset):
         self._shard, self._offset, self._nbytes = index["shard"], index["offset"], index["nbytes"]
         self._ext, self.sizes, self.boxes = index["ext"], index["size"], index.get("box") if boxes else None
         self._key = np.arange(len(self._shard), dtype=np.uint32)
-        self._files = [os.path.join(self.root, s["file"]) for s in meta["shards"]]
+        self._files = [os.path.join(self.root, s["url"]) for s in meta["shardlist"]]
         self._extensions: list[str] = meta["extensions"]
         if labelled and not meta["classes"]:
             raise DataError(f"{self.source}: these shards were written from a dataset without labels; set "
@@ -78,7 +79,7 @@ class ShardDataset(_ImageListDataset):
             log.warning("%s: %d of its images are also in the training split (found when the shards were written); "
                         "test metrics on them measure memory, not generalisation.", self.source, self.overlaps_train)
         self._fds: dict[int, int] = {}
-        self._check_shards(meta["shards"], on_bad_image)
+        self._check_shards(meta["shardlist"], on_bad_image)
         self._apply_policy(on_bad_image)
 
     @property
@@ -118,9 +119,9 @@ class ShardDataset(_ImageListDataset):
         for path, shard in zip(self._files, shards, strict=True):
             size = os.path.getsize(path) if os.path.isfile(path) else None
             if size is None:
-                bad.append(f"{path} is missing ({shard['samples']} samples)")
-            elif size != shard["bytes"]:
-                bad.append(f"{path} has {size} bytes, the index says {shard['bytes']} (truncated or replaced)")
+                bad.append(f"{path} is missing ({shard['nsamples']} samples)")
+            elif size != shard["filesize"]:
+                bad.append(f"{path} has {size} bytes, the index says {shard['filesize']} (truncated or replaced)")
         if not bad:
             return
         if on_bad_image == "error":

@@ -5,7 +5,8 @@
 Any dataset a recipe's data section describes (csv with or without labels and boxes, imagefolder, folder;
 key=value overrides apply) is read as every command reads it, and each of data.train_split, data.val_split,
 data.test_split and `train` (which the evaluations' selections pair with data.val_split) that exists becomes
-`<split>-000000.tar`, ... of about --shard-mb each, with `<split>.json` (shards, class names) and `<split>.npz`
+`<split>-000000.tar`, ... of about --shard-mb each, with `<split>.json` (shard list, class names; also a wids
+dataset description) and `<split>.npz`
 (offsets, labels, sizes, boxes); the folder layout has one split, written as data.train_split. Each image is
 stored byte for byte and decoded as it is written, under the readers' rules (data.on_bad_image,
 data.max_image_pixels). Everything is written into a temporary folder beside --out and renamed to --out at the
@@ -94,9 +95,9 @@ def _write_split(dataset: Any, split: str, out: str, shard_bytes: int) -> None:
     for i in range(n):
         if tar is None or tar.offset >= shard_bytes:
             if tar is not None:
-                shards[-1]["bytes"] = _close(tar)
+                shards[-1]["filesize"] = _close(tar)
             tar = tarfile.open(os.path.join(out, shard_name(split, len(shards))), "w", format=tarfile.USTAR_FORMAT)
-            shards.append({"file": shard_name(split, len(shards)), "samples": 0})
+            shards.append({"url": shard_name(split, len(shards)), "nsamples": 0})
         data, size, ext = _checked_image(dataset, i)
         if ext not in extensions:
             extensions.append(ext)
@@ -110,11 +111,14 @@ def _write_split(dataset: Any, split: str, out: str, shard_bytes: int) -> None:
         if dataset.boxes is not None:
             about["box"] = list(dataset.boxes[i])
         _add(tar, f"{key}.json", json.dumps(about).encode())
-        shards[-1]["samples"] += 1
+        shards[-1]["nsamples"] += 1
     assert tar is not None  # every dataset has an image
-    shards[-1]["bytes"] = _close(tar)
+    shards[-1]["filesize"] = _close(tar)
     np.savez(os.path.join(out, f"{split}.npz"), **index)
-    meta = {"format": FORMAT_VERSION, "split": split, "source": dataset.source, "samples": n, "shards": shards,
+    # wids' dataset description (wids_version, name, shardlist of url/nsamples/filesize, urls relative to this
+    # file) plus sslfg's keys: wids.ShardListDataset reads the split from this file as it is
+    meta = {"format": FORMAT_VERSION, "wids_version": 1, "name": split, "split": split, "source": dataset.source,
+            "samples": n, "shardlist": shards,
             "classes": list(dataset.classes) if labelled else [], "boxes": dataset.boxes is not None,
             "extensions": extensions, "overlaps_train": dataset.overlaps_train, "skipped": len(dataset.skipped)}
     with open(os.path.join(out, f"{split}.json"), "w", encoding="utf-8") as f:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -87,8 +88,8 @@ def test_writer_round_trip(layout: str, boxed: Path, tmp_path: Path) -> None:
         assert isinstance(sharded, ShardDataset) and (sharded.boxes is not None) == data.boxes
         assert_same_split(build_dataset(data, split), sharded)
         meta = json.loads((out / f"{split}.json").read_text())
-        assert len(meta["shards"]) > 1 and sum(s["samples"] for s in meta["shards"]) == len(sharded)
-        with tarfile.open(out / meta["shards"][0]["file"]) as tar:
+        assert len(meta["shardlist"]) > 1 and sum(s["nsamples"] for s in meta["shardlist"]) == len(sharded)
+        with tarfile.open(out / meta["shardlist"][0]["url"]) as tar:
             names = tar.getnames()
             about = json.loads(tar.extractfile(names[-1]).read())
             image = tar.getmember(names[0])
@@ -167,8 +168,8 @@ def test_damaged_shard_is_skipped_and_logged_under_skip(damage: str, sharded: Pa
     copy = tmp_path / "shards"
     shutil.copytree(sharded, copy)
     meta = json.loads((copy / "train.json").read_text())
-    shard = copy / meta["shards"][3]["file"]
-    lost = meta["shards"][3]["samples"]
+    shard = copy / meta["shardlist"][3]["url"]
+    lost = meta["shardlist"][3]["nsamples"]
     if damage == "missing":
         shard.unlink()
     else:
@@ -203,6 +204,70 @@ def test_reader_refuses_what_the_shards_lack(boxed: Path, sharded: Path, tmp_pat
     # shards read as another layout: the error says what the folder holds
     with pytest.raises(DataError, match=r"all\.csv.*holds tar shards of this split .*set data.format=shards"):
         build_dataset(DataConfig(root=str(out), format="csv", train_split="all"), "all")
+
+
+# webdataset 1.0.2, webdataset/tariterators.py (verbatim): how webdataset groups a tar's members into samples
+def base_plus_ext(path):
+    """Split off all file extensions.
+
+    Args:
+        path: Path with extensions.
+
+    Returns:
+        Tuple containing the base path and all extensions.
+    """
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", path)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2)
+
+
+# wids 0.1.11, wids/wids_specs.py (verbatim): what wids requires of a dataset description's shard list
+def check_shards(l):  # noqa: E741 (verbatim)
+    """Check that a list of shards is well-formed.
+
+    This checks that the list is a list of dictionaries, and that
+    each dictionary has a "url" and a "nsamples" key.
+    """
+    assert isinstance(l, list)
+    for shard in l:
+        assert isinstance(shard, dict)
+        assert "url" in shard
+        assert "nsamples" in shard
+    return l
+
+
+def test_shards_follow_webdataset_and_wids(sharded: Path) -> None:
+    """The split's json is a wids dataset description (wids_version 1, a shard list whose relative urls name the
+    tar files with their sample counts), and webdataset's grouping of each tar's members by key gives one sample
+    per indexed image, in index order, with the image, its .cls and its .json (webdataset and wids themselves
+    read the sample's shards equal to sslfg: bench/webdataset_compat.py)."""
+    meta = json.loads((sharded / "train.json").read_text())
+    assert meta["wids_version"] == 1 and meta["name"] == "train"  # wids_specs.resolve_dsdesc's assertions
+    check_shards(meta["shardlist"])
+    dataset = ShardDataset(str(sharded), "train")
+    keys, start = [], 0
+    for shard in meta["shardlist"]:
+        assert not os.path.isabs(shard["url"]) and shard["filesize"] == os.path.getsize(sharded / shard["url"])
+        with tarfile.open(sharded / shard["url"]) as tar:
+            samples: dict[str, set[str]] = {}
+            for name in tar.getnames():
+                key, ext = base_plus_ext(name)
+                samples.setdefault(key, set()).add(ext)
+        assert len(samples) == shard["nsamples"]
+        keys += list(samples)
+        assert all(exts == {"png", "cls", "json"} for exts in samples.values())
+        start += shard["nsamples"]
+    assert start == len(dataset) and keys == [dataset.member(i)[1].split(".")[0] for i in range(len(dataset))]
+
+
+def test_shards_of_an_older_format_are_one_error_asking_to_rewrite(sharded: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "old"
+    shutil.copytree(sharded, copy)
+    meta = json.loads((copy / "train.json").read_text())
+    (copy / "train.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(DataError, match=r"train\.json is not a shard index of format 2. Write the shards of .* again"):
+        ShardDataset(str(copy), "train")
 
 
 def test_index_memory_per_sample(boxed: Path, tmp_path: Path) -> None:
