@@ -62,7 +62,8 @@ def method_facts(cfg: PretrainConfig, encoder) -> dict[str, str]:
                                         f"global ones of {cfg.data.image_size} px, {a.interpolation} crops")
     if t.loc_every:
         facts["train.loc_every"] = (f"every {t.loc_every} epochs: {kept} of up to {t.loc_samples} "
-                                    f"{cfg.data.test_split} images against their boxes, crop ratio {CROP_RATIO:g}")
+                                    f"{evaluation_data(cfg).test_split} images against their boxes, crop ratio "
+                                    f"{CROP_RATIO:g}")
     return facts
 
 
@@ -105,7 +106,9 @@ def online_evaluations(cfg: PretrainConfig, accelerator,
                 log.warning("%s=%d: %s", key, every, notes[name])
             continue
         built[name] = build()
-        notes[name] = f"every {every} epochs on {data.root} ({'eval_data' if cfg.eval_data.root else 'data'})"
+        splits = f"bank {data.train_split}, queries {data.test_split}" if name == "online_knn" else data.test_split
+        notes[name] = (f"every {every} epochs on {data.root} ({'eval_data' if cfg.eval_data.root else 'data'}: "
+                       f"{splits})")
     return built.get("online_knn"), built.get("online_loc"), notes
 
 

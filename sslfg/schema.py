@@ -169,11 +169,12 @@ class TrainConfig(LoopConfig):
     figure_samples: int = bounded(NON_NEGATIVE, 6)  # training images in the mask figure; 0 disables it
     # online kNN (k 20) of the online encoder every n epochs and at step 0; 0: off
     knn_every: int = bounded(NON_NEGATIVE, 0)
-    # at most this many bank (data.train_split) and query (data.test_split) images
+    # at most this many bank and query images: `train` and data.val_split when the data has both, else
+    # data.train_split and data.test_split (sslfg.evaluation.online.evaluation_data)
     knn_samples: int = bounded(AT_LEAST_1, 2000)
     # LoDisc keep precision (sslfg.evaluation.localisation) of the teacher encoder every n epochs and at step 0; 0: off
     loc_every: int = bounded(NON_NEGATIVE, 0)
-    loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many data.test_split images (with boxes)
+    loc_samples: int = bounded(AT_LEAST_1, 500)  # at most this many images (with boxes) of the online kNN's queries
 
     relations: ClassVar = (
         Relation(("warmup_epochs", "epochs"), lambda warmup, epochs: warmup < epochs,

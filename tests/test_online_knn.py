@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,11 +16,11 @@ from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.evaluation.knn import knn_evaluate
-from sslfg.evaluation.online import OnlineKnn
+from sslfg.evaluation.online import OnlineKnn, OnlineLocalisation, evaluation_datasets
 from sslfg.models.backbone import forward_tokens
 from sslfg.pretrain import pretrain
 from sslfg.weights import load_backbone
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_csv_dataset
 
 
 def test_online_knn_is_the_knn_of_evenly_spaced_subsets(tiny_data: Path, tmp_path: Path) -> None:
@@ -67,3 +70,26 @@ def test_online_knn_reads_eval_data(tmp_path: Path, tiny_data: Path) -> None:
     knn = OnlineKnn(cfg, make_accelerator())
     assert (len(knn.bank), len(knn.queries)) == (24, 8)
     assert knn.bank[0][0].shape == (3, 16, 16) and knn.bank[0][1] == 0
+
+
+@pytest.mark.parametrize("val", ["val", "test"])
+def test_online_evaluations_read_the_validation_pair(val: str, tmp_path: Path) -> None:
+    """Data with a validation split (train, val, train_val, test): the online kNN's bank is `train` and its
+    queries and the keep precision's images are data.val_split, never the test split, so that a recipe chosen
+    by its learning curves is not chosen on test; the start-up summary says so. A val_split that is the test split
+    (or data without `train` + val) reads data.train_split and data.test_split as before."""
+    root = write_csv_dataset(tmp_path / "data", n_test=6, boxes=True)
+    shutil.copy(root / "test.csv", root / "val.csv")
+    lines = (root / "test.csv").read_text().splitlines()
+    (root / "test.csv").write_text("\n".join(lines[:4]) + "\n")  # 3 test images: another split than val's 6
+    cfg = tiny_config(root, tmp_path / "run", max_steps=1, figure_samples=0)
+    cfg.data.boxes, cfg.data.val_split, cfg.train.knn_samples = True, val, 20
+    knn, loc = OnlineKnn(cfg, make_accelerator()), OnlineLocalisation(cfg)
+    queries = 6 if val == "val" else 3
+    assert (len(knn.bank), len(knn.queries), len(loc.images)) == (20, queries, queries)
+    data = evaluation_datasets(cfg).data
+    assert (data.train_split, data.test_split) == (("train", "val") if val == "val" else ("train", "test"))
+    run = pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, knn_every=1, loc_every=1)))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["online_knn"] == f"every 1 epochs on {root} (data: bank train, queries {data.test_split})"
+    assert summary["online_loc"] == f"every 1 epochs on {root} (data: {data.test_split})"

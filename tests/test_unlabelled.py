@@ -91,7 +91,8 @@ def test_check_says_whether_the_online_evaluations_run(flat: Path, labelled: Pat
     assert "set eval_data.root to a labelled dataset" in off["online_knn"]
     on = check([*base, f"eval_data.root={labelled}", "eval_data.train_split=train", "train.loc_every=1",
                 "eval_data.boxes=true"], capsys)
-    assert on["online_knn"] == on["online_loc"] == f"every 1 epochs on {labelled} (eval_data)"
+    assert on["online_knn"] == f"every 1 epochs on {labelled} (eval_data: bank train, queries test)"
+    assert on["online_loc"] == f"every 1 epochs on {labelled} (eval_data: test)"
     assert "online_knn" not in check(pretrain_args(flat, tmp_path / "run", **{"data.format": "folder"}), capsys)
     assert not (tmp_path / "run").exists()  # --check writes nothing
 

@@ -1,5 +1,7 @@
-"""The evaluations during pretraining, on bounded subsets of labelled test data every few epochs, so that a user
-sees progress (or collapse) while training rather than after it: the online kNN and the keep precision."""
+"""The evaluations during pretraining, on bounded subsets of labelled held-out data every few epochs, so that a
+user sees progress (or collapse) while training rather than after it: the online kNN and the keep precision.
+They read the validation pair when the data has one: a recipe chosen by its learning curves is then not chosen on
+the test split."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from torch.utils.data import Dataset, Subset
 
 from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes
+from sslfg.data.datasets import split_exists
 from sslfg.evaluation.features import extract_features
 from sslfg.evaluation.knn import knn_evaluate
 from sslfg.evaluation.localisation import keep_metrics
 from sslfg.evaluation.run import EvalDatasets
+from sslfg.evaluation.selection import SELECTION_TRAIN_SPLIT
 from sslfg.methods import Method
 from sslfg.models.backbone import grid_size
 from sslfg.schema import DataConfig, FeatureConfig, PretrainConfig
@@ -26,11 +30,16 @@ CROP_RATIO = FeatureConfig().crop_ratio  # the evaluations' resize + centre crop
 
 
 def evaluation_data(cfg: PretrainConfig) -> DataConfig:
-    """What the online evaluations read: `eval_data`'s labelled dataset at the run's image size and normalisation
-    when eval_data.root is set, else `data`."""
-    if not cfg.eval_data.root:
-        return cfg.data
-    return dataclasses.replace(cfg.data, **dataclasses.asdict(cfg.eval_data), labels=True)
+    """What the online evaluations read, as its train_split (the kNN bank) and test_split (the kNN queries and the
+    keep precision's images): `eval_data`'s labelled dataset and splits at the run's image size and normalisation
+    when eval_data.root is set; else `data` with the selection pair (`train` → data.val_split,
+    `sslfg.evaluation.selection`) when it has both and val is not the test split, otherwise `data` as it is."""
+    if cfg.eval_data.root:
+        return dataclasses.replace(cfg.data, **dataclasses.asdict(cfg.eval_data), labels=True)
+    d = cfg.data
+    if d.val_split != d.test_split and all(split_exists(d, s) for s in (SELECTION_TRAIN_SPLIT, d.val_split)):
+        return dataclasses.replace(d, train_split=SELECTION_TRAIN_SPLIT, test_split=d.val_split)
+    return d
 
 
 def evaluation_datasets(cfg: PretrainConfig, train: Dataset | None = None) -> EvalDatasets:
@@ -38,7 +47,7 @@ def evaluation_datasets(cfg: PretrainConfig, train: Dataset | None = None) -> Ev
     one decodes every image) at the evaluation resize and centre crop. `train`: the pretraining's own train split,
     reused with that transform when the evaluations read `data` (no eval_data.root) rather than read again."""
     datasets = EvalDatasets(evaluation_data(cfg), CROP_RATIO)
-    if train is not None and not cfg.eval_data.root:
+    if train is not None and not cfg.eval_data.root and datasets.data.train_split == cfg.data.train_split:
         datasets[cfg.data.train_split] = copy.copy(train)
         datasets[cfg.data.train_split].transform = datasets.transform
     return datasets
@@ -46,7 +55,7 @@ def evaluation_datasets(cfg: PretrainConfig, train: Dataset | None = None) -> Ev
 
 class OnlineKnn:
     """kNN top-1 (k 20, DINO protocol, CLS features) of up to `train.knn_samples` evenly spaced
-    test images against as many training images, of `evaluation_data` (labelled); `datasets`: its
+    query images against as many bank images, of `evaluation_data` (labelled); `datasets`: its
     `evaluation_datasets` when already built."""
 
     def __init__(self, cfg: PretrainConfig, accelerator: Accelerator, datasets: EvalDatasets | None = None) -> None:
@@ -80,16 +89,17 @@ def evenly_spaced(dataset, n: int) -> Subset:
 class OnlineLocalisation:
     """LoDisc keep precision during pretraining: the patches the method's attention encoder keeps (the teacher's, or
     the encoder's own for a method without one) by its attention at method.local.keep_ratio, also with the local
-    branch off, so that arms compare at equal budget, on up to `train.loc_samples` evenly spaced test images,
-    eval-transformed (not augmented); `datasets`: the `evaluation_datasets` when already built."""
+    branch off, so that arms compare at equal budget, on up to `train.loc_samples` evenly spaced images of
+    `evaluation_data`'s test_split, eval-transformed (not augmented); `datasets`: the `evaluation_datasets` when
+    already built."""
 
     def __init__(self, cfg: PretrainConfig, datasets: EvalDatasets | None = None) -> None:
         datasets = evaluation_datasets(cfg) if datasets is None else datasets
         d = datasets.data
         dataset = datasets[d.test_split]
         if dataset.boxes is None:
-            raise ConfigError(f"train.loc_every: keep precision needs object boxes, and the test split "
-                              f"'{d.test_split}' of {d.root} has none; add box columns or set train.loc_every=0")
+            raise ConfigError(f"train.loc_every: keep precision needs object boxes, and the split '{d.test_split}' "
+                              f"of {d.root} it reads has none; add box columns or set train.loc_every=0")
         subset = evenly_spaced(dataset, cfg.train.loc_samples)  # the online kNN's choice of images
         self.images = torch.stack([image for image, _ in subset])
         self.boxes = eval_boxes(dataset, d.image_size, CROP_RATIO)[subset.indices]
