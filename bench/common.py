@@ -79,11 +79,11 @@ def build_variants(
 
 
 def train_step(model: Method, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor,
-               amp: str) -> None:
+               amp: str, local_views: Sequence[torch.Tensor] = ()) -> None:
     """Forward, backward, AdamW step and the method's after-update work (one EMA update at momentum 0.99 for a
-    method with a teacher): what the training loop does per step."""
+    method with a teacher): what the training loop does per step; `local_views`: DINO's multi-crop views."""
     with autocast(x1.device, amp):
-        loss = model(x1, x2)["loss"]
+        loss = model(x1, x2, *local_views)["loss"]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

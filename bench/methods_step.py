@@ -1,7 +1,8 @@
 """ms per training step of every method with and without LoDisc's local branch, against MoCo v3, on the
 sample recipes (configs/pretrain/sample.yaml for MoCo v3, configs/pretrain/<method>_sample.yaml for the
-others): their backbone, heads and batch, random tensors for the images. One step is what the loop does per
-batch (forward, backward, AdamW, one EMA update); all arms are timed side by side, in interleaved rounds.
+others): their backbone, heads and batch, random tensors for the images, with the recipe's local views when it
+has them (DINO's multi-crop). One step is what the loop does per batch (forward, backward, AdamW, one EMA
+update); all arms are timed side by side, in interleaved rounds.
 
     python bench/methods_step.py                  # the sample recipes on this machine's CPU
     python bench/methods_step.py --repeats 20 --device cuda
@@ -28,6 +29,7 @@ from common import (
 )
 
 from sslfg.config import load_config
+from sslfg.data.transforms import local_crop_size
 from sslfg.methods import METHODS
 from sslfg.schema import PretrainConfig
 
@@ -53,10 +55,12 @@ def main() -> None:
     for name in METHODS:
         cfg = recipe(name)
         x1, x2 = two_views(cfg.train.batch_size, cfg.data.image_size, device)
+        size = local_crop_size(cfg.data.image_size, cfg.augment)  # the recipe's multi-crop views (DINO's 8)
+        crops = [two_views(cfg.train.batch_size, size, device, seed=i)[0] for i in range(cfg.augment.local_crops)]
         for local in (0.0, cfg.method.local.weight):
             arm = f"{name} + local" if local else name
             model, opt = build(cfg.model, cfg.data.image_size, device, method=with_local(cfg.method, weight=local))
-            fns[arm] = lambda m=model, o=opt, a=x1, b=x2: train_step(m, o, a, b, args.amp)
+            fns[arm] = lambda m=model, o=opt, a=x1, b=x2, c=crops: train_step(m, o, a, b, args.amp, c)
     times = interleaved(fns, args.repeats, args.warmup, device)
     ms = {arm: [1000 * t for t in ts] for arm, ts in times.items()}
     base = recipe(BASE)
