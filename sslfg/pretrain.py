@@ -89,9 +89,9 @@ def online_evaluations(cfg: PretrainConfig, accelerator,
     for each saying on which data it runs, or that it is off and why: on data without labels (and no
     eval_data.root) the kNN is off, and so is the keep precision unless that data has boxes, each with one logged
     warning."""
-    t, data = cfg.train, evaluation_data(cfg)
-    labelled = data.format != "folder" and data.labels
     datasets = evaluation_datasets(cfg, train)  # each split built on first use, once for both
+    t, data = cfg.train, datasets.data
+    labelled = data.format != "folder" and data.labels
     wanted = {"online_knn": (t.knn_every, labelled, lambda: OnlineKnn(cfg, accelerator, datasets)),
               "online_loc": (t.loc_every, labelled or data.boxes, lambda: OnlineLocalisation(cfg, datasets))}
     built, notes = {}, {}

@@ -15,12 +15,11 @@ from torch.utils.data import Dataset, Subset
 
 from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes
-from sslfg.data.datasets import split_exists
 from sslfg.evaluation.features import extract_features
 from sslfg.evaluation.knn import knn_evaluate
 from sslfg.evaluation.localisation import keep_metrics
 from sslfg.evaluation.run import EvalDatasets
-from sslfg.evaluation.selection import SELECTION_TRAIN_SPLIT
+from sslfg.evaluation.selection import selection_splits
 from sslfg.methods import Method
 from sslfg.models.backbone import grid_size
 from sslfg.schema import DataConfig, FeatureConfig, PretrainConfig
@@ -37,9 +36,9 @@ def evaluation_data(cfg: PretrainConfig) -> DataConfig:
     if cfg.eval_data.root:
         return dataclasses.replace(cfg.data, **dataclasses.asdict(cfg.eval_data), labels=True)
     d = cfg.data
-    if d.val_split != d.test_split and all(split_exists(d, s) for s in (SELECTION_TRAIN_SPLIT, d.val_split)):
-        return dataclasses.replace(d, train_split=SELECTION_TRAIN_SPLIT, test_split=d.val_split)
-    return d
+    # selection_splits refuses val = test (a choice); the online evaluations then read `data` as it is
+    pair = selection_splits(d) if d.val_split != d.test_split else None
+    return d if pair is None else dataclasses.replace(d, train_split=pair[0], test_split=pair[1])
 
 
 def evaluation_datasets(cfg: PretrainConfig, train: Dataset | None = None) -> EvalDatasets:
