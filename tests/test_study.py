@@ -324,7 +324,8 @@ def test_study_data_keys_reach_every_arm_and_the_shards_give_the_folders_numbers
     keys = ["data.format=shards", f"data.root={sharded}"]
     plans = {}
     for name, extra in (("folder", []), ("shards", [f"data={{format: shards, root: {sharded}}}"])):
-        plans[name] = Study(load_config(str(study), [f"output_dir={tmp_path / name}", *extra], StudyConfig))
+        plans[name] = Study(load_config(str(study), [f"output_dir={tmp_path / 'study' / name}", *extra],
+                                          StudyConfig))  # not in the shards folder: a dataset it reads
     s = plans["shards"]
     arms = [*s.pretrain_arms(0, 2), *s.floor_arms(0), *s.supervised_arms(0, 2), *s.finetune_arms(0, "mocov3")]
     assert {a.kind for a in arms} == {"pretrain", "knn", "linear", "finetune"}
@@ -333,7 +334,7 @@ def test_study_data_keys_reach_every_arm_and_the_shards_give_the_folders_numbers
     assert s.data.format == "shards" and s.data.root == str(sharded)
     for plan in plans.values():  # the raw-pixel kNN floor, no training: the same numbers from both layouts
         plan.run_arm(next(a for a in plan.floor_arms(0) if a.id.endswith("knn.pixels")))
-    knn = [json.loads((tmp_path / n / "seed0" / "pixels" / "eval" / "knn.json").read_text()) for n in plans]
+    knn = [json.loads((tmp_path / "study" / n / "seed0/pixels/eval/knn.json").read_text()) for n in plans]
     same = ("knn.k20.top1", "retrieval.mAP", "protocol.queries", "protocol.bank_size")
     assert [knn[0][k] for k in same] == [knn[1][k] for k in same] and knn[1]["protocol.queries"] > 0
     # a misspelt data key is one error naming the study's key before anything runs

@@ -29,7 +29,7 @@ from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog, flat_config
-from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, prepare_run_dir, release_run_dir
+from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, data_roots, prepare_run_dir, release_run_dir
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,13 @@ def open_run(cfg: Any, output_dir: str | Path, resume: str, accelerator: Acceler
     `write_config`). With `check` nothing is written. `cfg` has `seed` and `data`."""
     run_dir, resume_from = Path(output_dir), None
     if not check:
-        run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process)
+        run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process,
+                                  data_roots(cfg))
         resume_from = resolve_resume(resume, run_dir)
         if resume_from is not None:
             check_same_architecture(cfg, resume_from, resume_key)
     else:  # what prepare_run_dir and the resume would refuse, read only
-        check_output_dir(str(output_dir))
+        check_output_dir(str(output_dir), reads=data_roots(cfg))
         if resume and run_dir.is_dir() and (found := resolve_resume(resume, run_dir)) is not None:
             check_same_architecture(cfg, found, resume_key)
     set_seed(cfg.seed)

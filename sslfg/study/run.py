@@ -258,7 +258,7 @@ class Study:
     # ---- running -----------------------------------------------------------------------------
 
     def run(self) -> Path:
-        check_output_dir(self.root)
+        check_output_dir(self.root, reads=[self.data.root])
         ensure_writable(self.root)
         if is_main_process():
             claim_run_dir(self.root, "study")
