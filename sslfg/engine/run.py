@@ -33,7 +33,8 @@ from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, data_roots, prepar
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
-ARCHITECTURE = ("model", "model_kwargs", "method")  # sections a checkpoint's state must be loaded into as saved
+# sections and keys a checkpoint's state must be loaded into as saved (the image size: the position embedding)
+ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size")
 
 
 @dataclass
@@ -122,7 +123,7 @@ def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None
         return
     old, new = flat_config(load_config(run_config, [], type(cfg))), flat_config(cfg)
     changed = [f"{k}: {old.get(k)} → {new.get(k)}" for k in sorted(old.keys() | new.keys())
-               if k.split(".")[0] in ARCHITECTURE and old.get(k) != new.get(k)]
+               if any(k == a or k.startswith(f"{a}.") for a in ARCHITECTURE) and old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(f"{resume_key}: {checkpoint} was trained with other settings ({run_config}) than this "
                           f"command's: {'; '.join(changed)}; drop those overrides to continue the run, or start a "

@@ -97,6 +97,21 @@ def test_resume_with_another_method_names_the_keys(two_checkpoints: Path, tiny_d
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("resume", ["auto", "other"], ids=["own_run", "other_run"])
+def test_resume_at_another_image_size_is_refused(resume: str, two_checkpoints: Path, tiny_data: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: a traceback (size mismatch for encoder.pos_embed) when data.image_size differed from the run's,
+    whether resuming its own run (resume=auto) or another run's checkpoint folder."""
+    out = copy_run(two_checkpoints, tmp_path)
+    before = snapshot(out)
+    if resume == "other":
+        resume, out = str(checkpoint_dirs(out)[-1]), tmp_path / "new"
+    message = user_error(train_ssl.main, pretrain_args(tiny_data, out, **{"data.image_size": 8, "resume": resume}),
+                         capsys)
+    assert "data.image_size: 16 → 8" in message and "drop those overrides" in message, message
+    assert snapshot(tmp_path / "run") == before
+
+
 # ---- item 2: where a run may write --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("check", [[], ["--check"]], ids=["run", "check"])
