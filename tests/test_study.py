@@ -21,7 +21,7 @@ from sslfg.data import shards
 from sslfg.schema import DataConfig, StudyConfig
 from sslfg.study import run as study_module
 from sslfg.study.layout import best_pretrain_arm
-from sslfg.study.report import build_report
+from sslfg.study.report import Report, build_report
 from sslfg.study.report import main as report_main
 from sslfg.study.run import Study
 from sslfg.verdicts import correct_path, write_correct
@@ -187,6 +187,18 @@ def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path
     assert err.count("\n") == 1 and err.startswith("error: supervised.config: no fine-tuning recipe") and \
         "supervised.enabled=false" in err
     assert not (tmp_path / "study").exists() and not (tmp_path / "bare" / "study").exists()
+
+
+def test_a_repeated_seed_is_refused_and_reported_once(tiny_data: Path, tmp_path: Path) -> None:
+    """Old code: seeds=[0, 1, 0] trained seed 0 once and counted its results twice in every verdict: equal paired
+    differences narrow the t interval (two equal ones give a zero-width interval, 'better' or 'worse' from one seed)."""
+    config = write_recipes(tiny_data, tmp_path, seeds=[0, 1, 0])
+    with pytest.raises(ConfigError, match=r"seeds: \[0, 1, 0\] lists seed 0 more than once.*list each seed once"):
+        Study(load_config(config, [], StudyConfig))
+    old = tmp_path / "old_study"  # a study folder written before the check: its report counts each seed once
+    old.mkdir()
+    (old / "study.yaml").write_text(config.read_text())
+    assert Report(old).seeds == [0, 1]
 
 
 def test_report_needs_a_study_folder(tmp_path: Path) -> None:

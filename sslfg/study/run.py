@@ -131,6 +131,10 @@ class Study:
             raise ConfigError("pretrain.arms: the study needs at least one pretraining arm")
         if not cfg.seeds:
             raise ConfigError("seeds: the study needs at least one seed")
+        if repeated := sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1}):
+            raise ConfigError(f"seeds: {cfg.seeds} lists seed {', '.join(map(str, repeated))} more than once; a "
+                              "repeated seed runs nothing new but counts its results again, which narrows the "
+                              "verdicts' intervals without evidence: list each seed once")
         self.cfg, self.root = cfg, Path(cfg.output_dir)
         self.data_args = overrides({f"data.{key}": value for key, value in cfg.data.items()})
         self.data = _check(EvalConfig, cfg.dataset, self.data_args, "data", None).data
