@@ -201,6 +201,19 @@ def test_a_repeated_seed_is_refused_and_reported_once(tiny_data: Path, tmp_path:
     assert Report(old).seeds == [0, 1]
 
 
+@pytest.mark.parametrize(("section", "name"), [("pretrain", "../escape"), ("pretrain", ".."), ("pretrain", "a/b"),
+                                               ("finetune", "x/../../y"), ("finetune", "."), ("pretrain", " lead"),
+                                               ("pretrain", "finetune")])
+def test_an_arm_name_that_is_not_a_folder_of_its_own_is_refused(section: str, name: str, tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """Old code: an arm named 'a/b' or '../escape' trained in a folder below or outside its seed folder (the name
+    is the arm's folder), and a pretraining arm named 'finetune' in seed<s>/finetune among the fine-tuning arms."""
+    config = write_recipes(tiny_data, tmp_path, seeds=[0])
+    with pytest.raises(ConfigError, match=rf"^{section}\.arms: .*(not a plain folder name|the fine-tuning arms' f)"):
+        Study(load_config(config, [f"{section}.arms={{{json.dumps(name)}: {{}}}}"], StudyConfig))
+    assert not (tmp_path / "study").exists()
+
+
 def test_report_needs_a_study_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no study.yaml"):
         build_report(tmp_path)

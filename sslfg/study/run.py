@@ -58,12 +58,12 @@ from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable
 from sslfg.files import write_json
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
 from sslfg.study.layout import (
-    FLOORS,
     STUDY_FILE,
     SUPERVISED,
     VAL_KNN_KEY,
     arm_id,
     best_pretrain_arm,
+    check_arm_name,
     done_path,
     eval_dir,
     finetune_dir,
@@ -144,9 +144,8 @@ class Study:
                               f"{str(self.data.labels).lower()}); name a labelled dataset recipe, and withhold its "
                               "labels from a pretraining arm with data.labels: false")
         for section in ("pretrain", "finetune"):
-            if reserved := set(getattr(cfg, section).arms) & {*FLOORS, SUPERVISED}:
-                raise ConfigError(f"{section}.arms: {', '.join(sorted(reserved))} is the name of a floor the study "
-                                  "adds itself; rename the arm")
+            for name in getattr(cfg, section).arms:
+                check_arm_name(section, name)
         for name, spec in cfg.pretrain.arms.items():
             vs = split_spec(name, spec, "pretrain")[0].get("vs")
             if vs is not None and (vs == name or vs not in cfg.pretrain.arms):
