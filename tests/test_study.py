@@ -21,7 +21,7 @@ from sslfg.data import shards
 from sslfg.schema import DataConfig, StudyConfig
 from sslfg.study import run as study_module
 from sslfg.study.layout import best_pretrain_arm
-from sslfg.study.report import build_report
+from sslfg.study.report import Report, build_report
 from sslfg.study.report import main as report_main
 from sslfg.study.run import Study
 from sslfg.verdicts import correct_path, write_correct
@@ -189,6 +189,31 @@ def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path
     assert not (tmp_path / "study").exists() and not (tmp_path / "bare" / "study").exists()
 
 
+def test_a_repeated_seed_is_refused_and_reported_once(tiny_data: Path, tmp_path: Path) -> None:
+    """Old code: seeds=[0, 1, 0] trained seed 0 once and counted its results twice in every verdict: equal paired
+    differences narrow the t interval (two equal ones give a zero-width interval, 'better' or 'worse' from one seed)."""
+    config = write_recipes(tiny_data, tmp_path, seeds=[0, 1, 0])
+    with pytest.raises(ConfigError, match=r"seeds: \[0, 1, 0\] lists seed 0 more than once.*list each seed once"):
+        Study(load_config(config, [], StudyConfig))
+    old = tmp_path / "old_study"  # a study folder written before the check: its report counts each seed once
+    old.mkdir()
+    (old / "study.yaml").write_text(config.read_text())
+    assert Report(old).seeds == [0, 1]
+
+
+@pytest.mark.parametrize(("section", "name"), [("pretrain", "../escape"), ("pretrain", ".."), ("pretrain", "a/b"),
+                                               ("finetune", "x/../../y"), ("finetune", "."), ("pretrain", " lead"),
+                                               ("pretrain", "finetune")])
+def test_an_arm_name_that_is_not_a_folder_of_its_own_is_refused(section: str, name: str, tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """Old code: an arm named 'a/b' or '../escape' trained in a folder below or outside its seed folder (the name
+    is the arm's folder), and a pretraining arm named 'finetune' in seed<s>/finetune among the fine-tuning arms."""
+    config = write_recipes(tiny_data, tmp_path, seeds=[0])
+    with pytest.raises(ConfigError, match=rf"^{section}\.arms: .*(not a plain folder name|the fine-tuning arms' f)"):
+        Study(load_config(config, [f"{section}.arms={{{json.dumps(name)}: {{}}}}"], StudyConfig))
+    assert not (tmp_path / "study").exists()
+
+
 def test_report_needs_a_study_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no study.yaml"):
         build_report(tmp_path)
@@ -324,7 +349,8 @@ def test_study_data_keys_reach_every_arm_and_the_shards_give_the_folders_numbers
     keys = ["data.format=shards", f"data.root={sharded}"]
     plans = {}
     for name, extra in (("folder", []), ("shards", [f"data={{format: shards, root: {sharded}}}"])):
-        plans[name] = Study(load_config(str(study), [f"output_dir={tmp_path / name}", *extra], StudyConfig))
+        plans[name] = Study(load_config(str(study), [f"output_dir={tmp_path / 'study' / name}", *extra],
+                                          StudyConfig))  # not in the shards folder: a dataset it reads
     s = plans["shards"]
     arms = [*s.pretrain_arms(0, 2), *s.floor_arms(0), *s.supervised_arms(0, 2), *s.finetune_arms(0, "mocov3")]
     assert {a.kind for a in arms} == {"pretrain", "knn", "linear", "finetune"}
@@ -333,7 +359,7 @@ def test_study_data_keys_reach_every_arm_and_the_shards_give_the_folders_numbers
     assert s.data.format == "shards" and s.data.root == str(sharded)
     for plan in plans.values():  # the raw-pixel kNN floor, no training: the same numbers from both layouts
         plan.run_arm(next(a for a in plan.floor_arms(0) if a.id.endswith("knn.pixels")))
-    knn = [json.loads((tmp_path / n / "seed0" / "pixels" / "eval" / "knn.json").read_text()) for n in plans]
+    knn = [json.loads((tmp_path / "study" / n / "seed0/pixels/eval/knn.json").read_text()) for n in plans]
     same = ("knn.k20.top1", "retrieval.mAP", "protocol.queries", "protocol.bank_size")
     assert [knn[0][k] for k in same] == [knn[1][k] for k in same] and knn[1]["protocol.queries"] > 0
     # a misspelt data key is one error naming the study's key before anything runs

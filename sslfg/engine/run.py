@@ -29,11 +29,12 @@ from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog, flat_config
-from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, prepare_run_dir, release_run_dir
+from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, data_roots, prepare_run_dir, release_run_dir
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
-ARCHITECTURE = ("model", "model_kwargs", "method")  # sections a checkpoint's state must be loaded into as saved
+# sections and keys a checkpoint's state must be loaded into as saved (the image size: the position embedding)
+ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size")
 
 
 @dataclass
@@ -96,12 +97,13 @@ def open_run(cfg: Any, output_dir: str | Path, resume: str, accelerator: Acceler
     `write_config`). With `check` nothing is written. `cfg` has `seed` and `data`."""
     run_dir, resume_from = Path(output_dir), None
     if not check:
-        run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process)
+        run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process,
+                                  data_roots(cfg))
         resume_from = resolve_resume(resume, run_dir)
         if resume_from is not None:
             check_same_architecture(cfg, resume_from, resume_key)
     else:  # what prepare_run_dir and the resume would refuse, read only
-        check_output_dir(str(output_dir))
+        check_output_dir(str(output_dir), reads=data_roots(cfg))
         if resume and run_dir.is_dir() and (found := resolve_resume(resume, run_dir)) is not None:
             check_same_architecture(cfg, found, resume_key)
     set_seed(cfg.seed)
@@ -121,7 +123,7 @@ def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None
         return
     old, new = flat_config(load_config(run_config, [], type(cfg))), flat_config(cfg)
     changed = [f"{k}: {old.get(k)} → {new.get(k)}" for k in sorted(old.keys() | new.keys())
-               if k.split(".")[0] in ARCHITECTURE and old.get(k) != new.get(k)]
+               if any(k == a or k.startswith(f"{a}.") for a in ARCHITECTURE) and old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(f"{resume_key}: {checkpoint} was trained with other settings ({run_config}) than this "
                           f"command's: {'; '.join(changed)}; drop those overrides to continue the run, or start a "

@@ -13,7 +13,9 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import checkpoint_dirs
@@ -25,11 +27,12 @@ _held: dict[Path, int] = {}  # folder -> lock file descriptor, for the folders t
 
 
 def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", kind: str = "pretrain",
-                    main: bool = True) -> Path:
-    """Checks `output_dir` (`check_output_dir`), creates it, proves it writable, claims it for a run of
-    `kind` (main process) and refuses to start a fresh run on top of an existing run's checkpoints
-    (which would be lost). Every process calls it, so an error stops all of them, not only the main one."""
-    check_output_dir(output_dir)
+                    main: bool = True, reads: Sequence[str] = ()) -> Path:
+    """Checks `output_dir` (`check_output_dir`: outside the dataset folders `reads`), creates it, proves it
+    writable, claims it for a run of `kind` (main process) and refuses to start a fresh run on top of an
+    existing run's checkpoints (which would be lost). Every process calls it, so an error stops all of them,
+    not only the main one."""
+    check_output_dir(output_dir, reads=reads)
     run_dir = ensure_writable(output_dir)
     has_checkpoints = bool(checkpoint_dirs(run_dir))
     if main:  # a run of ours from before the lock file existed is known by its checkpoints
@@ -42,9 +45,11 @@ def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", ki
     return run_dir
 
 
-def check_output_dir(output_dir: str | Path, key: str = "output_dir") -> None:
-    """ConfigError for an output folder a run must not fill: empty (an unset shell variable), or the current
-    folder, the code's folder or one above them, where the run's files would land among others."""
+def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Sequence[str] = ()) -> None:
+    """ConfigError for an output folder a run must not fill: empty (an unset shell variable), the current
+    folder, the code's folder or one above them, where the run's files would land among others, or a dataset
+    folder the command reads (`reads`, see `data_roots`) or one inside it, where a folder layout would read
+    the run's figures as images the next time."""
     if not str(output_dir).strip():
         raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. "
                           f"{key}=runs/my_run")
@@ -53,6 +58,16 @@ def check_output_dir(output_dir: str | Path, key: str = "output_dir") -> None:
         raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "
                           f"them, where the run would mix its files with others; name a folder of its own, e.g. "
                           f"{key}=runs/my_run")
+    for root in filter(None, reads):
+        if Path(root).resolve() in (folder, *folder.parents):
+            raise ConfigError(f"{key}: '{output_dir}' is inside the dataset folder '{root}' that this command reads; "
+                              f"its files would mix with the data (a folder layout would read its figures as "
+                              f"images next time): name a folder outside it, e.g. {key}=runs/my_run")
+
+
+def data_roots(cfg: Any) -> list[str]:
+    """The dataset folders a command with config `cfg` reads: `data.root` and, when set, `eval_data.root`."""
+    return [section.root for name in ("data", "eval_data") if (section := getattr(cfg, name, None)) is not None]
 
 
 def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool = False) -> None:

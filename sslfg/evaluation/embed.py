@@ -34,7 +34,7 @@ from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable
+from sslfg.engine.rundir import check_output_dir, claim_run_dir, data_roots, ensure_writable
 from sslfg.evaluation.features import cache_key, extract_features, weights_digest
 from sslfg.evaluation.run import build_backbone, output_dir, run_data_defaults
 from sslfg.files import atomic_path, write_json, write_text
@@ -142,7 +142,7 @@ def run_embedding(args: CommandLine) -> dict:
     d = cfg.data
     dataset = build_dataset(d, split, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio))
     out = output_dir(cfg, info) if cfg.output_dir else output_dir(cfg, info) / f"embed-{split}"
-    check_output_dir(cfg.output_dir or out)  # --check too
+    check_output_dir(cfg.output_dir or out, reads=data_roots(cfg))  # --check too
     manifest = plan(cfg, vit, dataset, split, info)
     manifest = previous(out, manifest) or manifest
     complete = sum(s["complete"] for s in manifest["shards"])

@@ -20,7 +20,14 @@ from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import STATE_FILE
-from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, claim_run_dir, ensure_writable, release_run_dir
+from sslfg.engine.rundir import (
+    RUN_CONFIG,
+    check_output_dir,
+    claim_run_dir,
+    data_roots,
+    ensure_writable,
+    release_run_dir,
+)
 from sslfg.evaluation.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import require_vit
@@ -204,7 +211,8 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     cfg = run_key_defaults(cfg, sources, run_keys)
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
     out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
-    check_output_dir(cfg.output_dir if "output_dir" in sources else out)  # set empty: an unset variable?
+    # output_dir set empty (an unset variable?) is refused, as one inside the data
+    check_output_dir(cfg.output_dir if "output_dir" in sources else out, reads=data_roots(cfg))
     if not args.check:  # before any time is spent
         ensure_writable(out)
         if accelerator.is_main_process:

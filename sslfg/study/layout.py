@@ -75,6 +75,19 @@ def best_pretrain_arm(root: Path, seeds: Sequence[int], arms: Sequence[str]) -> 
     return max(scores, key=scores.__getitem__) if scores else None
 
 
+def check_arm_name(section: str, name: Any) -> None:
+    """ConfigError for an arm name that is not one plain folder name of its own: the name is a folder of seed<s>/
+    (pretraining) or seed<s>/finetune/ and part of done/'s file names, so a path ('a/b', '..') would write
+    elsewhere, and a floor's name or seed<s>/'s fine-tuning folder would share a folder with another run."""
+    taken = {**dict.fromkeys((*FLOORS, SUPERVISED), "a floor"),
+             **({"finetune": "the fine-tuning arms' folder"} if section == "pretrain" else {})}
+    if name in taken:
+        raise ConfigError(f"{section}.arms: {name} is the name of {taken[name]} the study adds itself; rename the arm")
+    if not isinstance(name, str) or name.strip(".") == "" or any(c in name for c in "/\\") or name != name.strip():
+        raise ConfigError(f"{section}.arms: {name!r} is not a plain folder name (each arm's runs are in a folder "
+                          "named after it); name the arm with letters, digits, '_', '-' or '.', e.g. lodisc_keep50")
+
+
 def split_spec(name: str, spec: Any, section: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """An arm's {config, vs | init, dotted key: value...} → (its own keys, its overrides)."""
     if spec is None:

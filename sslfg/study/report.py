@@ -95,7 +95,7 @@ class Report:
             raise ConfigError(f"{self.root}: no {STUDY_FILE}; is it a study folder (python -m sslfg.study)?")
         self.cfg = load_config(self.root / STUDY_FILE, [], StudyConfig)
         self.out = self.root / "report"
-        self.seeds = self.cfg.seeds
+        self.seeds = list(dict.fromkeys(self.cfg.seeds))  # each once, also from a study.yaml that repeated one
         self.arms = list(self.cfg.pretrain.arms)
 
     def evals(self, arm: str, name: str) -> list[dict | None]:

@@ -58,12 +58,12 @@ from sslfg.engine.rundir import check_output_dir, claim_run_dir, ensure_writable
 from sslfg.files import write_json
 from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig, StudyConfig
 from sslfg.study.layout import (
-    FLOORS,
     STUDY_FILE,
     SUPERVISED,
     VAL_KNN_KEY,
     arm_id,
     best_pretrain_arm,
+    check_arm_name,
     done_path,
     eval_dir,
     finetune_dir,
@@ -131,6 +131,10 @@ class Study:
             raise ConfigError("pretrain.arms: the study needs at least one pretraining arm")
         if not cfg.seeds:
             raise ConfigError("seeds: the study needs at least one seed")
+        if repeated := sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1}):
+            raise ConfigError(f"seeds: {cfg.seeds} lists seed {', '.join(map(str, repeated))} more than once; a "
+                              "repeated seed runs nothing new but counts its results again, which narrows the "
+                              "verdicts' intervals without evidence: list each seed once")
         self.cfg, self.root = cfg, Path(cfg.output_dir)
         self.data_args = overrides({f"data.{key}": value for key, value in cfg.data.items()})
         self.data = _check(EvalConfig, cfg.dataset, self.data_args, "data", None).data
@@ -140,9 +144,8 @@ class Study:
                               f"{str(self.data.labels).lower()}); name a labelled dataset recipe, and withhold its "
                               "labels from a pretraining arm with data.labels: false")
         for section in ("pretrain", "finetune"):
-            if reserved := set(getattr(cfg, section).arms) & {*FLOORS, SUPERVISED}:
-                raise ConfigError(f"{section}.arms: {', '.join(sorted(reserved))} is the name of a floor the study "
-                                  "adds itself; rename the arm")
+            for name in getattr(cfg, section).arms:
+                check_arm_name(section, name)
         for name, spec in cfg.pretrain.arms.items():
             vs = split_spec(name, spec, "pretrain")[0].get("vs")
             if vs is not None and (vs == name or vs not in cfg.pretrain.arms):
@@ -258,7 +261,7 @@ class Study:
     # ---- running -----------------------------------------------------------------------------
 
     def run(self) -> Path:
-        check_output_dir(self.root)
+        check_output_dir(self.root, reads=[self.data.root])
         ensure_writable(self.root)
         if is_main_process():
             claim_run_dir(self.root, "study")

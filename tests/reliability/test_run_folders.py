@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from sslfg.commands import embed, knn
 from sslfg.commands import finetune as finetune_cli
-from sslfg.commands import knn
 from sslfg.commands import pretrain as train_ssl
 from sslfg.engine import checkpoint as checkpoint_module
 from sslfg.engine.checkpoint import checkpoint_dirs
@@ -97,6 +97,21 @@ def test_resume_with_another_method_names_the_keys(two_checkpoints: Path, tiny_d
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("resume", ["auto", "other"], ids=["own_run", "other_run"])
+def test_resume_at_another_image_size_is_refused(resume: str, two_checkpoints: Path, tiny_data: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: a traceback (size mismatch for encoder.pos_embed) when data.image_size differed from the run's,
+    whether resuming its own run (resume=auto) or another run's checkpoint folder."""
+    out = copy_run(two_checkpoints, tmp_path)
+    before = snapshot(out)
+    if resume == "other":
+        resume, out = str(checkpoint_dirs(out)[-1]), tmp_path / "new"
+    message = user_error(train_ssl.main, pretrain_args(tiny_data, out, **{"data.image_size": 8, "resume": resume}),
+                         capsys)
+    assert "data.image_size: 16 → 8" in message and "drop those overrides" in message, message
+    assert snapshot(tmp_path / "run") == before
+
+
 # ---- item 2: where a run may write --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("check", [[], ["--check"]], ids=["run", "check"])
@@ -129,6 +144,28 @@ def test_study_in_the_current_folder_is_refused(tiny_data: Path, tmp_path: Path,
     message = user_error(study_module.main, ["--config", str(recipe), "output_dir=."], capsys)
     assert "output_dir: '.'" in message and "runs/my_run" in message, message
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("check", [[], ["--check"]], ids=["run", "check"])
+@pytest.mark.parametrize("inside", ["", "runs/x"], ids=["root", "below"])
+def test_output_dir_in_the_data_folder_is_refused(inside: str, check: list[str], tiny_data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: a run with output_dir inside data.root (or eval_data.root) wrote its figures there, and the next
+    run on a folder layout trained on them as images; every command now refuses it before writing anything."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    out = data / inside
+    before = snapshot(data)
+    eval_args = ["--random-init", "--model", "vit_tiny_patch16_224", *TINY, *data_args(data), f"output_dir={out}"]
+    for main, args in (
+        (train_ssl.main, pretrain_args(data, out)),
+        (train_ssl.main, [*pretrain_args(tiny_data, out), f"eval_data.root={data}"]),
+        (finetune_cli.main, finetune_args(data, out)),
+        (knn.main, eval_args),
+        (embed.main, eval_args),
+    ):
+        message = user_error(main, [*args, *check], capsys)
+        assert f"inside the dataset folder '{data}'" in message and "runs/my_run" in message, message
+    assert snapshot(data) == before
 
 
 def test_folder_with_files_no_run_wrote_is_refused(tiny_data: Path, tmp_path: Path,
