@@ -14,8 +14,15 @@ from typing import Any
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary sibling of `path` to write to; renamed onto `path` when the block ends, removed if it
-    raises. The name carries the process id, so two processes never write the same temporary file."""
+    raises. The name carries the process id, so two processes never write the same temporary file.
+
+    A device or pipe (`--output /dev/null`, /dev/stdout, a fifo) is `path` itself: a rename would replace the
+    device node with a regular file. A symbolic link is followed, so the link stays and its target is replaced."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        yield path
+        return
+    path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

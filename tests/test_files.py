@@ -1,6 +1,8 @@
 """sslfg.files (atomic writes) and sslfg.distributed (rank and world size outside a process group)."""
 
 import json
+import os
+import threading
 
 import pytest
 
@@ -23,6 +25,26 @@ def test_write_json_creates_folders_and_replaces(tmp_path):
     write_json(path, {"a": 2, "p": tmp_path})
     assert json.loads(path.read_text()) == {"a": 2, "p": str(tmp_path)}
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.json"]
+
+
+def test_a_device_or_pipe_is_written_in_place_and_a_link_is_kept(tmp_path):
+    """Old code: `--output /dev/null` renamed its temporary file onto /dev/null, replacing the device with a
+    regular file for every later process on the machine (found when the next test read YAML from it). A device
+    or pipe (here a fifo: the test must not touch the real /dev/null) is now written in place, and a symbolic link
+    stays a link: its target gets the new file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_json(fifo, {"a": 1})
+    reader.join(10)
+    assert got == ['{\n  "a": 1\n}'] and fifo.is_fifo()
+    target = write_text(tmp_path / "real.json", "old")
+    (tmp_path / "link.json").symlink_to(target.name)
+    write_text(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "pipe", "real.json"]
 
 
 def test_rank_and_world_come_from_the_launcher_before_a_group_exists(monkeypatch):
