@@ -18,9 +18,10 @@ import yaml
 from sslfg.cli import run_cli
 from sslfg.config import ConfigError, load_config
 from sslfg.data import shards
+from sslfg.files import write_json
 from sslfg.schema import DataConfig, StudyConfig
 from sslfg.study import run as study_module
-from sslfg.study.layout import best_pretrain_arm
+from sslfg.study.layout import best_pretrain_arm, done_path
 from sslfg.study.report import Report, build_report
 from sslfg.study.report import main as report_main
 from sslfg.study.run import Study
@@ -150,6 +151,35 @@ def test_killed_study_continues_without_redoing_finished_arms(tiny_data: Path, t
     assert (root / "report" / "report.md").is_file()
     for arm in ("knn.mocov3", "pretrain.lodisc", "knn.random", "finetune.glsim", "finetune.ila"):
         assert (root / "done" / f"seed0.{arm}.json").is_file(), arm
+
+
+def test_a_finished_arm_of_another_command_is_refused_not_skipped(tiny_data: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old code: a continued study skipped every arm with a done record, whatever command it had run. Seen on the
+    sample study extended from 1 to 3 seeds: the best pretraining arm changed, seeds 1-2 fine-tuned from it, seed 0's
+    fine-tuning arms (from the old best) were skipped, and the report gave the three seeds one init."""
+    study = Study(load_config(write_recipes(tiny_data, tmp_path, seeds=[0]), [], StudyConfig))
+    for kind, (name, _) in study_module.ENTRY_POINTS.items():
+        monkeypatch.setitem(study_module.ENTRY_POINTS, kind, (name, lambda argv: pytest.fail(f"ran {argv}")))
+    arm, then = study.finetune_arms(0, "lodisc")[0], study.finetune_arms(0, "mocov3")[0]
+    done = done_path(study.root, arm.id)
+    write_json(done, {"id": arm.id, "command": arm.command, "seconds": 1.0})
+    study.run_arm(arm)  # the same command: skipped
+    write_json(done, {"id": arm.id, "command": then.command, "seconds": 1.0})
+    with pytest.raises(ConfigError) as err:
+        study.run_arm(arm)
+    message = str(err.value)
+    assert message.startswith(f"study arm {arm.id} finished earlier with another command") and \
+        f"then: init={study.root / 'seed0' / 'mocov3'}; now: init={study.root / 'seed0' / 'lodisc'})" in message and \
+        f"remove {done} and {study.root / 'seed0' / 'finetune' / 'glsim'}" in message, message
+    # an arm's overrides edited in the recipe between two runs of the study
+    edited = Study(load_config(write_recipes(tiny_data, tmp_path, seeds=[0]), 
+                               ["pretrain.arms={mocov3: {method.local.weight: 0, train.base_lr: 0.5}, lodisc: {}}"],
+                               StudyConfig))
+    arm = edited.pretrain_arms(0, 2)[0]
+    write_json(done_path(edited.root, arm.id), {"id": arm.id, "command": study.pretrain_arms(0, 2)[0].command})
+    with pytest.raises(ConfigError, match=r"then: –; now: train.base_lr=0.5\)"):
+        edited.run_arm(arm)
 
 
 def test_a_budget_in_minutes_is_timed_once_and_kept(tiny_data: Path, tmp_path: Path) -> None:

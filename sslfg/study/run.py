@@ -99,6 +99,25 @@ class Arm:
         return f"{ENTRY_POINTS[self.kind][0]} {shlex.join(self.argv)}"
 
 
+def check_same_command(arm: Arm, done: Path) -> None:
+    """ConfigError when the finished arm recorded in `done` ran another command than `arm`'s: skipping it would
+    report its results under settings they were not run with (an arm's overrides edited in the recipe; a
+    fine-tuning arm whose best pretraining arm changed as seeds were added, the seeds then starting from
+    different arms)."""
+    then = (read_json(done) or {}).get("command", arm.command)
+    if then == arm.command:
+        return
+    before, now = shlex.split(then), shlex.split(arm.command)
+    folder = next((a.partition("=")[2] for a in arm.argv if a.startswith("output_dir=")), "its output_dir")
+    raise ConfigError(
+        f"study arm {arm.id} finished earlier with another command than this study gives it now (then: "
+        f"{shlex.join(a for a in before if a not in now) or '–'}; now: "
+        f"{shlex.join(a for a in now if a not in before) or '–'}), "
+        f"so its results would be reported under settings they were not run with: remove {done} and {folder} to "
+        f"run it again, or restore the settings it ran with (a fine-tuning arm can name its pretraining arm with "
+        f"`init:`), or give the study another output_dir")
+
+
 def overrides(settings: dict[str, Any]) -> list[str]:
     """{dotted key: value} → key=value arguments: JSON (valid YAML), or a string as is when YAML
     reads it back unchanged (paths)."""
@@ -285,6 +304,7 @@ class Study:
     def run_arm(self, arm: Arm) -> None:
         done = done_path(self.root, arm.id)
         if done.is_file():
+            check_same_command(arm, done)
             log.info("study: %s finished earlier, skipped", arm.id)
             return
         log.info("study: %s: %s", arm.id, arm.command)
