@@ -42,15 +42,14 @@ from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import save_config
 from sslfg.data.build import stats
+from sslfg.entrypoints import COMMANDS
 from sslfg.pretrain import pretrain
 from sslfg.schema import FinetuneConfig
 from tests.conftest import TINY_MODEL, tiny_config, write_csv_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # console command -> the entry point it equals
-CONSOLE = {"sslfg-pretrain": "train_ssl.py", "sslfg-knn": "eval.knn", "sslfg-linear": "eval.linear",
-           "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-embed": "eval.embed",
-           "sslfg-study": "sslfg.study", "sslfg-export": "eval.export"}
+CONSOLE = {name: command.split()[-1] for name, command in COMMANDS.items()}  # sslfg-knn: eval.knn, ...
 COMMAND_START = ("python ", "accelerate ", "make ", *(f"{name} " for name in CONSOLE))
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
                                      "eval.finetune": finetune_cli.main, "sslfg.data.build.stats": stats.main,
