@@ -103,13 +103,54 @@ def test_a_folder_it_does_not_own_is_refused(data: Path, tmp_path: Path, capsys:
     embed.main(args(data, tmp_path / "emb", "--shard-size", "10"))
     capsys.readouterr()
     for out, extra, why in ((tmp_path / "mine", [], "files that are not an embedding (notes.txt)"),
-                            (tmp_path / "emb", ["--shard-size", "5"], "shard_size 10 there, 5 now"),
-                            (tmp_path / "emb", ["data.train_split=test"], "key ")):
+                            (tmp_path / "emb", ["--shard-size", "5"], "a finished embedding of other settings or "
+                             "images (shard_size: 10 there, 5 now); eval.embed never writes over a finished"),
+                            (tmp_path / "emb", ["data.train_split=test"], "(split: train there, test now; ")):
         before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         assert run_cli(embed.main, args(data, out, *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: output_dir: {out} holds") and why in err[0], err
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_run_stopped_by_a_bad_image_is_rerun_into_its_folder(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad image (row 15: in the second shard of 10) stops the embedding; the same command with
+    data.on_bad_image=skip was refused as "other data" and the folder was stuck. Now the rerun replaces the unfinished
+    embedding, keeping its complete shard of unchanged images; what cannot be replaced without loss is refused
+    naming what differs and what to do."""
+    data, out = write_csv_dataset(tmp_path / "data", n_train=24, n_test=3), tmp_path / "out"
+    bad = data / "images" / "train" / "0" / "0015.png"
+    bad.write_bytes(b"not an image")
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 2
+    assert str(bad) in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["complete"] for s in manifest["shards"]] == [True, False, False]
+    first = (out / "shard-00000.npy").stat().st_mtime_ns
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # other weights: shard 0 would be lost
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10", "data.on_bad_image=skip", "seed=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"error: output_dir: {out} holds an unfinished embedding of other settings or images (weights: random, " \
+           "digest" in err and "its complete shards would be lost: finish it with its own settings or choose " \
+           "another output_dir" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10", "data.on_bad_image=skip")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["count"] == 23
+    assert (out / "shard-00000.npy").stat().st_mtime_ns == first  # rows 0-9: the same images, kept
+    rows = list(csv.DictReader((out / "images.csv").open()))
+    assert len(rows) == 23 and str(bad) not in {r["path"] for r in rows}
+    embed.main(args(data, tmp_path / "fresh", "--shard-size", "10", "data.on_bad_image=skip"))
+    np.testing.assert_array_equal(shards(out), shards(tmp_path / "fresh"))
+    assert (out / "images.csv").read_text() == (tmp_path / "fresh" / "images.csv").read_text()
+
+    shutil.copyfile(data / "images" / "train" / "0" / "0012.png", bad)  # fixed: 24 images, but the folder is finished
+    capsys.readouterr()
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 2
+    assert "holds a finished embedding of other settings or images (images: 23 there, 24 now" in \
+        capsys.readouterr().err
 
 
 def test_two_processes_write_what_one_process_writes(data: Path, tmp_path: Path) -> None:
