@@ -8,6 +8,7 @@ import csv
 import json
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ import pytest
 import sslfg.evaluation.embed
 from sslfg.cli import run_cli
 from sslfg.commands import embed
+from sslfg.data.shards import write_shards
+from sslfg.schema import DataConfig
 from tests.conftest import write_csv_dataset
 from tests.reliability.procs import command, finish, start
 
@@ -64,6 +67,23 @@ def test_unlabelled_folder_has_no_label_column(data: Path, tmp_path: Path) -> No
     embed.main(args(data / "images" / "test", tmp_path / "out", "data.format=folder"))
     header, *rows = (tmp_path / "out" / "images.csv").read_text().splitlines()
     assert header == "index,path" and len(rows) == 11 and shards(tmp_path / "out").shape == (11, 32)
+
+
+def test_sharded_images_are_named_by_shard_and_member(data: Path, tmp_path: Path) -> None:
+    """The shards layout's images.csv held "<shard>.tar/<member>", a path that does not exist; now the shard file
+    and the member in it, each column usable as it is (tar, webdataset), beside the same labels as the folder's."""
+    write_shards(DataConfig(root=str(data), train_split="train", val_split="train"), str(tmp_path / "shards"))
+    embed.main(args(tmp_path / "shards", tmp_path / "out", "data.format=shards"))
+    embed.main(args(data, tmp_path / "files"))
+    rows = list(csv.DictReader((tmp_path / "out" / "images.csv").open()))
+    assert list(rows[0]) == ["index", "shard", "member", "label"] and len(rows) == 24
+    sources = [r["path"] for r in csv.DictReader((tmp_path / "files" / "images.csv").open())]
+    for row, source in zip(rows, sources, strict=True):
+        with tarfile.open(row["shard"]) as tar:
+            image = tar.extractfile(row["member"]).read()
+            about = json.load(tar.extractfile(f"{row['member'].partition('.')[0]}.json"))
+        assert image == Path(source).read_bytes() and about["label"] == int(row["label"])
+    np.testing.assert_array_equal(shards(tmp_path / "out"), shards(tmp_path / "files"))
 
 
 def test_a_stopped_embedding_recomputes_only_the_missing_shards(data: Path, tmp_path: Path,

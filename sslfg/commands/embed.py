@@ -6,7 +6,8 @@
     accelerate launch --multi_gpu --num_processes 2 -m eval.embed --checkpoint runs/sample_lodisc   # the same files
 
 Writes to output_dir (default <run>/eval/embed-<split>): shard-00000.npy, ... ((rows, dim) arrays of --dtype,
---shard-size rows each, in dataset order), images.csv (index, path, and label when the data has labels) and
+--shard-size rows each, in dataset order), images.csv (index, path, and label when the data has labels; the shards
+layout: index, shard, member, the tar file and the image's member in it) and
 manifest.json (model, checkpoint, transform, dim, count, dtype, and which shards are complete). Images go
 through the run's evaluation transform (data.image_size, mean, std, features.crop_ratio) and the backbone gives
 features.kind. A rerun of a stopped embedding keeps its complete shards, also with other images (one stopped by a

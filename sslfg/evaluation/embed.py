@@ -3,7 +3,8 @@
 An output folder holds
 - `shard-00000.npy`, ...: (rows, dim) arrays of `embed.dtype`, `embed.shard_size` rows each (the last fewer), in
   dataset order: concatenated they are row i = image i;
-- `images.csv`: `index,path` (and `label` when the dataset has labels), one row per image in the same order;
+- `images.csv`: `index,path` (the shards layout: `index,shard,member`, the tar file and the image's member in it) and
+  `label` when the dataset has labels, one row per image in the same order;
 - `manifest.json`: what was embedded (model, checkpoint, weights digest, data, split, transform, feature, dtype, dim,
   count) under `key` (sslfg.evaluation.features.cache_key: weights, images, labels, transform, feature, precision),
   and the shards, each with its rows, its own key (that of its images) and whether it is complete.
@@ -36,6 +37,7 @@ from torch.utils.data import Subset
 from sslfg.cli import CommandLine, print_summary
 from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
+from sslfg.data.shard_reader import ShardDataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.rundir import check_output_dir, claim_run_dir, data_roots, ensure_writable
@@ -120,13 +122,15 @@ def _setting(manifest: dict[str, Any], key: str) -> Any:
 
 
 def image_table(dataset: Any) -> str:
-    """images.csv: index, path and, when the dataset has labels, label."""
+    """images.csv: index, path (the shards layout: shard and member, the tar file and the image's name in it, as
+    `tar` and webdataset name them; a tar member has no path of its own) and, when the dataset has labels, label."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    labelled = dataset.num_classes > 0
-    writer.writerow(["index", "path", "label"] if labelled else ["index", "path"])
-    for i, path in enumerate(dataset.paths):
-        writer.writerow([i, path, dataset.labels[i]] if labelled else [i, path])
+    labelled, shards = dataset.num_classes > 0, isinstance(dataset, ShardDataset)
+    writer.writerow(["index", *(("shard", "member") if shards else ("path",)), *(("label",) if labelled else ())])
+    for i in range(len(dataset)):
+        where = dataset.member(i) if shards else (dataset.paths[i],)
+        writer.writerow([i, *where, *((dataset.labels[i],) if labelled else ())])
     return buffer.getvalue()
 
 
