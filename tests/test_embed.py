@@ -17,9 +17,11 @@ import pytest
 import sslfg.evaluation.embed
 from sslfg.cli import run_cli
 from sslfg.commands import embed
+from sslfg.commands import pretrain as train_ssl
+from sslfg.config import save_config
 from sslfg.data.shards import write_shards
 from sslfg.schema import DataConfig
-from tests.conftest import write_csv_dataset
+from tests.conftest import tiny_config, write_csv_dataset
 from tests.reliability.procs import command, finish, start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +86,31 @@ def test_sharded_images_are_named_by_shard_and_member(data: Path, tmp_path: Path
             about = json.load(tar.extractfile(f"{row['member'].partition('.')[0]}.json"))
         assert image == Path(source).read_bytes() and about["label"] == int(row["label"])
     np.testing.assert_array_equal(shards(tmp_path / "out"), shards(tmp_path / "files"))
+
+
+def test_a_split_that_is_not_there_is_named_by_the_key_that_chose_it(data: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--split tset` was reported as if a data.*_split key had chosen it; now the error names --split (or the key
+    that did choose the split, eval_data's too) and the splits there are, for every layout."""
+    write_shards(DataConfig(root=str(data), train_split="train", val_split="train"), str(tmp_path / "shards"))
+    train = write_csv_dataset(tmp_path / "data", n_train=24, n_test=3)  # a pretraining recipe's own data
+    for root, extra, expected in (
+            (data, ["--split", "tset"], "--split (embed.split): 'tset' is not a split of {root} (no tset.csv there; "
+             "its csv splits: test, train, train_val); set --split (embed.split) to one of them"),
+            (tmp_path / "shards", ["--split", "tset", "data.format=shards"], "--split (embed.split): 'tset' is not a "
+             "split of {root} (no tset.json there; its shards splits: test, train); set --split (embed.split) to"),
+            (data, ["data.train_split=trian"], "data.train_split: 'trian' is not a split of {root} (no trian.csv"),
+    ):
+        assert run_cli(embed.main, [*args(root, tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {expected.format(root=root)}"), err
+    cfg = tiny_config(train, tmp_path / "run", knn_every=1)
+    cfg.eval_data.root, cfg.eval_data.train_split = str(data), "trian"
+    save_config(cfg, tmp_path / "recipe.yaml")
+    assert run_cli(train_ssl.main, ["--config", str(tmp_path / "recipe.yaml"), "--check"]) == 2
+    assert f"error: eval_data.train_split: 'trian' is not a split of {data} (no trian.csv there; its csv splits: " \
+           "test, train, train_val); set eval_data.train_split to one of them" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_stopped_embedding_recomputes_only_the_missing_shards(data: Path, tmp_path: Path,

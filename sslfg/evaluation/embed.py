@@ -180,7 +180,8 @@ def run_embedding(args: CommandLine) -> dict:
     vit, info = build_backbone(cfg)
     split = cfg.embed.split or cfg.data.train_split
     d = cfg.data
-    dataset = build_dataset(d, split, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio))
+    dataset = build_dataset(d, split, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio),
+                            "--split (embed.split)" if cfg.embed.split else "")
     out = output_dir(cfg, info) if cfg.output_dir else output_dir(cfg, info) / f"embed-{split}"
     check_output_dir(cfg.output_dir or out, reads=data_roots(cfg))  # --check too
     manifest = plan(cfg, vit, dataset, split, info)

@@ -195,14 +195,15 @@ def test_reader_refuses_what_the_shards_lack(boxed: Path, sharded: Path, tmp_pat
         build_dataset(read, "all")
     with pytest.raises(DataError, match=r"data.boxes is true but .*all\.npz has no object boxes"):
         build_dataset(DataConfig(root=str(out), format="shards", labels=False, boxes=True), "all")
-    with pytest.raises(DataError, match=r"split index not found: .*test\.json. Shard splits in .*: all;"):
+    with pytest.raises(DataError, match=r"data.test_split: 'test' is not a split of .* \(no test\.json there; its "
+                                        r"shards splits: all\); set data.test_split to one of them"):
         build_dataset(read, "test")
     with pytest.raises(DataError, match=r"train\.json has 3 classes but data.num_classes is 5"):
         build_dataset(DataConfig(root=str(sharded), format="shards", train_split="train", num_classes=5), "train")
     with pytest.raises(ConfigError, match="already shards"):
         shards.write_shards(read, str(tmp_path / "again"))
     # shards read as another layout: the error says what the folder holds
-    with pytest.raises(DataError, match=r"all\.csv.*holds tar shards of this split .*set data.format=shards"):
+    with pytest.raises(DataError, match=r"no all\.csv there.*holds tar shards of this split .*set data.format=shards"):
         build_dataset(DataConfig(root=str(out), format="csv", train_split="all"), "all")
 
 
