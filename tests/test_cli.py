@@ -177,7 +177,7 @@ def test_summaries_show_method_token_grid_boxes_and_probe_splits(tiny_data: Path
     shutil.copy(paired / "test.csv", paired / "val.csv")
     summary = linear.main(["--checkpoint", str(tiny_run), f"data.root={paired}", "--check"])
     assert (summary["linear.fit_split"], summary["linear.fit_images"], summary["linear.val_images"]) == ("train", 24, 8)
-    summary = linear.main(["--checkpoint", str(tiny_run), "linear.mode=full", "--check"])
+    summary = linear.main(["--checkpoint", str(tiny_run), "linear.mode=full", "linear.batch_size=8", "--check"])
     assert summary["linear.fit_images"] == 24 and summary["linear.val_split"].startswith("none")
 
 

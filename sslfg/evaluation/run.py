@@ -144,6 +144,11 @@ def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
     return Path("runs/eval") / f"{info['backbone'].replace('/', '--')}-{init}"
 
 
+def eval_output_dir(cfg: EvalConfig) -> Path:
+    """`output_dir` of an evaluation command (`run_evaluation`), before its backbone is built."""
+    return output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
+
+
 class EvalDatasets(dict):
     """The splits one evaluation reads, by name, each built on first use and then kept: its listing is read,
     its images checked (with data.on_bad_image=skip, decoded) and its warnings logged once per command. They
@@ -212,7 +217,7 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     run_keys = run_keys or {}
     cfg = run_key_defaults(cfg, sources, run_keys)
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
-    out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
+    out = eval_output_dir(cfg)
     # output_dir set empty (an unset variable?) is refused, as one inside the data
     check_output_dir(cfg.output_dir if "output_dir" in sources else out, reads=data_roots(cfg))
     if not args.check:  # before any time is spent
