@@ -45,24 +45,25 @@ def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", ki
     return run_dir
 
 
-def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Sequence[str] = ()) -> None:
+def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Sequence[str] = (),
+                     example: str = "") -> None:
     """ConfigError for an output folder a run must not fill: empty (an unset shell variable), the current
     folder, the code's folder or one above them, where the run's files would land among others, or a dataset
     folder the command reads (`reads`, see `data_roots`) or one inside it, where a folder layout would read
-    the run's figures as images the next time."""
+    the run's figures as images the next time. The message ends with `example` (default `<key>=runs/my_run`)."""
+    example = example or f"{key}=runs/my_run"
     if not str(output_dir).strip():
-        raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. "
-                          f"{key}=runs/my_run")
+        raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. {example}")
     folder, here, code = Path(output_dir).resolve(), Path.cwd().resolve(), Path(__file__).resolve().parents[2]
     if folder in (here, *here.parents, code, *code.parents):
         raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "
                           f"them, where the run would mix its files with others; name a folder of its own, e.g. "
-                          f"{key}=runs/my_run")
+                          f"{example}")
     for root in filter(None, reads):
         if Path(root).resolve() in (folder, *folder.parents):
             raise ConfigError(f"{key}: '{output_dir}' is inside the dataset folder '{root}' that this command reads; "
                               f"its files would mix with the data (a folder layout would read its figures as "
-                              f"images next time): name a folder outside it, e.g. {key}=runs/my_run")
+                              f"images next time): name a folder outside it, e.g. {example}")
 
 
 def data_roots(cfg: Any) -> list[str]:
