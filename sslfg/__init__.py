@@ -2,6 +2,10 @@
 
 import os
 
+from sslfg.entrypoints import refuse_library_module
+
+refuse_library_module()  # `python -m sslfg.export` and the like: say which command to run, never exit 0 silently
+
 # Before torch loads OpenMP: its threads otherwise spin while waiting, which on a few cores shared
 # with other processes is ruinous (2 cores, demo step beside another job: 7.6 s spinning, 1.5 s
 # passive). On a quiet machine it neither helps nor costs much (bench/README.md, input_pipeline).

@@ -77,7 +77,8 @@ def evaluate_linear(checkpoint: str | Path, *overrides: str, dataset: str | Path
 def embed_images(checkpoint: str | Path, *overrides: str, split: str | None = None,
                  dataset: str | Path | None = None) -> tuple[np.ndarray, list[dict[str, str]]]:
     """eval.embed, then its shards read back: the (N, D) features in dataset order and images.csv's rows
-    (index, path, and label when known). The files stay in the output folder (`output_dir=` to choose it)."""
+    (index, path, and label when known; from the shards layout index, shard, member and label). The files stay in
+    the output folder (`output_dir=` to choose it)."""
     from sslfg.commands import embed
 
     argv = _evaluation_argv(checkpoint, overrides, dataset) + (["--split", split] if split else [])

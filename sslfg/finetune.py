@@ -136,7 +136,7 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
     run = open_run(cfg, cfg.output_dir, resume, make_accelerator(t.mixed_precision, t.grad_accum_steps), check,
                    write_config=not cfg.eval_only, kind="finetune")
     accelerator, run_dir = run.accelerator, run.run_dir
-    if cfg.eval_only and not check and run.resume_from is None:
+    if cfg.eval_only and run.resume_from is None:
         raise ConfigError(f"eval_only: no checkpoint in {run_dir / 'checkpoints'}; train first or set resume=PATH")
 
     train_tf, test_tf = finetune_transforms(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std)

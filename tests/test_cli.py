@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from sslfg.commands import knn, linear
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import load_config, save_config
 from sslfg.data.build import stats
+from sslfg.entrypoints import RUNNABLE
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
 from tests.conftest import tiny_config
@@ -174,7 +177,7 @@ def test_summaries_show_method_token_grid_boxes_and_probe_splits(tiny_data: Path
     shutil.copy(paired / "test.csv", paired / "val.csv")
     summary = linear.main(["--checkpoint", str(tiny_run), f"data.root={paired}", "--check"])
     assert (summary["linear.fit_split"], summary["linear.fit_images"], summary["linear.val_images"]) == ("train", 24, 8)
-    summary = linear.main(["--checkpoint", str(tiny_run), "linear.mode=full", "--check"])
+    summary = linear.main(["--checkpoint", str(tiny_run), "linear.mode=full", "linear.batch_size=8", "--check"])
     assert summary["linear.fit_images"] == 24 and summary["linear.val_split"].startswith("none")
 
 
@@ -208,6 +211,38 @@ def test_help_examples_are_the_commands_own(main, capsys: pytest.CaptureFixture[
     assert examples and all(own in line.split("#")[0] for line in examples), examples
     assert "configs/pretrain/cub.yaml" not in out
     assert main is not finetune_cli.main or "keep_ratio" not in out  # a pretraining key
+
+
+@pytest.mark.parametrize(("run", "command"), [
+    (["-m", "sslfg.export"], "`sslfg-export` (from a checkout also `python -m eval.export`)"),
+    (["-m", "sslfg.evaluation.knn"], "`sslfg-knn` (from a checkout also `python -m eval.knn`)"),
+    (["-Bm", "sslfg.evaluation.localisation"], "`sslfg-localise`"),
+    (["-m", "sslfg.commands.embed"], "`sslfg-embed` (from a checkout also `python -m eval.embed`)"),
+    (["-m", "sslfg.study.run"], "`sslfg-study` (from a checkout also `python -m sslfg.study`)"),
+    (["sslfg/pretrain.py"], "`sslfg-pretrain` (from a checkout also `python train_ssl.py`)"),
+    (["-m", "sslfg.data.build"], "its programs are python -m sslfg.data.build.cluttered"),
+    (["-m", "sslfg.summary"], "the commands are sslfg-pretrain, sslfg-knn"),
+])
+def test_a_library_module_run_as_a_command_names_the_command_and_fails(run: list[str], command: str,
+                                                                       tmp_path: Path) -> None:
+    """`python -m sslfg.export --checkpoint R --out O` exited 0 having done nothing; now one line and status 2."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, *run, "--checkpoint", "runs/x", "--out", str(tmp_path / "out")], cwd=root,
+                          capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(root)})
+    name = run[-1].removesuffix(".py").replace("/", ".")
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.startswith(f"error: {name} is a module of the sslfg library, not a command") and command in \
+        proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_runnable_modules_are_those_with_a_main() -> None:
+    """`sslfg.entrypoints` lets exactly the modules with a __main__ block run (tests/test_docs_commands.py checks
+    its COMMANDS against pyproject.toml's console commands)."""
+    package = Path(__file__).resolve().parents[1] / "sslfg"
+    mains = {".".join(("sslfg", *p.relative_to(package).with_suffix("").parts)) for p in package.rglob("*.py")
+             if re.search(r'^if __name__ == "__main__":', p.read_text(), re.M)}
+    assert RUNNABLE == mains | {"sslfg.study"}
 
 
 def test_stats_match_numpy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,11 +11,12 @@ How each is checked:
   `--check` added. `accelerate launch [options]` is dropped (one process here: --check builds the
   same things on every process).
 - Placeholders stand for what a user has and this machine lacks (see `substitute`): run directories
-  become a tiny pretraining run built here, a fine-tuning run's config.yaml a tiny fine-tuning recipe,
-  and a pretrained weights file is dropped with its flag (`--checkpoint W --model M` becomes
-  `--random-init --model M`, `init=W` and `model.weights=W` become scratch, as do `model.pretrained=true`
-  and `--pretrained`): everything but that file's load is checked. A command that names a configs/ recipe
-  or data.root gets `data.root=<tiny dataset>` (an eval_data.root becomes it too)
+  become a tiny pretraining run built here, a fine-tuning run's config.yaml that of a tiny fine-tuning run,
+  a new pretraining or fine-tuning run (no resume) goes to a new output_dir (as it would on a user's
+  machine, whatever this checkout's runs/ holds), and a pretrained weights file is dropped with its flag
+  (`--checkpoint W --model M` becomes `--random-init --model M`, `init=W` and `model.weights=W` become
+  scratch, as do `model.pretrained=true` and `--pretrained`): everything but that file's load is checked. A
+  command that names a configs/ recipe or data.root gets `data.root=<tiny dataset>` (an eval_data.root becomes it too)
   (csv and imagefolder layouts in one folder, with object boxes), data.images_dir=images, data.num_classes=0 and
   data.num_workers=0 appended, and for eval.finetune train.warmup_steps=0 (the tiny data gives fewer
   steps than a recipe's warmup).
@@ -40,17 +41,16 @@ import pytest
 from sslfg.commands import embed, export, knn, linear, localise
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import pretrain as train_ssl
-from sslfg.config import save_config
 from sslfg.data.build import stats
+from sslfg.entrypoints import COMMANDS
+from sslfg.finetune import finetune
 from sslfg.pretrain import pretrain
 from sslfg.schema import FinetuneConfig
 from tests.conftest import TINY_MODEL, tiny_config, write_csv_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # console command -> the entry point it equals
-CONSOLE = {"sslfg-pretrain": "train_ssl.py", "sslfg-knn": "eval.knn", "sslfg-linear": "eval.linear",
-           "sslfg-finetune": "eval.finetune", "sslfg-localise": "eval.localise", "sslfg-embed": "eval.embed",
-           "sslfg-study": "sslfg.study", "sslfg-export": "eval.export"}
+CONSOLE = {name: command.split()[-1] for name, command in COMMANDS.items()}  # sslfg-knn: eval.knn, ...
 COMMAND_START = ("python ", "accelerate ", "make ", *(f"{name} " for name in CONSOLE))
 ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn": knn.main, "eval.linear": linear.main,
                                      "eval.finetune": finetune_cli.main, "sslfg.data.build.stats": stats.main,
@@ -59,7 +59,9 @@ ENTRY_POINTS: dict[str, Callable] = {"train_ssl.py": train_ssl.main, "eval.knn":
 NOT_CHECKABLE = ("sslfg.study", "sslfg.study.report", "sslfg.data.build.sample", "sslfg.data.shards")  # import + main
 RUN_DIRS = ("runs/lodisc_cub", "runs/sample_lodisc", "runs/lodisc_cotton",
             "runs/cluttered_lodisc", "runs/cluttered_unlabelled")  # -> the tiny pretraining run
-FINETUNE_CONFIGS = ("runs/glsim_sample/config.yaml",)  # -> the tiny fine-tuning recipe
+FINETUNE_CONFIGS = ("runs/glsim_sample/config.yaml",)  # -> the tiny fine-tuning run's recipe
+TRAINING = ("train_ssl.py", "eval.finetune")  # the commands that start a run in output_dir
+CONTINUES = ("resume=", "eval_only=", *(f"{d}/config.yaml" for d in RUN_DIRS), *FINETUNE_CONFIGS)  # a run's own
 WEIGHTS = re.compile(r"\S*\.safetensors$")  # a user's pretrained weights file: dropped with its flag
 REPO_PATH = re.compile(r"(?<![\w/.<-])((?:configs|sslfg|eval|tests|docs|bench)/[\w./-]*\w|train_ssl\.py|Makefile)")
 
@@ -126,6 +128,9 @@ def substitute(entry: str, args: list[str], run: Path, ft_config: Path, data_roo
     if "--checkpoint" in out and WEIGHTS.match(out[out.index("--checkpoint") + 1]):
         i = out.index("--checkpoint")
         out[i: i + 2] = ["--random-init"]
+    if entry in TRAINING and not any(a.startswith(CONTINUES) for a in out):  # a new run: into a new folder, as the
+        # command's own output_dir would be on a user's machine (--check refuses one that holds a run's checkpoints)
+        out = [*(a for a in out if not a.startswith("output_dir=")), f"output_dir={run.parent / 'new_run'}"]
     if not any(a.startswith("configs/") or a.startswith("data.root=") for a in out):
         return out
     # 256 images give a fine-tuning recipe a few optimizer steps, fewer than its warmup on the real data
@@ -136,7 +141,7 @@ def substitute(entry: str, args: list[str], run: Path, ft_config: Path, data_roo
 
 @pytest.fixture(scope="module")
 def placeholders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(tiny pretraining run, tiny fine-tuning recipe, data root holding the csv and imagefolder layouts);
+    """(tiny pretraining run, tiny fine-tuning run's recipe, data root holding the csv and imagefolder layouts);
     256 training images: one batch of the largest recipe."""
     tmp = tmp_path_factory.mktemp("docs")
     root = write_csv_dataset(tmp / "data", n_train=256, n_test=16, size=8, boxes=True)  # boxes: the cluttered recipes
@@ -148,8 +153,8 @@ def placeholders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     ft = FinetuneConfig(output_dir=str(tmp / "ft"))
     ft.data = cfg.data
     ft.model.name, ft.model.patch_size, ft.model.kwargs = TINY_MODEL["name"], 4, cfg.model.kwargs
-    ft.model.top_k, ft.train.warmup_steps = 3, 0
-    save_config(ft, tmp / "ft" / "config.yaml")
+    ft.model.top_k, ft.train.warmup_steps, ft.train.max_steps = 3, 0, 1
+    finetune(ft)  # a checkpoint, for `eval_only=true`
     return run, tmp / "ft" / "config.yaml", root
 
 

@@ -8,6 +8,7 @@ import csv
 import json
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,11 @@ import pytest
 import sslfg.evaluation.embed
 from sslfg.cli import run_cli
 from sslfg.commands import embed
-from tests.conftest import write_csv_dataset
+from sslfg.commands import pretrain as train_ssl
+from sslfg.config import save_config
+from sslfg.data.shards import write_shards
+from sslfg.schema import DataConfig
+from tests.conftest import tiny_config, write_csv_dataset
 from tests.reliability.procs import command, finish, start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +71,48 @@ def test_unlabelled_folder_has_no_label_column(data: Path, tmp_path: Path) -> No
     assert header == "index,path" and len(rows) == 11 and shards(tmp_path / "out").shape == (11, 32)
 
 
+def test_sharded_images_are_named_by_shard_and_member(data: Path, tmp_path: Path) -> None:
+    """The shards layout's images.csv held "<shard>.tar/<member>", a path that does not exist; now the shard file
+    and the member in it, each column usable as it is (tar, webdataset), beside the same labels as the folder's."""
+    write_shards(DataConfig(root=str(data), train_split="train", val_split="train"), str(tmp_path / "shards"))
+    embed.main(args(tmp_path / "shards", tmp_path / "out", "data.format=shards"))
+    embed.main(args(data, tmp_path / "files"))
+    rows = list(csv.DictReader((tmp_path / "out" / "images.csv").open()))
+    assert list(rows[0]) == ["index", "shard", "member", "label"] and len(rows) == 24
+    sources = [r["path"] for r in csv.DictReader((tmp_path / "files" / "images.csv").open())]
+    for row, source in zip(rows, sources, strict=True):
+        with tarfile.open(row["shard"]) as tar:
+            image = tar.extractfile(row["member"]).read()
+            about = json.load(tar.extractfile(f"{row['member'].partition('.')[0]}.json"))
+        assert image == Path(source).read_bytes() and about["label"] == int(row["label"])
+    np.testing.assert_array_equal(shards(tmp_path / "out"), shards(tmp_path / "files"))
+
+
+def test_a_split_that_is_not_there_is_named_by_the_key_that_chose_it(data: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--split tset` was reported as if a data.*_split key had chosen it; now the error names --split (or the key
+    that did choose the split, eval_data's too) and the splits there are, for every layout."""
+    write_shards(DataConfig(root=str(data), train_split="train", val_split="train"), str(tmp_path / "shards"))
+    train = write_csv_dataset(tmp_path / "data", n_train=24, n_test=3)  # a pretraining recipe's own data
+    for root, extra, expected in (
+            (data, ["--split", "tset"], "--split (embed.split): 'tset' is not a split of {root} (no tset.csv there; "
+             "its csv splits: test, train, train_val); set --split (embed.split) to one of them"),
+            (tmp_path / "shards", ["--split", "tset", "data.format=shards"], "--split (embed.split): 'tset' is not a "
+             "split of {root} (no tset.json there; its shards splits: test, train); set --split (embed.split) to"),
+            (data, ["data.train_split=trian"], "data.train_split: 'trian' is not a split of {root} (no trian.csv"),
+    ):
+        assert run_cli(embed.main, [*args(root, tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {expected.format(root=root)}"), err
+    cfg = tiny_config(train, tmp_path / "run", knn_every=1)
+    cfg.eval_data.root, cfg.eval_data.train_split = str(data), "trian"
+    save_config(cfg, tmp_path / "recipe.yaml")
+    assert run_cli(train_ssl.main, ["--config", str(tmp_path / "recipe.yaml"), "--check"]) == 2
+    assert f"error: eval_data.train_split: 'trian' is not a split of {data} (no trian.csv there; its csv splits: " \
+           "test, train, train_val); set eval_data.train_split to one of them" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_stopped_embedding_recomputes_only_the_missing_shards(data: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     out, calls, stop_at = tmp_path / "out", [], [2]
@@ -103,13 +150,54 @@ def test_a_folder_it_does_not_own_is_refused(data: Path, tmp_path: Path, capsys:
     embed.main(args(data, tmp_path / "emb", "--shard-size", "10"))
     capsys.readouterr()
     for out, extra, why in ((tmp_path / "mine", [], "files that are not an embedding (notes.txt)"),
-                            (tmp_path / "emb", ["--shard-size", "5"], "shard_size 10 there, 5 now"),
-                            (tmp_path / "emb", ["data.train_split=test"], "key ")):
+                            (tmp_path / "emb", ["--shard-size", "5"], "a finished embedding of other settings or "
+                             "images (shard_size: 10 there, 5 now); eval.embed never writes over a finished"),
+                            (tmp_path / "emb", ["data.train_split=test"], "(split: train there, test now; ")):
         before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         assert run_cli(embed.main, args(data, out, *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: output_dir: {out} holds") and why in err[0], err
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_run_stopped_by_a_bad_image_is_rerun_into_its_folder(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad image (row 15: in the second shard of 10) stops the embedding; the same command with
+    data.on_bad_image=skip was refused as "other data" and the folder was stuck. Now the rerun replaces the unfinished
+    embedding, keeping its complete shard of unchanged images; what cannot be replaced without loss is refused
+    naming what differs and what to do."""
+    data, out = write_csv_dataset(tmp_path / "data", n_train=24, n_test=3), tmp_path / "out"
+    bad = data / "images" / "train" / "0" / "0015.png"
+    bad.write_bytes(b"not an image")
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 2
+    assert str(bad) in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["complete"] for s in manifest["shards"]] == [True, False, False]
+    first = (out / "shard-00000.npy").stat().st_mtime_ns
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # other weights: shard 0 would be lost
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10", "data.on_bad_image=skip", "seed=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"error: output_dir: {out} holds an unfinished embedding of other settings or images (weights: random, " \
+           "digest" in err and "its complete shards would be lost: finish it with its own settings or choose " \
+           "another output_dir" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10", "data.on_bad_image=skip")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["count"] == 23
+    assert (out / "shard-00000.npy").stat().st_mtime_ns == first  # rows 0-9: the same images, kept
+    rows = list(csv.DictReader((out / "images.csv").open()))
+    assert len(rows) == 23 and str(bad) not in {r["path"] for r in rows}
+    embed.main(args(data, tmp_path / "fresh", "--shard-size", "10", "data.on_bad_image=skip"))
+    np.testing.assert_array_equal(shards(out), shards(tmp_path / "fresh"))
+    assert (out / "images.csv").read_text() == (tmp_path / "fresh" / "images.csv").read_text()
+
+    shutil.copyfile(data / "images" / "train" / "0" / "0012.png", bad)  # fixed: 24 images, but the folder is finished
+    capsys.readouterr()
+    assert run_cli(embed.main, args(data, out, "--shard-size", "10")) == 2
+    assert "holds a finished embedding of other settings or images (images: 23 there, 24 now" in \
+        capsys.readouterr().err
 
 
 def test_two_processes_write_what_one_process_writes(data: Path, tmp_path: Path) -> None:

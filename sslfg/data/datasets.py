@@ -183,14 +183,7 @@ class CsvSplitDataset(_ImageListDataset):
         self.csv_path = self.source = os.path.join(self.root, f"{split}.csv")
         self.images_root = os.path.join(self.root, images_dir)
         if not os.path.isfile(self.csv_path):
-            shards = split_exists(DataConfig(root=self.root, format="shards"), split)
-            raise DataError(
-                f"split file not found: {self.csv_path}. Split csv files in {self.root}: "
-                f"{', '.join(_split_csvs(self.root)) or 'none'}. "
-                + ("The folder holds tar shards of this split (python -m sslfg.data.shards): set data.format=shards."
-                   if shards else "Set the split (data.train_split, data.val_split, data.test_split) to one of them, "
-                   "or check data.root.")
-            )
+            raise DataError(split_not_found("csv", self.root, split))
 
         names_path = os.path.join(self.root, CLASS_NAMES_FILE)
         names = _read_class_names(names_path) if labelled and os.path.isfile(names_path) else None
@@ -370,11 +363,7 @@ class ImageFolderDataset(_ImageListDataset):
         self.root = _existing_dir(root)
         self.split_dir = self.source = os.path.join(self.root, split)
         if not os.path.isdir(self.split_dir):
-            subdirs = ", ".join(_subdirs(self.root)) or "none"
-            raise DataError(
-                f"split folder not found: {self.split_dir} (the imagefolder layout is "
-                f"root/<split>/<class>/<image>). Folders in {self.root}: {subdirs}."
-            )
+            raise DataError(split_not_found("imagefolder", self.root, split))
         folders = _subdirs(self.split_dir)
         if not folders:
             raise DataError(
@@ -440,12 +429,14 @@ class UnlabelledFolderDataset(_ImageListDataset):
 
 
 def build_dataset(
-    cfg: DataConfig, split: str, transform: Transform | None = None
+    cfg: DataConfig, split: str, transform: Transform | None = None, split_key: str = ""
 ) -> CsvSplitDataset | ImageFolderDataset | UnlabelledFolderDataset:
     """The dataset `cfg` describes, for `split` (a csv name or a folder; ignored by format "folder"), with
     `cfg.on_bad_image` applied. A split other than `cfg.train_split` takes its classes from the training
     split and is checked against it (`check_classes`; `check_leakage` for `cfg.test_split`). With `cfg.labels`
-    false a csv split is read without class ids and an imagefolder split as plain images under root/<split>."""
+    false a csv split is read without class ids and an imagefolder split as plain images under root/<split>.
+    A split that is not there is an error naming `split_key`, the key or option that chose it (default: the
+    data.*_split keys that hold it, `split_keys`), and the splits there are."""
     if not cfg.root:
         raise DataError(
             "data.root must be set to the dataset folder, e.g. data.root=data/sample, or include a "
@@ -461,6 +452,10 @@ def build_dataset(
         raise DataError(f"data.boxes is true but data.format is {cfg.format!r}: object boxes are read from the box "
                         "columns of the csv layout (or shards written from it); use data.format=csv or set "
                         "data.boxes=false.")
+    if cfg.format not in ("csv", "imagefolder", "folder", "shards"):
+        raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder, shards.")
+    if cfg.format != "folder" and not split_exists(cfg, split):
+        raise DataError(split_not_found(cfg.format, cfg.root, split, split_key or split_keys(cfg, split)))
     if cfg.format == "folder":
         return UnlabelledFolderDataset(cfg.root, transform, cfg.on_bad_image, cfg.max_image_pixels)
     if cfg.format == "shards":  # imported here: the shard reader builds on this module
@@ -468,8 +463,6 @@ def build_dataset(
 
         return ShardDataset(cfg.root, split, transform, cfg.on_bad_image, cfg.labels, cfg.boxes, cfg.max_image_pixels,
                             cfg.num_classes)
-    if cfg.format not in ("csv", "imagefolder"):
-        raise DataError(f"unknown data.format {cfg.format!r}; expected one of csv, imagefolder, folder, shards.")
     if not cfg.labels:  # the split's images only: no classes to share or check between splits
         if cfg.format == "csv":
             return CsvSplitDataset(cfg.root, split, cfg.images_dir, transform=transform, on_bad_image=cfg.on_bad_image,
@@ -496,10 +489,32 @@ def build_dataset(
     return dataset
 
 
+SPLIT_FILES = {"csv": ".csv", "shards": ".json"}  # a split of these layouts is root/<split><suffix>; else a folder
+
+
 def split_exists(cfg: DataConfig, split: str) -> bool:
     """Whether `split` of the dataset `cfg` describes is there: its csv file, folder or shard index."""
-    name = {"csv": f"{split}.csv", "shards": f"{split}.json"}.get(cfg.format, split)
-    return os.path.exists(os.path.join(cfg.root, name))
+    return os.path.exists(os.path.join(cfg.root, split + SPLIT_FILES.get(cfg.format, "")))
+
+
+def split_keys(cfg: DataConfig, split: str, section: str = "data") -> str:
+    """The keys of `cfg` (the config's `section`) that name `split`, as a message names them: "data.test_split" or
+    "data.train_split and data.val_split"; "" when none does."""
+    return " and ".join(f"{section}.{key}" for key in ("train_split", "val_split", "test_split")
+                        if getattr(cfg, key) == split)
+
+
+def split_not_found(data_format: str, root: str, split: str, key: str = "") -> str:
+    """What to say when `split` is not a split of the `data_format` dataset in `root`: the key (or option) that
+    chose it, what was looked for, the splits there are (a csv folder holding shards of it: data.format=shards)."""
+    suffix = SPLIT_FILES.get(data_format, "")
+    names = sorted(e.name.removesuffix(suffix) for e in os.scandir(root) if not e.name.startswith(".")
+                   and e.name != CLASS_NAMES_FILE and (e.name.endswith(suffix) if suffix else e.is_dir()))
+    fix = f"set {key or 'the split'} to one of them"
+    if data_format == "csv" and os.path.exists(os.path.join(root, f"{split}.json")):
+        fix = "the folder holds tar shards of this split (python -m sslfg.data.shards): set data.format=shards"
+    return (f"{key or 'split'}: {split!r} is not a split of {root} (no {split}{suffix or '/'} there; its "
+            f"{data_format} splits: {', '.join(names) or 'none'}); {fix}")
 
 
 def _training_listing(cfg: DataConfig, split: str) -> CsvSplitDataset | ImageFolderDataset | None:
@@ -675,11 +690,6 @@ def _subdirs(folder: str) -> list[str]:
     """Sorted names of the non-hidden subfolders of `folder`."""
     with os.scandir(folder) as entries:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def _split_csvs(root: str) -> list[str]:
-    """Names of the csv files in `root` that could be splits."""
-    return sorted(f for f in os.listdir(root) if f.endswith(".csv") and f != CLASS_NAMES_FILE)
 
 
 def _summarise(items: list[str]) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sslfg.data.datasets import OnBadImage, Transform, _ImageListDataset, _summarise
+from sslfg.data.datasets import OnBadImage, Transform, _ImageListDataset, _summarise, split_not_found
 from sslfg.data.images import MAX_PIXELS, DataError, decode_image
 
 FORMAT_VERSION = 2  # 2: the shard list under wids' keys (1 had its own; rewrite such shards)
@@ -162,10 +162,8 @@ def _read_meta(path: str, root: str) -> dict[str, Any]:
     if not os.path.isdir(root):
         raise DataError(f"data.root is not a folder of shards: {root}. Write one with {WRITER}.")
     if not os.path.isfile(path):
-        splits = sorted(f[:-5] for f in os.listdir(root) if f.endswith(".json"))
-        raise DataError(f"split index not found: {path}. Shard splits in {root}: {', '.join(splits) or 'none'}; set "
-                        f"the split (data.train_split, data.val_split, data.test_split) to one of them, or write the "
-                        f"shards with {WRITER}.")
+        split = os.path.basename(path).removesuffix(".json")
+        raise DataError(f"{split_not_found('shards', root, split)}, or write its shards with {WRITER}.")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)

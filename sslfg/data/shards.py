@@ -10,7 +10,7 @@ dataset description) and `<split>.npz`
 (offsets, labels, sizes, boxes); the folder layout has one split, written as data.train_split. Each image is
 stored byte for byte and decoded as it is written, under the readers' rules (data.on_bad_image,
 data.max_image_pixels). Everything is written into a temporary folder beside --out and renamed to --out at the
-end: --out holds a whole set or nothing, and an --out that is not empty is refused.
+end: --out holds a whole set or nothing, and an --out that is not empty, or inside the dataset folder, is refused.
 Read the shards with data.format=shards data.root=<out>, the other data keys as for the original.
 """
 
@@ -36,6 +36,7 @@ from sslfg.data.build.stats import load_data_config
 from sslfg.data.datasets import build_dataset, split_exists
 from sslfg.data.images import DataError, decode_image
 from sslfg.data.shard_reader import FORMAT_VERSION, sample_key, shard_name
+from sslfg.engine.rundir import check_output_dir
 from sslfg.evaluation.selection import SELECTION_TRAIN_SPLIT
 from sslfg.schema import DataConfig
 
@@ -58,6 +59,9 @@ def write_shards(data: DataConfig, out: str, shard_mb: float = SHARD_MB) -> list
         raise ConfigError("data.format is already shards; the writer reads a csv, imagefolder or folder dataset.")
     if not shard_mb > 0:
         raise ConfigError(f"--shard-mb must be positive, got {shard_mb}")
+    # as every command: not into the folder it reads (a folder layout would read the shards' folder next time)
+    root = os.path.abspath(data.root)
+    check_output_dir(out, "--out", [data.root], f"--out {root.rstrip(os.sep)}_shards")
     out = os.path.abspath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise ConfigError(f"--out {out} exists and is not an empty folder; the shard writer never overwrites: name a "

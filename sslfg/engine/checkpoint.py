@@ -101,9 +101,9 @@ def storage_problem(error: BaseException, folder: Path) -> str:
     return what or (STORAGE_ERRNOS[errno.ENOSPC] if full else "")
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str, run_dir: Path, key: str = "resume") -> Path | None:
     """'' → None; 'auto' → the newest complete checkpoint of run_dir (None if there is none);
-    otherwise a checkpoint folder that must exist."""
+    otherwise a checkpoint folder that must exist (ConfigError naming `key`, the setting that gave `resume`)."""
     if not resume:
         return None
     if resume == "auto":
@@ -111,7 +111,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"resume: '{resume}' is not a complete sslfg checkpoint (no {STATE_FILE} in it)")
+        what = "does not exist" if not path.exists() else f"is not a complete sslfg checkpoint (no {STATE_FILE} in it)"
+        found = checkpoint_dirs(run_dir)
+        raise ConfigError(f"{key}: '{resume}' {what}; give a checkpoint folder (<run>/{CHECKPOINTS}/step_*"
+                          f"{f', e.g. {found[-1]}' if found else ''}), {key}=auto for the newest in {run_dir}, or "
+                          f"leave {key} unset for a new run")
     return path
 
 

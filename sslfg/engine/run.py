@@ -29,7 +29,7 @@ from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog, flat_config
-from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, data_roots, prepare_run_dir, release_run_dir
+from sslfg.engine.rundir import RUN_CONFIG, data_roots, prepare_run_dir, release_run_dir
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Run:
 
     accelerator: Accelerator
     run_dir: Path
-    resume_from: Path | None  # the checkpoint to continue from; None: a fresh run (always with `check`)
+    resume_from: Path | None  # the checkpoint to continue from (with `check`: it would); None: a fresh run
     seed: int
     num_workers: int  # of the training loader
     resume_key: str = "resume"  # the key that continues this run, as errors name it
@@ -95,20 +95,24 @@ def open_run(cfg: Any, output_dir: str | Path, resume: str, accelerator: Acceler
     checkpoint `resume` names ('' | 'auto' | a path) and checks that it was trained with `cfg`'s architecture,
     and seeds every RNG with `cfg.seed`; `Run.start` writes `cfg` to config.yaml (main process, with
     `write_config`). With `check` nothing is written. `cfg` has `seed` and `data`."""
-    run_dir, resume_from = Path(output_dir), None
+    resume_from = check_run(cfg, output_dir, resume, resume_key, kind, accelerator.is_main_process)
     if not check:
-        run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process,
-                                  data_roots(cfg))
-        resume_from = resolve_resume(resume, run_dir)
-        if resume_from is not None:
-            check_same_architecture(cfg, resume_from, resume_key)
-    else:  # what prepare_run_dir and the resume would refuse, read only
-        check_output_dir(str(output_dir), reads=data_roots(cfg))
-        if resume and run_dir.is_dir() and (found := resolve_resume(resume, run_dir)) is not None:
-            check_same_architecture(cfg, found, resume_key)
+        prepare_run_dir(str(output_dir), resume, resume_key, kind, accelerator.is_main_process, data_roots(cfg))
     set_seed(cfg.seed)
-    return Run(accelerator, run_dir, resume_from, cfg.seed, cfg.data.num_workers, resume_key,
+    return Run(accelerator, Path(output_dir), resume_from, cfg.seed, cfg.data.num_workers, resume_key,
                cfg if write_config and not check else None)
+
+
+def check_run(cfg: Any, output_dir: str | Path, resume: str, resume_key: str = "resume", kind: str = "pretrain",
+              main: bool = True) -> Path | None:
+    """What `open_run` would refuse, read only: the run folder (`prepare_run_dir`), the checkpoint `resume` names
+    and a change of architecture; returns that checkpoint. All of it is --check's, and it comes before the run
+    creates anything, so that --check fails with the run's own message."""
+    run_dir = prepare_run_dir(str(output_dir), resume, resume_key, kind, main, data_roots(cfg), check=True)
+    resume_from = resolve_resume(resume, run_dir, resume_key)
+    if resume_from is not None:
+        check_same_architecture(cfg, resume_from, resume_key)
+    return resume_from
 
 
 def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None:

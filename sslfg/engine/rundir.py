@@ -27,16 +27,16 @@ _held: dict[Path, int] = {}  # folder -> lock file descriptor, for the folders t
 
 
 def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", kind: str = "pretrain",
-                    main: bool = True, reads: Sequence[str] = ()) -> Path:
+                    main: bool = True, reads: Sequence[str] = (), check: bool = False) -> Path:
     """Checks `output_dir` (`check_output_dir`: outside the dataset folders `reads`), creates it, proves it
     writable, claims it for a run of `kind` (main process) and refuses to start a fresh run on top of an
     existing run's checkpoints (which would be lost). Every process calls it, so an error stops all of them,
-    not only the main one."""
+    not only the main one. With `check` (--check) it refuses the same and creates nothing."""
     check_output_dir(output_dir, reads=reads)
-    run_dir = ensure_writable(output_dir)
+    run_dir = Path(output_dir) if check else ensure_writable(output_dir)
     has_checkpoints = bool(checkpoint_dirs(run_dir))
     if main:  # a run of ours from before the lock file existed is known by its checkpoints
-        claim_run_dir(run_dir, kind, ours=bool(resume) and has_checkpoints)
+        claim_run_dir(run_dir, kind, ours=bool(resume) and has_checkpoints, check=check)
     if not resume and has_checkpoints:
         raise ConfigError(
             f"output_dir: '{run_dir}' already holds checkpoints; continue that run with `{resume_key}=auto` "
@@ -45,24 +45,25 @@ def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", ki
     return run_dir
 
 
-def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Sequence[str] = ()) -> None:
+def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Sequence[str] = (),
+                     example: str = "") -> None:
     """ConfigError for an output folder a run must not fill: empty (an unset shell variable), the current
     folder, the code's folder or one above them, where the run's files would land among others, or a dataset
     folder the command reads (`reads`, see `data_roots`) or one inside it, where a folder layout would read
-    the run's figures as images the next time."""
+    the run's figures as images the next time. The message ends with `example` (default `<key>=runs/my_run`)."""
+    example = example or f"{key}=runs/my_run"
     if not str(output_dir).strip():
-        raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. "
-                          f"{key}=runs/my_run")
+        raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. {example}")
     folder, here, code = Path(output_dir).resolve(), Path.cwd().resolve(), Path(__file__).resolve().parents[2]
     if folder in (here, *here.parents, code, *code.parents):
         raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "
                           f"them, where the run would mix its files with others; name a folder of its own, e.g. "
-                          f"{key}=runs/my_run")
+                          f"{example}")
     for root in filter(None, reads):
         if Path(root).resolve() in (folder, *folder.parents):
             raise ConfigError(f"{key}: '{output_dir}' is inside the dataset folder '{root}' that this command reads; "
                               f"its files would mix with the data (a folder layout would read its figures as "
-                              f"images next time): name a folder outside it, e.g. {key}=runs/my_run")
+                              f"images next time): name a folder outside it, e.g. {example}")
 
 
 def data_roots(cfg: Any) -> list[str]:
@@ -70,11 +71,12 @@ def data_roots(cfg: Any) -> list[str]:
     return [section.root for name in ("data", "eval_data") if (section := getattr(cfg, name, None)) is not None]
 
 
-def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool = False) -> None:
+def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool = False, check: bool = False) -> None:
     """Makes this process the owner of `folder` for a command of `kind`, or raises ConfigError: when another
     run holds it (naming its pid and command line), when another kind of command wrote it, or when it
     holds a run's file (`RUN_FILES`) but no lock file (not a run of ours; `ours`: known to be one, from
-    before lock files), in which case nothing is created."""
+    before lock files), in which case nothing is created. With `check` it only raises what it can tell without
+    locking (not whether a run holds it now: a lock taken to see would refuse a run starting meanwhile)."""
     folder = Path(folder).resolve()
     if folder in _held:
         return
@@ -83,6 +85,10 @@ def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool =
     if written and not ours and not lock.exists():
         raise ConfigError(f"{key}: '{folder}' holds {written[0]}, which no sslfg run wrote (no {LOCK_FILE}), and "
                           f"a run never overwrites files it did not create; choose another {key} or move the file away")
+    if check:
+        if lock.is_file():
+            _same_kind(_owner_of(lock, key), folder, kind, key, [*written, str(lock)])
+        return
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -94,10 +100,7 @@ def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool =
             owner = _owner(fd)
             raise ConfigError(f"{key}: '{folder}' is in use by another run (pid {owner.get('pid', '?')}: "
                               f"{owner.get('command', '?')}); wait for it to end or choose another {key}") from None
-        owner = _owner(fd)
-        if owner.get("kind", kind) != kind:
-            raise ConfigError(f"{key}: '{folder}' holds a {owner['kind']} run ({', '.join([*written, str(lock)])}) "
-                              f"and a {kind} run would write beside its files; choose another {key}")
+        _same_kind(_owner(fd), folder, kind, key, [*written, str(lock)])
         record = json.dumps({"kind": kind, "pid": os.getpid(), "command": shlex.join(sys.argv)}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
@@ -120,6 +123,25 @@ def release_run_dir(folder: Path) -> None:
     fd = _held.pop(Path(folder).resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor drops the flock
+
+
+def _same_kind(owner: dict, folder: Path, kind: str, key: str, files: list[str]) -> None:
+    """ConfigError when the lock file's `owner` record is of another kind of command than `kind`."""
+    if owner.get("kind", kind) != kind:
+        raise ConfigError(f"{key}: '{folder}' holds a {owner['kind']} run ({', '.join(files)}) and a {kind} run would "
+                          f"write beside its files; choose another {key}")
+
+
+def _owner_of(lock: Path, key: str) -> dict:
+    """The record of lock file `lock`, read without locking it."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError as e:
+        raise unwritable(lock.parent, key, e) from e
+    try:
+        return _owner(fd)
+    finally:
+        os.close(fd)
 
 
 def _owner(fd: int) -> dict:

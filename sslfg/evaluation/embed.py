@@ -3,14 +3,18 @@
 An output folder holds
 - `shard-00000.npy`, ...: (rows, dim) arrays of `embed.dtype`, `embed.shard_size` rows each (the last fewer), in
   dataset order: concatenated they are row i = image i;
-- `images.csv`: `index,path` (and `label` when the dataset has labels), one row per image in the same order;
-- `manifest.json`: what was embedded (model, checkpoint, data, split, transform, feature, dtype, dim, count) under
-  `key` (sslfg.evaluation.features.cache_key: weights, images, labels, transform, feature, precision), and the
-  shards, each with its rows and whether it is complete.
+- `images.csv`: `index,path` (the shards layout: `index,shard,member`, the tar file and the image's member in it) and
+  `label` when the dataset has labels, one row per image in the same order;
+- `manifest.json`: what was embedded (model, checkpoint, weights digest, data, split, transform, feature, dtype, dim,
+  count) under `key` (sslfg.evaluation.features.cache_key: weights, images, labels, transform, feature, precision),
+  and the shards, each with its rows, its own key (that of its images) and whether it is complete.
 
 Every file is written atomically (sslfg.files), a shard's manifest entry only after the shard, so a stopped run
 leaves complete shards that a rerun of the same embedding keeps (it recomputes only the others). A folder is
-written only if it is empty (hidden files aside) or holds an embedding with the same key, dtype and shard size.
+written only if it is empty (hidden files aside), holds an embedding with the same key, dtype and shard size, or
+holds an unfinished one whose settings (`SETTINGS`) are the same, or of which no shard is complete: a run stopped
+by a bad image and rerun with data.on_bad_image=skip (or with the image fixed) keeps each complete shard whose images
+(its own key) are unchanged and recomputes the others. A finished embedding is never written over.
 Features come from sslfg.evaluation.features.extract_features: every process of an `accelerate launch` embeds its
 part of each shard, and the main process writes the gathered shard.
 """
@@ -22,6 +26,7 @@ import io
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,6 +37,7 @@ from torch.utils.data import Subset
 from sslfg.cli import CommandLine, print_summary
 from sslfg.config import ConfigError, load_config
 from sslfg.data.datasets import build_dataset
+from sslfg.data.shard_reader import ShardDataset
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.rundir import check_output_dir, claim_run_dir, data_roots, ensure_writable
@@ -53,46 +59,78 @@ def shard_name(index: int) -> str:
 def plan(cfg: EvalConfig, vit: VisionTransformer, dataset: Any, split: str, info: dict[str, Any]) -> dict[str, Any]:
     """The manifest of embedding `dataset` (its `transform` the evaluation transform), every shard incomplete."""
     f, e, n = cfg.features, cfg.embed, len(dataset)
-    transform = getattr(dataset, "transform", None)
-    key = cache_key(weights_digest(vit), dataset, split, transform, f.kind, f.last_n, f.precision)
-    starts = range(0, n, e.shard_size)
-    return {"key": key, "model": info["backbone"], "checkpoint": cfg.checkpoint, "init": info["init"],
-            "data.root": cfg.data.root, "data.format": cfg.data.format, "split": split, "transform": repr(transform),
-            "feature": f.kind, "precision": f.precision, "dtype": e.dtype, "shard_size": e.shard_size, "dim": None,
-            "count": n, "labels": dataset.num_classes > 0, "complete": False,
-            "shards": [{"file": shard_name(i), "rows": [a, min(a + e.shard_size, n)], "complete": False}
-                       for i, a in enumerate(starts)]}
+    transform, digest = getattr(dataset, "transform", None), weights_digest(vit)
+    spec = (split, transform, f.kind, f.last_n, f.precision)
+
+    def rows_key(a: int, b: int) -> str:  # what shard a..b depends on: its images and `spec`
+        return cache_key(digest, SimpleNamespace(paths=[dataset.paths[i] for i in range(a, b)],
+                                                 labels=dataset.labels[a:b]), *spec)
+
+    shards = [[a, min(a + e.shard_size, n)] for a in range(0, n, e.shard_size)]
+    return {"key": cache_key(digest, dataset, *spec), "model": info["backbone"], "checkpoint": cfg.checkpoint,
+            "init": info["init"], "weights": digest[:20], "data.root": cfg.data.root, "data.format": cfg.data.format,
+            "split": split, "transform": repr(transform), "feature": f.kind,
+            "last_n": f.last_n if f.kind == "lastn" else None, "precision": f.precision, "dtype": e.dtype,
+            "shard_size": e.shard_size, "dim": None, "count": n, "labels": dataset.num_classes > 0, "complete": False,
+            "shards": [{"file": shard_name(i), "rows": rows, "key": rows_key(*rows), "complete": False}
+                       for i, rows in enumerate(shards)]}
 
 
 SAME = ("key", "dtype", "shard_size")  # what makes a folder's embedding the one asked for
+# what besides the images makes it another embedding (the weights by their digest: `init` names them)
+SETTINGS = ("weights", "split", "transform", "feature", "last_n", "precision", "dtype", "shard_size")
 
 
 def previous(out: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest of the same embedding in `out`, None if `out` is empty; ConfigError if `out` holds anything
-    else (files of another embedding or not of an embedding at all), which this command never writes over."""
+    """The manifest to continue in `out`: None if `out` is empty; its own for the same embedding; `manifest` with
+    the complete shards of the same images marked so for an unfinished embedding of other images, or one with no
+    complete shard. ConfigError naming what differs for a finished embedding or an unfinished one with other
+    `SETTINGS` (never written over: its shards would be lost), and for files that are not an embedding."""
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     if not entries:
         return None
     path = out / MANIFEST
     old = json.loads(path.read_text()) if path.is_file() else None
-    differ = [k for k in SAME if old is not None and old.get(k) != manifest[k]]
-    if old is None or differ:
-        changes = "; ".join(f"{k} {old.get(k)} there, {manifest[k]} now" for k in differ)
-        what = (f"an embedding of other data, weights or settings ({changes})" if old is not None
-                else f"files that are not an embedding ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})")
-        raise ConfigError(f"output_dir: {out} holds {what}; eval.embed writes only into an empty folder or its own "
-                          "earlier embedding of the same thing: choose another output_dir")
-    return old
+    if old is None:
+        listed = f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}"
+        raise ConfigError(f"output_dir: {out} holds files that are not an embedding ({listed}); eval.embed writes only "
+                          "into an empty folder or its own earlier embedding: choose another output_dir")
+    if all(old.get(k) == manifest[k] for k in SAME):
+        return old
+    changed = [f"{k}: {_setting(old, k)} there, {_setting(manifest, k)} now" for k in SETTINGS
+               if old.get(k) != manifest[k]]
+    images = f"images: {old.get('count')} there, {manifest['count']} now (or other files, labels or file times)"
+    kept = {(s["file"], s.get("key")) for s in old["shards"] if s["complete"]}
+    differs = "; ".join(changed) or images
+    if old.get("complete") or (changed and kept):
+        then = ("eval.embed never writes over a finished embedding: choose another output_dir" if old.get("complete")
+                else "its complete shards would be lost: finish it with its own settings or choose another output_dir")
+        raise ConfigError(f"output_dir: {out} holds {'a finished' if old.get('complete') else 'an unfinished'} "
+                          f"embedding of other settings or images ({differs}); {then}")
+    for shard in manifest["shards"]:
+        shard["complete"] = (shard["file"], shard["key"]) in kept
+    log.warning("output_dir: %s holds an unfinished embedding of other settings or images (%s): this run replaces it, "
+                "keeping the %d of its complete shards whose images are unchanged", out, differs,
+                sum(s["complete"] for s in manifest["shards"]))
+    return manifest
+
+
+def _setting(manifest: dict[str, Any], key: str) -> Any:
+    """A manifest's value of `key` as a message shows it: the weights by their source, then their digest."""
+    weights = f"{manifest.get('init')}, digest {manifest.get('weights') or 'not recorded'}"
+    return weights if key == "weights" else manifest.get(key)
 
 
 def image_table(dataset: Any) -> str:
-    """images.csv: index, path and, when the dataset has labels, label."""
+    """images.csv: index, path (the shards layout: shard and member, the tar file and the image's name in it, as
+    `tar` and webdataset name them; a tar member has no path of its own) and, when the dataset has labels, label."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    labelled = dataset.num_classes > 0
-    writer.writerow(["index", "path", "label"] if labelled else ["index", "path"])
-    for i, path in enumerate(dataset.paths):
-        writer.writerow([i, path, dataset.labels[i]] if labelled else [i, path])
+    labelled, shards = dataset.num_classes > 0, isinstance(dataset, ShardDataset)
+    writer.writerow(["index", *(("shard", "member") if shards else ("path",)), *(("label",) if labelled else ())])
+    for i in range(len(dataset)):
+        where = dataset.member(i) if shards else (dataset.paths[i],)
+        writer.writerow([i, *where, *((dataset.labels[i],) if labelled else ())])
     return buffer.getvalue()
 
 
@@ -111,6 +149,8 @@ def write_embeddings(cfg: EvalConfig, vit: VisionTransformer, dataset: Any, mani
     if accelerator.is_main_process:  # the manifest first: a folder with any file of ours names what it holds
         write_json(out / MANIFEST, manifest)
         write_text(out / IMAGES, image_table(dataset))
+        for stale in set(out.glob("shard-*.npy")) - {out / s["file"] for s in manifest["shards"]}:
+            stale.unlink()  # past the last shard of the unfinished embedding this one replaces (`previous`)
     for shard in manifest["shards"]:
         if shard["file"] in done:
             continue
@@ -140,7 +180,8 @@ def run_embedding(args: CommandLine) -> dict:
     vit, info = build_backbone(cfg)
     split = cfg.embed.split or cfg.data.train_split
     d = cfg.data
-    dataset = build_dataset(d, split, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio))
+    dataset = build_dataset(d, split, eval_transform(d.image_size, d.mean, d.std, cfg.features.crop_ratio),
+                            "--split (embed.split)" if cfg.embed.split else "")
     out = output_dir(cfg, info) if cfg.output_dir else output_dir(cfg, info) / f"embed-{split}"
     check_output_dir(cfg.output_dir or out, reads=data_roots(cfg))  # --check too
     manifest = plan(cfg, vit, dataset, split, info)

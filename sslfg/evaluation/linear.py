@@ -35,11 +35,12 @@ from torch import Tensor, nn
 from sslfg.config import ConfigError
 from sslfg.data.loader import sample_seed
 from sslfg.data.transforms import crop_flip_transform
+from sslfg.distributed import is_main_process, world_size
 from sslfg.engine.loop import LoopState
-from sslfg.engine.run import open_run
+from sslfg.engine.run import check_run, open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation.features import feature_precision, pool_features
-from sslfg.evaluation.run import EvalDatasets, skipped_images, split_features
+from sslfg.evaluation.run import EvalDatasets, eval_output_dir, skipped_images, split_features
 from sslfg.evaluation.selection import holdout_names, selection_features, selection_splits, stratified_holdout
 from sslfg.schema import EvalConfig, LinearConfig, LoopConfig
 from sslfg.verdicts import correct_path, write_correct
@@ -235,6 +236,20 @@ def check_settings(lin: LinearConfig) -> None:
         raise ConfigError("linear.lrs is empty; the fast mode needs at least one learning rate to sweep")
 
 
+def check_probe(cfg: EvalConfig, datasets: dict[str, Any]) -> None:
+    """What the probe would refuse after the features are extracted, at start-up and with --check: its settings
+    and, in full mode, a batch larger than the training split and what its run folder and linear.resume would
+    (`check_run`)."""
+    lin, train = cfg.linear, datasets[cfg.data.train_split]
+    check_settings(lin)
+    if lin.mode != "full":
+        return
+    if len(train) < lin.batch_size * world_size():
+        raise ConfigError(f"linear.batch_size: {cfg.data.train_split} has {len(train)} images, fewer than one batch "
+                          f"({lin.batch_size} × {world_size()} processes); lower linear.batch_size")
+    check_run(cfg, eval_output_dir(cfg) / FULL_RUN_DIR, lin.resume, "linear.resume", "linear.full", is_main_process())
+
+
 def probe_splits(cfg: EvalConfig, datasets: EvalDatasets) -> dict[str, Any]:
     """For the start-up summary: the split and number of images the probe fits its heads on and selects
     the lr on (fast mode; as `selection_features` chooses them), or trains its one head on (full mode)."""
@@ -265,8 +280,7 @@ def run_fast_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     """Fast mode on the cached features of the configured splits → (metrics, protocol) on the
     main process, ({}, {}) on the others. Every split is extracted before any training, so a missing
     or empty split fails first."""
-    d, lin = cfg.data, cfg.linear
-    check_settings(lin)
+    d, lin = cfg.data, cfg.linear  # its settings: checked at start-up (`check_probe`)
     *train, train_ds = split_features(cfg, vit, accelerator, datasets, d.train_split, out)
     *test, test_ds = split_features(cfg, vit, accelerator, datasets, d.test_split, out)
     fit, val, selection_ds, selection = selection_features(cfg, vit, accelerator, out, datasets, train,
@@ -301,17 +315,12 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
     """Full mode: trains (or resumes, `linear.resume`) one head on augmented images of
     data.train_split in <out>/linear_full, then scores it on the cached test features →
     (metrics, protocol) on the main process, ({}, {}) on the others."""
-    d, lin = cfg.data, cfg.linear
-    check_settings(lin)
-    # The backbone is frozen, so the head applied to cached eval features is the eval pass; extracting them
-    # first also fails fast on a bad test split.
+    d, lin = cfg.data, cfg.linear  # its settings, batch and run folder: checked at start-up (`check_probe`)
+    # The backbone is frozen, so the head applied to cached eval features is the eval pass
     test_x, test_y, test_ds = split_features(cfg, vit, accelerator, datasets, d.test_split, out)
     dataset = copy.copy(datasets[d.train_split])  # the split already read, with the augmentation instead
     dataset.transform = crop_flip_transform(d.image_size, d.mean, d.std)
     world = accelerator.num_processes
-    if len(dataset) < lin.batch_size * world:
-        raise ConfigError(f"linear.batch_size: {d.train_split} has {len(dataset)} images, fewer than one batch "
-                          f"({lin.batch_size} × {world} processes); lower linear.batch_size")
     run = open_run(cfg, out / FULL_RUN_DIR, lin.resume, accelerator, resume_key="linear.resume", kind="linear.full")
     sampler, loader = run.loader(dataset, lin.batch_size)
     per_epoch, total = sampler.batches_per_epoch, lin.epochs * sampler.batches_per_epoch

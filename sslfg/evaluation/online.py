@@ -45,7 +45,7 @@ def evaluation_datasets(cfg: PretrainConfig, train: Dataset | None = None) -> Ev
     """The labelled splits the online evaluations read, each built once for both (with `on_bad_image=skip` building
     one decodes every image) at the evaluation resize and centre crop. `train`: the pretraining's own train split,
     reused with that transform when the evaluations read `data` (no eval_data.root) rather than read again."""
-    datasets = EvalDatasets(evaluation_data(cfg), CROP_RATIO)
+    datasets = EvalDatasets(evaluation_data(cfg), CROP_RATIO, "eval_data" if cfg.eval_data.root else "data")
     if train is not None and not cfg.eval_data.root and datasets.data.train_split == cfg.data.train_split:
         datasets[cfg.data.train_split] = copy.copy(train)
         datasets[cfg.data.train_split].transform = datasets.transform

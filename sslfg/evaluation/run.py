@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sslfg.cli import parse_eval_cli, print_metrics, print_summary
 from sslfg.config import COMMAND_LINE, ConfigError, key_sources, load_config
-from sslfg.data.datasets import build_dataset
+from sslfg.data.datasets import build_dataset, split_keys
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import STATE_FILE
@@ -144,17 +144,24 @@ def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
     return Path("runs/eval") / f"{info['backbone'].replace('/', '--')}-{init}"
 
 
+def eval_output_dir(cfg: EvalConfig) -> Path:
+    """`output_dir` of an evaluation command (`run_evaluation`), before its backbone is built."""
+    return output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
+
+
 class EvalDatasets(dict):
     """The splits one evaluation reads, by name, each built on first use and then kept: its listing is read,
     its images checked (with data.on_bad_image=skip, decoded) and its warnings logged once per command. They
-    carry the evaluation transform (resize + centre crop at `crop_ratio`, an eval command's features.crop_ratio)."""
+    carry the evaluation transform (resize + centre crop at `crop_ratio`, an eval command's features.crop_ratio).
+    `section`: the config section `data` comes from, whose *_split keys an error names."""
 
-    def __init__(self, data: DataConfig, crop_ratio: float) -> None:
+    def __init__(self, data: DataConfig, crop_ratio: float, section: str = "data") -> None:
         super().__init__()
         self.data, self.transform = data, eval_transform(data.image_size, data.mean, data.std, crop_ratio)
+        self.section = section
 
     def __missing__(self, split: str) -> Any:
-        self[split] = build_dataset(self.data, split, self.transform)
+        self[split] = build_dataset(self.data, split, self.transform, split_keys(self.data, split, self.section))
         return self[split]
 
 
@@ -210,7 +217,7 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     run_keys = run_keys or {}
     cfg = run_key_defaults(cfg, sources, run_keys)
     accelerator = make_accelerator(timeout_s=EVAL_TIMEOUT_S)
-    out = output_dir(cfg, {"backbone": backbone_spec(cfg)[0]})
+    out = eval_output_dir(cfg)
     # output_dir set empty (an unset variable?) is refused, as one inside the data
     check_output_dir(cfg.output_dir if "output_dir" in sources else out, reads=data_roots(cfg))
     if not args.check:  # before any time is spent

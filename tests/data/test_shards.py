@@ -120,6 +120,22 @@ def test_writer_never_overwrites(sharded: Path, tiny_data: Path, capsys: pytest.
     assert sorted(os.listdir(sharded)) == before
 
 
+@pytest.mark.parametrize("inside", ["shards", "images/shards", "."])
+def test_writer_refuses_an_out_inside_the_data_it_reads(inside: str, tiny_data: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: `--out <data.root>/shards` wrote the shards into the dataset it read, which every other command
+    refuses for its output folder; now the same error, naming --out, the folder and a folder beside it."""
+    root = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    out = root / inside
+    message = user_error(shards.main, ["--config", os.devnull, "--out", str(out), f"data.root={root}",
+                                       "data.train_split=train"], capsys)
+    assert message == (f"--out: '{out}' is inside the dataset folder '{root}' that this command reads; its files "
+                       "would mix with the data (a folder layout would read its figures as images next time): name a "
+                       f"folder outside it, e.g. --out {root}_shards"), message
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # no shard, no temporary folder
+
+
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_writer_checks_every_image(policy: str, tiny_data: Path, tmp_path: Path,
                                    caplog: pytest.LogCaptureFixture) -> None:
@@ -195,14 +211,15 @@ def test_reader_refuses_what_the_shards_lack(boxed: Path, sharded: Path, tmp_pat
         build_dataset(read, "all")
     with pytest.raises(DataError, match=r"data.boxes is true but .*all\.npz has no object boxes"):
         build_dataset(DataConfig(root=str(out), format="shards", labels=False, boxes=True), "all")
-    with pytest.raises(DataError, match=r"split index not found: .*test\.json. Shard splits in .*: all;"):
+    with pytest.raises(DataError, match=r"data.test_split: 'test' is not a split of .* \(no test\.json there; its "
+                                        r"shards splits: all\); set data.test_split to one of them"):
         build_dataset(read, "test")
     with pytest.raises(DataError, match=r"train\.json has 3 classes but data.num_classes is 5"):
         build_dataset(DataConfig(root=str(sharded), format="shards", train_split="train", num_classes=5), "train")
     with pytest.raises(ConfigError, match="already shards"):
         shards.write_shards(read, str(tmp_path / "again"))
     # shards read as another layout: the error says what the folder holds
-    with pytest.raises(DataError, match=r"all\.csv.*holds tar shards of this split .*set data.format=shards"):
+    with pytest.raises(DataError, match=r"no all\.csv there.*holds tar shards of this split .*set data.format=shards"):
         build_dataset(DataConfig(root=str(out), format="csv", train_split="all"), "all")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sslfg.commands import embed, knn
+from sslfg.commands import embed, knn, linear
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import pretrain as train_ssl
 from sslfg.engine import checkpoint as checkpoint_module
@@ -110,6 +110,47 @@ def test_resume_at_another_image_size_is_refused(resume: str, two_checkpoints: P
                          capsys)
     assert "data.image_size: 16 → 8" in message and "drop those overrides" in message, message
     assert snapshot(tmp_path / "run") == before
+
+
+def test_check_refuses_what_the_run_refuses_with_its_message(two_checkpoints: Path, tiny_data: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: `--check` skipped what the run refuses when it opens its folder: `resume=foo` (no such checkpoint)
+    passed --check and the run failed; so did a fresh run over a run's checkpoints, an eval_only fine-tune with
+    no checkpoint, and eval.linear's full-mode linear.resume, an empty linear.lrs and a batch larger than the
+    training split (refused only after the features were extracted). Now --check fails with the run's message,
+    and the run fails before it creates anything."""
+    run_dir = copy_run(two_checkpoints, tmp_path)
+    before = snapshot(run_dir)
+    linear_args = ["--random-init", "--model", "vit_tiny_patch16_224", *TINY, *data_args(tiny_data)]
+    nosuch, notes = tmp_path / "nosuch", tmp_path / "notes"
+    notes.mkdir()
+    (notes / "metrics.jsonl").write_text("mine\n")
+    for main, args, expected in (
+        (train_ssl.main, pretrain_args(tiny_data, tmp_path / "new", resume=nosuch),
+         f"resume: '{nosuch}' does not exist; give a checkpoint folder (<run>/checkpoints/step_*), resume=auto for "
+         f"the newest in {tmp_path / 'new'}, or leave resume unset for a new run"),
+        (train_ssl.main, pretrain_args(tiny_data, tmp_path / "new", resume=tiny_data),
+         f"resume: '{tiny_data}' is not a complete sslfg checkpoint (no train_state.json in it); give"),
+        (train_ssl.main, pretrain_args(tiny_data, run_dir, resume=nosuch),
+         f"does not exist; give a checkpoint folder (<run>/checkpoints/step_*, e.g. {checkpoint_dirs(run_dir)[-1]})"),
+        (train_ssl.main, pretrain_args(tiny_data, run_dir), f"output_dir: '{run_dir}' already holds checkpoints; "
+         "continue that run with `resume=auto`"),
+        (finetune_cli.main, finetune_args(tiny_data, run_dir), f"output_dir: '{run_dir}' holds a pretrain run ("),
+        (train_ssl.main, pretrain_args(tiny_data, notes), f"{notes / 'metrics.jsonl'}, which no sslfg run wrote"),
+        (finetune_cli.main, finetune_args(tiny_data, tmp_path / "ft", eval_only="true"),
+         f"eval_only: no checkpoint in {tmp_path / 'ft' / 'checkpoints'}; train first or set resume=PATH"),
+        (linear.main, [*linear_args, f"output_dir={tmp_path / 'lin'}", "linear.mode=full", "linear.batch_size=8",
+                       f"linear.resume={nosuch}"],
+         f"linear.resume: '{nosuch}' does not exist; give a checkpoint folder (<run>/checkpoints/step_*), "
+         f"linear.resume=auto for the newest in {tmp_path / 'lin' / 'linear_full'}"),
+        (linear.main, [*linear_args, f"output_dir={tmp_path / 'lin'}", "linear.lrs=[]"], "linear.lrs is empty"),
+        (linear.main, [*linear_args, f"output_dir={tmp_path / 'lin'}", "linear.mode=full", "linear.batch_size=64"],
+         "linear.batch_size: train has 24 images, fewer than one batch (64 × 1 processes)"),
+    ):
+        checked = user_error(main, [*args, "--check"], capsys)
+        assert expected in checked and user_error(main, args, capsys) == checked, (checked, expected)
+    assert snapshot(run_dir) == before
+    assert not (tmp_path / "new").exists()  # a resume that cannot be is refused before the folder is made
 
 
 # ---- item 2: where a run may write --------------------------------------------------------------------------
