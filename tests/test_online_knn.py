@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sslfg.data.datasets import build_dataset
+from sslfg.data.images import DataError
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
@@ -19,6 +20,7 @@ from sslfg.evaluation.knn import knn_evaluate
 from sslfg.evaluation.online import OnlineKnn, OnlineLocalisation, evaluation_datasets
 from sslfg.models.backbone import forward_tokens
 from sslfg.pretrain import pretrain
+from sslfg.schema import EvalDataConfig
 from sslfg.weights import load_backbone
 from tests.conftest import tiny_config, write_csv_dataset
 
@@ -70,6 +72,30 @@ def test_online_knn_reads_eval_data(tmp_path: Path, tiny_data: Path) -> None:
     knn = OnlineKnn(cfg, make_accelerator())
     assert (len(knn.bank), len(knn.queries)) == (24, 8)
     assert knn.bank[0][0].shape == (3, 16, 16) and knn.bank[0][1] == 0
+
+
+@pytest.mark.parametrize(("keys", "expected"), [
+    ({"root": "{missing}"}, "eval_data.root does not exist or is not a folder: {missing} (resolved to {missing}). "
+                            "Set eval_data.root to your dataset's folder"),
+    ({"num_classes": 2}, "below num_classes = 2; fix the csv (or eval_data.num_classes)"),
+    ({"boxes": True}, "(eval_data.boxes is true: add the box columns, or set eval_data.boxes=false)"),
+    ({"test_split": "tset"}, "eval_data.test_split: 'tset' is not a split of {root} (no tset.csv there"),
+])
+def test_an_eval_data_error_names_the_eval_data_key(keys: dict, expected: str, tmp_path: Path,
+                                                    tiny_data: Path) -> None:
+    """An error about eval_data's dataset named the data.* key (`data.root does not exist: <eval_data.root>`),
+    which the user had not set; now every key eval_data sets is named as eval_data's (the keys it takes from data,
+    such as data.on_bad_image, keep their name)."""
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.train.knn_every, cfg.eval_data.root, cfg.eval_data.train_split = 1, str(tiny_data), "train"
+    fill = {"missing": str(tmp_path / "missing"), "root": str(tiny_data)}
+    for key, value in keys.items():
+        setattr(cfg.eval_data, key, value.format(**fill) if isinstance(value, str) else value)
+    with pytest.raises(DataError) as error:
+        OnlineKnn(cfg, make_accelerator())
+    assert expected.format(**fill) in str(error.value)
+    own = [f"data.{f.name}" for f in dataclasses.fields(EvalDataConfig)]
+    assert not [key for key in own if key in str(error.value).replace("eval_data.", "")]
 
 
 @pytest.mark.parametrize("val", ["val", "test"])

@@ -41,7 +41,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -497,11 +497,18 @@ def split_exists(cfg: DataConfig, split: str) -> bool:
     return os.path.exists(os.path.join(cfg.root, split + SPLIT_FILES.get(cfg.format, "")))
 
 
-def split_keys(cfg: DataConfig, split: str, section: str = "data") -> str:
-    """The keys of `cfg` (the config's `section`) that name `split`, as a message names them: "data.test_split" or
+def split_keys(cfg: DataConfig, split: str) -> str:
+    """The keys of `cfg` that name `split`, as a message names them: "data.test_split" or
     "data.train_split and data.val_split"; "" when none does."""
-    return " and ".join(f"{section}.{key}" for key in ("train_split", "val_split", "test_split")
+    return " and ".join(f"data.{key}" for key in ("train_split", "val_split", "test_split")
                         if getattr(cfg, key) == split)
+
+
+def in_section(message: str, section: str, keys: Iterable[str]) -> str:
+    """`message`, a data error about a DataConfig built from another config section (`eval_data`), with the
+    data.* keys that section sets (`keys`) named as that section's, so the error names the key to change."""
+    names = "|".join(keys)
+    return re.sub(rf"\bdata\.({names})\b", rf"{section}.\1", message) if names else message
 
 
 def split_not_found(data_format: str, root: str, split: str, key: str = "") -> str:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from sslfg.cli import parse_eval_cli, print_metrics, print_summary
 from sslfg.config import COMMAND_LINE, ConfigError, key_sources, load_config
-from sslfg.data.datasets import build_dataset, split_keys
+from sslfg.data.datasets import build_dataset, in_section
+from sslfg.data.images import DataError
 from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import STATE_FILE
@@ -31,7 +32,7 @@ from sslfg.engine.rundir import (
 from sslfg.evaluation.features import cached_features
 from sslfg.files import write_json
 from sslfg.models.backbone import require_vit
-from sslfg.schema import DataConfig, EvalConfig, FinetuneConfig, PretrainConfig
+from sslfg.schema import DataConfig, EvalConfig, EvalDataConfig, FinetuneConfig, PretrainConfig
 from sslfg.summary import SCHEMA_DEFAULT, key_origins, startup_summary, token_grid
 from sslfg.weights import backbone_source, create_backbone, pretrained_record
 
@@ -153,7 +154,7 @@ class EvalDatasets(dict):
     """The splits one evaluation reads, by name, each built on first use and then kept: its listing is read,
     its images checked (with data.on_bad_image=skip, decoded) and its warnings logged once per command. They
     carry the evaluation transform (resize + centre crop at `crop_ratio`, an eval command's features.crop_ratio).
-    `section`: the config section `data` comes from, whose *_split keys an error names."""
+    `section`: the config section `data` comes from, whose keys an error names."""
 
     def __init__(self, data: DataConfig, crop_ratio: float, section: str = "data") -> None:
         super().__init__()
@@ -161,7 +162,14 @@ class EvalDatasets(dict):
         self.section = section
 
     def __missing__(self, split: str) -> Any:
-        self[split] = build_dataset(self.data, split, self.transform, split_keys(self.data, split, self.section))
+        try:
+            self[split] = build_dataset(self.data, split, self.transform)
+        except DataError as e:
+            if self.section == "data":
+                raise
+            # the keys the section sets are named as its own (eval_data.root); the rest it takes from data
+            keys = (f.name for f in dataclasses.fields(EvalDataConfig))
+            raise DataError(in_section(str(e), self.section, keys)) from None
         return self[split]
 
 
