@@ -8,6 +8,7 @@ Only the main process claims; the launcher ends the others when it stops with th
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ LOCK_FILE = ".sslfg-run.lock"
 RUN_CONFIG = "config.yaml"  # a run's settings, as `save_config` writes them
 RUN_FILES = (RUN_CONFIG, "summary.json", "metrics.jsonl", "metrics.json")  # what a run would overwrite
 _held: dict[Path, int] = {}  # folder -> lock file descriptor, for the folders this process owns
+_created: set[Path] = set()  # the folders `ensure_writable` created in this process
 
 
 def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", kind: str = "pretrain",
@@ -120,9 +122,24 @@ def release_run_dirs() -> None:
 
 def release_run_dir(folder: Path) -> None:
     """Ends this process's ownership of `folder` (a finished run; the next one in this process may claim it)."""
-    fd = _held.pop(Path(folder).resolve(), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor drops the flock
+    folder = Path(folder).resolve()
+    fd = _held.pop(folder, None)
+    if fd is None:
+        return
+    # A run that ended before writing anything (an error at start-up) leaves the folder as it found it: the lock
+    # file goes while still held (a run opening it meanwhile is refused, not handed an unlinked file), and the
+    # folder too when this process created it.
+    try:
+        left_empty = [e.name for e in os.scandir(folder)] == [LOCK_FILE]
+        if left_empty:
+            (folder / LOCK_FILE).unlink()
+    except OSError:  # the folder or its lock was removed under the run
+        left_empty = False
+    os.close(fd)  # closing the descriptor drops the flock
+    if left_empty and folder in _created:
+        _created.discard(folder)
+        with contextlib.suppress(OSError):  # another process wrote into it meanwhile: it is theirs now
+            folder.rmdir()
 
 
 def _same_kind(owner: dict, folder: Path, kind: str, key: str, files: list[str]) -> None:
@@ -158,7 +175,9 @@ def ensure_writable(folder: str | Path, key: str = "output_dir") -> Path:
     path through a file fail here, not hours later); ConfigError naming `key` and the folder."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            _created.add(folder.resolve())
         probe = folder / f".write-test-{os.getpid()}"
         try:
             probe.write_bytes(b"0" * 4096)

@@ -219,6 +219,27 @@ def test_folder_with_files_no_run_wrote_is_refused(tiny_data: Path, tmp_path: Pa
     assert snapshot(out) == {"metrics.jsonl": b"mine\n"}
 
 
+def test_a_run_that_fails_at_start_up_leaves_the_folder_as_it_found_it(tiny_data: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that failed after claiming its folder (too few images for a batch, an unreadable image) left a folder
+    holding only its lock file; now it removes the lock, and the folder when it created it. A folder the user
+    made stays, empty, and the next run uses it."""
+    bad = Path(shutil.copytree(tiny_data, tmp_path / "bad"))
+    (bad / "images" / "train" / "0" / "0000.png").write_bytes(b"not an image")
+    for main, args in ((train_ssl.main, lambda out: pretrain_args(tiny_data, out, batch=64)),
+                       (finetune_cli.main, lambda out: finetune_args(tiny_data, out, batch=64)),
+                       (knn.main, lambda out: [*data_args(bad), "features.kind=pixels", f"output_dir={out}"])):
+        new, made = tmp_path / "new" / "run", tmp_path / "made"
+        made.mkdir(exist_ok=True)
+        for out in (new, made):
+            message = user_error(main, args(out), capsys)
+            assert "fewer than one optimizer step" in message or "cannot decode image file" in message, message
+        assert not new.exists() and new.parent.is_dir()
+        assert list(made.iterdir()) == []
+    assert train_ssl.main(pretrain_args(tiny_data, made, **{"train.max_steps": 1})) is None
+    assert (made / "config.yaml").is_file() and (made / LOCK_FILE).is_file()
+
+
 def test_folder_of_another_kind_of_command_is_refused(two_checkpoints: Path, tiny_data: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A fine-tune or an evaluation into a pretraining run's folder would overwrite or mix with its files."""
