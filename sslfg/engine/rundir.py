@@ -77,8 +77,7 @@ def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool =
     """Makes this process the owner of `folder` for a command of `kind`, or raises ConfigError: when another
     run holds it (naming its pid and command line), when another kind of command wrote it, or when it
     holds a run's file (`RUN_FILES`) but no lock file (not a run of ours; `ours`: known to be one, from
-    before lock files), in which case nothing is created. With `check` it only raises what it can tell without
-    locking (not whether a run holds it now: a lock taken to see would refuse a run starting meanwhile)."""
+    before lock files), in which case nothing is created. With `check` it raises the same without locking."""
     folder = Path(folder).resolve()
     if folder in _held:
         return
@@ -89,7 +88,10 @@ def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool =
                           f"a run never overwrites files it did not create; choose another {key} or move the file away")
     if check:
         if lock.is_file():
-            _same_kind(_owner_of(lock, key), folder, kind, key, [*written, str(lock)])
+            owner = _owner_of(lock, key)
+            _same_kind(owner, folder, kind, key, [*written, str(lock)])
+            if _lock_holder(lock) is not None:
+                raise in_use(folder, key, owner)
         return
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -99,9 +101,7 @@ def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool =
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = _owner(fd)
-            raise ConfigError(f"{key}: '{folder}' is in use by another run (pid {owner.get('pid', '?')}: "
-                              f"{owner.get('command', '?')}); wait for it to end or choose another {key}") from None
+            raise in_use(folder, key, _owner(fd)) from None
         _same_kind(_owner(fd), folder, kind, key, [*written, str(lock)])
         record = json.dumps({"kind": kind, "pid": os.getpid(), "command": shlex.join(sys.argv)}).encode()
         os.ftruncate(fd, 0)
@@ -147,6 +147,26 @@ def _same_kind(owner: dict, folder: Path, kind: str, key: str, files: list[str])
     if owner.get("kind", kind) != kind:
         raise ConfigError(f"{key}: '{folder}' holds a {owner['kind']} run ({', '.join(files)}) and a {kind} run would "
                           f"write beside its files; choose another {key}")
+
+
+def in_use(folder: Path, key: str, owner: dict) -> ConfigError:
+    return ConfigError(f"{key}: '{folder}' is in use by another run (pid {owner.get('pid', '?')}: "
+                       f"{owner.get('command', '?')}); wait for it to end or choose another {key}")
+
+
+def _lock_holder(lock: Path) -> int | None:
+    """The pid holding `lock`'s flock, read from Linux's /proc/locks without taking it (a lock taken to look
+    would refuse a run starting meanwhile); None when free or where there is no /proc/locks."""
+    try:
+        st, table = lock.stat(), Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file_id:
+            return int(fields[4])
+    return None
 
 
 def _owner_of(lock: Path, key: str) -> dict:

@@ -257,23 +257,26 @@ def test_folder_of_another_kind_of_command_is_refused(two_checkpoints: Path, tin
 
 def test_second_run_in_a_folder_is_refused_and_a_killed_run_leaves_no_lock(tiny_data: Path, tmp_path: Path) -> None:
     """The owner runs as 2 gloo processes (only the main one locks); a second run on the same folder is one
-    error naming its pid and command line; after a kill -9 of the owner the folder is free again.
-    Old code: both ran to exit 0, mixing their files."""
+    error naming its pid and command line, and so is its --check (which said nothing); after a kill -9 of the
+    owner the folder is free again, for --check too. Old code: both ran to exit 0, mixing their files."""
     out = tmp_path / "run"
     owner = start(command(pretraining(tiny_data, out, **{"train.epochs": 100}), processes=2))
     pids = workers(owner)
     try:
         wait_for_step(owner, out, 1)
         assert owner.poll() is None, owner.communicate()[1][-3000:]
-        message = one_error(run(command(pretraining(tiny_data, out, **{"resume": "auto"}))))
-        assert any(f"is in use by another run (pid {pid}: " in message for pid in pids), (pids, message)
-        assert "train_ssl.py" in message, message
+        for check in ([], ["--check"]):
+            message = one_error(run(command([*pretraining(tiny_data, out, **{"resume": "auto"}), *check])))
+            assert any(f"is in use by another run (pid {pid}: " in message for pid in pids), (pids, message)
+            assert "train_ssl.py" in message, message
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         owner.kill()
         owner.communicate(timeout=TIMEOUT)
     newest = int(checkpoint_dirs(out)[-1].name.removeprefix("step_"))
+    checked = run(command([*pretraining(tiny_data, out, **{"resume": "auto"}), "--check"]))
+    assert checked.returncode == 0, checked.stderr[-3000:]
     again = run(command(pretraining(tiny_data, out, **{"resume": "auto", "train.max_steps": newest + 1})))
     assert again.returncode == 0, again.stderr[-3000:]
 
