@@ -236,8 +236,8 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
     if accelerator.is_main_process and run.start_step == 0 and figures:
         mask_figure(method, dataset, views, cfg, run_dir / "figures" / "masks_start.png", "kept patches, step 0")
 
-    if online_knn is not None and run.start_step == 0:
-        metrics.log(0, online_knn(method.encoder))
+    if online_knn is not None and run.start_step == 0:  # with its raw-pixel floor, once
+        metrics.log(0, {**online_knn(method.encoder), **online_knn.pixel_floor(method.encoder)})
     online_loc = online_loc if accelerator.is_main_process else None
     if online_loc is not None and run.start_step == 0:
         metrics.log(0, online_loc(method))

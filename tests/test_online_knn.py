@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sslfg.evaluation.online
 from sslfg.data.datasets import build_dataset
 from sslfg.data.images import DataError
 from sslfg.data.transforms import eval_transform
@@ -25,7 +26,8 @@ from sslfg.weights import load_backbone
 from tests.conftest import tiny_config, write_csv_dataset
 
 
-def test_online_knn_is_the_knn_of_evenly_spaced_subsets(tiny_data: Path, tmp_path: Path) -> None:
+def test_online_knn_is_the_knn_of_evenly_spaced_subsets(tiny_data: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=2, figure_samples=0)
     cfg.train.knn_samples = 20  # the fewest a k-20 kNN takes
     vit = load_backbone(pretrain(cfg))
@@ -47,6 +49,18 @@ def test_online_knn_is_the_knn_of_evenly_spaced_subsets(tiny_data: Path, tmp_pat
     expected = knn_evaluate(bank, bank_labels, queries, labels, ks=[20], backend="torch")["knn.k20.top1"]
     assert got == {"online_knn.k20.top1": expected}
 
+    # The raw-pixel floor: the same kNN on the normalised images of the same subsets, flattened.
+    def pixels(split: str, idx: list[int]) -> torch.Tensor:
+        ds = build_dataset(cfg.data, split, transform)
+        return torch.stack([ds[i][0].flatten() for i in idx])
+
+    floor = knn_evaluate(pixels("train", [i * 23 // 19 for i in range(20)]), bank_labels,
+                         pixels("test", list(range(8))), labels, ks=[20], backend="torch")["knn.k20.top1"]
+    assert OnlineKnn(cfg, make_accelerator()).pixel_floor(vit) == {"online_knn.pixels.k20.top1": floor}
+    assert floor != expected  # the reference tells them apart
+    monkeypatch.setattr(sslfg.evaluation.online, "PIXEL_FLOOR_BYTES", 28 * 3 * 16 * 16 * 4 - 1)
+    assert OnlineKnn(cfg, make_accelerator()).pixel_floor(vit) == {}  # too big to hold: left out
+
 
 def test_online_knn_leaves_the_training_run_unchanged(tiny_data: Path, tmp_path: Path) -> None:
     runs = {}
@@ -59,6 +73,7 @@ def test_online_knn_leaves_the_training_run_unchanged(tiny_data: Path, tmp_path:
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     records = [json.loads(line) for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "online_knn.k20.top1" in r] == [0, 3, 6]
+    assert [r["step"] for r in records if "online_knn.pixels.k20.top1" in r] == [0]  # the floor, once
     plain = [r for r in records if "loss" in r]
     assert plain == [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
 

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset
 
 from sslfg.config import ConfigError
 from sslfg.data.boxes import eval_boxes
-from sslfg.evaluation.features import extract_features
+from sslfg.evaluation.features import FeatureKind, extract_features
 from sslfg.evaluation.knn import knn_evaluate
 from sslfg.evaluation.localisation import keep_metrics
 from sslfg.evaluation.run import EvalDatasets
@@ -52,10 +52,14 @@ def evaluation_datasets(cfg: PretrainConfig, train: Dataset | None = None) -> Ev
     return datasets
 
 
+PIXEL_FLOOR_BYTES = 2**30  # the raw-pixel floor's features, bank and queries together, in float32
+
+
 class OnlineKnn:
     """kNN top-1 (k 20, DINO protocol, CLS features) of up to `train.knn_samples` evenly spaced
     query images against as many bank images, of `evaluation_data` (labelled); `datasets`: its
-    `evaluation_datasets` when already built."""
+    `evaluation_datasets` when already built. `pixel_floor` is the same kNN on the raw pixels: the line a
+    learning curve must cross."""
 
     def __init__(self, cfg: PretrainConfig, accelerator: Accelerator, datasets: EvalDatasets | None = None) -> None:
         datasets = evaluation_datasets(cfg) if datasets is None else datasets
@@ -68,16 +72,25 @@ class OnlineKnn:
         self.accelerator = accelerator
         self.batch_size = cfg.train.batch_size
 
-    def __call__(self, vit: VisionTransformer) -> dict[str, float]:
+    def __call__(self, vit: VisionTransformer, kind: FeatureKind = "cls") -> dict[str, float]:
         # Its own RNG state: evaluating must not change the training run's random stream.
         with torch.random.fork_rng(devices=[]):
             bank, bank_labels, queries, labels = (
                 t for d in (self.bank, self.queries)
-                for t in extract_features(vit, d, self.accelerator, self.batch_size, num_workers=0, desc="online knn")
+                for t in extract_features(vit, d, self.accelerator, self.batch_size, num_workers=0, kind=kind,
+                                          desc="online knn")
             )
         vit.train()
         top1 = knn_evaluate(bank, bank_labels, queries, labels, ks=[K], backend="torch")[f"knn.k{K}.top1"]
-        return {f"online_knn.k{K}.top1": top1}
+        return {f"online_knn{'' if kind == 'cls' else '.' + kind}.k{K}.top1": top1}
+
+    def pixel_floor(self, vit: VisionTransformer) -> dict[str, float]:
+        """{"online_knn.pixels.k20.top1": the kNN of the normalised images themselves}, or {} when their features
+        would take more than PIXEL_FLOOR_BYTES (about 1,800 images of 3x224x224: lower train.knn_samples)."""
+        image = self.bank[0][0]
+        if (len(self.bank) + len(self.queries)) * image.numel() * 4 > PIXEL_FLOOR_BYTES:
+            return {}
+        return self(vit, "pixels")
 
 
 def evenly_spaced(dataset, n: int) -> Subset:

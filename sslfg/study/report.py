@@ -326,9 +326,12 @@ class Report:
     # ---- figures -----------------------------------------------------------------------------
 
     def curves(self) -> str | None:
-        """Global and local loss and online kNN of every pretraining arm (first seed)."""
+        """Global and local loss and online kNN of every pretraining arm (first seed), the online evaluations with
+        their floors as dashed lines: the raw-pixel kNN of the same images and the keep precision's chance."""
         panels = [("loss_global", "global loss"), ("loss_local", "local loss"), ("online_knn.k20.top1", "online kNN"),
                   (ONLINE_KEEP, "keep precision (attention encoder)")]
+        floors = {"online_knn.k20.top1": ("online_knn.pixels.k20.top1", "raw pixels"),
+                  ONLINE_KEEP: ("online_loc.keep_chance", "chance")}
         series = {}
         for arm in self.arms:
             path = pretrain_dir(self.root, self.seeds[0], arm) / "metrics.jsonl"
@@ -345,6 +348,11 @@ class Report:
                 if points:  # one colour per arm in every panel, also where an arm has no such curve
                     ax.plot(*zip(*points, strict=True), label=arm, color=f"C{i}",
                             marker="o" if len(points) < 15 else None)
+            floor_key, floor_name = floors.get(key, ("", ""))
+            # the same images in every arm: one line, from the first record that has it
+            level = next((r[floor_key] for records in series.values() for r in records if floor_key in r), None)
+            if level is not None:
+                ax.axhline(level, color="grey", linestyle="--", label=floor_name)
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
