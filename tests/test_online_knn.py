@@ -95,6 +95,7 @@ def test_online_knn_reads_eval_data(tmp_path: Path, tiny_data: Path) -> None:
     ({"num_classes": 2}, "below num_classes = 2; fix the csv (or eval_data.num_classes)"),
     ({"boxes": True}, "(eval_data.boxes is true: add the box columns, or set eval_data.boxes=false)"),
     ({"test_split": "tset"}, "eval_data.test_split: 'tset' is not a split of {root} (no tset.csv there"),
+    ({"root": "{unlabelled}"}, "{unlabelled}/train.csv has no column 'class_id'"),
 ])
 def test_an_eval_data_error_names_the_eval_data_key(keys: dict, expected: str, tmp_path: Path,
                                                     tiny_data: Path) -> None:
@@ -103,12 +104,22 @@ def test_an_eval_data_error_names_the_eval_data_key(keys: dict, expected: str, t
     such as data.on_bad_image, keep their name)."""
     cfg = tiny_config(tiny_data, tmp_path / "run")
     cfg.train.knn_every, cfg.eval_data.root, cfg.eval_data.train_split = 1, str(tiny_data), "train"
-    fill = {"missing": str(tmp_path / "missing"), "root": str(tiny_data)}
+    unlabelled = tmp_path / "unlabelled"  # the tiny data's csv files without their class_id column
+    unlabelled.mkdir()
+    (unlabelled / "images").symlink_to(tiny_data / "images")
+    for split in ("train", "test"):
+        rows = (tiny_data / f"{split}.csv").read_text().splitlines()
+        column = rows[0].split(",").index("class_id")
+        (unlabelled / f"{split}.csv").write_text("".join(
+            ",".join(v for i, v in enumerate(row.split(",")) if i != column) + "\n" for row in rows))
+    fill = {"missing": str(tmp_path / "missing"), "root": str(tiny_data), "unlabelled": str(unlabelled)}
     for key, value in keys.items():
         setattr(cfg.eval_data, key, value.format(**fill) if isinstance(value, str) else value)
     with pytest.raises(DataError) as error:
         OnlineKnn(cfg, make_accelerator())
     assert expected.format(**fill) in str(error.value)
+    # the online kNN cannot do without labels: the hint to read the images without them says so
+    assert "no column" not in str(error.value) or "(evaluations need labels)" in str(error.value)
     own = [f"data.{f.name}" for f in dataclasses.fields(EvalDataConfig)]
     assert not [key for key in own if key in str(error.value).replace("eval_data.", "")]
 

@@ -62,6 +62,8 @@ BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 _CLASS_ID = re.compile("-?[0-9]+")  # a minus is read only to say that the id is negative
 # a box coordinate: a plain decimal number (float() would also read "1_0" as 10 and non-ASCII digits)
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf)", re.IGNORECASE)
+# where labels are missing: pretraining reads images without them, the evaluations (kNN, linear, online kNN) cannot
+LABELS_HINT = "; to pretrain on images without labels set data.labels=false (evaluations need labels)"
 CLASS_ID_RULE = "no spaces, signs, decimals, underscores or non-ASCII digits"
 
 Transform = Callable[[Image.Image], Any]
@@ -206,7 +208,7 @@ class CsvSplitDataset(_ImageListDataset):
             bound, rule = 0, "; fix the csv"
 
         box_hint = " (data.boxes is true: add the box columns, or set data.boxes=false)" if boxes else ""
-        label_hint = "; for images without labels set data.labels=false" if labelled else ""
+        label_hint = LABELS_HINT if labelled else ""
         label_column = ("class_id",) if labelled else ()
         rows = _read_table(self.csv_path, label_column + ("dir",) + (BOX_COLUMNS if boxes else ()),
                            box_hint + label_hint)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sslfg.data.datasets import OnBadImage, Transform, _ImageListDataset, _summarise, split_not_found
+from sslfg.data.datasets import LABELS_HINT, OnBadImage, Transform, _ImageListDataset, _summarise, split_not_found
 from sslfg.data.images import MAX_PIXELS, DataError, decode_image
 
 FORMAT_VERSION = 2  # 2: the shard list under wids' keys (1 had its own; rewrite such shards)
@@ -66,8 +66,8 @@ class ShardDataset(_ImageListDataset):
         self._files = [os.path.join(self.root, s["url"]) for s in meta["shardlist"]]
         self._extensions: list[str] = meta["extensions"]
         if labelled and not meta["classes"]:
-            raise DataError(f"{self.source}: these shards were written from a dataset without labels; set "
-                            "data.labels=false to read their images, or write shards from a labelled dataset.")
+            raise DataError(f"{self.source}: these shards were written from a dataset without labels{LABELS_HINT}, "
+                            "or write shards from a labelled dataset.")
         self.classes = meta["classes"] if labelled else []
         self.num_classes = len(self.classes)
         if labelled and 0 < num_classes != self.num_classes:

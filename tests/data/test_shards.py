@@ -207,7 +207,8 @@ def test_reader_refuses_what_the_shards_lack(boxed: Path, sharded: Path, tmp_pat
     out = tmp_path / "shards"
     shards.write_shards(DataConfig(root=str(boxed / "images"), format="folder", train_split="all"), str(out))
     read = DataConfig(root=str(out), format="shards", train_split="all")
-    with pytest.raises(DataError, match=r"all\.json.*without labels; set data.labels=false"):
+    with pytest.raises(DataError, match=r"all\.json.*without labels; to pretrain on .* set data.labels=false "
+                                        r"\(evaluations need labels\)"):
         build_dataset(read, "all")
     with pytest.raises(DataError, match=r"data.boxes is true but .*all\.npz has no object boxes"):
         build_dataset(DataConfig(root=str(out), format="shards", labels=False, boxes=True), "all")
