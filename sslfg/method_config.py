@@ -57,6 +57,7 @@ class DINOConfig:
     bottleneck_dim: int = bounded(AT_LEAST_1, 256)  # DINOHead's default
     out_dim: int = bounded(AT_LEAST_1, 65536)  # K, the prototypes of the softmax (--out_dim)
     norm_last_layer: bool = True  # the weight-normalised last layer's norm fixed to 1 (--norm_last_layer)
+    use_bn_in_head: bool = False  # batch norm after the head's hidden layers (--use_bn_in_head; DINO's ResNet runs)
     student_temp: float = bounded(POSITIVE, 0.1)  # DINOLoss's default
     teacher_temp: float = bounded(POSITIVE, 0.04)  # after the warm-up (--teacher_temp)
     warmup_teacher_temp: float = bounded(POSITIVE, 0.04)  # at epoch 0, linear to teacher_temp (--warmup_teacher_temp)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -59,6 +60,7 @@ class Method(nn.Module):
     # False: biases and norms (every 1-D tensor) get no weight decay, as in DINO's and BYOL's code
     decay_biases_and_norms: ClassVar[bool] = True
     multi_crop: ClassVar[bool] = False  # True: its loss uses local views besides the two global ones (DINO)
+    joint_heads: ClassVar[bool] = False  # True: the heads see every view in one batch (`MomentumMethod.per_view`)
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         """The trained encoder (`encoder`, the backbone a run exports) and the local branch (`local`)."""
@@ -187,13 +189,20 @@ class MomentumMethod(Method):
         """The student's output on each view. One encoder pass per run of same-sized views (the global views, then
         the local ones, as DINO's MultiCropWrapper; LayerNorm is per token, so for a ViT this equals a pass per
         view; a CNN's batch norm sees the views of the pass, as in lightly's and solo-learn's concatenated
-        passes); the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL."""
-        out: list[Tensor] = []
+        passes); the heads run per view so that their batch norm sees one view, as in MoCo v3 and BYOL, or with
+        `joint_heads` once on every view, as DINO's MultiCropWrapper."""
+        features: list[Tensor] = []
         for _, same in itertools.groupby(views, key=lambda v: v.shape[-2:]):
             same = list(same)
-            out += [self.predictor(self.projector(c)) for c in pooled_feature(self.encoder, torch.cat(same)).chunk(
-                len(same))]
-        return out
+            features += pooled_feature(self.encoder, torch.cat(same)).chunk(len(same))
+        return self.per_view(lambda f: self.predictor(self.projector(f)), features)
+
+    def per_view(self, head: Callable[[Tensor], Tensor], features: list[Tensor]) -> list[Tensor]:
+        """`head` on each view's features: one call per view, or with `joint_heads` one on all of them (the same
+        unless the head has batch norm)."""
+        if self.joint_heads:
+            return list(head(torch.cat(features)).chunk(len(features)))
+        return [head(f) for f in features]
 
     @torch.no_grad()
     def teacher_cls(self, x: Tensor, attention: bool) -> tuple[Tensor, list[Tensor]]:
@@ -205,8 +214,8 @@ class MomentumMethod(Method):
 
     @torch.no_grad()
     def teacher_outputs(self, cls: Tensor) -> list[Tensor]:
-        """The teacher head on the CLS of both views (2B, D), per view."""
-        return [self.momentum_projector(c) for c in cls.chunk(2)]
+        """The teacher head on the CLS of both views (2B, D), per view (`per_view`)."""
+        return self.per_view(self.momentum_projector, list(cls.chunk(2)))
 
     @property
     def attention_encoder(self) -> nn.Module:

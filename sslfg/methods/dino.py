@@ -15,24 +15,28 @@ from torch.nn.utils.parametrizations import weight_norm
 from sslfg.losses import dino_cross_entropy
 from sslfg.method_config import DINOConfig
 from sslfg.methods.base import MomentumMethod
+from sslfg.models.heads import GlobalBatchNorm1d
 
 if TYPE_CHECKING:
     from sslfg.schema import ModelConfig
 
 
 class DINOHead(nn.Module):
-    """DINO's head: MLP D→h→h→bottleneck (GELU, no batch norm, as for ViTs), L2-normalised, then a
-    weight-normalised linear layer to K outputs.
+    """DINO's head: MLP D→h→h→bottleneck (GELU; batch norm after each hidden Linear only with `use_bn`, which DINO
+    sets for ResNets, synchronised over processes as its SyncBatchNorm), L2-normalised, then a weight-normalised
+    linear layer to K outputs.
 
     Written here rather than taken from lightly: lightly 1.6's DINOProjectionHead uses the deprecated
     `torch.nn.utils.weight_norm`, which warns and whose module cannot be deep-copied into the teacher;
     this one uses `torch.nn.utils.parametrizations.weight_norm` (the same g·v/‖v‖ per output unit).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int, norm_last_layer: bool) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int, norm_last_layer: bool,
+                 use_bn: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        hidden = [[nn.Linear(d, hidden_dim), *([GlobalBatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+                  for d in (in_dim, hidden_dim)]
+        self.mlp = nn.Sequential(*hidden[0], *hidden[1], nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):  # DINO's _init_weights
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -67,6 +71,7 @@ class DINO(MomentumMethod):
     Config = DINOConfig
     decay_biases_and_norms = False
     multi_crop = True
+    joint_heads = True  # MultiCropWrapper: one head pass on every crop (its batch norm, if any, sees them all)
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         super().__init__(model, method, image_size)
@@ -76,7 +81,8 @@ class DINO(MomentumMethod):
 
     def build_heads(self, dim: int) -> tuple[nn.Module, nn.Module]:
         c = self.cfg
-        return DINOHead(dim, c.hidden_dim, c.bottleneck_dim, c.out_dim, c.norm_last_layer), nn.Identity()
+        head = DINOHead(dim, c.hidden_dim, c.bottleneck_dim, c.out_dim, c.norm_last_layer, c.use_bn_in_head)
+        return head, nn.Identity()
 
     def schedules(self, total_steps: int, per_epoch: int) -> dict[str, np.ndarray]:
         return super().schedules(total_steps, per_epoch) | {

@@ -25,7 +25,7 @@ from sslfg.pretrain import local_view_sizes, pretrain
 from sslfg.schema import AugmentConfig
 from sslfg.weights import backbone_source, create_vit, load_backbone
 from tests.conftest import tiny_config, tiny_method
-from tests.methods.references import DINOLoss
+from tests.methods.references import DINOHead, DINOLoss, MultiCropWrapper
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -86,6 +86,57 @@ def test_student_sees_every_view_and_the_loss_is_dinos_dinoloss(monkeypatch: pyt
     torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
     model.after_update({"momentum": 0.996, "teacher_temp": 0.05}, applied=True)
     torch.testing.assert_close(model.center, reference.center, rtol=1e-5, atol=1e-6)
+
+
+class _Pooled(torch.nn.Module):
+    """The backbone MultiCropWrapper expects: the image to its feature (sslfg's pooled CLS)."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pooled_feature(self.vit, x)
+
+
+def _authors_head(head: torch.nn.Module) -> DINOHead:
+    """DINO's DINOHead(use_bn=True) with the weights of sslfg's `head` (its weight norm's g and v as weight_g/_v)."""
+    reference = DINOHead(32, 64, use_bn=True, hidden_dim=64, bottleneck_dim=64)
+    state = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
+                                                                                "weight_v"): v
+             for k, v in head.state_dict().items()}
+    reference.load_state_dict(state)
+    return reference
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # DINO's own head
+def test_a_head_with_batch_norm_sees_every_view_at_once_as_dinos_multicropwrapper(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """method.dino.use_bn_in_head: student and teacher outputs are those of DINO's MultiCropWrapper around its
+    DINOHead(use_bn=True) with the same weights (one head pass over every view, its batch norm with their joint
+    statistics, also in the teacher, which DINO never puts in eval mode); the loss is DINOLoss's on them. With
+    batch norm a pass per view would differ: the test could not pass with the heads run view by view."""
+    monkeypatch.setattr(dist, "all_reduce", lambda t: None)  # DINOLoss on one process
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    model = tiny_method("dino", **{"method.local.weight": 0.0, "method.dino.use_bn_in_head": True,
+                                   "model.kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2,
+                                                    "dynamic_img_size": True}})
+    torch.manual_seed(1)
+    views = [*torch.randn(2, 4, 3, 16, 16), *torch.randn(3, 4, 3, 8, 8)]
+    with torch.no_grad():
+        for p in model.projector.parameters():  # a trained-looking head: BN's affine away from (1, 0)
+            p.add_(torch.randn_like(p) * 0.1)
+        model.momentum_projector.load_state_dict(model.projector.state_dict())
+    student = MultiCropWrapper(_Pooled(model.encoder), _authors_head(model.projector))(views)
+    teacher = MultiCropWrapper(_Pooled(model.momentum_encoder), _authors_head(model.momentum_projector))(views[:2])
+    torch.testing.assert_close(torch.cat(model.student(*views)), student, rtol=1e-5, atol=1e-6)
+    per_view = torch.cat([model.projector(pooled_feature(model.encoder, v)) for v in views])
+    assert not torch.allclose(per_view, student, atol=1e-3)  # so the joint pass is what makes them agree
+    got = model.teacher_outputs(model.teacher_cls(torch.cat(views[:2]), attention=False)[0])
+    torch.testing.assert_close(torch.cat(got), teacher, rtol=1e-5, atol=1e-6)
+    model.set_step({"teacher_temp": 0.05})
+    reference = DINOLoss(64, 5, 0.05, 0.05, 0, 1)
+    torch.testing.assert_close(model(*views)["loss"], reference(student, teacher, epoch=0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("augment_on", ["workers", "device"])

@@ -53,8 +53,10 @@ MULTI_CROP = {"augment.local_crops": 2, "augment.local_crop_size": 8,
               "model.kwargs": '{embed_dim: 32, depth: 2, num_heads: 2, dynamic_img_size: true}'}
 
 
-# mocov3 (+ local): the test above; DINO also with multi-crop
-@pytest.mark.parametrize("name, extra", [*((m, {}) for m in METHODS if m != "mocov3"), ("dino", MULTI_CROP)])
+# mocov3 (+ local): the test above; DINO also with multi-crop, and with batch norm in its head (its statistics over
+# every view of every process)
+@pytest.mark.parametrize("name, extra", [*((m, {}) for m in METHODS if m != "mocov3"), ("dino", MULTI_CROP),
+                                         ("dino", {**MULTI_CROP, "method.dino.use_bn_in_head": "true"})])
 def test_every_method_on_two_processes_equals_one_process_with_double_batch(name: str, extra: dict,
                                                                           uneven_data: Path, tmp_path: Path) -> None:
     """Each method with its local branch (SimCLR, Barlow Twins, VICReg: from the encoder's own attention): the same
