@@ -60,7 +60,6 @@ class Method(nn.Module):
     # False: biases and norms (every 1-D tensor) get no weight decay, as in DINO's and BYOL's code
     decay_biases_and_norms: ClassVar[bool] = True
     multi_crop: ClassVar[bool] = False  # True: its loss uses local views besides the two global ones (DINO)
-    joint_heads: ClassVar[bool] = False  # True: the heads see every view in one batch (`MomentumMethod.per_view`)
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         """The trained encoder (`encoder`, the backbone a run exports) and the local branch (`local`)."""
@@ -137,6 +136,8 @@ class MomentumMethod(Method):
     local branch on, "loss_local": loss = global + method.local.weight · local, only tensors the loss
     is made of (the kept patches come from `kept_patches`).
     """
+
+    joint_heads: ClassVar[bool] = False  # True: the heads see every view in one batch (`per_view`)
 
     def __init__(self, model: ModelConfig, method: Any, image_size: int) -> None:
         super().__init__(model, method, image_size)
