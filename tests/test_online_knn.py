@@ -104,14 +104,12 @@ def test_an_eval_data_error_names_the_eval_data_key(keys: dict, expected: str, t
     such as data.on_bad_image, keep their name)."""
     cfg = tiny_config(tiny_data, tmp_path / "run")
     cfg.train.knn_every, cfg.eval_data.root, cfg.eval_data.train_split = 1, str(tiny_data), "train"
-    unlabelled = tmp_path / "unlabelled"  # the tiny data's csv files without their class_id column
+    unlabelled = tmp_path / "unlabelled"  # the tiny data's csv files without their first column, class_id
     unlabelled.mkdir()
     (unlabelled / "images").symlink_to(tiny_data / "images")
     for split in ("train", "test"):
         rows = (tiny_data / f"{split}.csv").read_text().splitlines()
-        column = rows[0].split(",").index("class_id")
-        (unlabelled / f"{split}.csv").write_text("".join(
-            ",".join(v for i, v in enumerate(row.split(",")) if i != column) + "\n" for row in rows))
+        (unlabelled / f"{split}.csv").write_text("".join(row.split(",", 1)[1] + "\n" for row in rows))
     fill = {"missing": str(tmp_path / "missing"), "root": str(tiny_data), "unlabelled": str(unlabelled)}
     for key, value in keys.items():
         setattr(cfg.eval_data, key, value.format(**fill) if isinstance(value, str) else value)
