@@ -9,12 +9,15 @@ file of the layout dropped from the page cache first (posix_fadvise DONTNEED), w
 Step: the library's loop (bench/input_pipeline.py's Trainer) on the sample recipe's model, fed by the folder
 loader, the shard loader, or one pre-made batch of views (synthetic: no augmentation), or one loaded batch repeated
 through the device augmentation (augmented: no loader; shards / augmented is the loader's own cost to the
-step, shards / synthetic also counts the augmentation, which runs on the CPU here); at 224 px with patch 16 and
-batch 32.
+step, shards / synthetic also counts the augmentation, which runs on the CPU unless `--device cuda`); at 224 px
+with patch 16, batch `--batch` and each of `--models`. The timed steps of a loader-fed step start after the
+batches its workers prefetch (2 per worker), so that they read the loader's steady state, not its queue.
 Memory: a 10 M-sample index (numbers only, one empty shard) opened by the reader: array bytes and RSS growth.
 
     python -m sslfg.data.build.sample              # once: builds data/sample
     python bench/shards.py [--sample data/sample] [--synthetic 20000] [--batches 20] [--steps 6]
+    python bench/shards.py --device cuda --workers 12 --batch 128 --steps 40 --mixed-precision bf16 \
+        --models vit_tiny_patch16_224,vit_small_patch16_224      # on a GPU machine
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +36,9 @@ import torch
 from common import ROOT, markdown_table, sample_config
 from input_pipeline import Trainer, loader_alone
 from PIL import Image
+from torch.utils.data import Dataset
 
-from sslfg.data.batch_augment import two_view_pipeline
+from sslfg.data.batch_augment import TwoViewPipeline, two_view_pipeline
 from sslfg.data.datasets import build_dataset
 from sslfg.data.loader import EpochBatchSampler, seeded_loader
 from sslfg.data.shard_reader import FORMAT_VERSION, INDEX_ARRAYS, ShardDataset, shard_name
@@ -73,16 +78,28 @@ def index_memory(tmp: Path, n: int, boxes: bool) -> tuple[int, int]:
     return nbytes, grown
 
 
-def synthetic_jpegs(root: Path, n: int, classes: int = 10) -> Path:
-    """`n` 224 px JPEGs (smooth colour fields with grain, ~photo-sized files) as root/train/<class>/<i>.jpg."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
+JPEG_CHUNK = 1000
+
+
+def write_jpegs(root: Path, start: int, stop: int, classes: int) -> None:
+    """Images start..stop-1 of synthetic_jpegs, from a generator seeded by `start` (the same set at any --jobs)."""
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
         folder = root / "train" / str(i % classes)
         folder.mkdir(parents=True, exist_ok=True)
         small = Image.fromarray(rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)).resize((224, 224), Image.BICUBIC)
         grain = rng.integers(-12, 13, (224, 224, 3))
         pixels = np.clip(np.asarray(small, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def synthetic_jpegs(root: Path, n: int, jobs: int, classes: int = 10) -> Path:
+    """`n` 224 px JPEGs (smooth colour fields with grain, ~photo-sized files) as root/train/<class>/<i>.jpg,
+    written by `jobs` processes."""
+    starts = range(0, n, JPEG_CHUNK)
+    with ProcessPoolExecutor(jobs) as pool:
+        list(pool.map(write_jpegs, [root] * len(starts), starts, [min(a + JPEG_CHUNK, n) for a in starts],
+                      [classes] * len(starts)))
     return root
 
 
@@ -107,6 +124,30 @@ def set_cache(paths: list[str], cold: bool) -> None:
             os.close(fd)
 
 
+def step_speeds(cfg: PretrainConfig, sampler: EpochBatchSampler, views: TwoViewPipeline,
+                datasets: dict[str, Dataset], tmp: Path, steps: int, prefetched: int, pin: bool) -> dict[str, float]:
+    """Step images/s fed by each layout's loader, by one pre-made batch of views on the device (synthetic), and
+    by one loaded batch repeated through the device augmentation (augmented)."""
+    d, batch, workers = cfg.data, cfg.train.batch_size, cfg.data.num_workers
+    with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
+        trainer = Trainer(cfg, sampler, Path(run_dir))
+        device = trainer.accelerator.device
+        made = (torch.randn(batch, 3, d.image_size, d.image_size, device=device),) * 2
+        plain = two_view_pipeline(d.image_size, cfg.augment, d.mean, d.std, "workers")
+        step = {"synthetic": trainer.images_per_second([(made, torch.zeros(batch))] * (2 + steps), plain, steps, 2)}
+        # one loaded batch, repeated, through the device augmentation: the step and the augmentation
+        # without the loader, so that P4 from it measures what reading and decoding cost the step
+        loader = seeded_loader(datasets["shards"], sampler, workers, pin)
+        loaded = next(iter(loader))
+        del loader
+        step["augmented"] = trainer.images_per_second([loaded] * (2 + steps), views, steps, 2)
+        for layout in ("shards", "folder"):
+            loader = seeded_loader(datasets[layout], sampler, workers, pin)
+            step[layout] = trainer.images_per_second(loader, views, steps, prefetched)
+            del loader
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", default=str(ROOT / "data" / "sample"), help="the sample dataset's folder")
@@ -116,8 +157,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per measurement")
     parser.add_argument("--index", type=int, default=INDEX_SAMPLES, help="samples of the index measured for memory")
     parser.add_argument("--tmp", default=None, help="folder for the generated data (default: the system's)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the step and the device augmentation run (cuda: the first GPU)")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the 224 px set")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated timm models stepped on the 224 px set (default: the sample recipe's)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+                        help="the steps' train.mixed_precision")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes that write the JPEGs")
     args = parser.parse_args()
-    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    elif not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    pin = args.device == "cuda"
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
@@ -128,16 +181,19 @@ def main() -> None:
 
         base = sample_config()
         base.data.root, base.data.num_workers = args.sample, args.workers
-        sets: dict[str, tuple[PretrainConfig, int]] = {"sample (28 px PNG)": (base, 128)}
+        base.train = dataclasses.replace(base.train, mixed_precision=args.mixed_precision)
+        sets: dict[str, tuple[PretrainConfig, int, list[str]]] = {"sample (28 px PNG)": (base, 128, [base.model.name])}
         if args.synthetic:
             cfg = dataclasses.replace(base, data=dataclasses.replace(
-                base.data, root=str(synthetic_jpegs(tmp / "jpegs", args.synthetic)), format="imagefolder",
+                base.data, root=str(synthetic_jpegs(tmp / "jpegs", args.synthetic, args.jobs)), format="imagefolder",
                 train_split="train", image_size=224, num_classes=0))
             cfg.model = dataclasses.replace(base.model, patch_size=16)
-            sets[f"synthetic ({args.synthetic} JPEGs, 224 px)"] = (cfg, 32)
+            models = args.models.split(",") if args.models else [base.model.name]
+            sets[f"synthetic ({args.synthetic} JPEGs, 224 px)"] = (cfg, args.batch, models)
 
         writer, loader_rows, step_rows = [], [], []
-        for name, (cfg, batch) in sets.items():
+        prefetched = 2 + 2 * args.workers  # untimed steps of a loader-fed step: past the workers' prefetch queue
+        for name, (cfg, batch, models) in sets.items():
             cfg.train = dataclasses.replace(cfg.train, batch_size=batch)
             d = cfg.data
             out = tmp / f"shards-{len(writer)}"
@@ -155,38 +211,29 @@ def main() -> None:
             for cache in ("cold", "warm"):
                 for layout in (("folder", "shards") if cache == "cold" else ("shards", "folder")):
                     set_cache(files_of(layouts[layout], d.train_split), cold=cache == "cold")
-                    loader = seeded_loader(datasets[layout], sampler, args.workers)
+                    loader = seeded_loader(datasets[layout], sampler, args.workers, pin)
                     speed[(layout, cache)] = loader_alone(loader, sampler, args.batches, 2)
                     del loader
             for cache in ("cold", "warm"):
                 folder, shard = speed[("folder", cache)], speed[("shards", cache)]
                 loader_rows.append([name, cache, f"{folder:.0f}", f"{shard:.0f}", f"{shard / folder:.2f}"])
-            with tempfile.TemporaryDirectory(dir=tmp) as run_dir:
-                trainer = Trainer(cfg, sampler, Path(run_dir))
-                synthetic = [((torch.randn(batch, 3, d.image_size, d.image_size),) * 2, torch.zeros(batch))]
-                plain = two_view_pipeline(d.image_size, cfg.augment, d.mean, d.std, "workers")
-                step = {"synthetic": trainer.images_per_second(synthetic * (2 + args.steps), plain, args.steps, 2)}
-                # one loaded batch, repeated, through the device augmentation: the step and the augmentation
-                # without the loader, so that P4 from it measures what reading and decoding cost the step
-                loader = seeded_loader(datasets["shards"], sampler, args.workers)
-                loaded = next(iter(loader))
-                del loader
-                step["augmented"] = trainer.images_per_second([loaded] * (2 + args.steps), views, args.steps, 2)
-                for layout in ("shards", "folder"):
-                    loader = seeded_loader(datasets[layout], sampler, args.workers)
-                    step[layout] = trainer.images_per_second(loader, views, args.steps, 2)
-                    del loader
-            step_rows.append([name, f"{step['folder']:.0f}", f"{step['shards']:.0f}", f"{step['synthetic']:.0f}",
-                              f"{step['augmented']:.0f}", f"{100 * step['folder'] / step['synthetic']:.0f} %",
-                              f"{100 * step['shards'] / step['synthetic']:.0f} %",
-                              f"{100 * step['shards'] / step['augmented']:.0f} %"])
+            for model in models:
+                cfg.model = dataclasses.replace(cfg.model, name=model)
+                step = step_speeds(cfg, sampler, views, datasets, tmp, args.steps, prefetched, pin)
+                step_rows.append([name, model, f"{step['folder']:.0f}", f"{step['shards']:.0f}",
+                                  f"{step['synthetic']:.0f}", f"{step['augmented']:.0f}",
+                                  f"{100 * step['folder'] / step['synthetic']:.0f} %",
+                                  f"{100 * step['shards'] / step['synthetic']:.0f} %",
+                                  f"{100 * step['shards'] / step['augmented']:.0f} %"])
 
+    where = torch.cuda.get_device_name() if pin else "the CPU"
     print(f"### Shards against folders: {os.cpu_count()} CPUs, load average {load[0]:.1f} at the start, "
-          f"{args.workers} loader workers, torch {torch.__version__}\n")
+          f"{args.workers} loader workers, step and device augmentation on {where}, mixed precision "
+          f"{args.mixed_precision}, torch {torch.__version__}\n")
     print(markdown_table(["set", "images", "shards", "writer images/s"], writer))
     print("\n" + markdown_table(["set", "page cache", "folder images/s", "shards images/s", "shards / folder"],
                                 loader_rows))
-    print("\n" + markdown_table(["set", "folder step images/s", "shards step images/s", "synthetic images/s",
+    print("\n" + markdown_table(["set", "model", "folder step images/s", "shards step images/s", "synthetic images/s",
                                  "augmented images/s", "folder / synthetic", "shards / synthetic (P4)",
                                  "shards / augmented"], step_rows))
     print("\n" + markdown_table(
