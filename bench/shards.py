@@ -10,7 +10,8 @@ Step: the library's loop (bench/input_pipeline.py's Trainer) on the sample recip
 loader, the shard loader, or one pre-made batch of views (synthetic: no augmentation), or one loaded batch repeated
 through the device augmentation (augmented: no loader; shards / augmented is the loader's own cost to the
 step, shards / synthetic also counts the augmentation, which runs on the CPU unless `--device cuda`); at 224 px
-with patch 16, batch `--batch` and each of `--models`. The timed steps of a loader-fed step start after the
+with patch 16, batch `--batch`, and the sample recipe's ViT (128 wide, 4 blocks) or each of `--models` (timm's
+own architecture of that name). The timed steps of a loader-fed step start after the
 batches its workers prefetch (2 per worker), so that they read the loader's steady state, not its queue.
 Memory: a 10 M-sample index (numbers only, one empty shard) opened by the reader: array bytes and RSS growth.
 
@@ -161,7 +162,8 @@ def main() -> None:
                         help="where the step and the device augmentation run (cuda: the first GPU)")
     parser.add_argument("--batch", type=int, default=32, help="batch of the 224 px set")
     parser.add_argument("--models", default=None,
-                        help="comma-separated timm models stepped on the 224 px set (default: the sample recipe's)")
+                        help="comma-separated timm models stepped on the 224 px set, each with timm's own width and "
+                             "depth (default: the sample recipe's 128-wide, 4-block ViT)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
                         help="the steps' train.mixed_precision")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes that write the JPEGs")
@@ -182,13 +184,14 @@ def main() -> None:
         base = sample_config()
         base.data.root, base.data.num_workers = args.sample, args.workers
         base.train = dataclasses.replace(base.train, mixed_precision=args.mixed_precision)
-        sets: dict[str, tuple[PretrainConfig, int, list[str]]] = {"sample (28 px PNG)": (base, 128, [base.model.name])}
+        recipe = "the sample recipe's ViT"  # its model.kwargs: 128 wide, 4 blocks
+        sets: dict[str, tuple[PretrainConfig, int, list[str]]] = {"sample (28 px PNG)": (base, 128, [recipe])}
         if args.synthetic:
             cfg = dataclasses.replace(base, data=dataclasses.replace(
                 base.data, root=str(synthetic_jpegs(tmp / "jpegs", args.synthetic, args.jobs)), format="imagefolder",
                 train_split="train", image_size=224, num_classes=0))
             cfg.model = dataclasses.replace(base.model, patch_size=16)
-            models = args.models.split(",") if args.models else [base.model.name]
+            models = args.models.split(",") if args.models else [recipe]
             sets[f"synthetic ({args.synthetic} JPEGs, 224 px)"] = (cfg, args.batch, models)
 
         writer, loader_rows, step_rows = [], [], []
@@ -218,7 +221,8 @@ def main() -> None:
                 folder, shard = speed[("folder", cache)], speed[("shards", cache)]
                 loader_rows.append([name, cache, f"{folder:.0f}", f"{shard:.0f}", f"{shard / folder:.2f}"])
             for model in models:
-                cfg.model = dataclasses.replace(cfg.model, name=model)
+                if model != recipe:  # timm's own architecture, not the recipe's width and depth
+                    cfg.model = dataclasses.replace(cfg.model, name=model, kwargs={})
                 step = step_speeds(cfg, sampler, views, datasets, tmp, args.steps, prefetched, pin)
                 step_rows.append([name, model, f"{step['folder']:.0f}", f"{step['shards']:.0f}",
                                   f"{step['synthetic']:.0f}", f"{step['augmented']:.0f}",
