@@ -156,8 +156,15 @@ def unsafe_load_reason(error: BaseException) -> str:
 def unreadable_file(path: Path) -> str:
     """Why the first file of checkpoint `path` that is not plain data is refused ('' when all are): JSON,
     safetensors, or a torch file that torch's weights-only unpickler accepts (with the numpy RNG types
-    accelerate allows). A pickled object is refused, never executed; a file cut short is called so."""
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+    accelerate allows). A pickled object is refused, never executed; a file cut short is called so. Only the
+    checkpoint's own files are read, those its state file lists (all at its top for one written before the list
+    was kept): nothing else in the folder is loaded on resume, so nothing else is judged."""
+    top = {p.name for p in Path(path).iterdir() if p.is_file()}
+    try:
+        listed = set(json.loads((Path(path) / STATE_FILE).read_text()).get("files") or top)
+    except (OSError, ValueError, AttributeError):  # missing_file names the unreadable state file
+        listed = top
+    for file in sorted(Path(path) / name for name in listed & top):
         try:
             if file.suffix == ".json":
                 json.loads(file.read_text())

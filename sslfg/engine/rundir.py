@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sslfg.config import ConfigError
-from sslfg.engine.checkpoint import checkpoint_dirs
+from sslfg.engine.checkpoint import STATE_FILE, checkpoint_dirs
 
 LOCK_FILE = ".sslfg-run.lock"
 RUN_CONFIG = "config.yaml"  # a run's settings, as `save_config` writes them
@@ -52,7 +52,8 @@ def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Seq
     """ConfigError for an output folder a run must not fill: empty (an unset shell variable), the current
     folder, the code's folder or one above them, where the run's files would land among others, or a dataset
     folder the command reads (`reads`, see `data_roots`) or one inside it, where a folder layout would read
-    the run's figures as images the next time. The message ends with `example` (default `<key>=runs/my_run`)."""
+    the run's figures as images the next time, or a checkpoint folder or one inside it. The message ends with
+    `example` (default `<key>=runs/my_run`)."""
     example = example or f"{key}=runs/my_run"
     if not str(output_dir).strip():
         raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. {example}")
@@ -61,6 +62,10 @@ def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Seq
         raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "
                           f"them, where the run would mix its files with others; name a folder of its own, e.g. "
                           f"{example}")
+    inside = next((f for f in (folder, *folder.parents) if (f / STATE_FILE).is_file()), None)
+    if inside is not None:  # resume reads that folder: it holds the checkpoint's files and nothing else
+        raise ConfigError(f"{key}: '{output_dir}' is inside the checkpoint folder '{inside}', which holds a "
+                          f"checkpoint's files and nothing else; name a folder outside it, e.g. {example}")
     for root in filter(None, reads):
         if Path(root).resolve() in (folder, *folder.parents):
             raise ConfigError(f"{key}: '{output_dir}' is inside the dataset folder '{root}' that this command reads; "

@@ -131,14 +131,16 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
 
 
 def output_dir(cfg: EvalConfig, info: dict[str, Any]) -> Path:
-    """`output_dir`, else <run>/eval (eval-random, eval-pixels) for a run directory, else runs/eval/pixels or
+    """`output_dir`, else <run>/eval (eval-random, eval-pixels) for a run directory, <run>/eval-step_N for its
+    checkpoint folder step_N (which holds the checkpoint's files and nothing else), else runs/eval/pixels or
     runs/eval/<model>-<init>; `info` needs "backbone" (the timm name)."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     pixels = cfg.features.kind == PIXELS
     if ckpt is not None and ckpt.is_dir():
-        return ckpt / ("eval-pixels" if pixels else "eval-random" if cfg.random_init else "eval")
+        name = "eval-pixels" if pixels else "eval-random" if cfg.random_init else "eval"
+        return ckpt.parent.parent / f"{name}-{ckpt.name}" if (ckpt / STATE_FILE).is_file() else ckpt / name
     if pixels:
         return Path("runs/eval/pixels")
     init = "random" if cfg.random_init else "pretrained" if cfg.pretrained else ckpt.stem

@@ -315,6 +315,30 @@ def test_truncated_checkpoint_file_is_called_truncated(name: str, two_checkpoint
     assert f"previous complete checkpoint is {first}" in message, message
 
 
+def test_evaluating_a_checkpoint_folder_leaves_it_as_it_was_and_resumable(two_checkpoints: Path, tiny_data: Path,
+                                                                         tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: eval.knn on <run>/checkpoints/step_N wrote its eval/ folder (with a lock file) into the
+    checkpoint, and the resume refused the lock file as 'pickled code', advising to start afresh. Now the
+    evaluation writes <run>/eval-step_N, no command writes inside a checkpoint folder, and a file that is not
+    the checkpoint's (one its state file does not list) is not judged on resume."""
+    out = copy_run(two_checkpoints, tmp_path)
+    _, last = checkpoint_dirs(out)
+    before = snapshot(last)
+    evaluation = ["--checkpoint", str(last), *data_args(tiny_data), "knn.figures=false"]
+    assert knn.main(evaluation)["knn.k5.top1"] >= 0
+    assert snapshot(last) == before and (out / f"eval-{last.name}" / "knn.json").is_file()
+    for inside in (last, last / "eval"):
+        message = user_error(knn.main, [*evaluation, f"output_dir={inside}"], capsys)
+        assert message.startswith(f"output_dir: '{inside}' is inside the checkpoint folder '{last}'"), message
+    assert snapshot(last) == before and not (last / "eval").exists()
+    (last / "notes.txt").write_text("mine")  # not the checkpoint's: the resume neither loads nor refuses it
+    (last / "eval").mkdir()
+    (last / "eval" / LOCK_FILE).write_text("{}")
+    resumed = train_ssl.main(pretrain_args(tiny_data, out, **{"resume": "auto", "train.max_steps": 3}))
+    assert resumed is None and checkpoint_dirs(out)[-1].name == "step_00000003"
+
+
 def test_run_folder_without_config_says_so(two_checkpoints: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """Old code: 'data.root must be set'."""
