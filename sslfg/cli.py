@@ -160,7 +160,8 @@ def parse_eval_cli(argv: Sequence[str] | None, description: str, options: Sequen
     parser.add_argument("--random-init", action="store_true", help="random weights: the floor")
     parser.add_argument("--pretrained", action="store_true", help="timm's weights for --model (name.tag or "
                         "hf-hub:org/repo) from the Hugging Face cache")
-    parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON here")
+    parser.add_argument("--output", metavar="PATH", help="also write the metrics JSON to this .json file (a "
+                        "file of its own: never one the command did not write)")
     for flag, key, kind, text in options:
         parser.add_argument(flag, dest=key, type=kind, metavar=key.rpartition(".")[2].upper(), help=f"{text} ({key})")
     _add_common(parser)

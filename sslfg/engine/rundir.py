@@ -48,17 +48,17 @@ def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", ki
 
 
 def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Sequence[str] = (),
-                     example: str = "") -> None:
+                     example: str = "", shared: bool = False) -> None:
     """ConfigError for an output folder a run must not fill: empty (an unset shell variable), the current
     folder, the code's folder or one above them, where the run's files would land among others, or a dataset
     folder the command reads (`reads`, see `data_roots`) or one inside it, where a folder layout would read
     the run's figures as images the next time, or a checkpoint folder or one inside it. The message ends with
-    `example` (default `<key>=runs/my_run`)."""
+    `example` (default `<key>=runs/my_run`). `shared`: the folder of one file, which may lie among others."""
     example = example or f"{key}=runs/my_run"
     if not str(output_dir).strip():
         raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. {example}")
     folder, here, code = Path(output_dir).resolve(), Path.cwd().resolve(), Path(__file__).resolve().parents[2]
-    if folder in (here, *here.parents, code, *code.parents):
+    if not shared and folder in (here, *here.parents, code, *code.parents):
         raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "
                           f"them, where the run would mix its files with others; name a folder of its own, e.g. "
                           f"{example}")
@@ -195,15 +195,17 @@ def _owner(fd: int) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def ensure_writable(folder: str | Path, key: str = "output_dir") -> Path:
+def ensure_writable(folder: str | Path, key: str = "output_dir", create: bool = True) -> Path:
     """Creates `folder` and proves a file can be written in it (a full disk, a read-only mount or a
-    path through a file fail here, not hours later); ConfigError naming `key` and the folder."""
+    path through a file fail here, not hours later); ConfigError naming `key` and the folder. Without
+    `create`, nothing is made: the proof is written in its nearest existing folder."""
     folder = Path(folder)
     try:
-        if not folder.exists():
+        if create and not folder.exists():
             folder.mkdir(parents=True, exist_ok=True)
             _created.add(folder.resolve())
-        probe = folder / f".write-test-{os.getpid()}"
+        where = next(f for f in (folder, *folder.parents) if f.exists())
+        probe = where / f".write-test-{os.getpid()}"
         try:
             probe.write_bytes(b"0" * 4096)
         finally:

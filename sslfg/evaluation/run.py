@@ -4,6 +4,7 @@ and the run of an eval command from its arguments to its metrics (`run_evaluatio
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,10 +206,31 @@ def record(cfg: EvalConfig, info: dict[str, Any], protocol: dict[str, Any], metr
 
 
 def write_metrics(out_dir: Path, name: str, data: dict, extra: str = "") -> Path:
-    """Writes <out_dir>/<name>.json (and `extra` when set) atomically."""
+    """Writes <out_dir>/<name>.json (and `extra` when set, its folder made now) atomically."""
     if extra:
+        Path(extra).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(extra), data)
     return write_json(out_dir / f"{name}.json", data)
+
+
+def check_metrics_file(path: str, name: str, reads: Sequence[str]) -> None:
+    """ConfigError for an `output` (--output) that eval.<name> must not write its metrics JSON to: not a .json
+    name, a folder, an existing file that is not a metrics file of eval.<name> (a command never overwrites a file
+    it did not write: a backbone, a config, a dataset's csv), or a path inside a dataset or checkpoint folder."""
+    target, example = Path(path), f"--output results/{name}.json"
+    if target.suffix != ".json" or target.is_dir():
+        what = "a folder" if target.is_dir() else "not a .json file name"
+        raise ConfigError(f"output: '{path}' is {what}; --output names the file that also gets the metrics JSON, "
+                          f"e.g. {example} (output_dir names the folder)")
+    if target.exists():
+        try:
+            ours = json.loads(target.read_text()).get("command") == name
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ConfigError(f"output: '{path}' exists and is not a metrics file of eval.{name}, and a command never "
+                              "overwrites a file it did not write; choose another path or move the file away")
+    check_output_dir(target, "output", reads, example, shared=True)
 
 
 def run_evaluation(argv: Sequence[str] | None, description: str, name: str, measure: Measure,
@@ -230,12 +252,14 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     out = eval_output_dir(cfg)
     # output_dir set empty (an unset variable?) is refused, as one inside the data
     check_output_dir(cfg.output_dir if "output_dir" in sources else out, reads=data_roots(cfg))
+    if cfg.output:
+        check_metrics_file(cfg.output, name, data_roots(cfg))
     if not args.check:  # before any time is spent
         ensure_writable(out)
         if accelerator.is_main_process:
             claim_run_dir(out, "eval")
         if cfg.output:
-            ensure_writable(Path(cfg.output).parent, "output")
+            ensure_writable(Path(cfg.output).parent, "output", create=False)
     vit, info = build_backbone(cfg)
     datasets = EvalDatasets(cfg.data, cfg.features.crop_ratio)
     splits = {split: datasets[split] for split in (cfg.data.train_split, cfg.data.test_split)}

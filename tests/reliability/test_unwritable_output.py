@@ -8,6 +8,7 @@ import builtins
 import errno
 import importlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -99,3 +100,41 @@ def test_unwritable_output_file_of_an_evaluation(tiny_data: Path, tmp_path: Path
     message = user_error(main, [*args(tiny_data, tmp_path / "eval"), "--output", str(tmp_path / "file" / "m.json")],
                          capsys)
     assert f"output: cannot write to '{tmp_path / 'file'}'" in message and extract.calls == 0
+
+
+@pytest.mark.parametrize("target", ["weights", "csv", "image", "text", "folder", "checkpoint"])
+def test_output_never_overwrites_a_file_it_did_not_write(target: str, tiny_data: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: `--output` replaced any file with the metrics JSON (a backbone, a dataset's csv or image, a
+    checkpoint's state file) and exit 0; an existing folder was a traceback after the whole evaluation."""
+    extract = Recorder(knn_transfer.split_features)
+    monkeypatch.setattr(knn_transfer, "split_features", extract)
+    main, args, _ = ENTRIES["eval.knn"]
+    weights, ckpt = tmp_path / "run" / "backbone.safetensors", tmp_path / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "train_state.json").write_text('{"step": 1}')
+    weights.write_bytes(b"weights")
+    path = {"weights": weights, "csv": tiny_data / "test.csv", "image": next((tiny_data / "images").rglob("*.png")),
+            "text": tmp_path / "notes.json", "folder": tmp_path / "run", "checkpoint": ckpt / "knn.json"}[target]
+    if target == "text":
+        path.write_text('{"mine": 1}')
+    before = {p: p.read_bytes() for p in (weights, tiny_data / "test.csv", path) if p.is_file()}
+    message = user_error(main, [*args(tiny_data, tmp_path / "eval"), "--output", str(path)], capsys)
+    assert message.startswith(f"output: '{path}'"), message
+    expected = {"weights": "not a .json file name", "csv": "not a .json file name", "image": "not a .json file name",
+                "text": "is not a metrics file of eval.knn", "folder": "is a folder",
+                "checkpoint": "is inside the checkpoint folder"}[target]
+    assert expected in message and extract.calls == 0
+    assert {p: p.read_bytes() for p in before} == before and not (ckpt / "knn.json").exists()
+
+
+def test_output_rewrites_its_own_metrics_file_and_makes_its_folder_only_when_writing(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main, args, _ = ENTRIES["eval.knn"]
+    path = tmp_path / "results" / "new" / "knn.json"
+    user_error(main, [*args(tiny_data, tmp_path / "bad"), "data.train_split=nope", "--output", str(path)], capsys)
+    assert not (tmp_path / "results").exists()  # a command that fails at start-up leaves no folder
+    first = main([*args(tiny_data, tmp_path / "eval"), "--output", str(path)])
+    again = main([*args(tiny_data, tmp_path / "eval2"), "--output", str(path)])  # its own file: rewritten
+    assert first["knn.k5.top1"] == again["knn.k5.top1"] and json.loads(path.read_text())["command"] == "knn"
