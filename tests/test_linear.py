@@ -202,6 +202,15 @@ def test_full_mode_end_to_end_resumes_exactly(tiny_data: Path, tmp_path: Path,
     assert "linear.resume=auto" in capsys.readouterr().err
 
     shutil.rmtree(last)  # interrupted after the first epoch
+    weights = tmp_path / "other.safetensors"  # another backbone of the same shape: its head is not continued
+    vit = create_vit("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2,
+                                              "num_heads": 2})
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
+    other = tiny_args(tiny_data, tmp_path, "linear.mode=full", "linear.resume=auto",
+                      backbone=("--checkpoint", str(weights), *TINY[1:]))
+    assert run_cli(linear.main, other) == 2
+    err = capsys.readouterr().err
+    assert "linear.resume:" in err and f"checkpoint:  → {weights}" in err and "random_init: True → False" in err, err
     resumed = linear.main([*args, "linear.resume=auto"])
     assert resumed["protocol.resumed_from_step"] == 3
     assert resumed["linear.top1"] == straight["linear.top1"] and resumed["linear.top5"] == straight["linear.top5"]

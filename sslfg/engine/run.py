@@ -34,7 +34,10 @@ from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
 # sections and keys a checkpoint's state must be loaded into as saved (the image size: the position embedding)
-ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size")
+# What a resumed run must share with the run it continues: the architecture and, for an evaluation's run (the
+# full linear probe), the backbone it reads (a head trained on one backbone's features is not continued on another's)
+ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size", "checkpoint", "random_init", "pretrained",
+                "features.kind")
 
 
 @dataclass
