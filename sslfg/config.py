@@ -34,6 +34,8 @@ _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 # the ranges most schema fields use (`bounded`); RATE: dropout, smoothing, momentum, betas: 1 would stop learning
 AT_LEAST_1, NON_NEGATIVE, POSITIVE = "[1, inf)", "[0, inf)", "(0, inf)"
 PROBABILITY, RATE = "[0, 1]", "[0, 1)"
+SEED = "[0, 4294967295]"  # numpy seeds its generators with 32 bits
+IMAGE_SIDE = "[1, 4096]"  # pixels: 4096 px is 65,536 patches of 16 px, past any ViT recipe
 
 
 class ConfigError(ValueError):
@@ -207,7 +209,11 @@ def _read(path: Path, chain: list[Path], data: dict[str, Any], sources: dict[str
         raise ConfigError(f"_base_: expected a path or a list of paths, got {_describe(bases)} (in {name})")
     for base in bases:
         _read(path.parent / base, [*chain, path], data, sources)
-    _merge(data, raw, name, sources)
+    try:
+        _merge(data, raw, name, sources)
+    except RecursionError:  # an alias inside its own anchor (`a: &x {b: *x}`): a structure without end
+        raise ConfigError(f"{name}{where}: a YAML alias refers to the mapping it is in (an endless structure); "
+                          "write the keys out") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -221,15 +227,20 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _merge(dst: dict[str, Any], src: dict, source: str, sources: dict[str, str], prefix: str = "") -> None:
-    """Deep-merge `src` into `dst` (mappings update, other values replace), noting each key's source."""
+    """Deep-merge `src` into `dst` (mappings update, other values replace), noting each key's source. Keys set
+    inside a key that an earlier source gave another value (`train: null`) are a ConfigError naming that
+    source: the value is not silently replaced by the mapping, and the keys it would have held are not lost."""
     for key, value in src.items():
         dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key in dst and not isinstance(dst[key], dict):
+            raise ConfigError(f"{dotted}: expected a mapping of keys, got {_describe(dst[key])} (in "
+                              f"{sources.get(dotted, _DEFAULT)}) but keys inside it are set (in {source}); give "
+                              f"{dotted} as a mapping there, or drop that line")
         sources[dotted] = source
         if not isinstance(value, dict):
             dst[key] = value
             continue
-        if not isinstance(dst.get(key), dict):
-            dst[key] = {}
+        dst.setdefault(key, {})
         _merge(dst[key], value, source, sources, dotted + ".")
 
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from sslfg.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, RATE, Relation, bounded
+from sslfg.config import AT_LEAST_1, IMAGE_SIDE, NON_NEGATIVE, POSITIVE, PROBABILITY, RATE, SEED, Relation, bounded
 from sslfg.data.images import MAX_PIXELS
 from sslfg.method_config import MethodConfig
 from sslfg.models.backbone import sizes_near
@@ -55,7 +55,7 @@ class DataConfig:
     val_split: str = "val"  # with a `train` split, what choices (the probe's lr, the fine-tuning init) are made on
     test_split: str = "test"  # the split the reported numbers are measured on
     num_classes: int = bounded(NON_NEGATIVE, 0)  # 0: infer from the data
-    image_size: int = bounded(AT_LEAST_1, 224)  # side of the square images the model sees, in pixels
+    image_size: int = bounded(IMAGE_SIDE, 224)  # side of the square images the model sees, in pixels
     # per-channel mean of the pixels in [0, 1], for the normalisation (python -m sslfg.data.build.stats measures it)
     mean: tuple[float, float, float] = bounded("[0, 1]", IMAGENET_MEAN)
     std: tuple[float, float, float] = bounded("(0, 1]", IMAGENET_STD)  # per-channel std of the pixels in [0, 1]
@@ -193,7 +193,7 @@ class PretrainConfig:
     """Everything `train_ssl.py` reads."""
 
     output_dir: str = "runs/pretrain"  # the run directory: config.yaml, checkpoints, metrics, exported backbone
-    seed: int = bounded(NON_NEGATIVE, 0)  # of every random draw: weights, data order, augmentations
+    seed: int = bounded(SEED, 0)  # of every random draw: weights, data order, augmentations
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -301,7 +301,7 @@ class EvalConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs of `model` (embed_dim, ...)
     output_dir: str = ""  # default: <run>/eval, or runs/eval/<model>-<init>
     output: str = ""  # also write the metrics JSON here
-    seed: int = bounded(NON_NEGATIVE, 0)  # of the random init, the held-out selection split and the figures
+    seed: int = bounded(SEED, 0)  # of the random init, the held-out selection split and the figures
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -373,7 +373,7 @@ class FinetuneConfig:
     """Everything `eval.finetune` reads."""
 
     output_dir: str = "runs/finetune"  # the run directory: config.yaml, checkpoints, metrics
-    seed: int = bounded(NON_NEGATIVE, 0)  # of every random draw: head, data order, augmentations
+    seed: int = bounded(SEED, 0)  # of every random draw: head, data order, augmentations
     resume: str = ""  # "" | "auto" | path to a checkpoint directory
     init: str = ""  # an sslfg run directory, a weights file (with model.name), or "" for scratch
     eval_only: bool = False  # evaluate the newest checkpoint (or `resume`) on the test split
@@ -451,7 +451,7 @@ class StudyConfig:
     # data keys set in the dataset recipe and in every arm, before the arm's own (e.g. {format: shards, root:
     # data/sample_shards} runs the study on a sharded copy of its data without copying the recipes)
     data: dict[str, Any] = field(default_factory=dict)
-    seeds: list[int] = bounded(NON_NEGATIVE, factory=lambda: [0])  # every arm runs once per seed
+    seeds: list[int] = bounded(SEED, factory=lambda: [0])  # every arm runs once per seed
     pretrain: StudyPretrainConfig = field(default_factory=StudyPretrainConfig)
     evaluate: StudyEvalConfig = field(default_factory=StudyEvalConfig)
     finetune: StudyFinetuneConfig = field(default_factory=StudyFinetuneConfig)

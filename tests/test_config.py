@@ -156,6 +156,23 @@ def test_mapping_for_scalar_and_scalar_for_section() -> None:
     assert error(None, ["extra=3"]).startswith("extra: expected dict[str, Any], got int 3")
 
 
+def test_keys_inside_a_key_set_to_another_value_are_an_error_naming_both_sources(tmp_path: Path) -> None:
+    """Old code: `inner: null` in a recipe, then inner.* on the command line, dropped every inner key the base
+    recipe set (silently, as schema defaults); without the override it was an error."""
+    write(tmp_path / "base.yaml", "inner: {ratio: 0.75}\n")
+    recipe = write(tmp_path / "recipe.yaml", "_base_: base.yaml\ninner: null\n")
+    expected = f"inner: expected a mapping of keys, got null (in {recipe})"
+    assert error(recipe, []) == expected
+    assert error(recipe, ["inner.mode=b"]) == (f"{expected} but keys inside it are set (in command line); give "
+                                               "inner as a mapping there, or drop that line")
+
+
+def test_a_recursive_alias_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    recipe = write(tmp_path / "recipe.yaml", "inner: &a\n  b: *a\n")  # old code: RecursionError
+    assert error(recipe, []) == (f"{recipe}: a YAML alias refers to the mapping it is in (an endless structure); "
+                                 "write the keys out")
+
+
 def test_literal_lists_the_options() -> None:
     assert error(None, ["train.mixed_precision=fp32"], PretrainConfig) == (
         "train.mixed_precision: expected one of 'no', 'fp16', 'bf16', got str 'fp32' (in command line)"
@@ -346,7 +363,9 @@ OUT_OF_RANGE = [
     ("augment.random_erasing=-0.1", FinetuneConfig, "expected a number in [0, 1], got -0.1"),
     ("augment.resize_ratio=0.9", FinetuneConfig, "expected a number ≥ 1, got 0.9"),
     ("data.num_workers=-1", PretrainConfig, "expected an integer ≥ 0, got -1"),
-    ("data.image_size=0", EvalConfig, "expected an integer ≥ 1, got 0"),
+    ("data.image_size=0", EvalConfig, "expected an integer in [1, 4096], got 0"),
+    ("data.image_size=100000", PretrainConfig, "expected an integer in [1, 4096], got 100000"),  # timm's traceback
+    ("seed=4294967296", PretrainConfig, "expected an integer in [0, 4294967295], got 4294967296"),  # numpy's
     ("model.top_k=0", FinetuneConfig, "expected an integer ≥ 1, got 0"),
     ("model.adapter_width=0", FinetuneConfig, "expected an integer ≥ 1, got 0"),
     ("linear.val_fraction=1", EvalConfig, "expected a number in (0, 1), got 1"),
@@ -369,7 +388,7 @@ def test_a_number_out_of_its_range_names_key_value_range_and_source(override: st
     ("linear.lrs=[0.1, -1]", EvalConfig, "linear.lrs[1]: expected a number > 0, got -1"),
     ("augment.jitter=[0.4, 0.4, 0.2, 0.6]", PretrainConfig,
      "augment.jitter[3]: expected a number in [0, 0.5], got 0.6"),
-    ("seeds=[0, -1]", StudyConfig, "seeds[1]: expected an integer ≥ 0, got -1"),
+    ("seeds=[0, -1]", StudyConfig, "seeds[1]: expected an integer in [0, 4294967295], got -1"),
 ])
 def test_each_item_of_a_list_or_tuple_is_checked(override: str, schema: type, expected: str) -> None:
     assert error(None, [override], schema) == f"{expected} (in command line)"

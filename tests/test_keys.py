@@ -28,7 +28,7 @@ def test_every_key_is_listed_with_its_type_default_and_range(schema: type) -> No
     for doc in docs.values():
         assert f"{doc.key} ({doc.type}) = {doc.default!r}" in text
     if schema is PretrainConfig:
-        assert docs["data.image_size"].range == "[1, inf)" and docs["data.image_size"].default == 224
+        assert docs["data.image_size"].range == "[1, 4096]" and docs["data.image_size"].default == 224
         assert docs["data.format"].type == "one of csv, imagefolder, folder, shards"
         assert docs["augment.crop_scale"].default == [0.08, 1.0]
         assert docs["train.knn_every"].meaning.startswith("online kNN (k 20) of the online encoder every n epochs")
