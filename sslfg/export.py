@@ -20,7 +20,7 @@ import yaml
 from timm.models._hub import save_for_hf
 
 from sslfg.config import ConfigError
-from sslfg.engine.rundir import RUN_CONFIG
+from sslfg.engine.rundir import RUN_CONFIG, check_output_dir
 from sslfg.weights import BACKBONE_META, load_backbone
 
 ONNX_FILE = "model.onnx"
@@ -30,7 +30,9 @@ EVAL_DIR = "eval"  # where the frozen-feature evaluations of a run directory wri
 
 
 def check_target(out: Path) -> None:
-    """ConfigError unless `out` is new or an empty folder: the export never writes into a folder it did not make."""
+    """ConfigError unless `out` is new or an empty folder: the export never writes into a folder it did not make
+    (nor one `check_output_dir` refuses)."""
+    check_output_dir(out, "--out", example="--out exports/my_model")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: '{out}' exists and is not an empty folder; give a new folder (the export never "
                           "writes into one it did not create)")

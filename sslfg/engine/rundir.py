@@ -52,11 +52,17 @@ def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Seq
     """ConfigError for an output folder a run must not fill: empty (an unset shell variable), the current
     folder, the code's folder or one above them, where the run's files would land among others, or a dataset
     folder the command reads (`reads`, see `data_roots`) or one inside it, where a folder layout would read
-    the run's figures as images the next time, or a checkpoint folder or one inside it. The message ends with
+    the run's figures as images the next time, a checkpoint folder or one inside it, or a path starting with
+    '~', which no shell expanded (it would be a folder named '~'). The message ends with
     `example` (default `<key>=runs/my_run`). `shared`: the folder of one file, which may lie among others."""
     example = example or f"{key}=runs/my_run"
     if not str(output_dir).strip():
         raise ConfigError(f"{key} is empty (an unset shell variable?); name the run's own folder, e.g. {example}")
+    if str(output_dir).startswith("~"):  # a shell expands ~ only at the start of a word, not after key=
+        home = f"{key}{' ' if key.startswith('-') else '='}$HOME{str(output_dir)[1:]}"
+        raise ConfigError(f"{key}: '{output_dir}' starts with '~', which is not your home folder here (a shell expands "
+                          f"it only at the start of a word, not after '=' or in quotes) but a folder named '~'; "
+                          f"write the path out, e.g. {home}")
     folder, here, code = Path(output_dir).resolve(), Path.cwd().resolve(), Path(__file__).resolve().parents[2]
     if not shared and folder in (here, *here.parents, code, *code.parents):
         raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from sslfg.commands import embed, knn, linear
+from sslfg.commands import export as export_cli
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import pretrain as train_ssl
+from sslfg.data import shards as shards_module
 from sslfg.engine import checkpoint as checkpoint_module
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.preemption import Interrupted, StopSignals
@@ -174,6 +176,27 @@ def test_output_dir_that_is_empty_or_the_current_folder_is_refused(output_dir: s
         message = user_error(main, args, capsys)
         assert "output_dir" in message and "runs/my_run" in message, message
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "summary.json", "work"]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "knn", "export", "shards"])
+def test_an_output_path_starting_with_a_tilde_is_refused(command: str, tiny_data: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: `output_dir=~/runs/x` (no shell expands ~ after '=') wrote a folder named '~' into the current
+    folder, exit 0; so did the shard writer's and the export's --out."""
+    monkeypatch.chdir(tmp_path)
+    key, argv = {
+        "pretrain": ("output_dir", (train_ssl.main, pretrain_args(tiny_data, Path("~/runs/x")))),
+        "knn": ("output_dir", (knn.main, ["--random-init", "--model", "vit_tiny_patch16_224", *TINY,
+                                          *data_args(tiny_data), "output_dir=~/runs/x"])),
+        "export": ("--out", (export_cli.main, ["--checkpoint", str(tmp_path), "--out", "~/runs/x"])),
+        "shards": ("--out", (shards_module.main, ["--config", str(ROOT / "configs" / "datasets" / "sample.yaml"),
+                                                  f"data.root={tiny_data}", "--out", "~/runs/x"])),
+    }[command]
+    main, args = argv
+    message = user_error(main, args, capsys)
+    assert message.startswith(f"{key}: '~/runs/x' starts with '~'"), message
+    assert "$HOME/runs/x" in message and not (tmp_path / "~").exists()
 
 
 def test_study_in_the_current_folder_is_refused(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
