@@ -211,6 +211,9 @@ def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path
         Study(load_config(config, ["finetune.arms.glsim.init=nope"], StudyConfig))
     with pytest.raises(ConfigError, match=r"pretrain.arms: pixels is the name of a floor the study adds itself"):
         Study(load_config(config, ["pretrain.arms={pixels: {}}"], StudyConfig))
+    for kind, typo in (("knn", "bogus=1"), ("linear", "linear.epoch=3")):  # old code: found after the first arm
+        with pytest.raises(ConfigError, match=rf"evaluate.{kind}: unknown key '{typo.split('=')[0]}'"):
+            Study(load_config(config, [f"evaluate.{kind}=[{typo}]"], StudyConfig))
     # no fine-tuning arm to take the supervised reference's recipe from: one line naming the key and both ways out
     bare = write_recipes(tiny_data, tmp_path / "bare", seeds=[0], finetune_arms=False)
     assert run_cli(study_module.main, ["--config", str(bare), "supervised.config=", "pretrain.epochs=1"]) == 2

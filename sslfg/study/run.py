@@ -162,6 +162,8 @@ class Study:
                               f"and {cfg.dataset} has none (data.format={self.data.format}, data.labels="
                               f"{str(self.data.labels).lower()}); name a labelled dataset recipe, and withhold its "
                               "labels from a pretraining arm with data.labels: false")
+        for kind in ("knn", "linear"):  # a typo here stops the study now, not after its first pretraining arm
+            _check(EvalConfig, cfg.dataset, [*self.data_args, *getattr(cfg.evaluate, kind)], f"evaluate.{kind}", None)
         for section in ("pretrain", "finetune"):
             for name in getattr(cfg, section).arms:
                 check_arm_name(section, name)
