@@ -46,8 +46,11 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def read_utf8(path: str | Path, error: type[Exception], fix: str) -> str:
     """The text of the file at `path` (a UTF-8 byte-order mark dropped); `error` naming the line and byte
-    if it is not UTF-8, followed by `fix` ({path} in it is the file)."""
+    if it is not UTF-8, followed by `fix` ({path} in it is the file), or saying it is UTF-16 and how to convert it."""
     raw = Path(path).read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows editors' "Unicode": not Latin-1
+        raise error(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; convert it, e.g. "
+                    f"iconv -f utf-16 -t utf-8 {path} > utf8.txt, then replace the file with utf8.txt.")
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[bom:].decode("utf-8")

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from sslfg.distributed import is_main_process, rank_and_world, world_size
-from sslfg.files import atomic_path, write_json, write_text
+from sslfg.files import atomic_path, read_utf8, write_json, write_text
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -54,3 +54,15 @@ def test_rank_and_world_come_from_the_launcher_before_a_group_exists(monkeypatch
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert rank_and_world() == (0, 1) and is_main_process()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_text_is_named_so_with_its_conversion(encoding, tmp_path):
+    """Old code: 'byte 0 is 0xff', then advice to convert from Latin-1, which garbles UTF-16."""
+    path = tmp_path / "train.csv"
+    path.write_bytes("\ufeffclass_id,dir\n".encode(encoding))  # what Windows editors save as "Unicode"
+    with pytest.raises(ValueError) as info:
+        read_utf8(path, ValueError, "latin-1 advice for {path}")
+    assert str(info.value) == (f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; convert "
+                               f"it, e.g. iconv -f utf-16 -t utf-8 {path} > utf8.txt, then replace the file with "
+                               "utf8.txt.")
