@@ -33,9 +33,9 @@ from sslfg.engine.rundir import RUN_CONFIG, data_roots, prepare_run_dir, release
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
-# sections and keys a checkpoint's state must be loaded into as saved (the image size: the position embedding)
-# What a resumed run must share with the run it continues: the architecture and, for an evaluation's run (the
-# full linear probe), the backbone it reads (a head trained on one backbone's features is not continued on another's)
+# what a resumed run must share with the run that saved the checkpoint: the sections and keys its state is loaded
+# into as saved (the image size: the position embedding) and, for an evaluation's run (the full linear probe), the
+# backbone it reads (a head trained on one backbone's features is not continued on another's)
 ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size", "checkpoint", "random_init", "pretrained",
                 "features.kind")
 
