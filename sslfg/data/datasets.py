@@ -629,7 +629,11 @@ def _read_class_names(path: str) -> list[str]:
             raise DataError(f"{path}, line {line}: class_id {class_id} appears twice.")
         names[class_id] = name
     if sorted(names) != list(range(len(names))):
-        raise DataError(f"{path}: class ids must be exactly 0..{len(names) - 1}, each once.")
+        missing = sorted(set(range(len(names))) - set(names))
+        extra = sorted(set(names) - set(range(len(names))))
+        raise DataError(f"{path}: class ids must be exactly 0..{len(names) - 1}, each once; missing "
+                        f"{', '.join(map(str, missing))}, beyond {len(names) - 1}: {', '.join(map(str, extra))} (ids "
+                        "start at 0 with no gaps: renumber them, in the image csv files too).")
     return [names[i] for i in range(len(names))]
 
 

@@ -81,6 +81,14 @@ def test_class_names_file_with_a_non_ascii_id_is_an_error(tmp_path: Path) -> Non
         build_dataset(_cfg(tmp_path), "train")
 
 
+def test_class_names_file_with_a_gap_names_the_missing_and_the_extra_ids(tmp_path: Path) -> None:
+    """Old code: 'class ids must be exactly 0..2, each once', naming neither."""
+    _csv(tmp_path, "train", "class_id,dir\n0,a.png\n2,b.png\n")
+    (tmp_path / "classid_classname.csv").write_text("class_id,class_name\n0,ant\n2,bee\n3,cat\n")
+    with pytest.raises(DataError, match=r"class ids must be exactly 0..2, each once; missing 1, beyond 2: 3 \(ids"):
+        build_dataset(_cfg(tmp_path), "train")
+
+
 @pytest.mark.parametrize("header", ["class_id,dir,class_id", "class_id,dir,dir", "class_id,dir,note,note"])
 def test_header_naming_a_column_twice_is_an_error(tmp_path: Path, header: str) -> None:
     _csv(tmp_path, "train", f"{header}\n0,a.png,1,x\n1,b.png,0,y\n")
