@@ -495,8 +495,11 @@ SPLIT_FILES = {"csv": ".csv", "shards": ".json"}  # a split of these layouts is 
 
 
 def split_exists(cfg: DataConfig, split: str) -> bool:
-    """Whether `split` of the dataset `cfg` describes is there: its csv file, folder or shard index."""
-    return os.path.exists(os.path.join(cfg.root, split + SPLIT_FILES.get(cfg.format, "")))
+    """Whether `split` of the dataset `cfg` describes is there: its csv file, folder or shard index (a folder named
+    like the file, or a dangling link, is not: `split_not_found` says which)."""
+    suffix = SPLIT_FILES.get(cfg.format, "")
+    path = os.path.join(cfg.root, split + suffix)
+    return os.path.isfile(path) if suffix else os.path.isdir(path)
 
 
 def split_keys(cfg: DataConfig, split: str) -> str:
@@ -517,8 +520,14 @@ def split_not_found(data_format: str, root: str, split: str, key: str = "") -> s
     """What to say when `split` is not a split of the `data_format` dataset in `root`: the key (or option) that
     chose it, what was looked for, the splits there are (a csv folder holding shards of it: data.format=shards)."""
     suffix = SPLIT_FILES.get(data_format, "")
-    names = sorted(e.name.removesuffix(suffix) for e in os.scandir(root) if not e.name.startswith(".")
-                   and e.name != CLASS_NAMES_FILE and (e.name.endswith(suffix) if suffix else e.is_dir()))
+    expected, what = os.path.join(root, f"{split}{suffix}"), "file" if suffix else "folder"
+    if os.path.islink(expected) and not os.path.exists(expected):
+        return (f"{key or 'split'}: {expected} is a link to {os.readlink(expected)}, which does not exist; point it "
+                f"at the split's {what} or remove it")
+    if suffix and os.path.isdir(expected):
+        return f"{key or 'split'}: {expected} is a folder, not the split's {suffix} file; move it away or rename it"
+    names = sorted(e.name.removesuffix(suffix) for e in os.scandir(root) if not e.name.startswith(".") and
+                   e.name != CLASS_NAMES_FILE and (e.name.endswith(suffix) and e.is_file() if suffix else e.is_dir()))
     fix = f"set {key or 'the split'} to one of them"
     if data_format == "csv" and os.path.exists(os.path.join(root, f"{split}.json")):
         fix = "the folder holds tar shards of this split (python -m sslfg.data.shards): set data.format=shards"

@@ -62,6 +62,27 @@ def test_missing_csv_lists_existing_splits(csv_root: Path) -> None:
         CsvSplitDataset(str(csv_root), "val")
 
 
+@pytest.mark.parametrize("kind", ["folder", "dangling link"])
+def test_a_split_csv_that_is_a_folder_or_a_dangling_link_is_named_so(kind: str, csv_root: Path) -> None:
+    """Old code: "'test' is not a split ... (no test.csv there; its csv splits: test, train)", contradicting
+    itself, and naming `split:` instead of the key that chose it."""
+    target = csv_root / "test.csv"
+    if kind == "folder":
+        target.mkdir()
+        expected = rf"data.test_split: {target} is a folder, not the split's .csv file; move it away or rename it"
+    else:
+        target.symlink_to(csv_root / "gone.csv")
+        expected = (rf"data.test_split: {target} is a link to {csv_root / 'gone.csv'}, which does not exist; point "
+                    "it at the split's file or remove it")
+    cfg = DataConfig(root=str(csv_root), train_split="train", test_split="test")
+    with pytest.raises(DataError) as info:
+        build_dataset(cfg, "test")
+    assert str(info.value) == expected
+    _csv(csv_root / "val.csv", "class_id,dir\n0,a/0.png\n")
+    with pytest.raises(DataError, match=r"'nope' is not a split of .* its csv splits: train, val\)"):
+        build_dataset(cfg, "nope")  # the folder or link is not listed as a split
+
+
 def test_missing_column(csv_root: Path) -> None:
     _csv(csv_root / "bad.csv", "label,dir\n0,a/0.png\n")
     with pytest.raises(DataError, match=r"bad\.csv has no column 'class_id'"):
