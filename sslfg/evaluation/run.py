@@ -206,9 +206,8 @@ def record(cfg: EvalConfig, info: dict[str, Any], protocol: dict[str, Any], metr
 
 
 def write_metrics(out_dir: Path, name: str, data: dict, extra: str = "") -> Path:
-    """Writes <out_dir>/<name>.json (and `extra` when set, its folder made now) atomically."""
+    """Writes <out_dir>/<name>.json (and `extra` when set) atomically, making their folders."""
     if extra:
-        Path(extra).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(extra), data)
     return write_json(out_dir / f"{name}.json", data)
 
