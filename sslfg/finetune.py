@@ -21,7 +21,7 @@ from sslfg.config import ConfigError, check_warmup, key_sources
 from sslfg.data.datasets import build_dataset
 from sslfg.data.transforms import denormalize, eval_data_config, finetune_transforms
 from sslfg.engine.accelerator import make_accelerator
-from sslfg.engine.loop import LoopState, steps_per_epoch
+from sslfg.engine.loop import steps_per_epoch
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation.localisation import finetune_test_boxes, glsim_localisation
@@ -178,10 +178,9 @@ def finetune(cfg: FinetuneConfig, check: bool = False, on_summary: Callable[[dic
             images, labels = (b.to(accelerator.device, non_blocking=True) for b in batch)
             return {"loss": classification_loss(model(images), labels, cfg.model.label_smoothing)}
 
-        state = LoopState(schedules=schedules, start_step=step, lr_key="train.lr")
+        state = run.loop_state(schedules, lr_key="train.lr")
         step = run.train(model, optimizer, loader, sampler, t, state, metrics_log, compute_loss)
-        timing = {"train.seconds": round(state.seconds, 2),
-                  "train.images_per_second": state.images_per_second}
+        timing = {f"train.{k}": v for k, v in state.timing().items()}
 
     result = test_accuracy(model, test_ds, accelerator, t.batch_size, cfg.data.num_workers)
     hits = result.pop("hits")

@@ -25,7 +25,7 @@ from sslfg.data.loader import SeededDataset, sample_seed
 from sslfg.data.transforms import denormalize, eval_data_config, local_crop_size
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import checkpoint_dirs
-from sslfg.engine.loop import LoopState, compile_modules, steps_per_epoch
+from sslfg.engine.loop import compile_modules, steps_per_epoch
 from sslfg.engine.run import open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation.online import CROP_RATIO, OnlineKnn, OnlineLocalisation, evaluation_data, evaluation_datasets
@@ -248,7 +248,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
         if online_loc is not None and (s + 1) % (t.loc_every * per_epoch) == 0:
             metrics.log(s + 1, online_loc(method))
 
-    state = LoopState(schedules=schedules, start_step=run.start_step)
+    state = run.loop_state(schedules)
     step = run.train(model, optimizer, loader, sampler, t, state, metrics,
                      lambda batch: model(*views.to_device(batch[0], accelerator.device)),  # device augments here
                      **method_hooks(method, schedules), evaluate=evaluate)
@@ -261,8 +261,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
                         f"kept patches, step {step}")
         summary |= {  # the start-up facts (epochs, global batch, processes, skipped images) are already in it
             "step": step, "total_steps": int(len(schedules["lr"])),
-            "seconds": round(state.seconds, 2),
-            "images_per_second": state.images_per_second,
+            **state.timing(),  # the whole run's, a resumed one's too
             "checkpoint": str(checkpoint_dirs(run_dir)[-1]),
         }
         write_json(run_dir / "summary.json", summary)

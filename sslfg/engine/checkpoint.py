@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
+PROGRESS = ("seconds", "images_seen")  # LoopState's fields a checkpoint keeps
 LEGACY_FILES = ("model.safetensors", "optimizer.bin")  # in every checkpoint written before its files were listed
 STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                   errno.EFBIG: "a file reached the file-size limit"}
@@ -46,11 +47,13 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step_*") if (p / STATE_FILE).is_file()) if folder.is_dir() else []
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int, resume_key: str = "resume") -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int, resume_key: str = "resume",
+                    progress: dict[str, float] | None = None) -> Path:
     """Saves model, optimizer, scaler and RNG states of every process; keeps the newest `keep`. Its state
-    file lists every file with its size, so a file lost or cut short later is found on resume. A write that
-    fails for want of space (or the file-size limit) is a CheckpointWriteError naming `resume_key`; the partial
-    folder is removed."""
+    file lists every file with its size, so a file lost or cut short later is found on resume, and holds
+    `progress` (the loop's training seconds and images so far: a resumed run's summary counts the whole run).
+    A write that fails for want of space (or the file-size limit) is a CheckpointWriteError naming
+    `resume_key`; the partial folder is removed."""
     folder = Path(run_dir) / CHECKPOINTS
     final, tmp = folder / f"step_{step:08d}", folder / f".tmp-step_{step:08d}"
     try:
@@ -62,7 +65,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "files": files}))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(progress or {}), "files": files}))
     except Exception as e:  # whatever the writer raised (safetensors and torch wrap the OSError)
         problem = storage_problem(e, folder)
         if not problem:
@@ -191,3 +194,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path, resume_key: str = "res
         refuse_incomplete(path, problem, resume_key, accelerator.num_processes)
     accelerator.load_state(str(path))
     return int(json.loads((path / STATE_FILE).read_text())["step"])
+
+
+def checkpoint_progress(path: Path) -> dict[str, float]:
+    """The loop's progress saved with the checkpoint at `path` (`save_checkpoint`); {} when it holds none
+    (saved before sslfg kept it)."""
+    state = json.loads((Path(path) / STATE_FILE).read_text())
+    return {k: state[k] for k in PROGRESS} if all(k in state for k in PROGRESS) else {}

@@ -71,13 +71,20 @@ class LoopState:
     start_step: int = 0
     lr_key: str = "train.base_lr"  # the keys a non-finite loss error tells the user to change
     resume_key: str = "resume"
-    images_seen: int = 0
-    seconds: float = 0.0
+    images_seen: int = 0  # all processes together, since step 0 (a resumed run: from its checkpoint)
+    seconds: float | None = 0.0  # training time since step 0; None: unknown (resumed from a checkpoint without it)
 
-    @property
-    def images_per_second(self) -> float:
-        """Training throughput of the loop so far, all processes together."""
-        return round(self.images_seen / max(self.seconds, 1e-9), 1)
+    def progress(self, running: float) -> dict[str, float]:
+        """What a checkpoint keeps of the loop, `running` seconds into the current segment ({}: unknown)."""
+        return {} if self.seconds is None else {"seconds": round(self.seconds + running, 3),
+                                                "images_seen": self.images_seen}
+
+    def timing(self) -> dict[str, float | None]:
+        """Training seconds and throughput of the whole run so far (None when unknown)."""
+        if self.seconds is None:
+            return {"seconds": None, "images_per_second": None}
+        return {"seconds": round(self.seconds, 2),
+                "images_per_second": round(self.images_seen / max(self.seconds, 1e-9), 1)}
 
 
 def compile_modules(modules: Iterable[torch.nn.Module], device: torch.device) -> None:
@@ -178,7 +185,8 @@ def run_loop(
                     bar.set_postfix(epoch=epoch, loss=f"{logged['loss']:.4f}")
                 bar.update(1)
                 if save_now:
-                    checkpoint = save_checkpoint(accelerator, run_dir, step, train.keep_checkpoints, state.resume_key)
+                    checkpoint = save_checkpoint(accelerator, run_dir, step, train.keep_checkpoints, state.resume_key,
+                                                 state.progress(time.perf_counter() - tic))
                 if signum:  # the run ends here: its metrics and progress bar too
                     bar.close()
                     log.close()
@@ -186,7 +194,8 @@ def run_loop(
                 if step >= stop:
                     break
         bar.close()
-        state.seconds += time.perf_counter() - tic
+        if state.seconds is not None:
+            state.seconds += time.perf_counter() - tic
         return step
 
 

@@ -7,7 +7,7 @@ datasets, model, schedules, loss, and what it writes at the end.
     sampler, loader = run.loader(dataset, batch_size)
     model, optimizer = run.start(model, optimizer)
     metrics = run.metrics()
-    step = run.train(model, optimizer, loader, sampler, loop, LoopState(schedules, run.start_step), metrics, loss)
+    step = run.train(model, optimizer, loader, sampler, loop, run.loop_state(schedules), metrics, loss)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data.loader import EpochBatchSampler, seeded_loader
-from sslfg.engine.checkpoint import load_checkpoint, resolve_resume
+from sslfg.engine.checkpoint import checkpoint_progress, load_checkpoint, resolve_resume
 from sslfg.engine.loop import LoopState, run_loop
 from sslfg.engine.metrics import MetricsLog, flat_config
 from sslfg.engine.rundir import RUN_CONFIG, data_roots, prepare_run_dir, release_run_dir
@@ -72,6 +72,13 @@ class Run:
         if self.config is not None and self.accelerator.is_main_process:
             save_config(self.config, self.run_dir / RUN_CONFIG)
         return model, optimizer
+
+    def loop_state(self, schedules: dict[str, Any], **keys: Any) -> LoopState:
+        """The loop's state at `start_step`: a resumed run goes on counting its checkpoint's training seconds and
+        images (unknown, None, when that checkpoint kept none). `keys`: LoopState's other fields (lr_key)."""
+        progress = checkpoint_progress(self.resume_from) if self.resume_from else {"seconds": 0.0, "images_seen": 0}
+        return LoopState(schedules, self.start_step, resume_key=self.resume_key, seconds=progress.get("seconds"),
+                         images_seen=int(progress.get("images_seen", 0)), **keys)
 
     def metrics(self, trackers: Sequence[str] = ("tensorboard",), config: Any = None) -> MetricsLog:
         """The run's metrics log, cut back to `start_step` when resuming (`MetricsLog`)."""

@@ -36,7 +36,6 @@ from sslfg.config import ConfigError
 from sslfg.data.loader import sample_seed
 from sslfg.data.transforms import crop_flip_transform
 from sslfg.distributed import is_main_process, world_size
-from sslfg.engine.loop import LoopState
 from sslfg.engine.run import check_run, open_run
 from sslfg.engine.schedules import cosine_schedule
 from sslfg.evaluation.features import feature_precision, pool_features
@@ -341,7 +340,7 @@ def run_full_probe(cfg: EvalConfig, vit: VisionTransformer, accelerator: Acceler
         logits = head(features)[0]
         return {"loss": F.cross_entropy(logits, labels), "top1": (logits.argmax(dim=1) == labels).float().mean()}
 
-    state = LoopState(schedules=schedules, start_step=run.start_step, lr_key="linear.lr", resume_key=run.resume_key)
+    state = run.loop_state(schedules, lr_key="linear.lr")
     step = run.train(head, optimizer, loader, sampler, train, state, metrics, compute_loss)
     run.close()
     if not accelerator.is_main_process:

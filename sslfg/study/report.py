@@ -166,8 +166,8 @@ class Report:
             what = FLOOR_NOTES.get(arm) or _settings(arm, self.cfg.pretrain.arms[arm], "pretrain")
             runs = [s for s in self.summaries(arm) if s] if arm in self.arms else []
             steps = f"{runs[0]['step']} × {runs[0]['global_batch']}" if runs else "–"
-            minutes = stats([r["seconds"] / 60 for r in runs], scale=1) if runs else "–"
-            speed = stats([r["images_per_second"] for r in runs], scale=1) if runs else "–"
+            minutes = stats([_get(r, "seconds") for r in runs], scale=1 / 60) if runs else "–"
+            speed = stats([_get(r, "images_per_second") for r in runs], scale=1) if runs else "–"
             floors = self.against_floors(arm) if arm in (SUPERVISED, *self.arms) else "–"
             kinds = ("pretrain", "knn", "linear", "localise", *(["finetune"] if arm == SUPERVISED else []))
             lines.append(f"| {arm} | {what} | {n} | {stats([_get(r, KNN) for r in knn])} | "
@@ -233,7 +233,7 @@ class Report:
                 f"| {arm} | {init} | {recipe} | {len(done)} | {stats([_get(r, 'test.top1') for r in runs])} |"
                 f" {stats([_get(r, 'test.mean_per_class') for r in runs])} | {first['params.trainable']:,} / "
                 f"{first['params.total']:,} | {first['step']} | "
-                f"{stats([r['train.seconds'] / 60 if r else None for r in runs], scale=1)} | "
+                f"{stats([_get(r, 'train.seconds') for r in runs], scale=1 / 60)} | "
                 f"{stats([_get(r, 'train.images_per_second') for r in runs], scale=1)} | "
                 f"{stats([_get(r, 'images_per_second.batch64') for r in runs], scale=1)} | "
                 f"{stats(self.wall_minutes(arm, ('finetune',)), scale=1)} |")
@@ -278,7 +278,7 @@ class Report:
                 "| n | test top-1 | mean per-class | steps × batch | train min |", "|---|---|---|---|---|",
                 f"| {len(done)} | {stats([_get(r, 'test.top1') for r in runs])} | "
                 f"{stats([_get(r, 'test.mean_per_class') for r in runs])} | {first['step']} × "
-                f"{first['global_batch']} | {stats([r['train.seconds'] / 60 if r else None for r in runs], scale=1)} |",
+                f"{first['global_batch']} | {stats([_get(r, 'train.seconds') for r in runs], scale=1 / 60)} |",
                 ""]
 
     def selections(self) -> list[str]:

@@ -66,3 +66,29 @@ def test_resume_ignores_half_written_checkpoint(tiny_data: Path, tmp_path: Path)
     cfg.resume = "auto"
     pretrain(cfg)
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000002", "step_00000004"]
+
+
+def test_a_resumed_run_reports_the_whole_runs_training_time(tiny_data: Path, tmp_path: Path) -> None:
+    """summary.json's seconds and images/s cover steps 1-6, not only the 4 after the resume: the checkpoint keeps
+    the loop's seconds and images; a checkpoint from before it kept them gives unknown (None), never a part."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", max_steps=2)  # batch 8, 6 steps in all
+    run = pretrain(cfg)
+    first = json.loads((run / "summary.json").read_text())
+    state_file = run / "checkpoints" / "step_00000002" / "train_state.json"
+    saved = json.loads(state_file.read_text())
+    assert saved["images_seen"] == 16 and 0 < saved["seconds"] <= first["seconds"]  # the run's, up to that save
+    cfg.resume, cfg.train.max_steps = "auto", 0
+    pretrain(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["seconds"] > saved["seconds"]
+    assert summary["images_per_second"] == pytest.approx(6 * 8 / summary["seconds"], rel=0.01)
+
+    old = tiny_config(tiny_data, tmp_path / "old", max_steps=2)
+    pretrain(old)
+    state_file = tmp_path / "old" / "checkpoints" / "step_00000002" / "train_state.json"
+    saved = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: saved[k] for k in ("step", "files")}))
+    old.resume, old.train.max_steps = "auto", 0
+    pretrain(old)
+    summary = json.loads((tmp_path / "old" / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["seconds"] is None and summary["images_per_second"] is None
