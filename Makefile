@@ -22,7 +22,7 @@ data: setup
 	$(BIN)/python -m sslfg.data.build.cluttered --out data/cluttered
 
 demo: data
-	$(BIN)/python -m sslfg.study --config configs/study/cluttered.yaml pretrain.epochs=2 output_dir=$(DEMO_STUDY)
+	$(BIN)/python -m sslfg.study --config configs/study/cluttered.yaml pretrain.epochs=2 pretrain.warmup_epochs=0.5 output_dir=$(DEMO_STUDY)
 	@echo "results: $(DEMO_STUDY)/report/report.md (accuracies, localisation, curves, kept patches, GLS boxes, crops); runs in $(DEMO_STUDY)/seed0/"
 
 test: setup

@@ -402,6 +402,9 @@ class StudyPretrainConfig:
     epochs: int = bounded(NON_NEGATIVE, 0)
     # alternative budget: the epochs that fit this many minutes for all arms of one seed
     minutes: float = bounded(NON_NEGATIVE, 0.0)
+    # every arm's lr warm-up in epochs (a shorter budget needs a shorter one: the recipe's must be below its
+    # epochs); <0: the recipe's
+    warmup_epochs: float = bounded("(-inf, inf)", -1.0)
     # arm name -> {dotted key: value} applied to the recipe (e.g. {method.local.weight: 0} for MoCo v3)
     arms: dict[str, Any] = field(default_factory=dict)
 

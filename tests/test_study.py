@@ -202,6 +202,24 @@ def test_a_budget_in_minutes_is_timed_once_and_kept(tiny_data: Path, tmp_path: P
     assert json.loads((root / "seed1" / "mocov3" / "summary.json").read_text())["total_steps"] == 6
 
 
+def test_a_shorter_budget_gets_its_own_warm_up_for_every_arm(tiny_data: Path, tmp_path: Path) -> None:
+    """pretrain.epochs below a recipe's warm-up is refused at start-up, naming the key; pretrain.warmup_epochs
+    gives every pretraining arm (not the supervised reference: its recipe's warm-up is in steps) another."""
+    config = write_recipes(tiny_data, tmp_path, seeds=[0])
+    recipe = yaml.safe_load((tmp_path / "pretrain.yaml").read_text())
+    recipe["train"] |= {"epochs": 8, "warmup_epochs": 2}
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"pretrain.arms.mocov3: .*train.warmup_epochs = 2.0 must be below "
+                                          r"train.epochs = 2"):
+        Study(load_config(config, [], StudyConfig))
+    study = Study(load_config(config, ["pretrain.warmup_epochs=0.5"], StudyConfig))
+    trainings = [arm for arm in study.pretrain_arms(seed=0, epochs=2) if arm.kind == "pretrain"]
+    assert len(trainings) == 2 and all("train.epochs=2" in arm.argv and "train.warmup_epochs=0.5" in arm.argv
+                                       for arm in trainings)
+    recipe_only = Study(load_config(config, ["pretrain.epochs=0"], StudyConfig)).pretrain_arms(0, 0)[0].argv
+    assert not any(a.startswith(("train.epochs=", "train.warmup_epochs=")) for a in recipe_only)
+
+
 def test_a_bad_arm_stops_the_study_before_any_training(tiny_data: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     config = write_recipes(tiny_data, tmp_path, seeds=[0])

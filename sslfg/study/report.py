@@ -408,6 +408,7 @@ class Report:
             f"{machine.get('date', '?')}.", "",
             f"Budget: every pretraining arm {self.cfg.pretrain.epochs or 'the recipe'} epochs"
             + (f" ({budget['minutes']} minutes per seed, timed: {budget['epochs']} epochs)" if budget else "")
+            + (f" (lr warm-up {warmup:g} epochs)" if (warmup := self.cfg.pretrain.warmup_epochs) >= 0 else "")
             + f" of `{self.cfg.pretrain.config}`; every fine-tuning arm "
               f"{self.cfg.finetune.epochs or 'its recipe'} epochs. Same batch and steps within each group."
             + (" The supervised reference trains as many epochs as a pretraining arm, from scratch (its steps "

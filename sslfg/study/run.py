@@ -186,7 +186,9 @@ class Study:
 
     def _pretrain_args(self, name: str, spec: Any, seed: int, epochs: int) -> tuple[str, list[str], str]:
         own, settings = split_spec(name, spec, "pretrain")
-        budget = {"train.epochs": epochs} if epochs else {}
+        warmup = self.cfg.pretrain.warmup_epochs
+        budget = {**({"train.epochs": epochs} if epochs else {}),
+                  **({"train.warmup_epochs": warmup} if warmup >= 0 else {})}
         run = {"seed": seed, "output_dir": str(pretrain_dir(self.root, seed, name)), "resume": "auto"}
         return own.get("config", self.cfg.pretrain.config), \
             [*self.data_args, *overrides({**settings, **budget, **run})], f"pretrain.arms.{name}"
