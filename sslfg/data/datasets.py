@@ -299,16 +299,18 @@ class CsvSplitDataset(_ImageListDataset):
             raise DataError(f"{err} (listed in {self._origin(index)})") from err
 
     def _check_duplicates(self, dirs: list[str]) -> None:
-        """An image listed twice in one split would count twice in training and in every metric."""
+        """An image listed twice in one split would count twice in training and in every metric: twice by the
+        same path, or by two paths to one file (a link; as the train/test overlap check compares them)."""
         first: dict[str, int] = {}
         twice = []
         for i, d in enumerate(dirs):
-            j = first.setdefault(os.path.normpath(d), i)
+            j = first.setdefault(os.path.realpath(os.path.join(self.images_root, d)), i)
             if j != i:
                 a, b = self.labels[j], self.labels[i]
                 ids = f" with class ids {a} and {b}" if a != b else ""
-                twice.append(f"data rows {j + 1} (line {self.lines[j]}) and {i + 1} (line {self.lines[i]}) both list "
-                             f"{d}{ids}")
+                what = f"both list {d}" if os.path.normpath(dirs[j]) == os.path.normpath(d) else \
+                    f"list {dirs[j]} and {d}, one file (through a link)"
+                twice.append(f"data rows {j + 1} (line {self.lines[j]}) and {i + 1} (line {self.lines[i]}) {what}{ids}")
         if twice:
             raise DataError(f"{self.csv_path}: {len(twice)} images are listed more than once: {_summarise(twice)}. "
                             "A duplicate counts twice in training and evaluation; list each image once per split.")
@@ -584,6 +586,9 @@ def _class_names(dataset: _ImageListDataset, ids: list[int]) -> str:
     return _summarise([f"{c} {dataset.classes[c]!r}" if dataset.classes[c] != str(c) else str(c) for c in ids])
 
 
+OTHER_DELIMITERS = ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"))  # spreadsheet exports' other separators
+
+
 def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tuple[int, list[str]]]:
     """Read a UTF-8 csv file with a header; returns (file line, values of `columns`) for each data row.
     `hint` ends the missing-column error.
@@ -602,9 +607,12 @@ def _read_table(path: str, columns: tuple[str, ...], hint: str = "") -> list[tup
                         "rename or remove the extra column so each name appears once.")
     absent = [c for c in columns if c not in header]
     if absent:
+        other = next((name for d, name in OTHER_DELIMITERS if len(header) == 1 and d in header[0]), "")
         raise DataError(
             f"{path} has no column {', '.join(map(repr, absent))}; its header is {header}. "
-            f"The header must contain {', '.join(columns)} (extra columns and any order are fine){hint}."
+            + (f"It is one field holding {other}s: the file seems {other}-separated, and csv files are read "
+               "comma-separated; save it with commas. " if other else "")
+            + f"The header must contain {', '.join(columns)} (extra columns and any order are fine){hint}."
         )
     index = [header.index(c) for c in columns]
     rows = []

@@ -110,6 +110,29 @@ def test_duplicate_csv_row_is_an_error_naming_both_rows(tmp_path: Path) -> None:
     assert "data rows 2 (line 3) and 4 (line 5) both list ./b.png with class ids 1 and 0" in message
 
 
+def test_one_image_listed_twice_through_a_link_is_a_duplicate(tmp_path: Path) -> None:
+    """Two paths to one file (a symlink, or a linked folder) count it twice, as the train/test check sees it."""
+    _csv_data(tmp_path, {"train": [(0, "a.png"), (1, "b.png")]})
+    (tmp_path / "images" / "link.png").symlink_to("a.png")
+    (tmp_path / "images" / "again").symlink_to(tmp_path / "images")
+    _csv_data(tmp_path, {"train": [(0, "a.png"), (1, "b.png"), (0, "link.png"), (1, "again/b.png")]})
+    with pytest.raises(DataError) as info:
+        build_dataset(_cfg(tmp_path), "train")
+    message = str(info.value)
+    assert "2 images are listed more than once" in message
+    assert "data rows 1 (line 2) and 3 (line 4) list a.png and link.png, one file (through a link)" in message
+    assert "data rows 2 (line 3) and 4 (line 5) list b.png and again/b.png, one file" in message
+
+
+@pytest.mark.parametrize("delimiter, name", [(";", "semicolon"), ("\t", "tab")])
+def test_a_csv_with_another_separator_is_named_so(tmp_path: Path, delimiter: str, name: str) -> None:
+    _csv_data(tmp_path, {"train": [(0, "a.png"), (1, "b.png")]})
+    (tmp_path / "train.csv").write_text(f"class_id{delimiter}dir\n0{delimiter}a.png\n1{delimiter}b.png\n")
+    with pytest.raises(DataError) as info:
+        build_dataset(_cfg(tmp_path), "train")
+    assert f"the file seems {name}-separated" in str(info.value) and "save it with commas" in str(info.value)
+
+
 @pytest.mark.parametrize("ids, absent", [((1, 2, 3), "0"), ((0, 2, 3), "1")], ids=["1-based", "gap"])
 def test_ids_that_are_not_0_to_c_minus_1_need_a_declared_class_count(tmp_path: Path, ids: tuple[int, ...],
                                                                       absent: str) -> None:
