@@ -13,6 +13,7 @@ datasets, model, schedules, loss, and what it writes at the end.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # backbone it reads (a head trained on one backbone's features is not continued on another's)
 ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size", "checkpoint", "random_init", "pretrained",
                 "features.kind")
+PATH_KEYS = ("checkpoint",)  # the ARCHITECTURE keys that name a file
 
 
 @dataclass
@@ -136,8 +138,13 @@ def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None
                               f"(--config RECIPE {resume_key}=auto)")
         return
     old, new = flat_config(load_config(run_config, [], type(cfg))), flat_config(cfg)
+
+    def same(key: str) -> bool:  # a backbone file is the same however its path is spelt (relative, absolute)
+        a, b = old.get(key), new.get(key)
+        return a == b or (key in PATH_KEYS and bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b))
+
     changed = [f"{k}: {old.get(k)} → {new.get(k)}" for k in sorted(old.keys() | new.keys())
-               if any(k == a or k.startswith(f"{a}.") for a in ARCHITECTURE) and old.get(k) != new.get(k)]
+               if any(k == a or k.startswith(f"{a}.") for a in ARCHITECTURE) and not same(k)]
     if changed:
         raise ConfigError(f"{resume_key}: {checkpoint} was trained with other settings ({run_config}) than this "
                           f"command's: {'; '.join(changed)}; drop those overrides to continue the run, or start a "

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslfg.config import ConfigError
+from sslfg.config import ConfigError, save_config
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import save_checkpoint
-from sslfg.engine.run import open_run
-from sslfg.schema import PretrainConfig
+from sslfg.engine.run import check_same_architecture, open_run
+from sslfg.schema import EvalConfig, PretrainConfig
 
 
 def linear_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -52,3 +52,19 @@ def test_loader_batches_whole_optimizer_steps(tmp_path: Path) -> None:
     run = open_run(cfg, tmp_path, "", make_accelerator(), check=True)
     sampler, loader = run.loader(list(range(10)), batch_size=2, grad_accum_steps=2)
     assert sampler.batches_per_epoch == 4 and [len(batch) for batch in loader] == [2, 2, 2, 2]
+
+
+def test_a_backbone_spelt_another_way_is_the_same_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume compares the backbone file a run reads, not its spelling: relative, absolute or through a link is
+    the same file; another file is refused, naming old → new."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    (tmp_path / "other.safetensors").write_bytes(b"")
+    (tmp_path / "link.safetensors").symlink_to("w.safetensors")
+    saved = EvalConfig(checkpoint="w.safetensors")
+    save_config(saved, tmp_path / "run" / "config.yaml")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003"
+    for spelling in ("w.safetensors", "./w.safetensors", str(tmp_path / "w.safetensors"), "link.safetensors"):
+        check_same_architecture(EvalConfig(checkpoint=spelling), checkpoint, "linear.resume")
+    with pytest.raises(ConfigError, match=r"linear.resume: .*checkpoint: w.safetensors → other.safetensors"):
+        check_same_architecture(EvalConfig(checkpoint="other.safetensors"), checkpoint, "linear.resume")
