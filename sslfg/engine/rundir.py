@@ -87,16 +87,20 @@ def data_roots(cfg: Any) -> list[str]:
 def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool = False, check: bool = False) -> None:
     """Makes this process the owner of `folder` for a command of `kind`, or raises ConfigError: when another
     run holds it (naming its pid and command line), when another kind of command wrote it, or when it
-    holds a run's file (`RUN_FILES`) but no lock file (not a run of ours; `ours`: known to be one, from
-    before lock files), in which case nothing is created. With `check` it raises the same without locking."""
+    holds anything but no lock file (not a run's folder; `ours`: known to be one, from before lock files),
+    in which case nothing is created. With `check` it raises the same without locking."""
     folder = Path(folder).resolve()
     if folder in _held:
         return
     lock = folder / LOCK_FILE
     written = [str(folder / name) for name in RUN_FILES if (folder / name).exists()]
-    if written and not ours and not lock.exists():
-        raise ConfigError(f"{key}: '{folder}' holds {written[0]}, which no sslfg run wrote (no {LOCK_FILE}), and "
-                          f"a run never overwrites files it did not create; choose another {key} or move the file away")
+    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    if present and not ours and not lock.exists():  # not a run's folder: its files are someone else's
+        first = written[0] if written else str(folder / present[0])
+        more = f" (and {len(present) - 1} more)" if len(present) > 1 else ""
+        raise ConfigError(f"{key}: '{folder}' holds {first}{more}, which no sslfg run wrote (no {LOCK_FILE}), and "
+                          f"a run writes only into a new or empty folder or one of its own; choose another {key} "
+                          "or move the files away")
     if check:
         if lock.is_file():
             owner = _owner_of(lock, key)

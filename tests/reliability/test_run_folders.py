@@ -232,14 +232,21 @@ def test_output_dir_in_the_data_folder_is_refused(inside: str, check: list[str],
     assert snapshot(data) == before
 
 
-def test_folder_with_files_no_run_wrote_is_refused(tiny_data: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("files, named", [({"metrics.jsonl": b"mine\n"}, "metrics.jsonl"),
+                                          ({"todo.txt": b"x", "photos/cat.jpg": b"y"}, "photos (and 1 more)")],
+                         ids=["a run's file name", "unrelated files"])
+def test_folder_with_files_no_run_wrote_is_refused(files: dict[str, bytes], named: str, tiny_data: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: a folder holding files of its own, but none named as a run's, was adopted as the run folder."""
     out = tmp_path / "notes"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text("mine\n")
-    message = user_error(train_ssl.main, pretrain_args(tiny_data, out), capsys)
-    assert f"{out / 'metrics.jsonl'}" in message and "did not create" in message, message
-    assert snapshot(out) == {"metrics.jsonl": b"mine\n"}
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    for main, args in ((train_ssl.main, pretrain_args(tiny_data, out)),
+                       (knn.main, [*data_args(tiny_data), "features.kind=pixels", f"output_dir={out}"])):
+        message = user_error(main, args, capsys)
+        assert f"{out / named}" in message and "only into a new or empty folder or one of its own" in message, message
+    assert snapshot(out) == files
 
 
 def test_a_run_that_fails_at_start_up_leaves_the_folder_as_it_found_it(tiny_data: Path, tmp_path: Path,
