@@ -65,7 +65,7 @@ def test_user_errors_are_one_line(tiny_data: Path, tiny_run: Path, tmp_path: Pat
     empty.mkdir()
     (empty / "test.csv").write_text("class_id,dir\n")
     (empty / "images").mkdir()
-    args = ["--checkpoint", str(tiny_run), f"output_dir={tmp_path}", *data_args(empty), "data.train_split=test"]
+    args = ["--checkpoint", str(tiny_run), f"output_dir={tmp_path / 'out'}", *data_args(empty), "data.train_split=test"]
     assert run_cli(knn.main, args) == 2
     assert "test.csv" in capsys.readouterr().err
     wrong = tmp_path / "wide.safetensors"  # a backbone of another width
@@ -73,7 +73,7 @@ def test_user_errors_are_one_line(tiny_data: Path, tiny_run: Path, tmp_path: Pat
              for k, v in load_file(str(tiny_run / "backbone.safetensors")).items()}
     save_file(state, str(wrong))
     assert run_cli(knn.main, ["--checkpoint", str(wrong), "--model", "vit_tiny_patch16_224", *TINY,
-                              f"output_dir={tmp_path}", *data_args(tiny_data)]) == 2
+                              f"output_dir={tmp_path / 'out'}", *data_args(tiny_data)]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert run_cli(knn.main, [*data_args(tiny_data)]) == 2
     assert "--checkpoint" in capsys.readouterr().err

@@ -221,16 +221,16 @@ def test_full_mode_end_to_end_resumes_exactly(tiny_data: Path, tmp_path: Path,
 
 def test_user_errors_are_one_line(tiny_data: Path, val_data: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(linear.main, tiny_args(tiny_data, tmp_path, "data.test_split=nosuch")) == 2
+    assert run_cli(linear.main, tiny_args(tiny_data, tmp_path / "out", "data.test_split=nosuch")) == 2
     assert "nosuch.csv" in capsys.readouterr().err
 
     empty = tmp_path / "empty_val"
     shutil.copytree(val_data, empty, symlinks=True)
     (empty / "val.csv").write_text("class_id,dir\n")
-    assert run_cli(linear.main, tiny_args(empty, tmp_path)) == 2
+    assert run_cli(linear.main, tiny_args(empty, tmp_path / "out")) == 2
     assert "val.csv has a header but no data rows" in capsys.readouterr().err
 
-    assert run_cli(linear.main, tiny_args(val_data, tmp_path, "data.val_split=test")) == 2
+    assert run_cli(linear.main, tiny_args(val_data, tmp_path / "out", "data.val_split=test")) == 2
     assert "data.val_split: 'test' is also data.test_split" in capsys.readouterr().err
 
     weights = tmp_path / "narrow.safetensors"  # width 32, loaded as width 48
@@ -239,6 +239,6 @@ def test_user_errors_are_one_line(tiny_data: Path, val_data: Path, tmp_path: Pat
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
     wide = ("--checkpoint", str(weights), "--model", "vit_tiny_patch16_224",
             "model_kwargs={patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}")
-    assert run_cli(linear.main, tiny_args(tiny_data, tmp_path, backbone=wide)) == 2
+    assert run_cli(linear.main, tiny_args(tiny_data, tmp_path / "out", backbone=wide)) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "narrow.safetensors" in err
