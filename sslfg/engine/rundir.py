@@ -22,6 +22,7 @@ from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import STATE_FILE, checkpoint_dirs
 
 LOCK_FILE = ".sslfg-run.lock"
+WRITE_PROBE = ".write-test-"  # `ensure_writable`'s file, which another process may hold in the folder for a moment
 RUN_CONFIG = "config.yaml"  # a run's settings, as `save_config` writes them
 RUN_FILES = (RUN_CONFIG, "summary.json", "metrics.jsonl", "metrics.json")  # what a run would overwrite
 _held: dict[Path, int] = {}  # folder -> lock file descriptor, for the folders this process owns
@@ -94,7 +95,8 @@ def claim_run_dir(folder: Path, kind: str, key: str = "output_dir", ours: bool =
         return
     lock = folder / LOCK_FILE
     written = [str(folder / name) for name in RUN_FILES if (folder / name).exists()]
-    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE and not p.name.startswith(WRITE_PROBE)) \
+        if folder.is_dir() else []
     if present and not ours and not lock.exists():  # not a run's folder: its files are someone else's
         first = written[0] if written else str(folder / present[0])
         more = f" (and {len(present) - 1} more)" if len(present) > 1 else ""
@@ -215,7 +217,7 @@ def ensure_writable(folder: str | Path, key: str = "output_dir", create: bool = 
             folder.mkdir(parents=True, exist_ok=True)
             _created.add(folder.resolve())
         where = next(f for f in (folder, *folder.parents) if f.exists())
-        probe = where / f".write-test-{os.getpid()}"
+        probe = where / f"{WRITE_PROBE}{os.getpid()}"
         try:
             probe.write_bytes(b"0" * 4096)
         finally:

@@ -22,7 +22,7 @@ from sslfg.data import shards as shards_module
 from sslfg.engine import checkpoint as checkpoint_module
 from sslfg.engine.checkpoint import checkpoint_dirs
 from sslfg.engine.preemption import Interrupted, StopSignals
-from sslfg.engine.rundir import LOCK_FILE
+from sslfg.engine.rundir import LOCK_FILE, WRITE_PROBE, claim_run_dir, release_run_dir
 from sslfg.study import run as study_module
 from tests.reliability.outcomes import user_error
 from tests.reliability.procs import (
@@ -247,6 +247,14 @@ def test_folder_with_files_no_run_wrote_is_refused(files: dict[str, bytes], name
         message = user_error(main, args, capsys)
         assert f"{out / named}" in message and "only into a new or empty folder or one of its own" in message, message
     assert snapshot(out) == files
+
+
+def test_another_processs_write_probe_is_not_a_foreign_file(tmp_path: Path) -> None:
+    """Under several processes the others prove the folder writable while the main one claims it: their probe
+    file (in CI, a multi-node run was refused for it) is not someone else's file."""
+    (tmp_path / f"{WRITE_PROBE}12345").write_text("")
+    claim_run_dir(tmp_path, "pretrain")
+    release_run_dir(tmp_path)
 
 
 def test_a_run_that_fails_at_start_up_leaves_the_folder_as_it_found_it(tiny_data: Path, tmp_path: Path,
