@@ -1,9 +1,6 @@
 """kNN classification and retrieval: `python -m eval.knn --help` (the code: sslfg/commands/knn.py)."""
 
-import sys
-
-from sslfg.cli import run_cli
-from sslfg.commands.knn import main
+from sslfg.entrypoints import launch
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    launch("sslfg.commands.knn")

@@ -1,9 +1,6 @@
 """Linear probe on frozen features: `python -m eval.linear --help` (the code: sslfg/commands/linear.py)."""
 
-import sys
-
-from sslfg.cli import run_cli
-from sslfg.commands.linear import main
+from sslfg.entrypoints import launch
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    launch("sslfg.commands.linear")

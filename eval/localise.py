@@ -1,9 +1,6 @@
 """Where a frozen backbone looks: `python -m eval.localise --help` (the code: sslfg/commands/localise.py)."""
 
-import sys
-
-from sslfg.cli import run_cli
-from sslfg.commands.localise import main
+from sslfg.entrypoints import launch
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    launch("sslfg.commands.localise")

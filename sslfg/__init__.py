@@ -1,5 +1,6 @@
 """sslfg: self-supervised pretraining and transfer of Vision Transformers on fine-grained images."""
 
+import importlib
 import os
 
 from sslfg.entrypoints import refuse_library_module
@@ -12,15 +13,19 @@ refuse_library_module()  # `python -m sslfg.export` and the like: say which comm
 # A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sslfg.api import (  # noqa: E402
-    embed_images,
-    evaluate_knn,
-    evaluate_linear,
-    load_recipe,
-    load_transform,
-    run_pretraining,
-)
-from sslfg.weights import load_backbone  # noqa: E402
+# The public functions, imported on first use (PEP 562): `import sslfg` stays light, so a command's heavy imports
+# (torch, timm: seconds) happen where `sslfg.entrypoints.launch` can turn a Ctrl-C during them into one line.
+_API = {"embed_images": "sslfg.api", "evaluate_knn": "sslfg.api", "evaluate_linear": "sslfg.api",
+        "load_recipe": "sslfg.api", "load_transform": "sslfg.api", "run_pretraining": "sslfg.api",
+        "load_backbone": "sslfg.weights"}
+__all__ = sorted(_API)
 
-__all__ = ["embed_images", "evaluate_knn", "evaluate_linear", "load_backbone", "load_recipe", "load_transform",
-           "run_pretraining"]
+
+def __getattr__(name: str) -> object:
+    if name not in _API:
+        raise AttributeError(f"module 'sslfg' has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

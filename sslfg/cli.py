@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from tqdm import tqdm
 
@@ -56,15 +56,6 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     finally:
         release_run_dirs()
     return 0
-
-
-def console(main: Callable[[Sequence[str] | None], object]) -> Callable[[], NoReturn]:
-    """The function a console command of pyproject.toml's [project.scripts] calls: `main` through `run_cli`,
-    its status the process's exit status (what `sys.exit(run_cli(main))` is in a script)."""
-    def cli() -> NoReturn:
-        sys.exit(run_cli(main))
-
-    return cli
 
 
 def user_message(error: BaseException) -> str:

@@ -1,15 +1,22 @@
-"""Which sslfg modules run as commands, and one clear error for the others.
+"""Which sslfg modules run as commands, how a command starts, and one clear error for the others.
 
 `python -m sslfg.export` (or `python sslfg/export.py`) would import a library module and exit 0 having done nothing,
 so a user who mistook it for `python -m eval.export` would believe it had run. `import sslfg` calls
 `refuse_library_module` before anything else: run as a program, a module that is not in `RUNNABLE` stops with one
 line naming the command to use (the one its name is part of, e.g. sslfg.evaluation.knn → sslfg-knn) and status 2.
+
+Every command starts through `launch`, light until then (this module imports only the standard library), so that a
+Ctrl-C during its imports (torch, timm: seconds) is one line, not Python's traceback.
 """
 
 from __future__ import annotations
 
+import importlib
+import signal
 import sys
+from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 # the modules with a `__main__` block (tests/test_cli.py checks the list against the sources)
 RUNNABLE = frozenset({"sslfg.study", "sslfg.study.__main__", "sslfg.study.report", "sslfg.data.shards",
@@ -20,6 +27,7 @@ COMMANDS = {"sslfg-pretrain": "python train_ssl.py", "sslfg-knn": "python -m eva
             "sslfg-linear": "python -m eval.linear", "sslfg-finetune": "python -m eval.finetune",
             "sslfg-localise": "python -m eval.localise", "sslfg-embed": "python -m eval.embed",
             "sslfg-export": "python -m eval.export", "sslfg-study": "python -m sslfg.study"}
+STARTING = "interrupted (Ctrl-C) while starting, before it read or wrote anything; run the command again"
 ALIASES = {"localisation": "localise", "knn_transfer": "knn"}  # module name parts that are another command's code
 
 
@@ -53,3 +61,23 @@ def refuse_library_module() -> None:
     what = "sslfg is a library" if name == "sslfg" else f"{name} is a module of the sslfg library"
     print(f"error: {what}, not a command, and does nothing when run; {advice}", file=sys.stderr)
     sys.exit(2)
+
+
+def launch(module: str) -> NoReturn:
+    """Imports `module` and runs its `main` through `sslfg.cli.run_cli` (one line for a user error or a stop), then
+    exits with its status; a Ctrl-C during the imports is one line too, status 130."""
+    try:
+        from sslfg.cli import run_cli
+
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        print(f"error: {STARTING}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    sys.exit(run_cli(main))
+
+
+# what pyproject.toml's [project.scripts] call: sslfg-pretrain = "sslfg.entrypoints:pretrain", ...
+pretrain, finetune, knn, linear, localise, embed, export = (
+    partial(launch, f"sslfg.commands.{name}") for name in ("pretrain", "finetune", "knn", "linear", "localise",
+                                                           "embed", "export"))
+study = partial(launch, "sslfg.study.run")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from sslfg import entrypoints
 from sslfg.cli import run_cli
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn, linear
@@ -196,8 +198,31 @@ def test_a_console_command_runs_on_its_arguments_and_exits_with_the_status(tmp_p
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["sslfg-knn", "--checkpoint", str(tmp_path / "nosuch"), "--check"])
     with pytest.raises(SystemExit) as stop:
-        knn.cli()
+        entrypoints.knn()
     assert stop.value.code == 2 and "nosuch" in capsys.readouterr().err  # a user error: run_cli's status 2
+
+
+def test_a_ctrl_c_while_a_command_imports_is_one_line(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in the first seconds (torch, timm importing) printed Python's KeyboardInterrupt traceback."""
+    def interrupted(_name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entrypoints.importlib, "import_module", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        entrypoints.pretrain()
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and err == f"error: {entrypoints.STARTING}\n"
+
+
+def test_importing_sslfg_is_light() -> None:
+    """What runs before a command's `launch` (`import sslfg`) imports neither torch nor numpy, so that a Ctrl-C can
+    hardly come before it; the public functions still import from the package."""
+    code = ("import sys, sslfg; print(sorted(m for m in ('torch', 'numpy', 'timm') if m in sys.modules)); "
+            "from sslfg import load_backbone, evaluate_knn; print(callable(load_backbone), 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0 and proc.stdout.split("\n")[:2] == ["[]", "True True"], proc
 
 
 @pytest.mark.parametrize("main", [train_ssl.main, knn.main, linear.main, finetune_cli.main, stats.main])

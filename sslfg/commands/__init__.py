@@ -1,1 +1,1 @@
-"""The commands: each module's docstring is its --help, `main(argv)` runs it, `cli` is its console command."""
+"""The commands: each module's docstring is its --help, `main(argv)` runs it (`sslfg.entrypoints` starts it)."""

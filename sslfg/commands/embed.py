@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sslfg.cli import console, parse_eval_cli
+from sslfg.cli import parse_eval_cli
 from sslfg.evaluation.embed import run_embedding
 
 OPTIONS = (("--split", "embed.split", str, "split to embed; default data.train_split"),
@@ -33,5 +33,3 @@ OPTIONS = (("--split", "embed.split", str, "split to embed; default data.train_s
 def main(argv: Sequence[str] | None = None) -> dict:
     return run_embedding(parse_eval_cli(argv, __doc__, OPTIONS))
 
-
-cli = console(main)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sslfg.cli import command_parser, console
+from sslfg.cli import command_parser
 from sslfg.export import export_run
 
 
@@ -35,5 +35,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"  {key}: {value}")
     return report
 
-
-cli = console(main)

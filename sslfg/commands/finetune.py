@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sslfg.cli import console, parse_run_cli, print_metrics, print_summary
+from sslfg.cli import parse_run_cli, print_metrics, print_summary
 from sslfg.config import load_config
 from sslfg.finetune import finetune
 from sslfg.schema import FinetuneConfig
@@ -29,5 +29,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.check:
         print(f"run directory: {run_dir}")
 
-
-cli = console(main)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sslfg.cli import console
 from sslfg.evaluation.knn_transfer import check_test_split, knn_transfer
 from sslfg.evaluation.run import run_evaluation
 
@@ -31,5 +30,3 @@ from sslfg.evaluation.run import run_evaluation
 def main(argv: Sequence[str] | None = None) -> dict:
     return run_evaluation(argv, __doc__, "knn", knn_transfer, check_data=check_test_split)
 
-
-cli = console(main)

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sslfg.cli import console
 from sslfg.evaluation.linear import check_probe, probe_splits, run_probe
 from sslfg.evaluation.run import run_evaluation
 from sslfg.schema import EvalConfig
@@ -46,5 +45,3 @@ def schedule(cfg: EvalConfig, vit, num_processes: int, datasets: dict[str, Any])
 def main(argv: Sequence[str] | None = None) -> dict:
     return run_evaluation(argv, __doc__, "linear", run_probe, schedule, check_data=check_probe)
 
-
-cli = console(main)

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sslfg.cli import console
 from sslfg.evaluation.localisation import localise_backbone, needs_attention
 from sslfg.evaluation.run import run_evaluation
 from sslfg.schema import EvalConfig
@@ -43,5 +42,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           check_data=needs_attention, needs_vit="eval.localise (kept patches and GLS boxes)",
                           run_keys=RUN_KEYS)
 
-
-cli = console(main)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import yaml
 
-from sslfg.cli import USER_ERRORS, console, parse_cli
+from sslfg.cli import USER_ERRORS, parse_cli
 from sslfg.commands import finetune as finetune_command
 from sslfg.commands import knn as knn_command
 from sslfg.commands import linear as linear_command
@@ -364,5 +364,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     if is_main_process():
         print(f"report: {report / 'report.md'}")
 
-
-cli = console(main)
