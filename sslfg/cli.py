@@ -21,6 +21,7 @@ from sslfg.engine.checkpoint import CheckpointWriteError
 from sslfg.engine.loop import NonFiniteLossError
 from sslfg.engine.preemption import INTERRUPTED, Interrupted, stop_message
 from sslfg.engine.rundir import release_run_dirs
+from sslfg.entrypoints import CommandParser
 from sslfg.keys import format_keys
 from sslfg.schema import EvalConfig
 
@@ -98,7 +99,7 @@ def command_parser(doc: str, schema: type | None = None) -> argparse.ArgumentPar
     examples = commands or ["%(prog)s --config RECIPE.yaml key=value ..."]
     epilog = ("examples:\n" if len(examples) > 1 else "example:\n") + "\n".join(f"  {c}" for c in examples)
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=text, epilog=epilog, formatter_class=formatter)
+    parser = CommandParser(description=text, epilog=epilog, formatter_class=formatter)
     if schema is not None:
         parser.add_argument("--help-keys", action=_HelpKeys, schema=schema)
     return parser

@@ -11,6 +11,7 @@ Ctrl-C during its imports (torch, timm: seconds) is one line, not Python's trace
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import signal
 import sys
@@ -61,6 +62,28 @@ def refuse_library_module() -> None:
     what = "sslfg is a library" if name == "sslfg" else f"{name} is a module of the sslfg library"
     print(f"error: {what}, not a command, and does nothing when run; {advice}", file=sys.stderr)
     sys.exit(2)
+
+
+def command_words() -> list[str]:
+    """How this process was started, without its arguments: ["python", "-m", "eval.knn"], ["python", "train_ssl.py"]
+    or an installed console command's name, ["sslfg-knn"] (a script without .py, e.g. .venv/bin/sslfg-knn)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None:
+        return ["python", "-m", spec.name.removesuffix(".__main__")]
+    if sys.argv[0].endswith(".py"):
+        return ["python", sys.argv[0]]
+    return [Path(sys.argv[0]).name]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse named as the command was typed (`python -m eval.knn`, not knn.py) whose errors are one line:
+    `error: <what argparse says>; see <command> --help`, status 2."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**{"prog": " ".join(command_words()), **kwargs})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def launch(module: str) -> NoReturn:

@@ -24,10 +24,13 @@ from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn, linear
 from sslfg.commands import pretrain as train_ssl
 from sslfg.config import load_config, save_config
+from sslfg.data import shards
 from sslfg.data.build import stats
 from sslfg.entrypoints import RUNNABLE
 from sslfg.pretrain import pretrain
 from sslfg.schema import PretrainConfig
+from sslfg.study import report
+from sslfg.study import run as study_run
 from tests.conftest import tiny_config
 
 TINY_FT = ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "model.top_k=3",
@@ -213,6 +216,28 @@ def test_a_ctrl_c_while_a_command_imports_is_one_line(capsys: pytest.CaptureFixt
         entrypoints.pretrain()
     err = capsys.readouterr().err
     assert stop.value.code == 130 and err == f"error: {entrypoints.STARTING}\n"
+
+
+@pytest.mark.parametrize("main", [train_ssl.main, knn.main, linear.main, finetune_cli.main, stats.main,
+                                  study_run.main, report.main, shards.main])
+def test_a_wrong_flag_is_one_line_naming_the_help(main, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse printed its usage block and `knn.py: error: ...` (the file's name, not the command's)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["--chekpoint"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(r"error: (unrecognized arguments: --chekpoint|the following arguments are required: "
+                        r"[^;]+); see `[^`]+ --help`\n", err), err
+
+
+@pytest.mark.parametrize(("command", "name"), [(["train_ssl.py"], "python train_ssl.py"),
+                                               (["-m", "eval.knn"], "python -m eval.knn"),
+                                               (["-m", "sslfg.study"], "python -m sslfg.study")])
+def test_a_command_is_named_as_it_was_typed(command: list[str], name: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, *command, "--bogus"], cwd=root, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 2 and proc.stderr == f"error: unrecognized arguments: --bogus; see `{name} --help`\n"
 
 
 def test_importing_sslfg_is_light() -> None:

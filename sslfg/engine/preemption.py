@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import shlex
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from sslfg.distributed import world_size
+from sslfg.entrypoints import command_words
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,14 @@ def continue_command(argv: Sequence[str], resume_key: str) -> str:
     """The command line of this process with `resume_key=auto` in place of any value it had ('': as is).
     It ran as `python -m X`, `python X.py` or an installed console command: a script without .py (e.g.
     .venv/bin/sslfg-pretrain), given by its name, which `accelerate launch --no_python` runs too."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    console = spec is None and not sys.argv[0].endswith(".py")
-    entry = ["-m", spec.name] if spec is not None else [Path(sys.argv[0]).name] if console else [sys.argv[0]]
+    command = command_words()
     processes = world_size()
-    if processes == 1:
-        launcher = [] if console else ["python"]
-    else:
-        no_python = ["--no_python"] if console else []
-        launcher = ["accelerate", "launch", *no_python, "--multi_gpu", "--num_processes", str(processes)]
+    if processes > 1:  # accelerate runs python itself, or a console command with --no_python
+        console = command[0] != "python"
+        command = ["accelerate", "launch", *(["--no_python"] if console else []), "--multi_gpu", "--num_processes",
+                   str(processes), *(command if console else command[1:])]
     args = [a for a in argv if not (resume_key and a.startswith(f"{resume_key}="))]
-    return shlex.join([*launcher, *entry, *args, *([f"{resume_key}=auto"] if resume_key else [])])
+    return shlex.join([*command, *args, *([f"{resume_key}=auto"] if resume_key else [])])
 
 
 def stop_message(error: Interrupted, argv: Sequence[str]) -> str:

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sslfg.cli import run_cli  # noqa: E402
+from sslfg.cli import command_parser, run_cli  # noqa: E402
 from sslfg.config import ConfigError, load_config  # noqa: E402
 from sslfg.files import write_text  # noqa: E402
 from sslfg.schema import StudyConfig  # noqa: E402
@@ -452,10 +452,9 @@ def build_report(root: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0].startswith("-"):
-        raise ConfigError("usage: python -m sslfg.study.report STUDY_DIR")
-    print(f"report: {build_report(Path(args[0])) / 'report.md'}")
+    parser = command_parser(__doc__)
+    parser.add_argument("study_dir", metavar="STUDY_DIR", help="the study's output_dir")
+    print(f"report: {build_report(Path(parser.parse_args(argv).study_dir)) / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ another `--out`. Use the result with `data.boxes=true` (configs/datasets/cub.yam
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
 from sslfg.data.datasets import BOX_COLUMNS, CLASS_NAMES_FILE
 from sslfg.data.images import DataError
+from sslfg.entrypoints import CommandParser
 
 SPLITS = {"train_val": "1", "test": "0"}  # output split -> is_training value
 
@@ -92,7 +92,7 @@ def convert_cub(cub: str | Path, out: str | Path | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: convert, print the files written."""
-    parser = argparse.ArgumentParser(prog="python -m sslfg.data.build.cub", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m sslfg.data.build.cub", description=__doc__.split("\n")[0])
     parser.add_argument("--cub", required=True, help="the CUB_200_2011 folder")
     parser.add_argument("--out", default=None, help="where to write the csv files (default: --cub)")
     args = parser.parse_args(argv)

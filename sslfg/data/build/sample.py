@@ -22,7 +22,6 @@ with the same parameters returns at once. Two runs for the same `<out>` must not
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import json
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from sslfg.data.images import DataError
+from sslfg.entrypoints import CommandParser
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def command_line(argv: list[str] | None, module: str, doc: str, default_out: str, prepare: Callable[..., Path]) -> None:
     """The command line of a builder `module` (`prepare` has prepare_sample's signature): build, print the folder."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser = CommandParser(prog=f"python -m {module}", description=doc.split("\n")[0])
     parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
     parser.add_argument("--per-class", type=int, default=1000, help="train_val images per class")
     parser.add_argument("--test-per-class", type=int, default=200, help="test images per class")
