@@ -58,8 +58,9 @@ class LinearHeads(nn.Module):
 
     Every head starts from the same N(0, 0.01) weights drawn from `seed` and a zero bias, so the
     heads of a sweep differ only by their lr. Each head's weight (D, C) and bias (C,) are separate
-    parameters, so each can be its own optimizer param group (its own lr); `forward` stacks them
-    into one batched matmul.
+    parameters, so each can be its own optimizer param group (its own lr); `forward` joins them
+    side by side into one matmul (D, L·C): with few classes a batched matmul of L thin (D, C) products
+    is about 5x slower on a CPU (7,056 raw pixels, 8 heads).
     """
 
     def __init__(self, dim: int, num_classes: int, num_heads: int = 1, seed: int = 0) -> None:
@@ -69,9 +70,9 @@ class LinearHeads(nn.Module):
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(num_classes)) for _ in range(num_heads))
 
     def forward(self, x: Tensor) -> Tensor:
-        w = torch.stack(list(self.weights))  # (L, D, C)
-        b = torch.stack(list(self.biases)).unsqueeze(1)  # (L, 1, C)
-        return torch.baddbmm(b, x.unsqueeze(0).expand(len(w), -1, -1), w)
+        w = torch.cat(list(self.weights), dim=1)  # (D, L·C)
+        b = torch.cat(list(self.biases))  # (L·C,)
+        return torch.addmm(b, x, w).view(len(x), len(self.weights), -1).transpose(0, 1)
 
     def param_groups(self, lrs: Sequence[float], weight_decay: float) -> list[dict[str, Any]]:
         """Two groups per head, lr `lrs[l]` (kept as "head_lr" for schedules): the weight with
