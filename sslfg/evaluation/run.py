@@ -23,6 +23,7 @@ from sslfg.data.transforms import eval_transform
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import STATE_FILE
 from sslfg.engine.rundir import (
+    LOCK_FILE,
     RUN_CONFIG,
     check_output_dir,
     claim_run_dir,
@@ -212,10 +213,12 @@ def write_metrics(out_dir: Path, name: str, data: dict, extra: str = "") -> Path
     return write_json(out_dir / f"{name}.json", data)
 
 
-def check_metrics_file(path: str, name: str, reads: Sequence[str]) -> None:
+def check_metrics_file(path: str, name: str, reads: Sequence[str], own: Path) -> None:
     """ConfigError for an `output` (--output) that eval.<name> must not write its metrics JSON to: not a .json
     name, a folder, an existing file that is not a metrics file of eval.<name> (a command never overwrites a file
-    it did not write: a backbone, a config, a dataset's csv), or a path inside a dataset or checkpoint folder."""
+    it did not write: a backbone, a config, a dataset's csv), a path inside another run's folder (one with a
+    run's lock file, other than this command's own output folder `own`: a study arm's knn.json is another run's
+    result), or a path inside a dataset or checkpoint folder."""
     target, example = Path(path), f"--output results/{name}.json"
     if target.suffix != ".json" or target.is_dir():
         what = "a folder" if target.is_dir() else "not a .json file name"
@@ -229,6 +232,12 @@ def check_metrics_file(path: str, name: str, reads: Sequence[str]) -> None:
         if not ours:
             raise ConfigError(f"output: '{path}' exists and is not a metrics file of eval.{name}, and a command never "
                               "overwrites a file it did not write; choose another path or move the file away")
+    own, folder = own.resolve(), target.resolve().parent
+    run = next((f for f in (folder, *folder.parents) if f == own or (f / LOCK_FILE).is_file()), own)
+    if run != own:
+        raise ConfigError(f"output: '{path}' is inside '{run}', the folder of another sslfg run (it holds "
+                          f"{LOCK_FILE}), and a command never writes into a run's folder it does not own; choose a "
+                          f"path outside it, e.g. {example}")
     check_output_dir(target, "output", reads, example, shared=True)
 
 
@@ -252,7 +261,7 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
     # output_dir set empty (an unset variable?) is refused, as one inside the data
     check_output_dir(cfg.output_dir if "output_dir" in sources else out, reads=data_roots(cfg))
     if cfg.output:
-        check_metrics_file(cfg.output, name, data_roots(cfg))
+        check_metrics_file(cfg.output, name, data_roots(cfg), out)
     if not args.check:  # before any time is spent
         ensure_writable(out)
         if accelerator.is_main_process:

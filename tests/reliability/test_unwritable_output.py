@@ -138,3 +138,19 @@ def test_output_rewrites_its_own_metrics_file_and_makes_its_folder_only_when_wri
     first = main([*args(tiny_data, tmp_path / "eval"), "--output", str(path)])
     again = main([*args(tiny_data, tmp_path / "eval2"), "--output", str(path)])  # its own file: rewritten
     assert first["knn.k5.top1"] == again["knn.k5.top1"] and json.loads(path.read_text())["command"] == "knn"
+
+
+def test_output_never_replaces_another_runs_result(tiny_data: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: `--output <a study arm's eval>/knn.json` replaced that arm's result with this evaluation's (both
+    are metrics files of eval.knn) and exit 0; the study's report then read the wrong numbers."""
+    main, args, _ = ENTRIES["eval.knn"]
+    main(args(tiny_data, tmp_path / "arm" / "eval"))
+    arm = tmp_path / "arm" / "eval"
+    result, copy = arm / "knn.json", arm / "figures" / "copy.json"
+    before = result.read_bytes()
+    for path in (result, copy):  # its result, or a new file inside the arm's run folder
+        message = user_error(main, [*args(tiny_data, tmp_path / "eval"), "--output", str(path)], capsys)
+        assert message.startswith(f"output: '{path}' is inside '{arm}', the folder of another sslfg run"), message
+    assert result.read_bytes() == before and not copy.exists()
+    main([*args(tiny_data, tmp_path / "eval"), "--output", str(tmp_path / "eval" / "copy.json")])  # its own folder
