@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from timm.models._hub import save_for_hf
 
 from sslfg.config import ConfigError
-from sslfg.engine.rundir import RUN_CONFIG, check_output_dir
-from sslfg.weights import BACKBONE_META, load_backbone
+from sslfg.engine.rundir import RUN_CONFIG, check_output_dir, read_run_file
+from sslfg.weights import BACKBONE_META, backbone_meta, load_backbone
 
 ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-4  # largest |onnxruntime - torch| accepted on the check batch
@@ -51,14 +50,25 @@ def onnx_modules() -> tuple[Any, Any]:
 
 
 def run_backbone(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The run's backbone, whose pretrained_cfg holds the run's preprocessing, and its timm kwargs (backbone.json)."""
+    """The run's backbone, whose pretrained_cfg holds the run's preprocessing, and its timm kwargs (backbone.json);
+    a ConfigError unless it is a pretraining run (a fine-tuning run's config has no method, which the card names)."""
     model = load_backbone(run_dir)  # first: its errors name a folder that is not a finished run
-    meta = json.loads((run_dir / BACKBONE_META).read_text())
+    if "method" not in run_recipe(run_dir):
+        raise ConfigError(f"--checkpoint: '{run_dir}' is a fine-tuning run (its {RUN_CONFIG} has no method), and "
+                          "eval.export shares a pretraining run's backbone; give the pretraining run (the fine-tuning "
+                          "run's `init`)")
+    meta = backbone_meta(run_dir)
     if "pretrained_cfg" not in meta:
         raise ConfigError(f"--checkpoint: {run_dir / BACKBONE_META} was written before sslfg recorded the run's "
                           "preprocessing; export the backbone again by finishing the run with this version "
                           f"(`python train_ssl.py --config {run_dir / RUN_CONFIG} resume=auto`)")
     return model, meta["kwargs"]
+
+
+def run_recipe(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml, with what the model card reads."""
+    return read_run_file(run_dir / RUN_CONFIG, "write it again from the recipe the run was started with",
+                         ("model", "data", "train"))
 
 
 def export_run(run_dir: Path, out: Path, onnx: bool = False, check: bool = False) -> dict[str, Any]:
@@ -114,7 +124,8 @@ def evaluation_numbers(run_dir: Path) -> dict[str, dict[str, float]]:
     writes what produced the numbers first, then the protocol, then the metrics)."""
     numbers = {}
     for path in sorted((run_dir / EVAL_DIR).glob("*.json")):
-        data, metrics, seen_protocol = json.loads(path.read_text()), {}, False
+        data = read_run_file(path, "run the evaluation again, or move the file away (the card leaves it out)")
+        metrics, seen_protocol = {}, False
         for key, value in data.items():
             seen_protocol |= key.startswith("protocol.")
             if seen_protocol and not key.startswith("protocol.") and isinstance(value, float):
@@ -125,9 +136,10 @@ def evaluation_numbers(run_dir: Path) -> dict[str, dict[str, float]]:
 
 def model_card(run_dir: Path, out: Path, pretrained_cfg: dict[str, Any], report: dict[str, Any]) -> str:
     """README.md of the folder: what was trained on what for how long, the run's evaluations, how to load and push."""
-    cfg = yaml.safe_load((run_dir / RUN_CONFIG).read_text())
+    cfg = run_recipe(run_dir)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_run_file(summary_path, "remove it (the card then leaves its figures out)") \
+        if summary_path.is_file() else {}
     method, model, data, train = cfg["method"], cfg["model"], cfg["data"], cfg["train"]
     local = method.get("local", {}).get("weight", 0)
     lines = [

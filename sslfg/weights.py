@@ -8,7 +8,6 @@ knows the run directory's layout of weights.
 from __future__ import annotations
 
 import contextlib
-import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from sslfg.engine.checkpoint import (
     refuse_incomplete,
     unsafe_load_reason,
 )
-from sslfg.engine.rundir import RUN_CONFIG
+from sslfg.engine.rundir import RUN_CONFIG, read_run_file
 from sslfg.files import atomic_path, write_json
 from sslfg.models.backbone import HF_HUB, build_model, hub_errors, hub_tags, require_vit, timm_kwargs
 
@@ -234,6 +233,12 @@ def exported_cfg(model: torch.nn.Module, data_config: dict[str, Any]) -> dict[st
     return {**own, **data_config, "num_classes": 0, "custom_load": False}
 
 
+def backbone_meta(run_dir: Path) -> dict[str, Any]:
+    """A run's backbone.json (timm name and kwargs of backbone.safetensors); one error when it is damaged."""
+    return read_run_file(run_dir / BACKBONE_META, f"give its weights file with their timm name instead, e.g. "
+                         f"--checkpoint {run_dir / BACKBONE_WEIGHTS} --model <timm name>", ("name", "kwargs"))
+
+
 def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "init") -> tuple[str, dict[str, Any], str]:
     """(timm name, kwargs, weights file) for an sslfg run directory (from its backbone.json), a
     training checkpoint folder `<run>/checkpoints/step_N` (architecture from `<run>/config.yaml`,
@@ -241,7 +246,7 @@ def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "in
     `name`), or "" (`name` from scratch: weights ""). `key` names the setting in error messages."""
     source = Path(path) if path else None
     if source is not None and (source / BACKBONE_META).is_file():
-        meta = json.loads((source / BACKBONE_META).read_text())
+        meta = backbone_meta(source)
         return meta["name"], meta["kwargs"], str(source / BACKBONE_WEIGHTS)
     if source is not None:
         _refuse_incomplete_checkpoint(source, key)
@@ -287,7 +292,7 @@ def load_backbone(run_dir: str | Path) -> torch.nn.Module:
     meta_path = run_dir / BACKBONE_META
     if not meta_path.is_file():
         raise ConfigError(f"{meta_path} not found: is '{run_dir}' a finished sslfg run directory?")
-    meta = json.loads(meta_path.read_text())
+    meta = backbone_meta(run_dir)
     vit, _ = create_backbone(meta["name"], meta["kwargs"], weights=str(run_dir / BACKBONE_WEIGHTS))
     vit.eval()
     if "pretrained_cfg" in meta:  # runs before it got timm's defaults (mean and std 0.5 for most ViTs)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 
 from sslfg import load_backbone
 from sslfg.commands import export, knn
@@ -21,6 +22,7 @@ from sslfg.export import ONNX_FILE
 from sslfg.pretrain import pretrain
 from sslfg.weights import BACKBONE_META, BACKBONE_WEIGHTS
 from tests.conftest import tiny_config, write_csv_dataset
+from tests.reliability.outcomes import user_error
 from tests.reliability.procs import ENV, ROOT
 
 MEAN, STD = (0.1, 0.2, 0.3), (0.3, 0.25, 0.2)
@@ -127,3 +129,47 @@ def test_a_run_exported_before_the_preprocessing_was_recorded_says_how_to_redo_i
     with pytest.raises(ConfigError, match=r"before sslfg recorded the run's preprocessing; .*resume=auto"):
         export.main(["--checkpoint", str(old), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+DAMAGE = {  # file of the run -> (new content, what the error says is wrong)
+    "config.yaml": (lambda text: text[:len(text) // 2] + "\n  : [", "cannot be read ("),
+    "backbone.json": (lambda text: text[:len(text) // 2], "cannot be read (Unterminated string"),
+    "backbone.json:empty": (lambda text: "{}", "cannot be read (no 'name', 'kwargs')"),
+    "summary.json": (lambda text: text[:10], "cannot be read ("),
+    "eval/knn.json": (lambda text: "[1, 2]", "cannot be read (it holds list, not a mapping)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_file_of_the_run_is_one_error_naming_it(damage: str, run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A run's config.yaml or backbone.json cut short (or an eval json, a summary.json edited) was a YAML or JSON
+    parser's traceback, or KeyError: 'name', in eval.knn, eval.export and load_backbone."""
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    name = damage.split(":")[0]
+    edit, problem = DAMAGE[damage]
+    (damaged / name).write_text(edit((damaged / name).read_text()))
+    commands = [(export.main, ["--checkpoint", str(damaged), "--out", str(tmp_path / "out")])]
+    if name in ("config.yaml", "backbone.json"):  # what an evaluation reads of the run
+        commands.append((knn.main, ["--checkpoint", str(damaged), "--check"]))
+    for main, argv in commands:
+        message = user_error(main, argv, capsys)
+        assert message.startswith(f"{damaged / name}: this file of an sslfg run cannot be read") and problem in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_exporting_a_fine_tuning_run_names_what_to_export(run: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """eval.export --check passed on a fine-tuning run and the export itself was KeyError: 'method' (its config has
+    `init` and no method)."""
+    tuned = tmp_path / "tuned"
+    shutil.copytree(run, tuned, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "eval"))
+    cfg = yaml.safe_load((tuned / "config.yaml").read_text())
+    del cfg["method"]
+    (tuned / "config.yaml").write_text(yaml.safe_dump({**cfg, "init": str(run)}))
+    for check in (["--check"], []):
+        message = user_error(export.main, ["--checkpoint", str(tuned), "--out", str(tmp_path / "out"), *check], capsys)
+        assert message.startswith(f"--checkpoint: '{tuned}' is a fine-tuning run"), message
+        assert "give the pretraining run" in message
+    assert not (tmp_path / "out").exists()

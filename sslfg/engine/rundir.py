@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from sslfg.config import ConfigError
 from sslfg.engine.checkpoint import STATE_FILE, checkpoint_dirs
 
@@ -27,6 +29,24 @@ RUN_CONFIG = "config.yaml"  # a run's settings, as `save_config` writes them
 RUN_FILES = (RUN_CONFIG, "summary.json", "metrics.jsonl", "metrics.json")  # what a run would overwrite
 _held: dict[Path, int] = {}  # folder -> lock file descriptor, for the folders this process owns
 _created: set[Path] = set()  # the folders `ensure_writable` created in this process
+
+
+def read_run_file(path: Path, fix: str, needs: Sequence[str] = ()) -> dict[str, Any]:
+    """The mapping a run's own JSON or YAML file holds (config.yaml, backbone.json, summary.json: by its suffix), with
+    the keys `needs`; one ConfigError naming the file, what is wrong with it and `fix` when it is unreadable,
+    damaged (cut short, edited) or lacks one of them, where the readers would raise a parser's traceback."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        problem = "" if isinstance(data, dict) else f"it holds {type(data).__name__}, not a mapping"
+    except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        problem = str(e).splitlines()[0]
+    missing = [k for k in needs if k not in data] if not problem else []
+    if problem or missing:
+        problem = problem or f"no {', '.join(repr(k) for k in missing)}"
+        raise ConfigError(f"{path}: this file of an sslfg run cannot be read ({problem}): it was cut short or edited; "
+                          f"{fix}")
+    return data
 
 
 def prepare_run_dir(output_dir: str, resume: str, resume_key: str = "resume", kind: str = "pretrain",

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -29,6 +28,7 @@ from sslfg.engine.rundir import (
     claim_run_dir,
     data_roots,
     ensure_writable,
+    read_run_file,
     release_run_dir,
 )
 from sslfg.evaluation.features import cached_features
@@ -85,6 +85,13 @@ def run_folder(cfg: EvalConfig) -> Path | None:
     return run.parent.parent if run is not None and (run / STATE_FILE).is_file() else run
 
 
+def read_run_config(config: Path) -> dict[str, Any]:
+    """The evaluated run's config.yaml; one error when it is damaged."""
+    return read_run_file(config, "give the data with --dataset configs/datasets/<name>.yaml (and the backbone's "
+                         "weights file with --model) instead, or write the file again from the recipe the run "
+                         "was started with")
+
+
 def run_key_defaults(cfg: EvalConfig, sources: dict[str, str], keys: dict[str, str]) -> EvalConfig:
     """Each key of `keys` (an EvalConfig key -> a key of the evaluated run's config.yaml) that no file or override
     sets takes the run's own value, e.g. localise.keep_ratio the run's method.local.keep_ratio, when --checkpoint is
@@ -93,7 +100,7 @@ def run_key_defaults(cfg: EvalConfig, sources: dict[str, str], keys: dict[str, s
     config = run / RUN_CONFIG if run is not None else None
     if config is None or not config.is_file():
         return cfg
-    raw = yaml.safe_load(config.read_text()) or {}
+    raw = read_run_config(config)
     for key, run_key in keys.items():
         value = raw
         for part in run_key.split("."):
@@ -121,7 +128,7 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
                           "give the data with --dataset configs/datasets/<name>.yaml or data.root=PATH")
     if sources.get("data.root", COMMAND_LINE) == COMMAND_LINE and run_config is not None and run_config.is_file():
         # a pretraining or a fine-tuning run (the study's supervised reference); only the latter has `init`
-        kind = FinetuneConfig if "init" in (yaml.safe_load(run_config.read_text()) or {}) else PretrainConfig
+        kind = FinetuneConfig if "init" in read_run_config(run_config) else PretrainConfig
         run_data = load_config(run_config, [], kind).data
         # data.labels=false withheld the labels of the run's own images; another folder is read with its own
         own = ("labels",) if "data.root" in sources else ()
