@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from sslfg.data import shards
 from sslfg.files import write_json
 from sslfg.schema import DataConfig, StudyConfig
 from sslfg.study import run as study_module
-from sslfg.study.layout import best_pretrain_arm, done_path
+from sslfg.study.layout import best_pretrain_arm, done_path, read_metrics_log
 from sslfg.study.report import Report, build_report
 from sslfg.study.report import main as report_main
 from sslfg.study.run import Study
@@ -374,6 +375,23 @@ def test_the_fine_tuning_init_is_chosen_on_validation_not_test(tmp_path: Path) -
     write_evals(tmp_path, {"a": [0.9], "b": [0.5]}, {"a": [0.5], "b": [0.5]}, val_knn={"a": [0.4], "b": [0.6]})
     assert best_pretrain_arm(tmp_path, [0], ["a", "b"]) == "b"
     assert best_pretrain_arm(tmp_path / "none", [0], ["a", "b"]) is None
+
+
+def test_a_damaged_arm_result_is_one_error_naming_it(tmp_path: Path) -> None:
+    """A knn.json cut short was a JSONDecodeError traceback of the report (best_pretrain_arm), a metrics.jsonl line
+    cut short one of its curves."""
+    write_evals(tmp_path, {"a": [0.9, 0.8]}, {"a": [0.5, 0.5]}, val_knn={"a": [0.4, 0.5]})
+    result = tmp_path / "seed1/a/eval/knn.json"
+    result.write_text(result.read_text()[:20])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(result))}: this file of an sslfg run cannot be read "
+                                          r"\(Expecting.*run the study again"):
+        best_pretrain_arm(tmp_path, [0, 1], ["a"])
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 0, "loss": 1.0}\n{"step": 20, "lo\n{"step": 40, "loss": 0.5}\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(log))}, line 2: .*remove that line"):
+        read_metrics_log(log)
+    log.write_text('{"step": 0, "loss": 1.0}\n')
+    assert read_metrics_log(log) == [{"step": 0, "loss": 1.0}] and read_metrics_log(tmp_path / "none.jsonl") == []
 
 
 def test_one_seed_compares_by_bootstrap_over_the_test_images(tiny_data: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sslfg.config import ConfigError
+from sslfg.engine.rundir import read_run_file
 
 FLOORS = ("random", "pixels")
 ARM_KEYS = {"pretrain": ("config", "vs"), "finetune": ("config", "init")}  # an arm's own keys, not overrides
@@ -59,8 +60,25 @@ def done_path(root: Path, arm: str) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object at `path`, or None when the file does not exist (yet)."""
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The JSON object at `path`, or None when the file does not exist (yet); one error naming a damaged one."""
+    if not path.is_file():
+        return None
+    return read_run_file(path, "move it away with the arm's record in the study's done/ folder (the arm is the "
+                               "seed<N>.<kind>.<arm> whose folder holds it), then run the study again: it reruns every "
+                               "arm without a record")
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl ([] when it has none); one error naming the file and line of a damaged
+    record (a line cut short by a full disk, an edit)."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            raise ConfigError(f"{path}, line {number}: this record of an sslfg run cannot be read ({e}): it was cut "
+                              "short or edited; remove that line and build the report again") from None
+    return records
 
 
 def best_pretrain_arm(root: Path, seeds: Sequence[int], arms: Sequence[str]) -> str | None:

@@ -38,6 +38,7 @@ from sslfg.study.layout import (  # noqa: E402
     finetune_dir,
     pretrain_dir,
     read_json,
+    read_metrics_log,
     split_spec,
 )
 from sslfg.verdicts import Interval, correct_path, paired_bootstrap, paired_t, read_correct  # noqa: E402
@@ -182,7 +183,7 @@ class Report:
         values = []
         for seed in self.seeds:
             path = pretrain_dir(self.root, seed, arm) / "metrics.jsonl"
-            records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+            records = read_metrics_log(path)
             values.append(next((r[ONLINE_KEEP] for r in reversed(records) if ONLINE_KEEP in r), None))
         return values
 
@@ -320,7 +321,7 @@ class Report:
         found = sorted(done_dir(self.root).glob(f"seed{seed}.*.json"),
                        key=lambda p: (order.index(p.stem.split(".")[1]), p.stem))
         lines = [f"Seed {seed}; the other seeds differ only in `seed=` and the `seed<N>` folder.", "", "```"]
-        lines += [f"# {p.stem}\n{json.loads(p.read_text())['command']}" for p in found]
+        lines += [f"# {p.stem}\n{read_json(p).get('command', '(not recorded)')}" for p in found]
         return [*lines, "```"]
 
     # ---- figures -----------------------------------------------------------------------------
@@ -336,7 +337,7 @@ class Report:
         for arm in self.arms:
             path = pretrain_dir(self.root, self.seeds[0], arm) / "metrics.jsonl"
             if path.is_file():
-                series[arm] = [json.loads(line) for line in path.read_text().splitlines()]
+                series[arm] = read_metrics_log(path)
         panels = [p for p in panels if any(key in r for records in series.values() for r in records
                                             for key in [p[0]])]
         if not panels:
