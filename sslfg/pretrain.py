@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from sslfg.config import ConfigError, key_sources
 from sslfg.data.batch_augment import TwoViewPipeline, resolve_augment_on, two_view_pipeline
-from sslfg.data.datasets import build_dataset
+from sslfg.data.datasets import build_dataset, check_training_folder
 from sslfg.data.loader import SeededDataset, sample_seed
 from sslfg.data.transforms import denormalize, eval_data_config, local_crop_size
 from sslfg.engine.accelerator import make_accelerator
@@ -197,6 +197,7 @@ def pretrain(cfg: PretrainConfig, check: bool = False, on_summary: Callable[[dic
 
     views = two_view_pipeline(cfg.data.image_size, cfg.augment, cfg.data.mean, cfg.data.std,
                               resolve_augment_on(cfg.data.augment_on, accelerator.device, cfg.data.image_size))
+    check_training_folder(cfg.data)
     dataset = build_dataset(cfg.data, cfg.data.train_split, views.transform)
     sampler, loader = run.loader(dataset, t.batch_size, t.grad_accum_steps)
 

@@ -432,6 +432,20 @@ class UnlabelledFolderDataset(_ImageListDataset):
         return f"image folder {self.root}"
 
 
+HELD_OUT_SPLITS = ("test.csv", "val.csv", "test", "val")  # what marks a labelled dataset's root (csv, imagefolder)
+
+
+def check_training_folder(cfg: DataConfig) -> None:
+    """DataError when data.format=folder would train on a labelled dataset's held-out split: its root holds one
+    (every image under the root is read). Embedding such a root is fine; training on it leaks the test images."""
+    splits = [n for n in HELD_OUT_SPLITS if os.path.exists(os.path.join(cfg.root, n))] if cfg.format == "folder" else []
+    if splits:
+        raise DataError(f"{cfg.root} holds {', '.join(splits)}: held-out splits of a csv or imagefolder dataset, "
+                        "and data.format=folder reads every image under it for training, theirs too; set data.format "
+                        "to csv or imagefolder (with data.train_split), or data.root to a folder of training images "
+                        "only")
+
+
 def build_dataset(
     cfg: DataConfig, split: str, transform: Transform | None = None, split_key: str = ""
 ) -> CsvSplitDataset | ImageFolderDataset | UnlabelledFolderDataset:
@@ -699,6 +713,10 @@ def _find_images(top: str) -> list[str]:
         dirs[:] = kept
         for f in (f for f in files if not f.startswith(".")):
             (found if has_image_extension(f) else others).append(os.path.join(folder, f))
+    broken = [path for path in found if not os.path.exists(path)]  # a link to nothing: it would fail mid-epoch
+    if broken:
+        raise DataError(f"{top}: {len(broken)} image name(s) are links to files that do not exist: "
+                        f"{_summarise([f'{b} -> {os.readlink(b)}' for b in broken])}; fix or remove the links.")
     if links:
         log.warning("%s: skipped %d linked folders already walked or above it (a link loop, or a second link to one "
                     "folder, would list its images again): %s", top, len(links), _summarise(links))

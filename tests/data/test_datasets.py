@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslfg.data.datasets import CsvSplitDataset, ImageFolderDataset, UnlabelledFolderDataset, build_dataset
+from sslfg.data.datasets import (
+    CsvSplitDataset,
+    ImageFolderDataset,
+    UnlabelledFolderDataset,
+    build_dataset,
+    check_training_folder,
+)
 from sslfg.data.images import DataError
 from sslfg.schema import DataConfig
 
@@ -176,6 +182,27 @@ def test_unlabelled_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images found"):
         UnlabelledFolderDataset(str(tmp_path / "empty"))
+
+
+def test_the_folder_format_refuses_a_labelled_datasets_root_and_broken_links(csv_root: Path, tmp_path: Path) -> None:
+    """data.format=folder on a csv or imagefolder dataset read its test images for pretraining, and a link to a
+    missing file was listed as an image (the run then stopped mid-epoch)."""
+    folders = tmp_path / "folders"
+    _folder_tree(folders)
+    (folders / "test").mkdir()
+    _csv(csv_root / "test.csv", "dir,class_id\na/0.png,0\n")
+    for root, held_out in ((csv_root, "test.csv"), (folders, "test")):
+        with pytest.raises(DataError, match=rf"holds {held_out}: held-out splits .* data.format=folder reads "
+                                            "every image under it"):
+            check_training_folder(DataConfig(root=str(root), format="folder"))
+        check_training_folder(DataConfig(root=str(root), format="csv" if root == csv_root else "imagefolder"))
+        assert len(UnlabelledFolderDataset(str(root))) > 0  # embedding such a root is fine
+    train = folders / "train"
+    (train / "a_cls" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match=r"1 image name\(s\) are links to files that do not exist: .*gone.png -> "):
+        UnlabelledFolderDataset(str(train))
+    with pytest.raises(DataError, match="gone.png"):
+        ImageFolderDataset(str(folders), "train")
 
 
 def test_build_dataset_dispatch(csv_root: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from sslfg.cli import parse_run_cli, run_cli
 from sslfg.config import ConfigError, load_config
-from sslfg.data.datasets import build_dataset
+from sslfg.data.datasets import build_dataset, check_training_folder
 from sslfg.data.images import DataError
 from sslfg.schema import DataConfig, EvalConfig, FinetuneConfig, PretrainConfig
 
@@ -44,6 +44,7 @@ def channel_stats(data: DataConfig) -> tuple[list[float], list[float]]:
     """(mean, std) per RGB channel over every pixel of data.train_split at data.image_size."""
     transform = v2.Compose([v2.ToImage(), v2.Resize(data.image_size, InterpolationMode.BICUBIC, antialias=True),
                             v2.CenterCrop(data.image_size), v2.ToDtype(torch.float64, scale=True)])
+    check_training_folder(data)
     dataset = build_dataset(data, data.train_split, transform)
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
