@@ -273,11 +273,13 @@ def test_eval_localise_takes_the_run_keep_ratio_unless_set(boxed_data: Path, tmp
 
 def test_eval_localise_without_boxes_is_one_error_line(tiny_data: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
+    """--check passed without boxes, and the run itself refused."""
     run = pretrain(tiny_config(tiny_data, tmp_path / "run", max_steps=1, figure_samples=0))
-    assert run_cli(localise_main, ["--checkpoint", str(run), "data.test_split=test"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: data.boxes: eval.localise needs object boxes in data.test_split 'test'")
-    assert "Traceback" not in "\n".join(err)
+    for check in ([], ["--check"]):
+        assert run_cli(localise_main, ["--checkpoint", str(run), "data.test_split=test", *check]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: data.boxes: eval.localise needs object boxes in data.test_split 'test'")
+        assert "Traceback" not in "\n".join(err)
 
 
 def test_finetune_test_boxes_follow_the_square_resize_and_centre_crop(tmp_path: Path) -> None:

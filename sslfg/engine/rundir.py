@@ -85,6 +85,10 @@ def check_output_dir(output_dir: str | Path, key: str = "output_dir", reads: Seq
                           f"it only at the start of a word, not after '=' or in quotes) but a folder named '~'; "
                           f"write the path out, e.g. {home}")
     folder, here, code = Path(output_dir).resolve(), Path.cwd().resolve(), Path(__file__).resolve().parents[2]
+    existing = next((f for f in (folder, *folder.parents) if f.exists()), folder)
+    if not shared and not existing.is_dir():  # --check passed it and the run then could not write
+        what = "is a file" if existing == folder else f"is inside '{existing}', a file"
+        raise ConfigError(f"{key}: '{output_dir}' {what}, not a folder; name a folder, e.g. {example}")
     if not shared and folder in (here, *here.parents, code, *code.parents):
         raise ConfigError(f"{key}: '{output_dir}' is {folder}, the current folder, the code's folder or one above "
                           f"them, where the run would mix its files with others; name a folder of its own, e.g. "

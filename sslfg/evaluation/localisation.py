@@ -104,10 +104,15 @@ def backbone_looks(vit: VisionTransformer, images: Tensor, keep_ratio: float, to
 
 
 def needs_attention(cfg: EvalConfig, datasets: dict[str, Any]) -> None:
-    """Refused at start-up (--check too): raw pixels have no attention to rank patches by."""
+    """Refused at start-up (--check too): raw pixels have no attention to rank patches by, and a test split
+    without object boxes nothing to score against."""
     if cfg.features.kind == PIXELS:
         raise ConfigError("features.kind: pixels has no attention to keep patches by; eval.localise needs a backbone "
                           "(leave features.kind at cls)")
+    d = cfg.data
+    if datasets[d.test_split].boxes is None:
+        raise ConfigError(f"data.boxes: eval.localise needs object boxes in data.test_split '{d.test_split}' of "
+                          f"{d.root}; give its csv the columns x0,y0,x1,y1 and set data.boxes=true")
 
 
 def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path,
@@ -116,10 +121,7 @@ def localise_backbone(cfg: EvalConfig, vit, accelerator, out: Path,
     if not accelerator.is_main_process:
         return None
     d, loc, crop = cfg.data, cfg.localise, cfg.features.crop_ratio
-    dataset = datasets[d.test_split]
-    if dataset.boxes is None:
-        raise ConfigError(f"data.boxes: eval.localise needs object boxes in data.test_split '{d.test_split}' of "
-                          f"{d.root}; give its csv the columns x0,y0,x1,y1 and set data.boxes=true")
+    dataset = datasets[d.test_split]  # with boxes (`needs_attention`)
     boxes = eval_boxes(dataset, d.image_size, crop)
     vit = vit.to(accelerator.device).eval()
     keep, gls = [], []

@@ -178,6 +178,23 @@ def test_output_dir_that_is_empty_or_the_current_folder_is_refused(output_dir: s
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "summary.json", "work"]
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["a file", "inside a file"])
+def test_output_dir_that_is_a_file_is_refused_by_check_too(inside: bool, tiny_data: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Old code: --check passed `output_dir=<a file>` and the run then stopped on 'cannot write ... (Not a
+    directory)'."""
+    (tmp_path / "afile").write_text("notes\n")
+    out = tmp_path / "afile" / "run" if inside else tmp_path / "afile"
+    for main, args in ((train_ssl.main, pretrain_args(tiny_data, out)),
+                       (knn.main, ["--random-init", "--model", "vit_tiny_patch16_224", *TINY, *data_args(tiny_data),
+                                   f"output_dir={out}"])):
+        for check in (["--check"], []):
+            message = user_error(main, [*args, *check], capsys)
+            assert message.startswith(f"output_dir: '{out}' "), message
+            assert ("is inside" if inside else "is a file") in message and "not a folder" in message
+    assert (tmp_path / "afile").read_text() == "notes\n"
+
+
 @pytest.mark.parametrize("command", ["pretrain", "knn", "export", "shards"])
 def test_an_output_path_starting_with_a_tilde_is_refused(command: str, tiny_data: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,

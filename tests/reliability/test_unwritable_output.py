@@ -81,12 +81,14 @@ def test_unwritable_output_dir_stops_before_any_work(tiny_data: Path, tmp_path: 
         monkeypatch.setattr(f"{module}.{name}", recorders[name])
     if problem == "parent is a file":
         (tmp_path / "file").write_text("")
-        out, reason = tmp_path / "file" / "run", "Not a directory"
+        out = tmp_path / "file" / "run"
+        said = f"output_dir: '{out}' is inside '{tmp_path / 'file'}', a file, not a folder"
     else:
-        out, reason = tmp_path / "disk" / "run", "No space left on device"
+        out = tmp_path / "disk" / "run"
+        said = f"output_dir: cannot write to '{out}' (No space left on device)"
         fill_disk(monkeypatch, tmp_path / "disk")
     message = user_error(main, args(tiny_data, out), capsys)
-    assert f"output_dir: cannot write to '{out}' ({reason})" in message
+    assert said in message, message
     assert {name: r.calls for name, r in recorders.items()} == {name: 0 for name in recorders}
     assert not (out / "checkpoints").exists() and not list(out.glob(".write-test-*"))
 
