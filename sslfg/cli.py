@@ -4,8 +4,10 @@ user error, the start-up summary and the metrics table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 
 from sslfg.config import ConfigError
@@ -125,6 +128,20 @@ def _add_common(parser: argparse.ArgumentParser, check: bool = True) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied after the YAML files")
 
 
+def recipe_files(args: argparse.Namespace) -> list[str]:
+    """--config and --dataset, in that order; ConfigError when --dataset names a recipe that sets more than data
+    (a pretraining recipe given as the dataset: its keys were refused one by one as unknown to the command)."""
+    if args.dataset and os.path.isfile(args.dataset):
+        with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError):  # load_config names what is wrong with it
+            raw = yaml.safe_load(Path(args.dataset).read_text(encoding="utf-8"))
+            other = sorted(set(raw) - {"data", "_base_"}) if isinstance(raw, dict) else []
+            if other:
+                raise ConfigError(f"--dataset: {args.dataset} sets {', '.join(other)}, not only data: it is not a "
+                                  "dataset recipe (only `data:` keys, e.g. configs/datasets/cub.yaml); give a "
+                                  "recipe with --config, the data with --dataset")
+    return [p for p in (args.config, args.dataset) if p]
+
+
 def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = True,
                   schema: type | None = None) -> CommandLine:
     """Flags of the recipe commands (train_ssl, eval.finetune; sslfg.data.build.stats without --check):
@@ -133,7 +150,7 @@ def parse_run_cli(argv: Sequence[str] | None, description: str, check: bool = Tr
     parser.add_argument("--config", metavar="PATH", help="YAML recipe (may extend others with _base_:)")
     _add_common(parser, check)
     args = parser.parse_intermixed_args(argv)
-    return CommandLine([p for p in (args.config, args.dataset) if p], list(args.overrides), check and args.check)
+    return CommandLine(recipe_files(args), list(args.overrides), check and args.check)
 
 
 # a command's own flag -> the config key it sets, its type and help
@@ -163,7 +180,7 @@ def parse_eval_cli(argv: Sequence[str] | None, description: str, options: Sequen
     overrides = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     overrides += ["random_init=true"] if args.random_init else []
     overrides += ["pretrained=true"] if args.pretrained else []
-    return CommandLine([p for p in (args.config, args.dataset) if p], overrides + list(args.overrides), args.check)
+    return CommandLine(recipe_files(args), overrides + list(args.overrides), args.check)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

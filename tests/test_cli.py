@@ -23,7 +23,7 @@ from sslfg.cli import run_cli
 from sslfg.commands import finetune as finetune_cli
 from sslfg.commands import knn, linear
 from sslfg.commands import pretrain as train_ssl
-from sslfg.config import load_config, save_config
+from sslfg.config import ConfigError, load_config, save_config
 from sslfg.data import shards
 from sslfg.data.build import stats
 from sslfg.entrypoints import RUNNABLE
@@ -312,3 +312,15 @@ def test_stats_match_numpy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     printed = yaml.safe_load(out)["data"]
     np.testing.assert_allclose(printed["mean"], pixels.mean(0), atol=6e-5)  # 4 decimals, ready to paste
     np.testing.assert_allclose(printed["std"], pixels.std(0), atol=6e-5)
+
+
+def test_a_recipe_given_as_the_dataset_is_named_so(tmp_path: Path) -> None:
+    """A pretraining recipe given as --dataset was refused key by key: "unknown key 'method' ...; did you mean
+    'linear.mode'?"."""
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"^--dataset: .*sample.yaml sets _?[a-z_, ]*method.*not a dataset recipe"):
+        knn.main(["--random-init", "--model", "vit_tiny_patch16_224", "--dataset",
+                  str(root / "configs/pretrain/sample.yaml"), "--check"])
+    with pytest.raises(ConfigError, match=r"^--dataset: .*sets augment, method, model, output_dir, train,"):
+        train_ssl.main(["--config", str(root / "configs/pretrain/sample.yaml"), "--dataset",
+                        str(root / "configs/pretrain/sample.yaml"), "--check"])

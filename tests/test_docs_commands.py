@@ -158,6 +158,7 @@ def placeholders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
         shutil.copytree(root / "images" / split, root / split)
     cfg = tiny_config(root, tmp / "run", max_steps=1, figure_samples=0)
     cfg.model.kwargs = {**TINY_MODEL["kwargs"], "depth": 3}  # ILA's default adapter positions need 3 blocks
+    cfg.data.boxes = True  # eval.localise, given the run, reads its data with boxes
     run = pretrain(cfg)
     ft = FinetuneConfig(output_dir=str(tmp / "ft"))
     ft.data = cfg.data

@@ -144,7 +144,13 @@ def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None
                               f"{RUN_CONFIG}, so its settings are unknown; give the recipe it was started with "
                               f"(--config RECIPE {resume_key}=auto)")
         return
-    old, new = flat_config(load_config(run_config, [], type(cfg))), flat_config(cfg)
+    try:
+        saved = load_config(run_config, [], type(cfg))
+    except ConfigError as e:  # another kind of run's checkpoint (a fine-tune's given to pretraining), or damaged
+        raise ConfigError(f"{resume_key}: {checkpoint} cannot be continued by this command: its run's settings "
+                          f"({run_config}) are not this command's kind ({e}); give a checkpoint of a run this "
+                          "command started (pretraining: train_ssl.py, fine-tuning: eval.finetune)") from None
+    old, new = flat_config(saved), flat_config(cfg)
 
     def same(key: str) -> bool:  # a backbone file is the same however its path is spelt (relative, absolute)
         a, b = old.get(key), new.get(key)

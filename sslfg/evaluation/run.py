@@ -130,8 +130,10 @@ def run_data_defaults(cfg: EvalConfig) -> tuple[EvalConfig, dict[str, str], str]
         # a pretraining or a fine-tuning run (the study's supervised reference); only the latter has `init`
         kind = FinetuneConfig if "init" in read_run_config(run_config) else PretrainConfig
         run_data = load_config(run_config, [], kind).data
-        # data.labels=false withheld the labels of the run's own images; another folder is read with its own
+        # data.labels=false withheld the labels of the run's own images; another folder is read with its own, and
+        # in a layout without box columns (a folder of photos to embed) without the run's data.boxes
         own = ("labels",) if "data.root" in sources else ()
+        own += ("boxes",) if "data.format" in sources and cfg.data.format not in ("csv", "shards") else ()
         inherited = {f.name: getattr(run_data, f.name) for f in dataclasses.fields(run_data)
                      if f"data.{f.name}" not in sources and f.name not in own}
         sources |= {f"data.{name}": str(run_config) for name in inherited}

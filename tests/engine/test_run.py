@@ -11,7 +11,7 @@ from sslfg.config import ConfigError, save_config
 from sslfg.engine.accelerator import make_accelerator
 from sslfg.engine.checkpoint import save_checkpoint
 from sslfg.engine.run import check_same_architecture, open_run
-from sslfg.schema import EvalConfig, PretrainConfig
+from sslfg.schema import EvalConfig, FinetuneConfig, PretrainConfig
 
 
 def linear_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -86,3 +86,12 @@ def test_a_resume_that_would_change_the_remaining_steps_is_refused(key: str, val
     setattr(getattr(changed, section) if section else changed, name, value)
     with pytest.raises(ConfigError, match=rf"^resume: .* than this command's: {key}: "):
         check_same_architecture(changed, checkpoint, "resume")
+
+
+def test_a_checkpoint_of_another_kind_of_run_is_named_so(tmp_path: Path) -> None:
+    """A fine-tuning run's checkpoint given to pretraining said only "unknown key 'init' (in <run>/config.yaml)"."""
+    save_config(FinetuneConfig(init="runs/x"), tmp_path / "tuned" / "config.yaml")
+    checkpoint = tmp_path / "tuned" / "checkpoints" / "step_00000003"
+    with pytest.raises(ConfigError, match=r"^resume: .*step_00000003 cannot be continued by this command: .*"
+                                          r"unknown key 'init'.*give a checkpoint of a run this command started"):
+        check_same_architecture(PretrainConfig(), checkpoint, "resume")
