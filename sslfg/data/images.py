@@ -72,18 +72,23 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Im
     path = os.fspath(path)
     try:
         return _decode(path, path, max_pixels)
+    except DataError:  # decoded, and too large or its pixels out of range: the message says what to do
+        raise
     except _DECODE_ERRORS as err:
         raise _load_error(path, err) from err
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """`load_image` for the bytes of an image file (a shard member), called `name` in messages."""
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
+                 fix: str = "write the shards again from the original files") -> Image.Image:
+    """`load_image` for the bytes of an image file (a shard member), called `name` in messages, which end with
+    `fix` for a file that does not decode."""
     try:
         return _decode(io.BytesIO(data), name, max_pixels)
+    except DataError:
+        raise
     except _DECODE_ERRORS as err:
         raise DataError(f"cannot decode image {name} ({len(data)} bytes): {type(err).__name__}: {err}. It is "
-                        "truncated, corrupt or not an image; write the shards again from the original "
-                        "files.") from err
+                        f"truncated, corrupt or not an image; {fix}.") from err
 
 
 def _decode(source: str | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
@@ -93,7 +98,7 @@ def _decode(source: str | io.BytesIO, name: str, max_pixels: int) -> Image.Image
             if img.width * img.height > max_pixels:
                 raise DataError(f"a {img.width}x{img.height} image ({img.width * img.height:,} pixels), more than "
                                 f"data.max_image_pixels = {max_pixels:,} allows (a guard against decompression "
-                                "bombs). Raise data.max_image_pixels if the file is trusted, or resize it.")
+                                "bombs); raise data.max_image_pixels if the file is trusted, or resize it")
             img.load()
             return _to_rgb(_upright(img))
     except DataError as err:  # too large, or decoded but the pixels cannot be read as an image
@@ -131,8 +136,8 @@ def _float_levels(values: np.ndarray) -> np.ndarray:
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if not (np.isfinite(values).all() and 0 <= low and high <= 255):
         raise DataError(f"a float image with values in [{low:g}, {high:g}]; float images must hold values in "
-                        "[0, 1] (scaled to 0..255) or [0, 255] (8-bit levels). Rescale it to one of them, or save it "
-                        "as an 8- or 16-bit image.")
+                        "[0, 1] (scaled to 0..255) or [0, 255] (8-bit levels): rescale it to one of them, or save it "
+                        "as an 8- or 16-bit image")
     scale = 255 if high <= 1 else 1
     return np.rint(values * scale).astype(np.uint8)
 

@@ -137,7 +137,8 @@ def _checked_image(dataset: Any, index: int) -> tuple[bytes, tuple[int, int], st
     try:
         with open(path, "rb") as f:
             data = f.read()
-        img = decode_image(data, path, dataset.max_pixels)
+        img = decode_image(data, path, dataset.max_pixels, fix="re-encode or re-download it, or remove it from the "
+                                                                "dataset")
         with Image.open(io.BytesIO(data)) as header:
             ext = {"JPEG": "jpg", "MPO": "jpg"}.get(header.format or "", (header.format or "img").lower())
     except (OSError, DataError) as err:
