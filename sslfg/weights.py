@@ -132,8 +132,21 @@ def weights_file(path: str, key: str) -> str:
     raise ConfigError(f"{key}: no such file '{path}'")
 
 
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".txt", ".md")
+
+
+def refuse_text_file(path: str | Path, key: str) -> None:
+    """ConfigError for a run's config.yaml, summary.json (...) given as weights: the unpickler's complaint about it
+    ("Unsupported operand 111"), or a request for its timm name, would not say what it is."""
+    if Path(path).suffix.lower() in TEXT_SUFFIXES:
+        raise ConfigError(f"{key}: '{path}' is a {Path(path).suffix} file, not weights; give the run folder that "
+                          f"holds it ('{Path(path).parent}'), a checkpoint folder or a weights file (.safetensors, "
+                          ".pth)")
+
+
 def read_state_dict(path: str, key: str) -> dict[str, Any]:
     """The tensors of a safetensors file or a torch state dict, read without running pickled code."""
+    refuse_text_file(path, key)
     try:
         return timm.models.load_state_dict(path)  # torch.load(weights_only=True) unless .safetensors
     except (RuntimeError, pickle.UnpicklingError) as e:
@@ -261,6 +274,8 @@ def backbone_source(path: str, name: str, kwargs: dict[str, Any], key: str = "in
             _refuse_unfinished_run(source, key)
         raise ConfigError(f"{key}: '{source}' is neither an sslfg run directory (no {BACKBONE_META}), a checkpoint "
                           f"folder (no {CHECKPOINT_MODEL}) nor a file")
+    if source is not None:
+        refuse_text_file(source, key)
     if not name:
         raise ConfigError(f"{key}: a weights file or a scratch model needs the timm name it was saved from (model)")
     return name, kwargs, str(source or "")

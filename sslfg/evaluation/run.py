@@ -286,10 +286,10 @@ def run_evaluation(argv: Sequence[str] | None, description: str, name: str, meas
                           f"{cfg.data.format}, data.labels={str(cfg.data.labels).lower()}): evaluate on a labelled "
                           "dataset (--dataset PATH or data.root=...), or write these images' features with "
                           "sslfg-embed (python -m eval.embed)")
+    if needs_vit and cfg.features.kind != PIXELS:  # the backbone first; check_data says what raw pixels lack
+        require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
     if check_data is not None:
         check_data(cfg, splits)
-    if needs_vit:  # after check_data, which may say why more precisely (raw pixels)
-        require_vit(vit, info["backbone"], "checkpoint", needs_vit, "evaluate a ViT backbone")
     world = accelerator.num_processes
     facts = {"data.settings": data_note, "command": name, "num_processes": world, "init": info["init"],
              "backbone": info["backbone"], "features": cfg.features.kind,

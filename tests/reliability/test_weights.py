@@ -128,3 +128,16 @@ def test_online_knn_bank_smaller_than_k20_is_refused(tiny_data: Path, tmp_path: 
     argv = pretrain_args(tiny_data, tmp_path / "run", **{"train.knn_every": 1, "train.knn_samples": 10})
     message = user_error(train_ssl.main, argv, capsys)
     assert message.startswith("train.knn_samples: the online kNN (k 20) needs at least 20 bank images, got 10")
+
+
+@pytest.mark.parametrize("model", [[], ["--model", "vit_tiny_patch16_224"]], ids=["no model", "model"])
+def test_a_runs_text_file_given_as_weights_is_named_so(model: list[str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`--checkpoint <run>/config.yaml` asked for the timm name, and with it the unpickler said 'Unsupported
+    operand 111'."""
+    config = tmp_path / "run" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text("seed: 0\n")
+    message = user_error(knn.main, ["--checkpoint", str(config), *model, "--check"], capsys)
+    assert message == (f"checkpoint: '{config}' is a .yaml file, not weights; give the run folder that holds it "
+                       f"('{config.parent}'), a checkpoint folder or a weights file (.safetensors, .pth)")
