@@ -154,6 +154,26 @@ def test_killed_study_continues_without_redoing_finished_arms(tiny_data: Path, t
         assert (root / "done" / f"seed0.{arm}.json").is_file(), arm
 
 
+def test_a_finished_arm_whose_result_is_gone_runs_again(tiny_data: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old code: an arm with a done record was skipped though its result file had been deleted, and the report
+    then counted one seed fewer for it without a word."""
+    study = Study(load_config(write_recipes(tiny_data, tmp_path, seeds=[0]), [], StudyConfig))
+    ran = []
+    for kind, (name, _) in study_module.ENTRY_POINTS.items():
+        monkeypatch.setitem(study_module.ENTRY_POINTS, kind, (name, ran.append))
+    for arm in [*study.pretrain_arms(0, 2), *study.eval_arms(0, "lodisc", ["--checkpoint", "x"]),
+                *study.finetune_arms(0, "lodisc")]:
+        write_json(done_path(study.root, arm.id), {"id": arm.id, "command": arm.command, "seconds": 1.0})
+        write_json(arm.result, {})
+        study.run_arm(arm)
+        assert ran == [], arm.id  # finished: skipped
+        arm.result.unlink()
+        study.run_arm(arm)
+        assert ran == [arm.argv], arm.id  # its result gone: run again
+        ran.clear()
+
+
 def test_a_finished_arm_of_another_command_is_refused_not_skipped(tiny_data: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Old code: a continued study skipped every arm with a done record, whatever command it had run. Seen on the
@@ -165,6 +185,7 @@ def test_a_finished_arm_of_another_command_is_refused_not_skipped(tiny_data: Pat
     arm, then = study.finetune_arms(0, "lodisc")[0], study.finetune_arms(0, "mocov3")[0]
     done = done_path(study.root, arm.id)
     write_json(done, {"id": arm.id, "command": arm.command, "seconds": 1.0})
+    write_json(arm.result, {"test.top1": 0.5})
     study.run_arm(arm)  # the same command: skipped
     write_json(done, {"id": arm.id, "command": then.command, "seconds": 1.0})
     with pytest.raises(ConfigError) as err:

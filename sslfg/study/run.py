@@ -83,6 +83,8 @@ ENTRY_POINTS: dict[str, tuple[str, Callable[[Sequence[str] | None], object]]] = 
     "finetune": ("python -m eval.finetune", finetune_command.main),
     "localise": ("python -m eval.localise", localise_command.main),
 }
+RESULT_FILES = {"pretrain": "summary.json", "knn": "knn.json", "linear": "linear.json", "finetune": "metrics.json",
+                "localise": "localise.json"}
 CALIBRATION_STEPS = 5  # optimizer steps timed per pretraining arm for a budget in minutes
 
 
@@ -97,6 +99,12 @@ class Arm:
     @property
     def command(self) -> str:
         return f"{ENTRY_POINTS[self.kind][0]} {shlex.join(self.argv)}"
+
+    @property
+    def result(self) -> Path | None:
+        """The file the arm's run writes last, which the report reads (None: no output_dir among its arguments)."""
+        folder = next((a.partition("=")[2] for a in self.argv if a.startswith("output_dir=")), "")
+        return Path(folder) / RESULT_FILES[self.kind] if folder else None
 
 
 def check_same_command(arm: Arm, done: Path) -> None:
@@ -309,8 +317,11 @@ class Study:
         done = done_path(self.root, arm.id)
         if done.is_file():
             check_same_command(arm, done)
-            log.info("study: %s finished earlier, skipped", arm.id)
-            return
+            if arm.result is None or arm.result.is_file():
+                log.info("study: %s finished earlier, skipped", arm.id)
+                return
+            log.warning("study: %s finished earlier, but its result %s is gone (deleted or moved): running it again",
+                        arm.id, arm.result)
         log.info("study: %s: %s", arm.id, arm.command)
         tic = time.perf_counter()
         try:
