@@ -37,15 +37,15 @@ log = logging.getLogger(__name__)
 # what a resumed run must share with the run that saved the checkpoint: the sections and keys its state is loaded
 # into as saved (the image size: the position embedding) and, for an evaluation's run (the full linear probe), the
 # backbone it reads (a head trained on one backbone's features is not continued on another's)
-# What a resume must keep: the network, and everything that decides the remaining steps (data order and
-# augmentation draws, batch, optimiser and schedules), so that the run continues as if never stopped. Free to
-# change: the epochs (extend a finished run), logging and checkpoint intervals, workers, the data's folder.
+# What a resume must keep: the network, and what decides the remaining steps (data order and augmentation draws,
+# batch, optimiser, warm-up), so that the run continues as if never stopped. Free to change: the lr and the
+# precision (a non-finite loss's remedy: resume with a lower one), the epochs (extend a finished run), logging and
+# checkpoint intervals, workers, the data's folder.
 ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size", "checkpoint", "random_init", "pretrained",
                 "features.kind", "init", "seed", "augment", "data.format", "data.train_split", "data.mean", "data.std",
-                "data.labels", "train.batch_size", "train.grad_accum_steps", "train.base_lr", "train.lr",
-                "train.min_lr", "train.warmup_epochs", "train.warmup_steps", "train.weight_decay",
-                "train.weight_decay_end", "train.betas", "train.sgd_momentum", "train.nesterov", "train.clip_grad",
-                "train.clip_mode")
+                "data.labels", "train.batch_size", "train.grad_accum_steps", "train.warmup_epochs",
+                "train.warmup_steps", "train.weight_decay", "train.weight_decay_end", "train.betas",
+                "train.sgd_momentum", "train.nesterov", "train.clip_grad", "train.clip_mode")
 PATH_KEYS = ("checkpoint", "init")  # the ARCHITECTURE keys that name a file (or a run folder)
 
 

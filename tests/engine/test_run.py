@@ -70,16 +70,18 @@ def test_a_backbone_spelt_another_way_is_the_same_backbone(tmp_path: Path, monke
         check_same_architecture(EvalConfig(checkpoint="other.safetensors"), checkpoint, "linear.resume")
 
 
-@pytest.mark.parametrize(("key", "value"), [("seed", 5), ("train.batch_size", 64), ("train.base_lr", 0.5),
+@pytest.mark.parametrize(("key", "value"), [("seed", 5), ("train.batch_size", 64), ("train.warmup_epochs", 3),
                                             ("augment.crop_scale", (0.5, 1.0)), ("data.train_split", "train"),
                                             ("data.mean", (0.1, 0.1, 0.1))])
 def test_a_resume_that_would_change_the_remaining_steps_is_refused(key: str, value: object, tmp_path: Path) -> None:
-    """A resume with another seed, batch, lr, augmentation or training split continued silently (and rewrote
-    config.yaml, losing how the first steps were trained); the epochs, logging and workers may still change."""
+    """A resume with another seed, batch, warm-up, augmentation or training split continued silently (and rewrote
+    config.yaml, losing how the first steps were trained); the lr and precision (a non-finite loss's remedy), the
+    epochs, logging and workers may still change."""
     save_config(PretrainConfig(), tmp_path / "run" / "config.yaml")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003"
     free = PretrainConfig()
     free.train.epochs, free.train.log_every, free.data.num_workers, free.data.root = 300, 7, 0, "/moved/data"
+    free.train.base_lr, free.train.mixed_precision = free.train.base_lr / 10, "no"
     check_same_architecture(free, checkpoint, "resume")
     changed = PretrainConfig()
     section, _, name = key.rpartition(".")
