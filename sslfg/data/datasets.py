@@ -713,7 +713,7 @@ def _find_images(top: str) -> list[str]:
         dirs[:] = kept
         for f in (f for f in files if not f.startswith(".")):
             (found if has_image_extension(f) else others).append(os.path.join(folder, f))
-    broken = [path for path in found if not os.path.exists(path)]  # a link to nothing: it would fail mid-epoch
+    broken = [found[i] for i in _missing_files(found)]  # a link to nothing: it would fail mid-epoch
     if broken:
         raise DataError(f"{top}: {len(broken)} image name(s) are links to files that do not exist: "
                         f"{_summarise([f'{b} -> {os.readlink(b)}' for b in broken])}; fix or remove the links.")

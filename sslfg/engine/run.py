@@ -34,19 +34,18 @@ from sslfg.engine.rundir import RUN_CONFIG, data_roots, prepare_run_dir, release
 from sslfg.schema import LoopConfig
 
 log = logging.getLogger(__name__)
-# what a resumed run must share with the run that saved the checkpoint: the sections and keys its state is loaded
-# into as saved (the image size: the position embedding) and, for an evaluation's run (the full linear probe), the
-# backbone it reads (a head trained on one backbone's features is not continued on another's)
-# What a resume must keep: the network, and what decides the remaining steps (data order and augmentation draws,
-# batch, optimiser, warm-up), so that the run continues as if never stopped. Free to change: the lr and the
-# precision (a non-finite loss's remedy: resume with a lower one), the epochs (extend a finished run), logging and
-# checkpoint intervals, workers, the data's folder.
-ARCHITECTURE = ("model", "model_kwargs", "method", "data.image_size", "checkpoint", "random_init", "pretrained",
+# What a resumed run must share with the run that saved the checkpoint: the network its state is loaded into as
+# saved (the image size: the position embedding), for an evaluation's run (the full linear probe) the backbone it
+# reads, and what decides the remaining steps (data order and augmentation draws, batch, optimiser, warm-up), so
+# that the run continues as if never stopped. Free to change: the lr and the precision (a non-finite loss's remedy:
+# resume with a lower one), the epochs (extend a finished run), logging and checkpoint intervals, workers, the
+# data's folder.
+RESUME_KEYS = ("model", "model_kwargs", "method", "data.image_size", "checkpoint", "random_init", "pretrained",
                 "features.kind", "init", "seed", "augment", "data.format", "data.train_split", "data.mean", "data.std",
                 "data.labels", "train.batch_size", "train.grad_accum_steps", "train.warmup_epochs",
                 "train.warmup_steps", "train.weight_decay", "train.weight_decay_end", "train.betas",
                 "train.sgd_momentum", "train.nesterov", "train.clip_grad", "train.clip_mode")
-PATH_KEYS = ("checkpoint", "init")  # the ARCHITECTURE keys that name a file (or a run folder)
+PATH_KEYS = ("checkpoint", "init")  # the RESUME_KEYS that name a file (or a run folder)
 
 
 @dataclass
@@ -136,7 +135,7 @@ def check_run(cfg: Any, output_dir: str | Path, resume: str, resume_key: str = "
 
 def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None:
     """ConfigError when `cfg` differs from the config.yaml of the run that wrote `checkpoint` in a key of
-    `ARCHITECTURE` (naming each key, old → new), or when that run has no config.yaml and `cfg` names no data."""
+    `RESUME_KEYS` (naming each key, old → new), or when that run has no config.yaml and `cfg` names no data."""
     run_config = checkpoint.parent.parent / RUN_CONFIG
     if not run_config.is_file():
         if not cfg.data.root:
@@ -157,7 +156,7 @@ def check_same_architecture(cfg: Any, checkpoint: Path, resume_key: str) -> None
         return a == b or (key in PATH_KEYS and bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b))
 
     changed = [f"{k}: {old.get(k)} → {new.get(k)}" for k in sorted(old.keys() | new.keys())
-               if any(k == a or k.startswith(f"{a}.") for a in ARCHITECTURE) and not same(k)]
+               if any(k == a or k.startswith(f"{a}.") for a in RESUME_KEYS) and not same(k)]
     if changed:
         raise ConfigError(f"{resume_key}: {checkpoint} was trained with other settings ({run_config}) than this "
                           f"command's: {'; '.join(changed)}; drop those overrides to continue the run, or start a "
